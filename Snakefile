@@ -1,0 +1,39 @@
+"""rbflow: train and apply a CNN real/bogus classifier for image-subtraction candidates.
+
+Results tree (per telescope `{telescope}`; `{mode}` is `sim` for injected images, `obs` for frames as observed):
+
+    resources/{telescope}/frames/{frame}.fits     input frames (the demo telescope writes its own)
+    resources/{telescope}/truth/                  demo truth catalogues (per frame + variables.ecsv)
+    results/{telescope}/psf/{frame}.fits|png      PSF model per frame                       (sim)
+    results/{telescope}/sim/inject/{image}.*      injected frames + simulated_objects        (sim)
+    results/{telescope}/{mode}/subtract/{image}.fits  SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (run)
+    results/{telescope}/{mode}/detect/{image}.ecsv    candidates                             (run)
+    results/{telescope}/{mode}/cutouts/{image}/       one FITS + PNG per candidate           (cutouts)
+    results/{telescope}/sim/crossmatch/{image}.*      truth matching, labels                 (checksim)
+    results/{telescope}/training/{true,false,unsorted}/, datacube.npz                        (convert)
+    results/{telescope}/model/                        model.pt/.json/.onnx, history, metrics (train)
+    results/{telescope}/obs/infer/{image}.ecsv        P(real) per candidate, kept list       (infer)
+    results/{telescope}/plots/{checksim,checkinfer}/  diagnostics                            (checksim, checkinfer)
+    logs/, benchmarks/                                one per rule and wildcard set
+
+Editing the rbflow package does not rerun rules: outputs carry `RBFLOWV`/`rbflow_version`;
+use `snakemake --forcerun <rule>` after upgrading the package.
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/sky.smk"
+include: "workflow/rules/psf.smk"
+include: "workflow/rules/inject.smk"
+include: "workflow/rules/subtract.smk"
+include: "workflow/rules/cutouts.smk"
+include: "workflow/rules/crossmatch.smk"
+include: "workflow/rules/cnn.smk"
+include: "workflow/rules/targets.smk"

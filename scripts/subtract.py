@@ -1,0 +1,16 @@
+"""Snakemake script of rule subtract: ZOGY subtraction of one image."""
+
+from rbflow.runner import run
+from rbflow.subtract import run_subtract
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+run(
+    sm,
+    run_subtract,
+    sci_path=sm.input.sci,
+    ref_path=sm.input.ref,
+    sci_psf_path=sm.input.sci_psf,
+    ref_psf_path=sm.input.ref_psf,
+    out_path=sm.output[0],
+    telescope=sm.params.telescope,
+)

@@ -1,0 +1,371 @@
+"""Detection efficiency of injected sources: statistics and the checksim plots.
+
+From the per-injected-source tables of :func:`rbflow.crossmatch.run_crossmatch` this module
+computes the detection efficiency per magnitude bin (with Wilson 68 % intervals), fits a
+logistic efficiency curve by maximum likelihood, and draws the diagnostic plots: injected
+magnitude histograms, efficiency versus magnitude, photometric bias and S/N versus magnitude.
+Figures are made with :class:`matplotlib.figure.Figure` (Agg canvas), never with pyplot state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table, vstack
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from scipy.optimize import minimize
+from scipy.special import expit
+
+from rbflow import __version__
+from rbflow.errors import InputError
+from rbflow.io import atomic_path, read_table, write_table
+
+__all__ = ["efficiency", "fit_logistic", "logistic", "limiting_mag", "run_checksim"]
+
+log = logging.getLogger(__name__)
+
+#: Gaussian sigma per unit FWHM (FWHM = 2 sqrt(2 ln 2) sigma).
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def logistic(mag: np.ndarray | float, m50: float, width: float) -> np.ndarray:
+    """Efficiency model ``1 / (1 + exp((mag - m50) / width))``."""
+    return expit(-(np.asarray(mag, dtype=float) - m50) / width)
+
+
+def efficiency(mags: np.ndarray, detected: np.ndarray, bins: np.ndarray) -> Table:
+    """Detection efficiency per magnitude bin with Wilson-score 68 % intervals.
+
+    Parameters
+    ----------
+    mags : array-like
+        Injected magnitudes.
+    detected : array-like of bool
+        Whether each source was detected.
+    bins : array-like
+        Bin edges (mag, increasing); sources outside are ignored.
+
+    Returns
+    -------
+    astropy.table.Table
+        mag_lo, mag_hi, mag_mid, n, n_det, eff, eff_lo, eff_hi (NaN for empty bins).
+    """
+    mags = np.asarray(mags, dtype=float)
+    detected = np.asarray(detected, dtype=bool)
+    bins = np.asarray(bins, dtype=float)
+    n = np.histogram(mags, bins=bins)[0]
+    k = np.histogram(mags[detected], bins=bins)[0]
+    z = 1.0  # 68.3 % two-sided interval
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+        half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    empty = n == 0
+    p, lo, hi = (np.where(empty, np.nan, a) for a in (p, centre - half, centre + half))
+    return Table(
+        {
+            "mag_lo": bins[:-1],
+            "mag_hi": bins[1:],
+            "mag_mid": 0.5 * (bins[:-1] + bins[1:]),
+            "n": n.astype(np.int64),
+            "n_det": k.astype(np.int64),
+            "eff": p,
+            "eff_lo": np.clip(lo, 0.0, 1.0),
+            "eff_hi": np.clip(hi, 0.0, 1.0),
+        }
+    )
+
+
+def fit_logistic(mags: np.ndarray, detected: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood fit of ``eff(m) = 1 / (1 + exp((m - m50) / width))`` to Bernoulli outcomes.
+
+    Parameters
+    ----------
+    mags : array-like
+        Injected magnitudes.
+    detected : array-like of bool
+        Whether each source was detected.
+
+    Returns
+    -------
+    m50, width : float
+        Magnitude of 50 % efficiency and the width (mag, > 0); ``m90 = m50 - width * ln 9``.
+        Both NaN (with a warning) when the data cannot constrain them: fewer than 2 sources, or
+        all detected, or none detected.
+    """
+    mags = np.asarray(mags, dtype=float)
+    detected = np.asarray(detected, dtype=bool)
+    ok = np.isfinite(mags)
+    mags, detected = mags[ok], detected[ok]
+    if len(mags) < 2 or detected.all() or not detected.any():
+        log.warning(
+            "logistic efficiency fit impossible with %d sources of which %d detected: m50 and width set to NaN",
+            len(mags),
+            int(detected.sum()),
+        )
+        return float("nan"), float("nan")
+    y = detected.astype(float)
+    scale = max(float(np.std(mags)), 1e-3)
+
+    def nll(params: np.ndarray) -> float:
+        m50, log_w = params
+        z = (mags - m50) / np.exp(log_w)
+        # log p = -log(1 + e^z), log(1 - p) = z - log(1 + e^z)
+        return float(np.sum(np.logaddexp(0.0, z) - (1.0 - y) * z))
+
+    start = np.array([0.5 * (mags[detected].mean() + mags[~detected].mean()), math.log(0.2 * scale)])
+    res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
+    m50, width = float(res.x[0]), float(math.exp(res.x[1]))
+    if not res.success:
+        log.warning("logistic efficiency fit did not converge (%s): m50=%.3f width=%.3f", res.message, m50, width)
+    return m50, width
+
+
+def limiting_mag(psf_fwhm_px: float, sky_sigma_adu: float, zeropoint: float) -> float:
+    """Theoretical 5-sigma limit of a PSF-weighted point-source measurement on a sky-limited image.
+
+    With a Gaussian PSF of ``sigma = FWHM / 2.355`` the noise-equivalent area is
+    ``4 pi sigma**2`` and the flux noise ``sky_sigma * sqrt(4 pi sigma**2)``.
+
+    Parameters
+    ----------
+    psf_fwhm_px : float
+        PSF FWHM (pixels).
+    sky_sigma_adu : float
+        Per-pixel noise (ADU).
+    zeropoint : float
+        Magnitude of 1 ADU.
+
+    Returns
+    -------
+    float
+        ``-2.5 log10(5 * flux_noise) + zeropoint`` (mag).
+
+    Raises
+    ------
+    ValueError
+        Non-positive FWHM or noise.
+    """
+    if not (psf_fwhm_px > 0 and sky_sigma_adu > 0):
+        raise ValueError(
+            f"limiting_mag needs FWHM > 0 (px) and sky sigma > 0 (ADU), got {psf_fwhm_px} and {sky_sigma_adu}"
+        )
+    sigma = psf_fwhm_px * _FWHM_TO_SIGMA
+    noise = sky_sigma_adu * math.sqrt(4.0 * math.pi * sigma**2)
+    return -2.5 * math.log10(5.0 * noise) + zeropoint
+
+
+def _bins(mags: np.ndarray) -> np.ndarray:
+    """Magnitude bin edges: 0.25 mag with many sources, else 0.5 mag, aligned on multiples."""
+    step = 0.25 if len(mags) >= 400 else 0.5
+    if len(mags) == 0:
+        return np.array([0.0, step])
+    lo = math.floor(float(np.min(mags)) / step) * step
+    hi = math.floor(float(np.max(mags)) / step) * step + step
+    return np.arange(lo, hi + step / 2, step)
+
+
+def _bias(mags: np.ndarray, delta: np.ndarray, bins: np.ndarray) -> list[dict[str, float]]:
+    """Median and robust scatter (1.4826 MAD) of measured - injected magnitude per bin."""
+    out = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        d = delta[(mags >= lo) & (mags < hi) & np.isfinite(delta)]
+        med = float(np.median(d)) if len(d) else float("nan")
+        mad = float(1.4826 * np.median(np.abs(d - med))) if len(d) else float("nan")
+        out.append({"mag_mid": float(0.5 * (lo + hi)), "n": int(len(d)), "bias": med, "scatter": mad})
+    return out
+
+
+def _legend(ax: Axes) -> None:
+    """Draw the legend only when something is labelled (an empty legend warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if not np.isfinite(value) else float(value)
+
+
+def run_checksim(
+    crossmatch_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    limiting: dict[str, float] | None = None,
+) -> dict:
+    """Efficiency statistics and plots of the injection-recovery test.
+
+    Parameters
+    ----------
+    crossmatch_paths : sequence of path-like
+        Per-injected-source ECSV tables of :func:`rbflow.crossmatch.run_crossmatch` (columns mag,
+        detected, mag_meas, snr; ``filter`` optional).
+    out_dir : path-like
+        Folder of the outputs: ``hist_mag.png``, ``efficiency.png``, ``mag_bias.png``,
+        ``snr_mag.png``, ``efficiency.ecsv`` and ``summary.json``.
+    limiting : dict of str to float, optional
+        5-sigma limiting magnitude per band (see :func:`limiting_mag`), drawn on the efficiency plot.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``: per band and ``all``: n_injected, n_detected,
+        m50, m90, width, limiting_mag and bias (per bin: mag_mid, n, bias, scatter).
+
+    Raises
+    ------
+    InputError
+        A table is missing, unreadable or lacks the needed columns.
+    """
+    out_dir = Path(out_dir)
+    limiting = limiting or {}
+    tables = []
+    for path in crossmatch_paths:
+        table = read_table(path)
+        missing = [c for c in ("mag", "detected", "mag_meas", "snr") if c not in table.colnames]
+        if missing:
+            raise InputError(f"crossmatch table '{path}' lacks column(s) {', '.join(missing)}: rerun the crossmatch stage")
+        tables.append(table[[c for c in ("mag", "detected", "mag_meas", "snr", "filter") if c in table.colnames]])
+    data = vstack(tables, metadata_conflicts="silent") if tables else Table(
+        {"mag": np.array([], float), "detected": np.array([], bool), "mag_meas": np.array([], float), "snr": np.array([], float)}
+    )
+    if "filter" not in data.colnames:
+        data["filter"] = np.full(len(data), "-", dtype="U1")
+    if len(data) == 0:
+        log.warning("checksim: no injected source in %d crossmatch table(s): plots will be empty", len(tables))
+    mag = np.asarray(data["mag"], dtype=float)
+    det = np.asarray(data["detected"], dtype=bool)
+    meas = np.asarray(data["mag_meas"], dtype=float)
+    snr = np.asarray(data["snr"], dtype=float)
+    band = np.asarray(data["filter"]).astype(str)
+    bands = sorted(set(band))
+    groups = [("all", np.ones(len(data), dtype=bool))] + [(b, band == b) for b in bands]
+    bins = _bins(mag)
+
+    summary: dict = {"made_by": f"rbflow.checksim.run_checksim {__version__}", "bands": {}}
+    eff_tables = []
+    fitted: dict[str, tuple[float, float]] = {}
+    for name, sel in groups:
+        eff = efficiency(mag[sel], det[sel], bins)
+        eff.add_column(np.full(len(eff), name), name="band", index=0)
+        eff_tables.append(eff)
+        m50, width = fit_logistic(mag[sel], det[sel])
+        fitted[name] = (m50, width)
+        summary["bands"][name] = {
+            "n_injected": int(sel.sum()),
+            "n_detected": int(det[sel].sum()),
+            "m50": _nan_to_none(m50),
+            "m90": _nan_to_none(m50 - width * math.log(9.0)),
+            "width": _nan_to_none(width),
+            "limiting_mag": _nan_to_none(limiting.get(name, float("nan"))),
+            "bias": [
+                {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+                for row in _bias(mag[sel & det], meas[sel & det] - mag[sel & det], bins)
+            ],
+        }
+    eff_all = vstack(eff_tables)
+    eff_all.meta.update({"made_by": summary["made_by"], "interval": "Wilson score, 68.3 %"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(eff_all, out_dir / "efficiency.ecsv")
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+
+    _plot_hist(mag, det, groups, bins, out_dir / "hist_mag.png")
+    _plot_efficiency(eff_all, groups, fitted, limiting, bins, out_dir / "efficiency.png")
+    _plot_bias(mag, meas, det, band, bands, bins, out_dir / "mag_bias.png")
+    _plot_snr(mag, snr, det, band, bands, out_dir / "snr_mag.png")
+    log.info("checksim: %d injected, %d detected; plots in '%s'", len(mag), int(det.sum()), out_dir)
+    return summary
+
+
+def _plot_hist(mag: np.ndarray, det: np.ndarray, groups: list, bins: np.ndarray, path: Path) -> None:
+    fig = Figure(figsize=(4.0 * len(groups), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (name, sel) in zip(axes, groups):
+        ax.hist(mag[sel], bins=bins, color="0.7", label=f"injected ({sel.sum()})")
+        ax.hist(mag[sel & det], bins=bins, histtype="step", color="C0", lw=2, label=f"detected ({(sel & det).sum()})")
+        ax.set(title=f"band {name}", xlabel="injected magnitude", ylabel="sources")
+        _legend(ax)
+    _save(fig, path)
+
+
+def _plot_efficiency(
+    eff: Table, groups: list, fitted: dict, limiting: dict[str, float], bins: np.ndarray, path: Path
+) -> None:
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    grid = np.linspace(bins[0], bins[-1], 300)
+    text = []
+    for k, (name, _) in enumerate(groups):
+        colour = f"C{k}"
+        rows = eff[(eff["band"] == name) & (eff["n"] > 0)]
+        ax.errorbar(
+            rows["mag_mid"],
+            rows["eff"],
+            yerr=[rows["eff"] - rows["eff_lo"], rows["eff_hi"] - rows["eff"]],
+            fmt="o",
+            color=colour,
+            ms=4,
+            capsize=2,
+            label=f"{name}",
+        )
+        m50, width = fitted[name]
+        if np.isfinite(m50):
+            ax.plot(grid, logistic(grid, m50, width), color=colour, lw=1)
+            text.append(f"{name}: m50={m50:.2f}  m90={m50 - width * math.log(9.0):.2f}")
+        if name in limiting and np.isfinite(limiting[name]):
+            ax.axvline(limiting[name], color=colour, ls="--", lw=1)
+            text.append(f"{name}: 5σ limit={limiting[name]:.2f}")
+    ax.text(0.02, 0.03, "\n".join(text), transform=ax.transAxes, fontsize="small", va="bottom")
+    ax.set(xlabel="injected magnitude", ylabel="detection efficiency", ylim=(-0.03, 1.05))
+    _legend(ax)
+    _save(fig, path)
+
+
+def _plot_bias(
+    mag: np.ndarray, meas: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], bins: np.ndarray, path: Path
+) -> None:
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    delta = meas - mag
+    for k, b in enumerate(bands, start=1):
+        sel = (band == b) & det & np.isfinite(delta)
+        ax.plot(mag[sel], delta[sel], ".", ms=2, alpha=0.4, color=f"C{k}", label=b)
+    stats = _bias(mag[det], delta[det], bins)
+    mid = np.array([s["mag_mid"] for s in stats])
+    med = np.array([s["bias"] for s in stats])
+    sca = np.array([s["scatter"] for s in stats])
+    ax.errorbar(mid, med, yerr=sca, fmt="s-", color="k", ms=4, capsize=2, label="median ± 1.48 MAD")
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    finite = delta[det & np.isfinite(delta)]
+    if len(finite):
+        lim = max(0.2, float(np.percentile(np.abs(finite), 98)))
+        ax.set_ylim(-lim, lim)
+    ax.set(xlabel="injected magnitude", ylabel="measured - injected (mag)")
+    _legend(ax)
+    _save(fig, path)
+
+
+def _plot_snr(mag: np.ndarray, snr: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], path: Path) -> None:
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for k, b in enumerate(bands, start=1):
+        sel = (band == b) & det & (snr > 0)
+        ax.plot(mag[sel], snr[sel], ".", ms=2, alpha=0.5, color=f"C{k}", label=b)
+    ax.axhline(5.0, color="0.5", ls="--", lw=0.8)
+    if np.any(det & (snr > 0)):
+        ax.set_yscale("log")
+    ax.set(xlabel="injected magnitude", ylabel="S/N of the matched candidate")
+    _legend(ax)
+    _save(fig, path)

@@ -1,0 +1,182 @@
+"""Loading and validating rbflow's run configuration and telescope files.
+
+The JSON schemas in ``workflow/schemas/`` are the single source of truth: they carry each key's
+description, type, unit and default. Validation fills in defaults and, on failure, raises a
+:class:`~rbflow.errors.ConfigError` naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from rbflow.errors import ConfigError
+
+__all__ = ["SCHEMA_DIR", "validate", "load_yaml", "load_telescope", "load_config"]
+
+log = logging.getLogger(__name__)
+
+#: Folder of the JSON schemas (``workflow/schemas`` of the repository).
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+
+
+def _with_defaults(validator_class: type) -> type:
+    """Extend a jsonschema validator class so that validation fills in ``default`` values."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001 - jsonschema hook
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error when the file is missing or malformed.
+
+    Parameters
+    ----------
+    path : path-like
+        YAML file.
+    what : str
+        What the file is, for messages (e.g. ``"telescope file"``).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        Missing file, YAML syntax error, or a top level that is not a mapping.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = key if error.absolute_path else "top level"
+        return f"unknown key(s) {', '.join(map(repr, extra))} at {where}; allowed keys: {', '.join(allowed)}"
+    hint = schema.get("description")
+    msg = f"key '{key}': {error.message}"
+    if "enum" in schema:
+        msg += f" (allowed: {', '.join(map(str, schema['enum']))})"
+    if hint:
+        msg += f" — {hint}"
+    return msg
+
+
+def validate(data: dict[str, Any], schema_name: str, source: str) -> dict[str, Any]:
+    """Validate ``data`` in place against a schema of ``SCHEMA_DIR`` and fill in defaults.
+
+    Parameters
+    ----------
+    data : dict
+        Parsed configuration; modified in place (defaults added).
+    schema_name : str
+        File name in ``SCHEMA_DIR`` (e.g. ``"telescope.schema.yaml"``).
+    source : str
+        What ``data`` came from, for messages (e.g. ``"telescope file 'config/telescopes/demo.yaml'"``).
+
+    Returns
+    -------
+    dict
+        ``data``, with defaults.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found, each with its key.
+    """
+    schema = yaml.safe_load((SCHEMA_DIR / schema_name).read_text())
+    errors = sorted(_Validator(schema).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in errors))
+    return data
+
+
+def load_telescope(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate one telescope file (and its ``sky`` block, for synthetic telescopes).
+
+    Parameters
+    ----------
+    path : path-like
+        ``config/telescopes/<name>.yaml``.
+
+    Returns
+    -------
+    dict
+        The telescope configuration with defaults filled in.
+
+    Raises
+    ------
+    ConfigError
+        Missing/malformed file, invalid keys, or a ``name`` that differs from the file name.
+    """
+    path = Path(path)
+    source = f"telescope file '{path}'"
+    tel = validate(load_yaml(path, "telescope file"), "telescope.schema.yaml", source)
+    if tel["name"] != path.stem:
+        raise ConfigError(f"{source}: key 'name' is {tel['name']!r} but must equal the file name {path.stem!r}")
+    if "sky" in tel:
+        validate(tel["sky"], "sky.schema.yaml", f"{source} (block 'sky')")
+    elif "frames" not in tel:
+        raise ConfigError(f"{source}: give either 'frames' (real frames) or 'sky' (synthetic telescope)")
+    return tel
+
+
+def load_config(config: dict[str, Any], *, source: str = "config/config.yaml") -> dict[str, Any]:
+    """Validate the run configuration and load every telescope file it names.
+
+    Parameters
+    ----------
+    config : dict
+        Parsed ``config.yaml`` (as Snakemake's ``config``); modified in place.
+    source : str, optional
+        Where the configuration came from, for messages.
+
+    Returns
+    -------
+    dict
+        ``config`` with defaults and a ``_telescopes`` mapping of name to validated telescope dict.
+    """
+    validate(config, "config.schema.yaml", f"config '{source}'")
+    tel_dir = Path(config["telescope_dir"])
+    config["_telescopes"] = {}
+    for name in config["telescopes"]:
+        path = tel_dir / f"{name}.yaml"
+        if not path.exists():
+            available = sorted(p.stem for p in tel_dir.glob("*.yaml"))
+            raise ConfigError(
+                f"config '{source}': key 'telescopes' names {name!r} but '{path}' does not exist; "
+                f"available: {', '.join(available) or 'none'} (add a file from config/telescopes/TEMPLATE.yaml)"
+            )
+        config["_telescopes"][name] = load_telescope(path)
+    return config

@@ -1,0 +1,540 @@
+"""Matching candidates to injected sources and known variables, and the labelled training folders.
+
+:func:`crossmatch` decides, per injected source, whether it was detected, and per candidate,
+whether it is real ('true'), bogus ('false') or left to a person ('unsorted'). Ambiguous
+geometry (two injected sources within the radius of one candidate, or one source with several
+candidates) is flagged in the ``ambiguous`` and ``note`` columns instead of being guessed:
+a candidate that is the nearest of some injected source is 'true'; any further candidate
+within the radius of an injected source is 'unsorted'.
+
+:func:`label_cutouts` links the cutout files into ``training/{true,false,unsorted}/``. The
+folder is the label: a person may move files between these folders, and a later run never
+moves them back. :func:`folder_digest` summarises the true/false listing so that the workflow
+rebuilds the datacube when a file is moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy.spatial import cKDTree
+
+from rbflow import __version__
+from rbflow.cutouts import MANIFEST
+from rbflow.errors import InputError
+from rbflow.io import atomic_path, read_table, write_table
+
+__all__ = [
+    "LABELS",
+    "crossmatch",
+    "read_catalogue",
+    "run_crossmatch",
+    "write_dat",
+    "label_cutouts",
+    "folder_digest",
+]
+
+log = logging.getLogger(__name__)
+
+#: Label folders of the training set.
+LABELS = ("true", "false", "unsorted")
+
+
+def _xy(table: Table) -> np.ndarray:
+    return np.column_stack([np.asarray(table["x"], dtype=float), np.asarray(table["y"], dtype=float)])
+
+
+def _pixel_scale(*tables: Table) -> float:
+    """Pixel scale (arcsec/px) from the (x, y) <-> (ra, dec) pairs of the given tables (affine fit)."""
+    rows = [t for t in tables if len(t)]
+    if not rows:
+        return float("nan")
+    x = np.concatenate([np.asarray(t["x"], dtype=float) for t in rows])
+    y = np.concatenate([np.asarray(t["y"], dtype=float) for t in rows])
+    ra = np.concatenate([np.asarray(t["ra"], dtype=float) for t in rows])
+    dec = np.concatenate([np.asarray(t["dec"], dtype=float) for t in rows])
+    dra = (ra - ra[0] + 180.0) % 360.0 - 180.0
+    sky = np.column_stack([dra * np.cos(np.radians(dec[0])), dec - dec[0]]) * 3600.0
+    pix = np.column_stack([x - x[0], y - y[0], np.ones_like(x)])
+    if np.linalg.matrix_rank(pix) < 3:
+        return float("nan")
+    coef = np.linalg.lstsq(pix, sky, rcond=None)[0]
+    return float(np.sqrt(abs(np.linalg.det(coef[:2]))))
+
+
+def _catalogue_matches(
+    candidates: Table, catalogues: Sequence[Table], radius: float, wcs: WCS | None, injected: Table
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate: matched to a catalogue source (bool) and the separation (px)."""
+    n = len(candidates)
+    hit = np.zeros(n, dtype=bool)
+    sep = np.full(n, np.nan)
+    cats = [c for c in catalogues if len(c)]
+    if not cats or n == 0:
+        return hit, sep
+    ra = np.concatenate([np.asarray(c["ra"], dtype=float) for c in cats])
+    dec = np.concatenate([np.asarray(c["dec"], dtype=float) for c in cats])
+    if wcs is not None:
+        cx, cy = wcs.world_to_pixel_values(ra, dec)
+        dist, _ = cKDTree(np.column_stack([cx, cy])).query(_xy(candidates))
+    else:
+        scale = _pixel_scale(candidates, injected)
+        if not np.isfinite(scale) or scale <= 0:
+            raise InputError(
+                "crossmatch with catalogues needs the pixel scale: give the image WCS (wcs=...) or at "
+                "least 3 candidates/injected sources with x, y, ra, dec that are not collinear"
+            )
+        cand = SkyCoord(np.asarray(candidates["ra"], float), np.asarray(candidates["dec"], float), unit="deg")
+        _, d2d, _ = cand.match_to_catalog_sky(SkyCoord(ra, dec, unit="deg"))
+        dist = d2d.arcsec / scale
+    hit = dist <= radius
+    sep[hit] = dist[hit]
+    return hit, sep
+
+
+def _pairs(candidates: Table, injected: Table, radius: float) -> list[tuple[int, int, float]]:
+    """All (injected index, candidate index, separation px) within ``radius``, same image only."""
+    if len(candidates) == 0 or len(injected) == 0:
+        return []
+    tree = cKDTree(_xy(candidates))
+    same_image = "image" in candidates.colnames and "image" in injected.colnames
+    cimg = np.asarray(candidates["image"]).astype(str) if same_image else None
+    iimg = np.asarray(injected["image"]).astype(str) if same_image else None
+    ixy = _xy(injected)
+    cxy = _xy(candidates)
+    pairs = []
+    for i, near in enumerate(tree.query_ball_point(ixy, r=radius)):
+        for c in near:
+            if same_image and cimg[c] != iimg[i]:
+                continue
+            pairs.append((i, c, float(np.hypot(*(cxy[c] - ixy[i])))))
+    return pairs
+
+
+def crossmatch(
+    candidates: Table,
+    injected: Table,
+    *,
+    radius: float,
+    catalogues: Sequence[Table] = (),
+    wcs: WCS | None = None,
+) -> tuple[Table, Table]:
+    """Match candidates to injected sources (and catalogue sources) within ``radius`` pixels.
+
+    Parameters
+    ----------
+    candidates : astropy.table.Table
+        Candidates (columns id, x, y, ra, dec, mag, mag_err, snr; ``image`` optional).
+    injected : astropy.table.Table
+        Injected sources (columns x, y, mag; ``image`` optional). When both tables have an
+        ``image`` column, only candidates of the same image match.
+    radius : float
+        Match radius (pixels, 0-based frame coordinates).
+    catalogues : sequence of astropy.table.Table, optional
+        Known real sources (columns ra, dec in deg). A candidate within ``radius`` of one, and not
+        already matched to an injected source, is labelled true with ``match_kind='catalogue'``.
+    wcs : astropy.wcs.WCS, optional
+        WCS of the candidates' image, used to place catalogue sources in pixels. Without it the
+        match uses sky separations with ``radius`` times a pixel scale fitted to the tables' x, y,
+        ra, dec.
+
+    Returns
+    -------
+    per_injected : astropy.table.Table
+        The injected columns plus detected (bool), cand_id, sep (px), mag_meas, mag_err_meas, snr,
+        n_cand (candidates within the radius), ambiguous (bool) and note.
+    labels : astropy.table.Table
+        One row per candidate: id, image, label ('true', 'false' or 'unsorted'), match_kind
+        ('injected', 'catalogue' or ''), inj_id, sep (px), mag_inj, ambiguous (bool), note.
+
+    Raises
+    ------
+    ValueError
+        ``radius`` is not positive.
+    InputError
+        Catalogues are given but neither a WCS nor enough positions to fit a pixel scale.
+    """
+    if not radius > 0:
+        raise ValueError(f"crossmatch radius must be > 0 (pixels), got {radius}: set 'crossmatch.radius'")
+    n_inj, n_cand = len(injected), len(candidates)
+    pairs = _pairs(candidates, injected, radius)
+    by_inj: dict[int, list[tuple[int, float]]] = {}
+    by_cand: dict[int, list[tuple[int, float]]] = {}
+    for i, c, d in pairs:
+        by_inj.setdefault(i, []).append((c, d))
+        by_cand.setdefault(c, []).append((i, d))
+    cand_ids = np.asarray(candidates["id"]).astype(str) if n_cand else np.array([], dtype=str)
+    inj_ids = (
+        np.asarray(injected["id"]).astype(str) if "id" in injected.colnames else np.arange(n_inj).astype(str)
+    )
+
+    nearest = {i: min(lst, key=lambda t: t[1]) for i, lst in by_inj.items()}
+    chosen_by: dict[int, list[tuple[int, float]]] = {}
+    for i, (c, d) in nearest.items():
+        chosen_by.setdefault(c, []).append((i, d))
+
+    per = injected.copy(copy_data=True)
+    detected = np.zeros(n_inj, dtype=bool)
+    cid = np.full(n_inj, "", dtype=object)
+    sep = np.full(n_inj, np.nan)
+    mag_meas = np.full(n_inj, np.nan)
+    mag_err_meas = np.full(n_inj, np.nan)
+    snr = np.full(n_inj, np.nan)
+    n_near = np.zeros(n_inj, dtype=np.int64)
+    amb_inj = np.zeros(n_inj, dtype=bool)
+    note_inj = np.full(n_inj, "", dtype=object)
+    for i, (c, d) in nearest.items():
+        detected[i], cid[i], sep[i] = True, cand_ids[c], d
+        mag_meas[i] = float(candidates["mag"][c])
+        mag_err_meas[i] = float(candidates["mag_err"][c])
+        snr[i] = float(candidates["snr"][c])
+        n_near[i] = len(by_inj[i])
+        notes = []
+        if len(by_inj[i]) > 1:
+            others = sorted(cand_ids[o] for o, _ in by_inj[i] if o != c)
+            notes.append(f"{len(by_inj[i])} candidates within radius (also {', '.join(others)})")
+        if len(by_cand[c]) > 1:
+            others = sorted(inj_ids[o] for o, _ in by_cand[c] if o != i)
+            notes.append(f"candidate {cand_ids[c]} also within radius of injected {', '.join(others)}")
+        amb_inj[i] = bool(notes)
+        note_inj[i] = "; ".join(notes)
+    per["detected"] = detected
+    per["cand_id"] = cid.astype(str) if n_inj else np.array([], dtype="U1")
+    per["sep"] = sep
+    per["mag_meas"] = mag_meas
+    per["mag_err_meas"] = mag_err_meas
+    per["snr"] = snr
+    per["n_cand"] = n_near
+    per["ambiguous"] = amb_inj
+    per["note"] = note_inj.astype(str) if n_inj else np.array([], dtype="U1")
+    per["sep"].unit = "pix"
+
+    label = np.full(n_cand, "false", dtype="U8")
+    kind = np.full(n_cand, "", dtype="U9")
+    lsep = np.full(n_cand, np.nan)
+    mag_inj = np.full(n_cand, np.nan)
+    linj = np.full(n_cand, "", dtype=object)
+    amb = np.zeros(n_cand, dtype=bool)
+    note = np.full(n_cand, "", dtype=object)
+    inj_mag = np.asarray(injected["mag"], dtype=float) if n_inj else np.array([])
+    for c, lst in by_cand.items():
+        if c in chosen_by:
+            i, d = min(chosen_by[c], key=lambda t: t[1])
+            label[c], kind[c] = "true", "injected"
+        else:
+            i, d = min(lst, key=lambda t: t[1])
+            label[c], kind[c] = "unsorted", "injected"
+            note[c] = f"within radius of injected {inj_ids[i]} but not its nearest candidate"
+            amb[c] = True
+        lsep[c], mag_inj[c], linj[c] = d, inj_mag[i], inj_ids[i]
+        if len(lst) > 1:
+            amb[c] = True
+            others = ", ".join(sorted(inj_ids[o] for o, _ in lst))
+            note[c] = "; ".join(filter(None, [note[c], f"{len(lst)} injected sources within radius ({others})"]))
+    hit, csep = _catalogue_matches(candidates, catalogues, radius, wcs, injected)
+    cat = hit & (label != "true")
+    label[cat], kind[cat], lsep[cat] = "true", "catalogue", csep[cat]
+
+    labels = Table(
+        {
+            "id": cand_ids,
+            "image": np.asarray(candidates["image"]).astype(str)
+            if "image" in candidates.colnames and n_cand
+            else np.full(n_cand, "", dtype="U1"),
+            "label": label,
+            "match_kind": kind,
+            "inj_id": linj.astype(str) if n_cand else np.array([], dtype="U1"),
+            "sep": lsep,
+            "mag_inj": mag_inj,
+            "ambiguous": amb,
+            "note": note.astype(str) if n_cand else np.array([], dtype="U1"),
+        }
+    )
+    labels["sep"].unit = "pix"
+    meta = {"made_by": f"rbflow.crossmatch.crossmatch {__version__}", "radius_px": float(radius)}
+    per.meta.update(meta)
+    labels.meta.update(meta)
+    log.info(
+        "crossmatch: %d/%d injected detected; %d true (%d from catalogues), %d unsorted, %d false candidates",
+        detected.sum(),
+        n_inj,
+        (label == "true").sum(),
+        cat.sum(),
+        (label == "unsorted").sum(),
+        (label == "false").sum(),
+    )
+    return per, labels
+
+
+def read_catalogue(path: str | os.PathLike) -> Table:
+    """Read a catalogue of known sources (ECSV, or CSV when the name ends in ``.csv``).
+
+    Parameters
+    ----------
+    path : path-like
+        Catalogue file with columns ``ra`` and ``dec`` (deg).
+
+    Returns
+    -------
+    astropy.table.Table
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, or no ``ra``/``dec`` columns.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"catalogue '{path}' does not exist: fix 'crossmatch.catalogues' in the telescope file")
+    fmt = "ascii.csv" if path.suffix.lower() == ".csv" else "ascii.ecsv"
+    try:
+        table = Table.read(path, format=fmt)
+    except Exception as exc:
+        raise InputError(
+            f"catalogue '{path}' is not a readable {fmt[6:].upper()} table ({exc}): give an ECSV file, "
+            "or a CSV file named *.csv, with columns ra and dec (deg)"
+        ) from exc
+    missing = [c for c in ("ra", "dec") if c not in table.colnames]
+    if missing:
+        raise InputError(
+            f"catalogue '{path}' lacks column(s) {', '.join(missing)}: it needs columns ra and dec in degrees "
+            f"(found: {', '.join(table.colnames)})"
+        )
+    return table
+
+
+def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
+    """Write the ``crossmatch.dat`` compatibility file of the older checksim tool.
+
+    Whitespace-separated columns ``filename Xpos Ypos mag_inj detected mag_meas sep`` (0-based
+    pixels; ``detected`` is 1/0; ``mag_meas`` and ``sep`` are ``nan`` when undetected).
+
+    Parameters
+    ----------
+    per_injected : astropy.table.Table
+        First output of :func:`crossmatch`.
+    path : path-like
+        Destination.
+    """
+    lines = [
+        f"# crossmatch of injected sources (rbflow {__version__}); pixel coordinates are 0-based "
+        "(first pixel centre at 0, 0; Xpos = column, Ypos = row); sep in pixels",
+        "# filename Xpos Ypos mag_inj detected mag_meas sep",
+    ]
+    images = (
+        np.asarray(per_injected["image"]).astype(str)
+        if "image" in per_injected.colnames
+        else np.full(len(per_injected), "-")
+    )
+    for img, row in zip(images, per_injected):
+        lines.append(
+            f"{img} {row['x']:.3f} {row['y']:.3f} {row['mag']:.4f} {int(row['detected'])} "
+            f"{row['mag_meas']:.4f} {row['sep']:.3f}"
+        )
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def run_crossmatch(
+    candidates_path: str | os.PathLike,
+    injected_path: str | os.PathLike,
+    out_table: str | os.PathLike,
+    out_dat: str | os.PathLike,
+    out_labels: str | os.PathLike,
+    *,
+    radius: float,
+    catalogues: Sequence[str] = (),
+    label_unmatched: str = "false",
+) -> tuple[Table, Table]:
+    """Crossmatch one image's candidates with its injected sources and write the three outputs.
+
+    Parameters
+    ----------
+    candidates_path : path-like
+        Candidate ECSV of the detect stage.
+    injected_path : path-like
+        Injection truth ECSV (``simulated_objects``) of the same image.
+    out_table : path-like
+        Per-injected-source ECSV (see :func:`crossmatch`).
+    out_dat : path-like
+        ``crossmatch.dat`` compatibility file (see :func:`write_dat`).
+    out_labels : path-like
+        Per-candidate labels ECSV.
+    radius : float
+        Match radius (pixels).
+    catalogues : sequence of str, optional
+        ECSV/CSV catalogues of known real sources (ra, dec in deg).
+    label_unmatched : {'false', 'unsorted'}
+        Label of candidates that match nothing.
+
+    Returns
+    -------
+    per_injected, labels : astropy.table.Table
+
+    Raises
+    ------
+    ValueError
+        ``label_unmatched`` is not 'false' or 'unsorted'.
+    InputError
+        Missing or malformed input tables or catalogues.
+    """
+    if label_unmatched not in ("false", "unsorted"):
+        raise ValueError(
+            f"label_unmatched must be 'false' or 'unsorted', got {label_unmatched!r}: fix 'crossmatch.label_unmatched'"
+        )
+    cands = read_table(candidates_path)
+    inj = read_table(injected_path)
+    for path, table, cols in (
+        (candidates_path, cands, ("id", "x", "y", "ra", "dec", "mag", "mag_err", "snr")),
+        (injected_path, inj, ("x", "y", "mag")),
+    ):
+        missing = [c for c in cols if c not in table.colnames]
+        if missing:
+            raise InputError(
+                f"table '{path}' lacks column(s) {', '.join(missing)}: delete it and rerun the stage that made it"
+            )
+    if len(inj) == 0:
+        log.warning("injection table '%s' is empty: no source to match", injected_path)
+    if len(cands) == 0:
+        log.warning("candidate table '%s' is empty: every injected source is undetected", candidates_path)
+    cats = [read_catalogue(p) for p in catalogues]
+    per, labels = crossmatch(cands, inj, radius=radius, catalogues=cats)
+    unmatched = labels["match_kind"] == ""
+    labels["label"][unmatched] = label_unmatched
+    for table in (per, labels):
+        table.meta.update(
+            {"candidates": str(candidates_path), "injected": str(injected_path), "catalogues": list(map(str, catalogues))}
+        )
+    labels.meta["label_unmatched"] = label_unmatched
+    write_table(per, out_table)
+    write_dat(per, out_dat)
+    write_table(labels, out_labels)
+    return per, labels
+
+
+def _link(src: Path, dst: Path) -> str:
+    """Hard-link ``src`` to ``dst`` (copy when linking is impossible); return 'linked' or 'copied'."""
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copied"
+
+
+def label_cutouts(
+    labels_paths: Sequence[str | os.PathLike],
+    cutout_dirs: Sequence[str | os.PathLike],
+    training_dir: str | os.PathLike,
+) -> Table:
+    """Put every labelled cutout (FITS and PNG) into ``training_dir/{true,false,unsorted}/``.
+
+    A file whose name already exists in any of the three folders stays where it is: a person may
+    have moved it, and that choice wins over the automatic label.
+
+    Parameters
+    ----------
+    labels_paths : sequence of path-like
+        Label ECSV tables of :func:`run_crossmatch` (columns id, label).
+    cutout_dirs : sequence of path-like
+        Cutout folders of :func:`rbflow.cutouts.write_cutouts` (each with its manifest).
+    training_dir : path-like
+        Training folder; ``labels.ecsv`` is written there.
+
+    Returns
+    -------
+    astropy.table.Table
+        id, label_auto, label_folder (where the FITS file now is) and action ('linked', 'copied'
+        or 'kept').
+
+    Raises
+    ------
+    InputError
+        A label table or cutout manifest is missing or malformed.
+    """
+    training_dir = Path(training_dir)
+    auto: dict[str, str] = {}
+    for path in labels_paths:
+        table = read_table(path)
+        if not {"id", "label"} <= set(table.colnames):
+            raise InputError(f"label table '{path}' lacks columns id/label: rerun the crossmatch stage")
+        auto.update(zip(np.asarray(table["id"]).astype(str), np.asarray(table["label"]).astype(str)))
+    folders = {lab: training_dir / lab for lab in LABELS}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    present = {lab: {p.name for p in folder.iterdir()} for lab, folder in folders.items()}
+
+    rows: list[tuple[str, str, str, str]] = []
+    unlabelled = 0
+    for cdir in map(Path, cutout_dirs):
+        manifest = read_table(cdir / MANIFEST)
+        for cand_id, fname in zip(np.asarray(manifest["id"]).astype(str), np.asarray(manifest["file"]).astype(str)):
+            lab = auto.get(cand_id)
+            if lab is None:
+                unlabelled += 1
+                continue
+            if lab not in folders:
+                raise InputError(f"label {lab!r} of candidate {cand_id} is not one of {', '.join(LABELS)}")
+            where = next((f for f in LABELS if fname in present[f]), None)
+            if where is not None:
+                rows.append((cand_id, lab, where, "kept"))
+                continue
+            done = _link(cdir / fname, folders[lab] / fname)
+            png = Path(fname).with_suffix(".png").name
+            if (cdir / png).exists() and not any(png in present[f] for f in LABELS):
+                _link(cdir / png, folders[lab] / png)
+            rows.append((cand_id, lab, lab, done))
+    if unlabelled:
+        log.warning("%d cutouts have no label in the given label tables and were not placed", unlabelled)
+    names = ("id", "label_auto", "label_folder", "action")
+    out = Table(
+        rows=rows or None,
+        names=names,
+        dtype=[str] * len(names),
+        meta={"made_by": f"rbflow.crossmatch.label_cutouts {__version__}", "training_dir": str(training_dir)},
+    )
+    if not rows:
+        log.warning("no labelled cutout found for training folder '%s'", training_dir)
+    moved = int(np.sum(out["label_auto"] != out["label_folder"]))
+    log.info(
+        "training folder '%s': %d cutouts (%d kept where they were, %d moved by hand)",
+        training_dir,
+        len(out),
+        int(np.sum(out["action"] == "kept")),
+        moved,
+    )
+    write_table(out, training_dir / "labels.ecsv")
+    return out
+
+
+def folder_digest(training_dir: str | os.PathLike) -> str:
+    """SHA-256 of the sorted (folder, file name) listing of ``true/`` and ``false/``.
+
+    Parameters
+    ----------
+    training_dir : path-like
+        Training folder (missing label folders count as empty).
+
+    Returns
+    -------
+    str
+        Hex digest; it changes when a file is added, removed or moved between the folders.
+    """
+    training_dir = Path(training_dir)
+    listing = sorted(
+        (lab, p.name)
+        for lab in ("true", "false")
+        if (training_dir / lab).is_dir()
+        for p in (training_dir / lab).iterdir()
+        if not p.name.startswith(".")
+    )
+    return hashlib.sha256("".join(f"{lab}/{name}\n" for lab, name in listing).encode()).hexdigest()

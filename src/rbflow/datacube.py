@@ -1,0 +1,385 @@
+"""The datacube: labelled cutouts turned into one normalised array for training.
+
+The one normalisation of rbflow, :func:`normalise`, lives here; training and inference both call it,
+and its name and parameters (:data:`NORMALISATION`) are stored in the datacube and in ``model.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from rbflow import __version__
+from rbflow.errors import InputError
+from rbflow.frames import parse_image
+from rbflow.io import atomic_path
+
+__all__ = [
+    "NORMALISATION",
+    "normalise",
+    "read_stamp",
+    "build_datacube",
+    "load_datacube",
+    "crop_stamps",
+    "synthetic_stamps",
+]
+
+log = logging.getLogger(__name__)
+
+#: The normalisation applied to every stamp, per channel: ``clip((x - median) / scale, -clip, clip)``
+#: with ``scale = max(1.4826 * MAD, scale_floor)`` over the finite pixels, then NaN -> 0.
+NORMALISATION: dict[str, Any] = {"name": "robust_mad", "mad_factor": 1.4826, "scale_floor": 1e-6, "clip": 20.0}
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Normalise stamps per stamp and per channel, robustly (see :data:`NORMALISATION`).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Stamps, shape ``(..., H, W)`` (e.g. ``(N, C, H, W)`` or ``(C, H, W)``), NaN = invalid pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of the same shape: median 0 and robust sigma 1 per ``(H, W)`` plane, clipped to
+        ``+-clip``; invalid pixels and all-invalid planes are 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    with warnings.catch_warnings():
+        # all-NaN planes (stamps fully off the frame) give NaN medians; they become 0 below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(x, axis=(-2, -1), keepdims=True)
+        mad = np.nanmedian(np.abs(x - med), axis=(-2, -1), keepdims=True)
+    scale = np.maximum(NORMALISATION["mad_factor"] * np.nan_to_num(mad), NORMALISATION["scale_floor"])
+    out = np.clip((x - med) / scale, -NORMALISATION["clip"], NORMALISATION["clip"])
+    return np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)
+
+
+def crop_stamps(x: np.ndarray, size: int) -> np.ndarray:
+    """Central crop of ``(..., H, W)`` stamps to ``size`` x ``size`` (odd ``size`` <= H)."""
+    h = x.shape[-1]
+    lo = (h - size) // 2
+    return x[..., lo : lo + size, lo : lo + size]
+
+
+def read_stamp(
+    path: str | os.PathLike, channels: list[str], *, require_finite: bool = True
+) -> tuple[np.ndarray, fits.Header]:
+    """Read the requested channels of one cutout file.
+
+    Parameters
+    ----------
+    path : path-like
+        Cutout FITS file (primary header + image HDUs named after the channels).
+    channels : list of str
+        EXTNAMEs to stack, in order.
+    require_finite : bool, optional
+        Refuse a channel without any finite pixel (training); inference accepts it (it normalises to 0).
+
+    Returns
+    -------
+    stamp : numpy.ndarray
+        float32 ``(C, S, S)`` raw pixels (NaN where invalid).
+    header : astropy.io.fits.Header
+        Primary header (ID, IMAGE, FRAME, X, Y, MAG, SNR...).
+
+    Raises
+    ------
+    InputError
+        Unreadable file, missing channel, non-square/even/unequal stamps, or (``require_finite``) a
+        channel without any finite pixel.
+    """
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            header = hdul[0].header.copy()
+            names = [h.name for h in hdul]
+            planes = []
+            for ch in channels:
+                if ch not in names:
+                    raise InputError(
+                        f"cutout '{path}' has no {ch} HDU (has {names[1:]}): remake it, or drop {ch} from "
+                        "key 'convert.channels'"
+                    )
+                planes.append(np.asarray(hdul[ch].data, dtype=np.float32))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"cutout '{path}' is not a readable FITS file ({type(exc).__name__}: {exc}): remake the cutouts"
+        ) from exc
+    shapes = {p.shape for p in planes}
+    shape = planes[0].shape
+    if len(shapes) != 1 or len(shape) != 2 or shape[0] != shape[1] or shape[0] % 2 == 0:
+        raise InputError(f"cutout '{path}' has stamps of shapes {sorted(shapes)}: they must be equal, square and odd")
+    for ch, p in zip(channels, planes):
+        if require_finite and not np.isfinite(p).any():
+            raise InputError(f"cutout '{path}': channel {ch} has no finite pixel (NaN-only stamp)")
+    return np.stack(planes), header
+
+
+def _header_float(header: fits.Header, key: str) -> float:
+    value = header.get(key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices (sorted) keeping a random subset of the majority class so that trues make ``frac_true``."""
+    t = np.flatnonzero(y == 1)
+    f = np.flatnonzero(y == 0)
+    if len(t) / len(y) > frac_true:
+        t = rng.choice(t, size=max(1, round(frac_true / (1 - frac_true) * len(f))), replace=False)
+    else:
+        f = rng.choice(f, size=max(1, round((1 - frac_true) / frac_true * len(t))), replace=False)
+    return np.sort(np.concatenate([t, f]))
+
+
+def build_datacube(
+    training_dir: str | os.PathLike,
+    out_npz: str | os.PathLike,
+    *,
+    channels: list[str],
+    crop: int | None,
+    frac_true: float | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Read ``training_dir/true/*.fits`` and ``training_dir/false/*.fits`` into a normalised datacube.
+
+    Files are read one at a time; a bad cutout (unreadable, missing channel, NaN-only channel, shape
+    different from the first good cutout) is logged with its reason and skipped. ``unsorted/`` is ignored.
+
+    Parameters
+    ----------
+    training_dir : path-like
+        Folder holding ``true/`` and ``false/`` (the folder is the label).
+    out_npz : path-like
+        Datacube to write (atomically): arrays X (N, C, H, W) float32 normalised, y (1 = real),
+        ids, image, frame, mag, snr, channels and meta (JSON text).
+    channels : list of str
+        Channels (EXTNAMEs) to stack, in order.
+    crop : int or None
+        Odd size (pixels) to crop stamps to around their centre; None keeps the cutout size.
+    frac_true : float or None
+        Fraction of true stamps after randomly dropping stamps of the majority class; None keeps all.
+    seed : int
+        Seed of the class balancing.
+
+    Returns
+    -------
+    dict
+        The datacube's meta (also stored in the file).
+
+    Raises
+    ------
+    InputError
+        A class folder is missing or has no usable cutout, or ``crop`` is larger than the cutouts.
+    """
+    training_dir = Path(training_dir)
+    channels = [str(c) for c in channels]
+    files: list[tuple[int, Path]] = []
+    for label, sub in ((1, "true"), (0, "false")):
+        folder = training_dir / sub
+        found = sorted(folder.glob("*.fits")) if folder.is_dir() else []
+        if not found:
+            raise InputError(
+                f"training folder '{folder}' has no cutout (*.fits): label some candidates "
+                f"{'real' if label else 'bogus'} (move their cutouts there) or rerun the label stage"
+            )
+        files += [(label, p) for p in found]
+    digest = hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
+
+    X: np.ndarray | None = None
+    size = 0
+    y, ids, images, frames, mags, snrs = [], [], [], [], [], []
+    skipped: dict[str, str] = {}
+    for label, path in files:
+        try:
+            stamp, header = read_stamp(path, channels)
+            if size and stamp.shape[-1] != size:
+                raise InputError(f"cutout '{path}' is {stamp.shape[-1]} px wide, the first cutouts are {size} px")
+        except InputError as exc:
+            log.warning("skipping %s", exc)
+            skipped[f"{path.parent.name}/{path.name}"] = str(exc)
+            continue
+        if X is None:
+            size = stamp.shape[-1]
+            if crop is not None and (crop > size or crop % 2 == 0):
+                raise InputError(
+                    f"key 'convert.crop' = {crop} must be odd and <= the cutout size {size} (first cutout '{path}')"
+                )
+            out_size = size if crop is None else crop
+            X = np.empty((len(files), len(channels), out_size, out_size), np.float32)
+        if crop is not None:
+            stamp = crop_stamps(stamp, crop)
+        X[len(y)] = normalise(stamp)
+        image = str(header.get("IMAGE", ""))
+        y.append(label)
+        ids.append(str(header.get("ID", path.stem)))
+        images.append(image)
+        frames.append(str(header.get("FRAME", "")) or parse_image(image)[0])
+        mags.append(_header_float(header, "MAG"))
+        snrs.append(_header_float(header, "SNR"))
+    y_arr = np.asarray(y, dtype=np.int64)
+    for label, sub in ((1, "true"), (0, "false")):
+        if not (y_arr == label).any():
+            raise InputError(
+                f"training folder '{training_dir / sub}' has no usable cutout ({len(skipped)} skipped, see the "
+                "log): fix or remake the cutouts"
+            )
+    keep = np.arange(len(y_arr))
+    if frac_true is not None:
+        keep = _balance(y_arr, frac_true, np.random.default_rng(seed))
+    X = X[keep] if frac_true is not None else X[: len(y_arr)]
+    y_arr = y_arr[keep]
+    counts = {
+        "true": int(y_arr.sum()),
+        "false": int((y_arr == 0).sum()),
+        "skipped": len(skipped),
+        "dropped_by_balance": len(y) - len(keep),
+    }
+    meta = {
+        "cutout_size": size,
+        "stamp_size": int(X.shape[-1]),
+        "crop": crop,
+        "channels": channels,
+        "normalisation": NORMALISATION,
+        "counts": counts,
+        "frac_true": frac_true,
+        "seed": seed,
+        "source": str(training_dir),
+        "file_list_sha256": digest,
+        "skipped": skipped,
+        "rbflow_version": __version__,
+    }
+    with atomic_path(out_npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                X=X,
+                y=y_arr,
+                ids=np.asarray(ids, dtype=str)[keep],
+                image=np.asarray(images, dtype=str)[keep],
+                frame=np.asarray(frames, dtype=str)[keep],
+                mag=np.asarray(mags, dtype=np.float64)[keep],
+                snr=np.asarray(snrs, dtype=np.float64)[keep],
+                channels=np.asarray(channels, dtype=str),
+                meta=np.asarray(json.dumps(meta)),
+            )
+    log.info(
+        "datacube %s: %d true, %d false stamps of %s px (%d skipped, %d dropped by balancing)",
+        out_npz, counts["true"], counts["false"], X.shape[1:], counts["skipped"], counts["dropped_by_balance"],
+    )
+    return meta
+
+
+def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a datacube written by :func:`build_datacube` (no pickle).
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.npz`` file.
+
+    Returns
+    -------
+    dict
+        Arrays X, y, ids, image, frame, mag, snr, channels and ``meta`` parsed from JSON.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, or a key is missing.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            cube = {k: npz[k] for k in npz.files}
+        cube["meta"] = json.loads(str(cube["meta"]))
+    except FileNotFoundError as exc:
+        raise InputError(f"datacube '{path}' does not exist: run the convert stage first") from exc
+    except Exception as exc:
+        raise InputError(f"datacube '{path}' is not readable ({exc}): delete it and rerun the convert stage") from exc
+    missing = {"X", "y", "ids", "image", "frame", "mag", "snr", "channels"} - set(cube)
+    if missing:
+        raise InputError(f"datacube '{path}' lacks {sorted(missing)}: rerun the convert stage with this rbflow")
+    return cube
+
+
+def synthetic_stamps(
+    n: int, *, size: int = 31, fwhm: float = 3.0, frac_true: float = 0.5, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw SCI, REF, DIFF stamps of a known real/bogus problem, for tests and benchmarks.
+
+    Reals are a Gaussian PSF (S/N 5-60) in SCI and DIFF, on a faint host in SCI and REF half of the
+    time. Bogus stamps are, in equal parts, pure noise, a subtraction dipole of a star present in
+    SCI and REF, and a cosmic ray (one to three hot pixels in SCI and DIFF). Noise sigma is 1 (ADU)
+    around a sky of 100 (SCI, REF) or 0 (DIFF).
+
+    Parameters
+    ----------
+    n : int
+        Number of stamps.
+    size : int, optional
+        Stamp side (pixels, odd).
+    fwhm : float, optional
+        PSF FWHM (pixels).
+    frac_true : float, optional
+        Fraction of reals.
+    seed : int
+        Seed of everything random.
+
+    Returns
+    -------
+    X : numpy.ndarray
+        float32 ``(n, 3, size, size)`` raw stamps (channels SCI, REF, DIFF).
+    y : numpy.ndarray
+        int64 ``(n,)`` labels, 1 = real.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    sigma = fwhm / 2.3548
+
+    def blob(dx: np.ndarray, dy: np.ndarray, s: float = sigma) -> np.ndarray:
+        g = np.exp(-((xx - dx[:, None, None]) ** 2 + (yy - dy[:, None, None]) ** 2) / (2 * s**2))
+        return g / g.sum(axis=(1, 2), keepdims=True)
+
+    y = (rng.random(n) < frac_true).astype(np.int64)
+    X = rng.normal(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
+    X[:, :2] += 100.0
+    # a source of total flux F in a Gaussian PSF has S/N ~ F / (sqrt(4 pi) sigma) on unit noise
+    flux = rng.uniform(5, 60, n) * np.sqrt(4 * np.pi) * sigma
+    dx, dy = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    psf = blob(dx, dy)
+    host = blob(dx + rng.normal(0, 2, n), dy + rng.normal(0, 2, n), 3 * sigma) * (rng.random(n) < 0.5)[:, None, None]
+    host = host * rng.uniform(50, 400, n)[:, None, None]
+    kind = rng.integers(0, 3, n)
+    real = y == 1
+    X[real, 0] += (flux[:, None, None] * psf + host)[real]
+    X[real, 1] += host[real]
+    X[real, 2] += (flux[:, None, None] * psf)[real]
+    dipole = (~real) & (kind == 1)
+    shift = rng.uniform(0.5, 1.5, n) * np.sign(rng.normal(size=n))
+    star = 5 * flux[:, None, None] * psf
+    X[dipole, 0] += star[dipole]
+    X[dipole, 1] += star[dipole]
+    X[dipole, 2] += (star - 5 * flux[:, None, None] * blob(dx + shift, dy))[dipole]
+    cosmic = np.flatnonzero((~real) & (kind == 2))
+    for i in cosmic:
+        for _ in range(rng.integers(1, 4)):
+            r, c = (size // 2 + rng.integers(-2, 3, 2))
+            amp = rng.uniform(20, 200)
+            X[i, 0, r, c] += amp
+            X[i, 2, r, c] += amp
+    return X, y

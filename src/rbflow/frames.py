@@ -1,0 +1,240 @@
+"""Which frames a telescope has, how they pair with references, and their header facts.
+
+A *frame* is one science or reference image, named without extension (e.g. ``fld00_r_e1``).
+In the simulation path each science frame gives several *images*, one per injection
+realization, named ``{frame}_sim{k}``; in the observed path the image is the frame itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from astropy.io import fits
+
+from rbflow.errors import ConfigError, InputError
+
+__all__ = [
+    "FrameSpec",
+    "FrameInfo",
+    "frames_of",
+    "science_frames",
+    "reference_frames",
+    "image_name",
+    "parse_image",
+    "frame_info",
+    "RESOURCES",
+]
+
+#: Root folder of inputs; the demo writes its frames here.
+RESOURCES = Path("resources")
+
+_SIM = re.compile(r"^(?P<frame>.+)_sim(?P<realization>\d+)$")
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """One frame of a telescope.
+
+    Attributes
+    ----------
+    name : str
+        Frame id, unique within the telescope.
+    path : str
+        FITS file of the frame.
+    reference : str or None
+        Name of the reference frame to subtract (None for a reference itself).
+    filter : str or None
+        Filter, when known without reading the header.
+    field : str or None
+        Field id, when known.
+    """
+
+    name: str
+    path: str
+    reference: str | None
+    filter: str | None = None
+    field: str | None = None
+
+
+def _demo_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    sky = telescope["sky"]
+    root = RESOURCES / telescope["name"] / "frames"
+    frames: list[FrameSpec] = []
+    for f in range(sky["fields"]):
+        band = telescope["filters"][f % len(telescope["filters"])]
+        field = f"fld{f:02d}"
+        ref = f"{field}_{band}_ref"
+        frames.append(FrameSpec(ref, str(root / f"{ref}.fits"), None, band, field))
+        for e in range(1, sky["epochs"] + 1):
+            name = f"{field}_{band}_e{e}"
+            frames.append(FrameSpec(name, str(root / f"{name}.fits"), ref, band, field))
+    return frames
+
+
+def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    spec = telescope["frames"]
+    ref_path = Path(spec["reference"])
+    ref_name = ref_path.name.split(".fits")[0]
+    frames = [FrameSpec(ref_name, str(ref_path), None)]
+    seen = {ref_name}
+    for pattern in spec["science"]:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise ConfigError(
+                f"telescope '{telescope['name']}': key 'frames.science' entry {pattern!r} matches no file; "
+                "check the path (relative to the working directory)"
+            )
+        for m in matches:
+            name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(m).name.split(".fits")[0])
+            if name in seen or _SIM.match(name):
+                continue
+            seen.add(name)
+            frames.append(FrameSpec(name, m, ref_name))
+    return frames
+
+
+def frames_of(telescope: dict[str, Any]) -> list[FrameSpec]:
+    """List every frame (references first within a field) of a validated telescope config.
+
+    Parameters
+    ----------
+    telescope : dict
+        Output of :func:`rbflow.config.load_telescope`.
+
+    Returns
+    -------
+    list of FrameSpec
+    """
+    return _demo_frames(telescope) if "sky" in telescope else _real_frames(telescope)
+
+
+def science_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    """Frames that have a reference (the ones that are subtracted)."""
+    return [f for f in frames_of(telescope) if f.reference is not None]
+
+
+def reference_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    """Frames that serve as references."""
+    return [f for f in frames_of(telescope) if f.reference is None]
+
+
+def image_name(frame: str, realization: int | None) -> str:
+    """Name of the image made from ``frame``: itself (observed) or its injection realization."""
+    return frame if realization is None else f"{frame}_sim{realization}"
+
+
+def parse_image(image: str) -> tuple[str, int | None]:
+    """Inverse of :func:`image_name`: ``(frame, realization or None)``."""
+    m = _SIM.match(image)
+    return (m["frame"], int(m["realization"])) if m else (image, None)
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """Facts about one frame, from the telescope file or its header.
+
+    Attributes
+    ----------
+    gain : float
+        e-/ADU.
+    read_noise : float
+        e-.
+    saturation : float
+        ADU.
+    filter : str
+    exptime : float
+        s.
+    date : str
+        ISO date of the observation ('' when the header has none).
+    zeropoint : float
+        Magnitude that gives 1 ADU in this frame.
+    fwhm_guess : float or None
+        Seeing from the header (pixels), a first guess only.
+    """
+
+    gain: float
+    read_noise: float
+    saturation: float
+    filter: str
+    exptime: float
+    date: str
+    zeropoint: float
+    fwhm_guess: float | None
+
+
+def frame_info(header: fits.Header, telescope: dict[str, Any], *, path: str | Path = "?") -> FrameInfo:
+    """Collect a frame's facts: the telescope file wins, then the header key it names.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        The frame's header.
+    telescope : dict
+        Validated telescope configuration.
+    path : str or Path, optional
+        The frame's file, for messages.
+
+    Returns
+    -------
+    FrameInfo
+
+    Raises
+    ------
+    InputError
+        A fact is neither in the telescope file nor in the header, or has a wrong value.
+    """
+    keys = telescope["header"]
+    tname = telescope["name"]
+
+    def fact(name: str, unit: str) -> float:
+        value = telescope.get(name)
+        if value is None:
+            key = keys[name]
+            if key not in header:
+                raise InputError(
+                    f"frame '{path}': '{name}' ({unit}) is not set in telescope file '{tname}.yaml' "
+                    f"and header key '{key}' is missing; set '{name}' in the telescope file or "
+                    f"'header.{name}' to the key that holds it"
+                )
+            value = header[key]
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"frame '{path}': '{name}' = {value!r} is not a number ({unit})") from exc
+        return value
+
+    filt = str(header.get(keys["filter"], "")).strip()
+    if not filt:
+        filt = telescope["filters"][0] if len(telescope["filters"]) == 1 else ""
+    if not filt:
+        raise InputError(
+            f"frame '{path}': header key '{keys['filter']}' (filter) is missing; set 'header.filter' "
+            f"in telescope file '{tname}.yaml'"
+        )
+    zp = telescope["zeropoints"].get(filt)
+    if zp is None:
+        key = keys["zeropoint"]
+        if key not in header:
+            raise InputError(
+                f"frame '{path}': no zeropoint for filter {filt!r}: add 'zeropoints: {{{filt}: ...}}' to "
+                f"telescope file '{tname}.yaml' or give the frame a '{key}' header card (mag for 1 ADU)"
+            )
+        zp = header[key]
+    gain = fact("gain", "e-/ADU")
+    if gain <= 0:
+        raise InputError(f"frame '{path}': gain must be > 0 (e-/ADU), got {gain}")
+    fwhm = header.get(keys["fwhm"])
+    return FrameInfo(
+        gain=gain,
+        read_noise=fact("read_noise", "e-"),
+        saturation=fact("saturation", "ADU"),
+        filter=filt,
+        exptime=float(header.get(keys["exptime"], 0.0)),
+        date=str(header.get(keys["date"], "")),
+        zeropoint=float(zp),
+        fwhm_guess=float(fwhm) if isinstance(fwhm, (int, float)) and fwhm > 0 else None,
+    )

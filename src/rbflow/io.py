@@ -1,0 +1,228 @@
+"""Atomic file writing and validated reading of FITS images and ECSV tables.
+
+Conventions used throughout rbflow
+----------------------------------
+* Pixel coordinates are 0-based with the centre of the first pixel at (0, 0), as in numpy,
+  photutils and ``astropy.wcs.WCS.pixel_to_world``. ``x`` is the column, ``y`` the row.
+* Images are float32 in memory and on disk; invalid pixels are NaN.
+* Every write goes to a temporary file in the destination folder, then is renamed into place,
+  so a reader never sees half a file and a killed job leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, FITSFixedWarning
+
+from rbflow import __version__
+from rbflow.errors import InputError
+
+__all__ = [
+    "atomic_path",
+    "write_fits",
+    "write_table",
+    "read_table",
+    "read_image",
+    "Image",
+]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    Parameters
+    ----------
+    path : path-like
+        Final destination. Its parent folder is created if needed.
+
+    Yields
+    ------
+    pathlib.Path
+        Temporary file to write to. It is removed if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_fits(hdul: fits.HDUList | fits.PrimaryHDU, path: str | os.PathLike) -> None:
+    """Write a FITS HDU list atomically, stamping ``RBFLOWV`` into the primary header.
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList or PrimaryHDU
+        What to write.
+    path : path-like
+        Destination.
+    """
+    if isinstance(hdul, fits.PrimaryHDU):
+        hdul = fits.HDUList([hdul])
+    hdul[0].header["RBFLOWV"] = (__version__, "rbflow version that wrote this file")
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
+
+
+def write_table(table: Table, path: str | os.PathLike, *, format: str = "ascii.ecsv") -> None:
+    """Write an astropy Table atomically (ECSV by default), stamping the rbflow version in ``meta``.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Table to write. Its ``meta`` should say what made it.
+    path : path-like
+        Destination.
+    format : str, optional
+        Any astropy Table writer format.
+    """
+    table.meta.setdefault("rbflow_version", __version__)
+    with atomic_path(path) as tmp:
+        table.write(tmp, format=format, overwrite=True)
+
+
+def read_table(path: str | os.PathLike) -> Table:
+    """Read an ECSV table written by rbflow, with a clear error when it is missing or broken.
+
+    Parameters
+    ----------
+    path : path-like
+        ECSV file.
+
+    Returns
+    -------
+    astropy.table.Table
+
+    Raises
+    ------
+    InputError
+        The file is missing or not a readable ECSV table.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"table '{path}' does not exist: run the stage that makes it first")
+    try:
+        return Table.read(path, format="ascii.ecsv")
+    except Exception as exc:  # astropy raises many types for malformed tables
+        raise InputError(
+            f"table '{path}' is not a readable ECSV table ({exc}); delete it and rerun the stage that made it"
+        ) from exc
+
+
+class Image:
+    """A 2-D frame as rbflow uses it: float32 data (NaN = invalid), header and celestial WCS.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        2-D float32 array.
+    header : astropy.io.fits.Header
+        Header of the HDU the data came from.
+    wcs : astropy.wcs.WCS or None
+        Celestial WCS, or None when the frame has none.
+    path : pathlib.Path or None
+        File the image came from (for error messages).
+    """
+
+    def __init__(self, data: np.ndarray, header: fits.Header, wcs: WCS | None, path: Path | None = None):
+        self.data = data
+        self.header = header
+        self.wcs = wcs
+        self.path = path
+
+    def require_wcs(self) -> WCS:
+        """Return the WCS, or raise a clear error naming the file when there is none.
+
+        Raises
+        ------
+        InputError
+            The image has no celestial WCS.
+        """
+        if self.wcs is None:
+            raise InputError(
+                f"image '{self.path}' has no celestial WCS (CTYPE1/2, CRVAL, CRPIX, CD or CDELT): "
+                "solve its astrometry first (e.g. astrometry.net or SCAMP), or enable "
+                "'subtract.refine_astrometry' in the telescope file"
+            )
+        return self.wcs
+
+
+def read_image(path: str | os.PathLike, *, hdu: int | str | None = None) -> Image:
+    """Read a 2-D image from a FITS file with checks that name the file and the fix.
+
+    Parameters
+    ----------
+    path : path-like
+        FITS file.
+    hdu : int or str, optional
+        HDU index or EXTNAME. By default, the first HDU holding a 2-D image.
+
+    Returns
+    -------
+    Image
+        Data converted to float32 (integers and float64 accepted), header and WCS (or None).
+
+    Raises
+    ------
+    InputError
+        Missing or corrupt file, no 2-D image HDU, or all pixels non-finite or constant.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image '{path}' does not exist: check the frame paths in the telescope file")
+    try:
+        # read the bytes first: astropy leaves the file handle open when a truncated file fails to parse
+        with fits.open(io.BytesIO(path.read_bytes()), memmap=False) as hdul:
+            hdul.verify("silentfix")
+            if hdu is None:
+                chosen = next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2), None)
+            else:
+                chosen = hdul[hdu]
+            if chosen is None or chosen.data is None or chosen.data.ndim != 2:
+                raise InputError(
+                    f"image '{path}' has no 2-D image HDU"
+                    + (f" named {hdu!r}" if hdu is not None else "")
+                    + ": give the file holding the frame's pixels"
+                )
+            data = np.asarray(chosen.data, dtype=np.float32)
+            header = chosen.header.copy()
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"image '{path}' is not a readable FITS file ({type(exc).__name__}: {exc}); "
+            "it may be truncated: copy it again from the source"
+        ) from exc
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InputError(f"image '{path}' has no finite pixel (all NaN/inf): the frame is empty, remove it")
+    if np.ptp(data[finite]) == 0:
+        raise InputError(f"image '{path}' is constant ({data[finite][0]}): the frame holds no signal, remove it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as exc:
+            raise InputError(f"image '{path}' has a WCS that astropy cannot parse ({exc}): fix its header") from exc
+    wcs = wcs if wcs.has_celestial else None
+    return Image(data, header, wcs, path)

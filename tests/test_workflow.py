@@ -1,0 +1,83 @@
+"""Workflow tests: lint, dry run of the demo, config errors before any job, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+TINY = ["--configfile", str(REPO / "tests/data/config.test.yaml"), "--config", f"telescope_dir={REPO}/tests/data/telescopes"]
+
+
+def _workdir(tmp_path: Path) -> Path:
+    (tmp_path / "config").symlink_to(REPO / "config")
+    return tmp_path
+
+
+def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_lint_is_clean(tmp_path):
+    proc = _snakemake(["--lint"], _workdir(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dry_run_of_the_demo_plans_every_stage(tmp_path):
+    proc = _snakemake(["-n", "--quiet", "rules"], _workdir(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    # 4 fields x (1 reference + 3 epochs) frames, 12 science frames x 3 realizations
+    for rule, count in [("sky_frame", 16), ("psf", 16), ("inject", 36), ("subtract", 48), ("train_model", 1)]:
+        assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), (rule, out[-2000:])
+
+
+def test_target_rules_are_listed_with_docstrings(tmp_path):
+    proc = _snakemake(["--list-target-rules"], _workdir(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for target in ["all", "apply", "sim", "run", "cutouts", "checksim", "convert", "train", "infer"]:
+        assert any(line.startswith(f"{target} (") for line in proc.stdout.splitlines()), target
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    work = _workdir(tmp_path)
+    proc = _snakemake(["-n", "--config", "train={'epoch': 3}"], work)
+    assert proc.returncode != 0
+    assert "unknown key(s) 'epoch' at train" in proc.stdout + proc.stderr
+    proc = _snakemake(["-n", "--config", "telescopes=['nosuch']"], work)
+    assert proc.returncode != 0
+    assert "'nosuch' but 'config/telescopes/nosuch.yaml' does not exist" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
+@pytest.mark.workflow
+def test_tiny_workflow_end_to_end(tmp_path):
+    work = _workdir(tmp_path)
+    proc = _snakemake(["--cores", "2", *TINY], work, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = work / "results" / "tiny"
+    frames = sorted(p.stem for p in (work / "resources/tiny/frames").glob("*.fits"))
+    assert frames == ["fld00_r_e1", "fld00_r_e2", "fld00_r_ref", "fld01_g_e1", "fld01_g_e2", "fld01_g_ref"]
+    assert len(list((res / "psf").glob("*.fits"))) == 6
+    # every injected image went through the training path
+    for image in ["fld00_r_e1_sim0", "fld01_g_e2_sim0"]:
+        injected = Table.read(res / "sim/inject" / f"{image}.ecsv")
+        assert len(injected) == 25
+        cands = Table.read(res / "sim/detect" / f"{image}.ecsv")
+        assert len(cands) > 0
+        assert (res / "sim/cutouts" / image / f"{cands['id'][0]}.fits").exists()
+    assert len(list((res / "training/true").glob("*.fits"))) > 20
+    assert len(list((res / "training/false").glob("*.fits"))) > 0
+    cube = np.load(res / "training/datacube.npz")
+    assert cube["X"].ndim == 4 and cube["X"].shape[1] == 3
+    for name in ["model.pt", "model.json", "model.onnx", "history.ecsv", "metrics.json"]:
+        assert (res / "model" / name).exists(), name
+    inferred = Table.read(res / "obs/infer/fld00_r_e1.ecsv")
+    assert {"id", "label0", "label1"} <= set(inferred.colnames)
+    np.testing.assert_allclose(inferred["label0"] + inferred["label1"], 1.0, rtol=1e-6)

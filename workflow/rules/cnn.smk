@@ -1,0 +1,76 @@
+# Datacube, CNN training and inference (the older tool's cnn_convert, cnn_train, cnn_infer).
+
+
+rule datacube:
+    """Build the normalised datacube (.npz) from the labelled cutout folders true/ and false/."""
+    input:
+        labels="results/{telescope}/training/labels.ecsv",
+    output:
+        "results/{telescope}/training/datacube.npz",
+    params:
+        convert=config["convert"],
+        seed=config["seed"],
+        relabelled=relabel_digest,
+    log:
+        "logs/{telescope}/training/convert.log",
+    benchmark:
+        "benchmarks/{telescope}/training/convert.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/convert.py"
+
+
+rule train_model:
+    """Train the CNN (grouped-by-frame split, augmentation, early stopping, calibration)."""
+    input:
+        "results/{telescope}/training/datacube.npz",
+    output:
+        model="results/{telescope}/model/model.pt",
+        meta="results/{telescope}/model/model.json",
+        onnx="results/{telescope}/model/model.onnx",
+        history="results/{telescope}/model/history.ecsv",
+        metrics="results/{telescope}/model/metrics.json",
+    params:
+        train=config["train"],
+        seed=config["seed"],
+        checkpoint_dir="results/{telescope}/checkpoints",
+    log:
+        "logs/{telescope}/model/train.log",
+    benchmark:
+        "benchmarks/{telescope}/model/train.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/train.py"
+
+
+rule infer_image:
+    """P(real) of every candidate of one observed image; the candidates kept at the threshold."""
+    input:
+        cutouts="results/{telescope}/{mode}/cutouts/{image}",
+        model="results/{telescope}/model/model.pt",
+    output:
+        table="results/{telescope}/{mode}/infer/{image}.ecsv",
+        compat="results/{telescope}/{mode}/infer/{image}.dat",
+        kept="results/{telescope}/{mode}/infer/{image}_kept.ecsv",
+    params:
+        threshold=config["infer"]["threshold"],
+    log:
+        "logs/{telescope}/{mode}/infer/{image}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/infer.py"

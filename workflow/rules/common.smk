@@ -1,0 +1,173 @@
+# Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
+import json
+from pathlib import Path
+
+from rbflow import __version__ as RBFLOW_VERSION
+from rbflow.config import load_config
+from rbflow.errors import RbflowError
+from rbflow.frames import frames_of, image_name, parse_image
+
+try:
+    load_config(config)
+except RbflowError as _exc:
+    raise WorkflowError(str(_exc)) from None
+
+TELESCOPES = config["_telescopes"]
+SKY_TELESCOPES = [name for name, tel in TELESCOPES.items() if "sky" in tel]
+FRAMES = {name: {f.name: f for f in frames_of(tel)} for name, tel in TELESCOPES.items()}
+
+# Keys every stage may need (instrument facts); stage blocks are added per rule, so that editing
+# one stage's settings reruns only that stage.
+_INSTRUMENT_KEYS = ("name", "pixel_scale", "gain", "read_noise", "saturation", "filters", "zeropoints", "header")
+
+_name = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+
+wildcard_constraints:
+    telescope=_name,
+    frame=_name,
+    image=_name,
+    realization=r"\d+",
+    mode=r"sim|obs",
+
+
+def telescope_block(*blocks):
+    """Input function factory: the telescope's instrument facts plus the named stage blocks."""
+
+    def block(wildcards):
+        tel = TELESCOPES[wildcards.telescope]
+        out = {k: tel[k] for k in _INSTRUMENT_KEYS}
+        out.update({b: tel[b] for b in blocks})
+        return out
+
+    return block
+
+
+def stage_block(name):
+    """Input function factory: one stage block of the telescope file (e.g. `cutout`)."""
+
+    def block(wildcards):
+        return TELESCOPES[wildcards.telescope][name]
+
+    return block
+
+
+def sky_of(wildcards):
+    """The `sky` block (and instrument facts) of a synthetic telescope."""
+    tel = TELESCOPES[wildcards.telescope]
+    return {**{k: tel[k] for k in _INSTRUMENT_KEYS}, "sky": tel["sky"]}
+
+
+def frame_spec(wildcards, frame=None):
+    """FrameSpec of `frame` (default: the `frame` wildcard, or the frame of the `image` wildcard)."""
+    if frame is None:
+        frame = wildcards.frame if "frame" in wildcards.keys() else parse_image(wildcards.image)[0]
+    try:
+        return FRAMES[wildcards.telescope][frame]
+    except KeyError:
+        raise WorkflowError(
+            f"telescope '{wildcards.telescope}' has no frame '{frame}'; known frames: "
+            + ", ".join(sorted(FRAMES[wildcards.telescope]))
+        ) from None
+
+
+def frame_path(wildcards):
+    """Path of the frame named by the `frame` wildcard."""
+    return frame_spec(wildcards).path
+
+
+def seed_of(*parts):
+    """Input function factory: a seed derived from the global seed, the wildcards and `parts`."""
+    from rbflow.seeds import derive
+
+    def seed(wildcards):
+        return derive(config["seed"], *(wildcards[k] for k in sorted(wildcards.keys())), *parts)
+
+    return seed
+
+
+def science_input(wildcards):
+    """The frame to subtract: the injected realization (sim) or the frame as observed (obs)."""
+    frame, realization = parse_image(wildcards.image)
+    if wildcards.mode == "sim":
+        if realization is None:
+            raise WorkflowError(f"image '{wildcards.image}' in mode sim must be named <frame>_sim<k>")
+        return f"results/{wildcards.telescope}/sim/inject/{wildcards.image}.fits"
+    return frame_spec(wildcards, frame).path
+
+
+def subtract_inputs(wildcards):
+    """Science, reference and both PSF models for the `subtract` rule."""
+    spec = frame_spec(wildcards)
+    if spec.reference is None:
+        raise WorkflowError(f"frame '{spec.name}' is a reference: it is not subtracted")
+    ref = frame_spec(wildcards, spec.reference)
+    return {
+        "sci": science_input(wildcards),
+        "ref": ref.path,
+        "sci_psf": f"results/{wildcards.telescope}/psf/{spec.name}.fits",
+        "ref_psf": f"results/{wildcards.telescope}/psf/{ref.name}.fits",
+    }
+
+
+def sci_psf_of(wildcards):
+    """PSF model of the science frame behind an image."""
+    return f"results/{wildcards.telescope}/psf/{parse_image(wildcards.image)[0]}.fits"
+
+
+def sim_images(telescope):
+    """Every injection realization image of every science frame of a telescope."""
+    n = TELESCOPES[telescope]["inject"]["realizations"]
+    return [
+        image_name(f.name, k)
+        for f in FRAMES[telescope].values()
+        if f.reference is not None
+        for k in range(n)
+    ]
+
+
+def obs_images(telescope):
+    """Every science frame of a telescope, as observed."""
+    return [f.name for f in FRAMES[telescope].values() if f.reference is not None]
+
+
+def images_of(telescope, mode):
+    """Images of a telescope in a mode (sim or obs)."""
+    return sim_images(telescope) if mode == "sim" else obs_images(telescope)
+
+
+def per_image(pattern, mode, telescopes=None):
+    """Expand `pattern` (with {telescope}, {mode}, {image}) over telescopes and their images."""
+    out = []
+    for tel in telescopes or TELESCOPES:
+        out += expand(pattern, telescope=tel, mode=mode, image=images_of(tel, mode))
+    return out
+
+
+def catalogues_of(wildcards):
+    """Catalogues of known real variables/transients configured for the telescope."""
+    return TELESCOPES[wildcards.telescope]["crossmatch"]["catalogues"]
+
+
+def labels_inputs(wildcards):
+    """Per-image labels and cutout folders of every injected image of a telescope."""
+    return {
+        "labels": per_image("results/{telescope}/sim/crossmatch/{image}.labels.ecsv", "sim", [wildcards.telescope]),
+        "cutouts": per_image("results/{telescope}/sim/cutouts/{image}", "sim", [wildcards.telescope]),
+    }
+
+
+def relabel_digest(wildcards):
+    """Digest of the moves a person made between training/true and training/false since labelling.
+
+    Snakemake does not see files moved inside folders. This parameter compares the folders with the
+    placement recorded in `labels.ecsv` by the label rule: it is 'auto' when nothing moved, and
+    changes (so the datacube is rebuilt) whenever a person relabels a cutout by moving it.
+    """
+    from rbflow.crossmatch import relabel_digest as digest
+
+    return digest(f"results/{wildcards.telescope}/training")
+
+
+def per_image_crossmatch(wildcards):
+    """Crossmatch tables of every injected image of a telescope."""
+    return per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [wildcards.telescope])

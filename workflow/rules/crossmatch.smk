@@ -1,0 +1,61 @@
+# Truth matching of candidates, labelled folders and injection-recovery plots (the older tool's `checksim`).
+
+
+rule crossmatch:
+    """Match one image's candidates with its injected sources and the catalogues of known variables."""
+    input:
+        candidates="results/{telescope}/sim/detect/{image}.ecsv",
+        injected="results/{telescope}/sim/inject/{image}.ecsv",
+        catalogues=catalogues_of,
+    output:
+        table="results/{telescope}/sim/crossmatch/{image}.ecsv",
+        compat="results/{telescope}/sim/crossmatch/{image}.dat",
+        labels="results/{telescope}/sim/crossmatch/{image}.labels.ecsv",
+    params:
+        crossmatch=stage_block("crossmatch"),
+    log:
+        "logs/{telescope}/sim/crossmatch/{image}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/crossmatch.py"
+
+
+rule label:
+    """Sort every injected image's cutouts into training/true, false (and unsorted) folders."""
+    input:
+        unpack(labels_inputs),
+    output:
+        "results/{telescope}/training/labels.ecsv",
+    log:
+        "logs/{telescope}/training/label.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=15,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/label.py"
+
+
+rule checksim_plots:
+    """Injection recovery: magnitude histograms, completeness vs magnitude, photometry residuals."""
+    input:
+        per_image_crossmatch,
+    output:
+        summary="results/{telescope}/plots/checksim/summary.json",
+    log:
+        "logs/{telescope}/plots/checksim.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/checksim.py"

@@ -1,0 +1,27 @@
+# Injection of simulated point sources (the older tool's `sim`), one job per frame and realization.
+
+
+rule inject:
+    """Inject point sources of known magnitude with the frame's PSF model (one realization)."""
+    input:
+        frame=frame_path,
+        psf="results/{telescope}/psf/{frame}.fits",
+    output:
+        fits="results/{telescope}/sim/inject/{frame}_sim{realization}.fits",
+        table="results/{telescope}/sim/inject/{frame}_sim{realization}.ecsv",
+        compat="results/{telescope}/sim/inject/{frame}_sim{realization}.list",
+    params:
+        telescope=telescope_block("inject", "cutout"),
+        seed=seed_of("inject"),
+    log:
+        "logs/{telescope}/inject/{frame}_sim{realization}.log",
+    benchmark:
+        "benchmarks/{telescope}/inject/{frame}_sim{realization}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/inject.py"

@@ -1,0 +1,24 @@
+# PSF model of every frame (science and reference): an ePSF per sub-image, varying across the frame.
+
+
+rule psf:
+    """Estimate the PSF of one frame (ePSF grid over sub-images) and draw it."""
+    input:
+        frame=frame_path,
+    output:
+        psf="results/{telescope}/psf/{frame}.fits",
+        png="results/{telescope}/psf/{frame}.png",
+    params:
+        telescope=telescope_block("psf"),
+    log:
+        "logs/{telescope}/psf/{frame}.log",
+    benchmark:
+        "benchmarks/{telescope}/psf/{frame}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/psf.py"

@@ -1,0 +1,44 @@
+# Alignment + ZOGY subtraction and candidate detection (the older tool's `run`).
+
+
+rule subtract:
+    """Align the reference to the science frame, PSF-match and subtract (ZOGY): D, S_corr, variance."""
+    input:
+        unpack(subtract_inputs),
+    output:
+        "results/{telescope}/{mode}/subtract/{image}.fits",
+    params:
+        telescope=telescope_block("subtract"),
+    log:
+        "logs/{telescope}/{mode}/subtract/{image}.log",
+    benchmark:
+        "benchmarks/{telescope}/{mode}/subtract/{image}.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/subtract.py"
+
+
+rule detect:
+    """Detect and measure candidates on the score image of one difference image."""
+    input:
+        diff="results/{telescope}/{mode}/subtract/{image}.fits",
+        psf=sci_psf_of,
+    output:
+        "results/{telescope}/{mode}/detect/{image}.ecsv",
+    params:
+        telescope=telescope_block("detect", "cutout"),
+    log:
+        "logs/{telescope}/{mode}/detect/{image}.log",
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/detect.py"

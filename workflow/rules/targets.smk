@@ -1,0 +1,64 @@
+# Named targets, one per command of the older tool (see README), plus `all` and `apply`.
+
+
+rule sim:
+    """gmadet-sim: PSF models of every frame and injected point sources (all realizations)."""
+    input:
+        [per_image(p, "sim") for p in (
+            "results/{telescope}/sim/inject/{image}.fits",
+            "results/{telescope}/sim/inject/{image}.ecsv",
+        )],
+
+
+rule run:
+    """gmadet-run: subtraction and detection of every injected and observed image."""
+    input:
+        per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "sim"),
+        per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "obs"),
+
+
+rule cutouts:
+    """gmadet-cutouts: stamps of every candidate, injected and observed images."""
+    input:
+        per_image("results/{telescope}/{mode}/cutouts/{image}", "sim"),
+        per_image("results/{telescope}/{mode}/cutouts/{image}", "obs"),
+
+
+rule checksim:
+    """gmadet-checksim: crossmatch with the injected sources, labelled folders, recovery plots."""
+    input:
+        expand("results/{telescope}/training/labels.ecsv", telescope=TELESCOPES),
+        expand("results/{telescope}/plots/checksim/summary.json", telescope=TELESCOPES),
+
+
+rule convert:
+    """gmadet-cnn_convert: the datacube of labelled stamps."""
+    input:
+        expand("results/{telescope}/training/datacube.npz", telescope=TELESCOPES),
+
+
+rule train:
+    """gmadet-cnn_train: the trained CNN with its diagnostics."""
+    input:
+        expand("results/{telescope}/model/model.pt", telescope=TELESCOPES),
+
+
+rule infer:
+    """gmadet-cnn_infer: P(real) for every candidate of every observed image."""
+    input:
+        per_image("results/{telescope}/{mode}/infer/{image}.ecsv", "obs"),
+
+
+rule apply:
+    """The apply path only: subtract, detect, cut out and classify the observed frames with the trained model."""
+    input:
+        rules.infer.input,
+
+
+rule all:
+    """Everything on the configured telescopes: sky, training path, model, apply path and plots."""
+    default_target: True
+    input:
+        rules.checksim.input,
+        rules.train.input,
+        rules.infer.input,
