@@ -27,12 +27,14 @@ from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.io import atomic_path, read_table, write_table
 
-__all__ = ["efficiency", "fit_logistic", "logistic", "limiting_mag", "run_checksim"]
+__all__ = ["efficiency", "fit_logistic", "logistic", "limiting_mag", "frame_limits", "run_checksim"]
 
 log = logging.getLogger(__name__)
 
 #: Gaussian sigma per unit FWHM (FWHM = 2 sqrt(2 ln 2) sigma).
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Columns run_checksim needs in each crossmatch table.
+_COLUMNS = ("mag", "detected", "mag_meas", "snr")
 
 
 def logistic(mag: np.ndarray | float, m50: float, width: float) -> np.ndarray:
@@ -77,8 +79,9 @@ def efficiency(mags: np.ndarray, detected: np.ndarray, bins: np.ndarray) -> Tabl
             "n": n.astype(np.int64),
             "n_det": k.astype(np.int64),
             "eff": p,
-            "eff_lo": np.clip(lo, 0.0, 1.0),
-            "eff_hi": np.clip(hi, 0.0, 1.0),
+            # The Wilson interval contains p; min/max only remove rounding at p = 0 or 1.
+            "eff_lo": np.clip(np.fmin(lo, p), 0.0, 1.0),
+            "eff_hi": np.clip(np.fmax(hi, p), 0.0, 1.0),
         }
     )
 
@@ -162,6 +165,41 @@ def limiting_mag(psf_fwhm_px: float, sky_sigma_adu: float, zeropoint: float) -> 
     return -2.5 * math.log10(5.0 * noise) + zeropoint
 
 
+def frame_limits(
+    crossmatch_paths: Sequence[str | os.PathLike], subtract_paths: Sequence[str | os.PathLike]
+) -> dict[str, float]:
+    """Median theoretical 5-sigma limiting magnitude per band of a set of difference images.
+
+    For each image, the noise is the median of ``sqrt(VAR)`` of its subtraction file (the noise the
+    detection sees), the FWHM and zeropoint are the medians of the injected sources' ``psf_fwhm``
+    and ``zeropoint``; see :func:`limiting_mag`.
+
+    Parameters
+    ----------
+    crossmatch_paths, subtract_paths : sequences of path-like
+        Per-injected-source crossmatch tables and the matching subtraction MEFs, in the same order.
+
+    Returns
+    -------
+    dict of str to float
+        Band -> median limiting magnitude over its images (mag).
+    """
+    from astropy.io import fits
+
+    per_band: dict[str, list[float]] = {}
+    for cm_path, sub_path in zip(crossmatch_paths, subtract_paths, strict=True):
+        table = read_table(cm_path)
+        if len(table) == 0:
+            continue
+        with fits.open(sub_path, memmap=True) as hdul:
+            var = np.asarray(hdul["VAR"].data)
+            sigma = float(np.sqrt(np.nanmedian(var[np.isfinite(var) & (var > 0)])))
+        band = str(table["filter"][0]) if "filter" in table.colnames else "all"
+        mag = limiting_mag(float(np.nanmedian(table["psf_fwhm"])), sigma, float(np.nanmedian(table["zeropoint"])))
+        per_band.setdefault(band, []).append(mag)
+    return {band: float(np.median(mags)) for band, mags in per_band.items()}
+
+
 def _bins(mags: np.ndarray) -> np.ndarray:
     """Magnitude bin edges: 0.25 mag with many sources, else 0.5 mag, aligned on multiples."""
     step = 0.25 if len(mags) >= 400 else 0.5
@@ -203,6 +241,7 @@ def run_checksim(
     out_dir: str | os.PathLike,
     *,
     limiting: dict[str, float] | None = None,
+    subtract_paths: Sequence[str | os.PathLike] | None = None,
 ) -> dict:
     """Efficiency statistics and plots of the injection-recovery test.
 
@@ -216,6 +255,9 @@ def run_checksim(
         ``snr_mag.png``, ``efficiency.ecsv`` and ``summary.json``.
     limiting : dict of str to float, optional
         5-sigma limiting magnitude per band (see :func:`limiting_mag`), drawn on the efficiency plot.
+    subtract_paths : sequence of path-like, optional
+        Subtraction MEFs matching ``crossmatch_paths``; when given (and ``limiting`` is not), the
+        limits are computed from them with :func:`frame_limits`.
 
     Returns
     -------
@@ -229,17 +271,22 @@ def run_checksim(
         A table is missing, unreadable or lacks the needed columns.
     """
     out_dir = Path(out_dir)
+    if limiting is None and subtract_paths is not None:
+        limiting = frame_limits(crossmatch_paths, subtract_paths)
     limiting = limiting or {}
     tables = []
     for path in crossmatch_paths:
         table = read_table(path)
-        missing = [c for c in ("mag", "detected", "mag_meas", "snr") if c not in table.colnames]
+        missing = [c for c in _COLUMNS if c not in table.colnames]
         if missing:
-            raise InputError(f"crossmatch table '{path}' lacks column(s) {', '.join(missing)}: rerun the crossmatch stage")
-        tables.append(table[[c for c in ("mag", "detected", "mag_meas", "snr", "filter") if c in table.colnames]])
-    data = vstack(tables, metadata_conflicts="silent") if tables else Table(
-        {"mag": np.array([], float), "detected": np.array([], bool), "mag_meas": np.array([], float), "snr": np.array([], float)}
-    )
+            raise InputError(
+                f"crossmatch table '{path}' lacks column(s) {', '.join(missing)}: rerun the crossmatch stage"
+            )
+        tables.append(table[[c for c in (*_COLUMNS, "filter") if c in table.colnames]])
+    if tables:
+        data = vstack(tables, metadata_conflicts="silent")
+    else:
+        data = Table({c: np.array([], dtype=bool if c == "detected" else float) for c in _COLUMNS})
     if "filter" not in data.colnames:
         data["filter"] = np.full(len(data), "-", dtype="U1")
     if len(data) == 0:
@@ -357,7 +404,9 @@ def _plot_bias(
     _save(fig, path)
 
 
-def _plot_snr(mag: np.ndarray, snr: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], path: Path) -> None:
+def _plot_snr(
+    mag: np.ndarray, snr: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], path: Path
+) -> None:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     for k, b in enumerate(bands, start=1):

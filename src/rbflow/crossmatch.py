@@ -9,12 +9,13 @@ within the radius of an injected source is 'unsorted'.
 
 :func:`label_cutouts` links the cutout files into ``training/{true,false,unsorted}/``. The
 folder is the label: a person may move files between these folders, and a later run never
-moves them back. :func:`folder_digest` summarises the true/false listing so that the workflow
-rebuilds the datacube when a file is moved.
+moves them back. :func:`relabel_digest` summarises the moves made since the last labelling, so that the
+workflow rebuilds the datacube when a file is moved.
 """
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ __all__ = [
     "run_crossmatch",
     "write_dat",
     "label_cutouts",
-    "folder_digest",
+    "relabel_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _xy(table: Table) -> np.ndarray:
 
 def _pixel_scale(*tables: Table) -> float:
     """Pixel scale (arcsec/px) from the (x, y) <-> (ra, dec) pairs of the given tables (affine fit)."""
-    rows = [t for t in tables if len(t)]
+    rows = [t for t in tables if len(t) and {"ra", "dec"} <= set(t.colnames)]
     if not rows:
         return float("nan")
     x = np.concatenate([np.asarray(t["x"], dtype=float) for t in rows])
@@ -84,8 +85,11 @@ def _catalogue_matches(
     ra = np.concatenate([np.asarray(c["ra"], dtype=float) for c in cats])
     dec = np.concatenate([np.asarray(c["dec"], dtype=float) for c in cats])
     if wcs is not None:
-        cx, cy = wcs.world_to_pixel_values(ra, dec)
-        dist, _ = cKDTree(np.column_stack([cx, cy])).query(_xy(candidates))
+        cxy = np.column_stack(wcs.world_to_pixel_values(ra, dec))
+        cxy = cxy[np.all(np.isfinite(cxy), axis=1)]  # sources behind the tangent plane have no pixel
+        if len(cxy) == 0:
+            return hit, sep
+        dist, _ = cKDTree(cxy).query(_xy(candidates))
     else:
         scale = _pixel_scale(candidates, injected)
         if not np.isfinite(scale) or scale <= 0:
@@ -412,7 +416,11 @@ def run_crossmatch(
     labels["label"][unmatched] = label_unmatched
     for table in (per, labels):
         table.meta.update(
-            {"candidates": str(candidates_path), "injected": str(injected_path), "catalogues": list(map(str, catalogues))}
+            {
+                "candidates": str(candidates_path),
+                "injected": str(injected_path),
+                "catalogues": list(map(str, catalogues)),
+            }
         )
     labels.meta["label_unmatched"] = label_unmatched
     write_table(per, out_table)
@@ -431,6 +439,17 @@ def _link(src: Path, dst: Path) -> str:
         return "copied"
 
 
+def _refresh(src: Path, dst: Path) -> bool:
+    """Replace ``dst`` by ``src`` in place when their contents differ (a rerun of the cutouts stage)."""
+    if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
+        return False
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _link(src, tmp)
+    os.replace(tmp, dst)
+    return True
+
+
 def label_cutouts(
     labels_paths: Sequence[str | os.PathLike],
     cutout_dirs: Sequence[str | os.PathLike],
@@ -439,7 +458,9 @@ def label_cutouts(
     """Put every labelled cutout (FITS and PNG) into ``training_dir/{true,false,unsorted}/``.
 
     A file whose name already exists in any of the three folders stays where it is: a person may
-    have moved it, and that choice wins over the automatic label.
+    have moved it, and that choice wins over the automatic label. Its content is refreshed in
+    place when the cutout was rewritten since (e.g. a new stamp size), so the folder keeps the
+    label and the file stays current.
 
     Parameters
     ----------
@@ -453,8 +474,8 @@ def label_cutouts(
     Returns
     -------
     astropy.table.Table
-        id, label_auto, label_folder (where the FITS file now is) and action ('linked', 'copied'
-        or 'kept').
+        id, label_auto, label_folder (where the FITS file now is), action ('linked', 'copied'
+        or 'kept') and refreshed (a kept file's content was updated from the cutout folder).
 
     Raises
     ------
@@ -473,7 +494,7 @@ def label_cutouts(
         folder.mkdir(parents=True, exist_ok=True)
     present = {lab: {p.name for p in folder.iterdir()} for lab, folder in folders.items()}
 
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, bool]] = []
     unlabelled = 0
     for cdir in map(Path, cutout_dirs):
         manifest = read_table(cdir / MANIFEST)
@@ -484,22 +505,24 @@ def label_cutouts(
                 continue
             if lab not in folders:
                 raise InputError(f"label {lab!r} of candidate {cand_id} is not one of {', '.join(LABELS)}")
+            png = Path(fname).with_suffix(".png").name
             where = next((f for f in LABELS if fname in present[f]), None)
             if where is not None:
-                rows.append((cand_id, lab, where, "kept"))
+                refreshed = _refresh(cdir / fname, folders[where] / fname)
+                if (cdir / png).exists() and (folders[where] / png).exists():
+                    _refresh(cdir / png, folders[where] / png)
+                rows.append((cand_id, lab, where, "kept", refreshed))
                 continue
             done = _link(cdir / fname, folders[lab] / fname)
-            png = Path(fname).with_suffix(".png").name
             if (cdir / png).exists() and not any(png in present[f] for f in LABELS):
                 _link(cdir / png, folders[lab] / png)
-            rows.append((cand_id, lab, lab, done))
+            rows.append((cand_id, lab, lab, done, False))
     if unlabelled:
         log.warning("%d cutouts have no label in the given label tables and were not placed", unlabelled)
-    names = ("id", "label_auto", "label_folder", "action")
     out = Table(
         rows=rows or None,
-        names=names,
-        dtype=[str] * len(names),
+        names=("id", "label_auto", "label_folder", "action", "refreshed"),
+        dtype=[str, str, str, str, bool],
         meta={"made_by": f"rbflow.crossmatch.label_cutouts {__version__}", "training_dir": str(training_dir)},
     )
     if not rows:
@@ -516,25 +539,43 @@ def label_cutouts(
     return out
 
 
-def folder_digest(training_dir: str | os.PathLike) -> str:
-    """SHA-256 of the sorted (folder, file name) listing of ``true/`` and ``false/``.
+def relabel_digest(training_dir: str | os.PathLike) -> str:
+    """Summarise the moves a person made between ``true/`` and ``false/`` since the last labelling.
+
+    Snakemake does not see files moved inside folders; the workflow passes this value as a
+    parameter of the datacube rule, so a move reruns it, while a fresh labelling does not.
 
     Parameters
     ----------
     training_dir : path-like
-        Training folder (missing label folders count as empty).
+        Training folder holding ``labels.ecsv`` (written by :func:`label_cutouts`) and the label
+        folders.
 
     Returns
     -------
     str
-        Hex digest; it changes when a file is added, removed or moved between the folders.
+        ``"auto"`` when the FITS files of ``true/`` and ``false/`` are exactly where the last
+        labelling put them (or nothing was labelled yet); otherwise ``"moved:"`` and a SHA-256 of
+        the sorted differences, which changes with every further move.
     """
     training_dir = Path(training_dir)
-    listing = sorted(
+    labels_path = training_dir / "labels.ecsv"
+    if not labels_path.exists():
+        return "auto"
+    placed = read_table(labels_path)
+    expected = {
+        (str(folder), f"{cand_id}.fits")
+        for cand_id, folder in zip(placed["id"], placed["label_folder"])
+        if folder in ("true", "false")
+    }
+    current = {
         (lab, p.name)
         for lab in ("true", "false")
         if (training_dir / lab).is_dir()
-        for p in (training_dir / lab).iterdir()
+        for p in (training_dir / lab).glob("*.fits")
         if not p.name.startswith(".")
-    )
-    return hashlib.sha256("".join(f"{lab}/{name}\n" for lab, name in listing).encode()).hexdigest()
+    }
+    moves = sorted(expected ^ current)
+    if not moves:
+        return "auto"
+    return "moved:" + hashlib.sha256("".join(f"{lab}/{name}\n" for lab, name in moves).encode()).hexdigest()

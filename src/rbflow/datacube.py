@@ -318,11 +318,17 @@ def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def synthetic_stamps(
-    n: int, *, size: int = 31, fwhm: float = 3.0, frac_true: float = 0.5, seed: int
+    n: int,
+    *,
+    size: int = 31,
+    fwhm: float = 3.0,
+    frac_true: float = 0.5,
+    snr: tuple[float, float] = (5.0, 60.0),
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw SCI, REF, DIFF stamps of a known real/bogus problem, for tests and benchmarks.
 
-    Reals are a Gaussian PSF (S/N 5-60) in SCI and DIFF, on a faint host in SCI and REF half of the
+    Reals are a Gaussian PSF (S/N uniform in ``snr``) in SCI and DIFF, on a faint host in SCI and REF half of the
     time. Bogus stamps are, in equal parts, pure noise, a subtraction dipole of a star present in
     SCI and REF, and a cosmic ray (one to three hot pixels in SCI and DIFF). Noise sigma is 1 (ADU)
     around a sky of 100 (SCI, REF) or 0 (DIFF).
@@ -337,6 +343,8 @@ def synthetic_stamps(
         PSF FWHM (pixels).
     frac_true : float, optional
         Fraction of reals.
+    snr : tuple of float, optional
+        Range of the reals' S/N (the dipoles and cosmic rays scale with it too).
     seed : int
         Seed of everything random.
 
@@ -359,7 +367,7 @@ def synthetic_stamps(
     X = rng.normal(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
     X[:, :2] += 100.0
     # a source of total flux F in a Gaussian PSF has S/N ~ F / (sqrt(4 pi) sigma) on unit noise
-    flux = rng.uniform(5, 60, n) * np.sqrt(4 * np.pi) * sigma
+    flux = rng.uniform(*snr, n) * np.sqrt(4 * np.pi) * sigma
     dx, dy = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
     psf = blob(dx, dy)
     host = blob(dx + rng.normal(0, 2, n), dy + rng.normal(0, 2, n), 3 * sigma) * (rng.random(n) < 0.5)[:, None, None]

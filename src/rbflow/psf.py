@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
-from scipy.sparse.linalg import spsolve
+from scipy.sparse.linalg import LinearOperator, cg, splu
 from scipy.spatial import cKDTree
 
 from rbflow.errors import InputError
@@ -60,6 +60,9 @@ _MARGIN = 2  # oversampled nodes beyond the stamp half-size (room for sub-pixel 
 _MOFFAT_BETA = 2.5  # Moffat index of the analytic fallback (typical seeing-limited wings)
 _FIT_ITERATIONS = 3
 _CLIP_SIGMA = 5.0
+_CG_RTOL = 1e-4  # relative residual of the conjugate-gradient ePSF solve
+_CG_MAXITER = 100
+_N_TERMS = (1, 3, 6)  # polynomial terms of degree 0, 1, 2 in (x, y)
 _SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
 
 
@@ -119,12 +122,15 @@ def _fwhm_of(epsf: np.ndarray, oversampling: int) -> float:
     return float(2 * np.sqrt(area / np.pi))
 
 
+def _native_sum(epsf: np.ndarray, oversampling: int) -> float:
+    """Sum of the centred native-pixel stamp of an ePSF (the nodes at integer offsets)."""
+    first = ((epsf.shape[0] - 1) // 2) % oversampling
+    return float(epsf[first::oversampling, first::oversampling].sum())
+
+
 def _normalise(epsf: np.ndarray, oversampling: int) -> np.ndarray:
     """Scale an ePSF so that its centred native-pixel stamp sums to 1."""
-    n = epsf.shape[0]
-    centre = (n - 1) // 2
-    native = epsf[centre % oversampling :: oversampling, centre % oversampling :: oversampling]
-    return epsf / native.sum()
+    return epsf / _native_sum(epsf, oversampling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,23 +421,29 @@ class _Stars:
 
 
 def _background(data: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sky and sky RMS maps (photutils Background2D, sigma-clipped medians in boxes)."""
-    from astropy.stats import SigmaClip
+    """Sky and sky RMS maps: photutils Background2D (sigma-clipped medians in boxes), or one
+    sigma-clipped value for the whole frame when too few boxes hold enough sky pixels."""
+    from astropy.stats import SigmaClip, sigma_clipped_stats
     from photutils.background import Background2D, MedianBackground, StdBackgroundRMS
 
     box = int(max(16, min(64, min(data.shape) // 4)))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # photutils warns about boxes with many masked pixels
-        bkg = Background2D(
-            data,
-            box,
-            mask=bad,
-            filter_size=3,
-            sigma_clip=SigmaClip(sigma=3.0, maxiters=5),
-            bkg_estimator=MedianBackground(),
-            bkg_rms_estimator=StdBackgroundRMS(),
-        )
-    return np.asarray(bkg.background, dtype=float), np.asarray(bkg.background_rms, dtype=float)
+        warnings.simplefilter("ignore")  # photutils and astropy warn about heavily masked boxes
+        try:
+            bkg = Background2D(
+                data,
+                box,
+                mask=bad,
+                filter_size=3,
+                exclude_percentile=50.0,
+                sigma_clip=SigmaClip(sigma=3.0, maxiters=5),
+                bkg_estimator=MedianBackground(),
+                bkg_rms_estimator=StdBackgroundRMS(),
+            )
+            return np.asarray(bkg.background, dtype=float), np.asarray(bkg.background_rms, dtype=float)
+        except ValueError:
+            _, median, std = sigma_clipped_stats(data, mask=bad, sigma=3.0, maxiters=10)
+    return np.full(data.shape, float(median)), np.full(data.shape, float(std))
 
 
 def _find(snr_image: np.ndarray, bad: np.ndarray, fwhm: float, threshold: float) -> Table | None:
@@ -598,48 +610,106 @@ def _design(stars: _Stars, n: int, oversampling: int) -> sp.csr_matrix:
     return sp.csr_matrix((w[ok], (row[ok], (iy * n + ix)[ok])), shape=(ns * s * s, n * n))
 
 
-def _solve_epsf(stars: _Stars, *, size: int, oversampling: int, gain: float, name: str) -> tuple[np.ndarray, int]:
-    """Least-squares ePSF of a set of stars; returns the ePSF and the number of stars kept."""
+def _solve_epsf(
+    stars: _Stars, terms: np.ndarray, *, size: int, oversampling: int, gain: float, name: str
+) -> tuple[np.ndarray, int]:
+    """Least-squares ePSF whose nodes are polynomials in the star position.
+
+    Parameters
+    ----------
+    stars : _Stars
+        PSF stars.
+    terms : numpy.ndarray
+        ``(n_stars, n_terms)`` values of the polynomial terms at each star (first column 1).
+
+    Returns
+    -------
+    coefficients : numpy.ndarray
+        ``(n_terms, n, n)``: the ePSF at a position is ``sum_k terms_k * coefficients[k]``.
+    used : int
+        Stars kept after outlier rejection.
+    """
     n = oversampling * (size - 1) + 1 + 2 * _MARGIN
-    a = _design(stars, n, oversampling)
-    d = stars.stamps.reshape(-1)
+    n_terms = terms.shape[1]
+    n_nodes = n * n
+    npix = size * size
+    a1 = _design(stars, n, oversampling).tocsr()
+    a1t = a1.T.tocsr()
+    row_terms = np.repeat(terms, npix, axis=0)  # (n_stars * npix, n_terms)
+    d = stars.stamps.reshape(len(stars), -1)
+    sky_var = stars.sky_var.reshape(len(stars), -1)
     flux = stars.flux.copy()
     use = stars.weights.reshape(len(stars), -1).copy()
-    model = None
-    penalty = _curvature_penalty(n)
+    curvature = _curvature_penalty(n)
     keep_star = np.ones(len(stars), bool)
-    epsf = np.zeros((n, n))
+    source = np.maximum(d, 0)
+    coef = np.zeros((n_terms, n, n))
+
+    def apply_design(v: np.ndarray) -> np.ndarray:
+        """Star pixels predicted by coefficients ``v`` (n_terms, n_nodes), per unit flux."""
+        return np.einsum("pk,pk->p", a1 @ v.T, row_terms)
+
     for it in range(_FIT_ITERATIONS):
-        f_pix = np.repeat(flux, size * size)
-        sky_var = stars.sky_var.reshape(-1)
-        src = np.maximum(f_pix * model, 0) if model is not None else np.maximum(d, 0)
-        var = sky_var + src / gain
-        w = use.reshape(-1) * np.repeat(keep_star, size * size) / var * f_pix**2
-        aw = a.multiply(w[:, None]).tocsr()
-        normal = (a.T @ aw).tocsc()
-        diag_mean = normal.diagonal().mean()
-        lhs = normal + _SMOOTHING * diag_mean * penalty + 1e-9 * diag_mean * sp.identity(n * n)
-        rhs = aw.T @ (d / f_pix)
-        epsf = _normalise(spsolve(lhs, rhs).reshape(n, n), oversampling)
-        model = a @ epsf.reshape(-1)
-        m2 = model.reshape(len(stars), -1)
-        ws = use / (stars.sky_var.reshape(len(stars), -1) + np.maximum(flux[:, None] * m2, 0) / gain)
-        flux = np.maximum((ws * m2 * stars.stamps.reshape(len(stars), -1)).sum(1) / (ws * m2 * m2).sum(1), 1e-12)
+        w = (use * keep_star[:, None] / (sky_var + source / gain) * flux[:, None] ** 2).reshape(-1)
+        # Normal equations (T (x) G structure) solved by conjugate gradients, preconditioned by
+        # the Kronecker product of the term covariance and the factorised position-free block.
+        g0 = (a1t @ a1.multiply(w[:, None])).tocsc()
+        reg = _SMOOTHING * g0.diagonal().mean()
+        g0 = (g0 + reg * curvature + 1e-6 * g0.diagonal().mean() * sp.identity(n_nodes)).tocsc()
+        lu = splu(g0)
+        star_w = w.reshape(len(stars), -1).sum(1)
+        t_cov = (terms * star_w[:, None]).T @ terms / star_w.sum()
+        t_inv = np.linalg.inv(t_cov)
+
+        def normal(v: np.ndarray) -> np.ndarray:
+            vv = v.reshape(n_terms, n_nodes)
+            pix = w * apply_design(vv)
+            out = (a1t @ (pix[:, None] * row_terms)).T + reg * (curvature @ vv.T).T
+            return out.reshape(-1)
+
+        def precondition(v: np.ndarray) -> np.ndarray:
+            return (t_inv @ lu.solve(v.reshape(n_terms, n_nodes).T).T).reshape(-1)
+
+        size_op = n_terms * n_nodes
+        rhs = (a1t @ ((w * (d / flux[:, None]).reshape(-1))[:, None] * row_terms)).T.reshape(-1)
+        sol, _ = cg(
+            LinearOperator((size_op, size_op), matvec=normal),
+            rhs,
+            x0=None if it == 0 else coef.reshape(-1),
+            rtol=_CG_RTOL,
+            maxiter=_CG_MAXITER,
+            M=LinearOperator((size_op, size_op), matvec=precondition),
+        )
+        coef = sol.reshape(n_terms, n, n)
+        coef /= _native_sum(coef[0], oversampling)
+        model = apply_design(coef.reshape(n_terms, -1)).reshape(len(stars), -1)
+        ws = use / (sky_var + np.maximum(flux[:, None] * model, 0) / gain)
+        flux = np.maximum((ws * model * d).sum(1) / (ws * model * model).sum(1), 1e-12)
+        source = np.maximum(flux[:, None] * model, 0)
         if it < _FIT_ITERATIONS - 1:
-            resid = (stars.stamps.reshape(len(stars), -1) - flux[:, None] * m2) * np.sqrt(ws)
+            resid = (d - flux[:, None] * model) * np.sqrt(ws)
             use = use * (np.abs(resid) < _CLIP_SIGMA)
             chi2 = (resid**2 * (use > 0)).sum(1) / np.maximum((use > 0).sum(1), 1)
             med = np.median(chi2[keep_star])
             mad = np.median(np.abs(chi2[keep_star] - med)) * 1.4826
             bad = chi2 > med + 5 * max(mad, 0.1 * med)
-            if np.count_nonzero(keep_star & ~bad) >= max(3, keep_star.sum() // 2):
+            if np.count_nonzero(keep_star & ~bad) >= max(n_terms, keep_star.sum() // 2):
                 if np.any(keep_star & bad):
                     log.debug("frame '%s': %d PSF stars rejected as outliers", name, np.count_nonzero(keep_star & bad))
                 keep_star &= ~bad
-    return epsf, int(keep_star.sum())
+    return coef, int(keep_star.sum())
 
 
-def _fit_moffat(stars: _Stars, *, fwhm_guess: float) -> tuple[float, float]:
+def _poly_terms(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], degree: int) -> np.ndarray:
+    """Polynomial terms 1, u, v, u^2, uv, v^2 (up to ``degree``) of positions scaled to [-1, 1]."""
+    ny, nx = shape
+    u = (np.asarray(x, float) - (nx - 1) / 2) / (nx / 2)
+    v = (np.asarray(y, float) - (ny - 1) / 2) / (ny / 2)
+    cols = [u**i * v**j for total in range(degree + 1) for j in range(total + 1) for i in [total - j]]
+    return np.column_stack(cols)
+
+
+def _fit_moffat(stars: _Stars, *, fwhm_guess: float, gain: float) -> tuple[float, float]:
     """Fit one circular Moffat (FWHM px, beta) to the stars, each with its own flux."""
     s = stars.stamps.shape[1]
     half = s // 2
@@ -647,7 +717,7 @@ def _fit_moffat(stars: _Stars, *, fwhm_guess: float) -> tuple[float, float]:
     dx = pix[None, None, :] - (stars.x - stars.x0)[:, None, None]
     dy = pix[None, :, None] - (stars.y - stars.y0)[:, None, None]
     dx, dy = np.broadcast_arrays(dx, dy)
-    sig = np.sqrt(stars.sky_var + np.maximum(stars.stamps, 0) / 1.0)
+    sig = np.sqrt(stars.sky_var + np.maximum(stars.stamps, 0) / gain)
     wt = stars.weights / sig
 
     def resid(p: np.ndarray) -> np.ndarray:
@@ -720,54 +790,64 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     cx = np.clip((stars.x + 0.5) * gx / nx, 0, gx - 1e-9).astype(int)
     cy = np.clip((stars.y + 0.5) * gy / ny, 0, gy - 1e-9).astype(int)
     cell_of = cy * gx + cx
+    # At most max_stars per cell (stars are sorted by decreasing S/N).
+    rank = np.zeros(len(stars), int)
+    for c in np.unique(cell_of):
+        members = np.nonzero(cell_of == c)[0]
+        rank[members] = np.arange(members.size)
+    chosen = np.nonzero(rank < max_stars)[0]
+    counts = np.bincount(cell_of[chosen], minlength=n_cells)
+    n_total = chosen.size
+    degree = min(2, max(gx, gy) - 1)
+    while degree > 0 and _N_TERMS[degree] * min_stars > n_total:
+        degree -= 1
     xc = (np.arange(gx) + 0.5) * nx / gx - 0.5
     yc = (np.arange(gy) + 0.5) * ny / gy - 0.5
-    frame_epsf: tuple[np.ndarray, int] | None = None
-    moffat: np.ndarray | None = None
-    cube = []
-    n_used = []
-    sources = []
-
-    def solve(idx: np.ndarray) -> tuple[np.ndarray, int]:
-        return _solve_epsf(stars.take(idx), size=size, oversampling=os_, gain=info.gain, name=name)
-
-    for c in range(n_cells):
-        iy, ix = divmod(c, gx)
-        own = np.nonzero(cell_of == c)[0][:max_stars]  # stars are sorted by decreasing S/N
-        if own.size >= min_stars:
-            epsf, used = solve(own)
-            source = "cell"
-        else:
-            near = (np.abs(cx - ix) <= 1) & (np.abs(cy - iy) <= 1) & (cell_of != c)
-            pool = np.nonzero(near)[0]
-            dist = np.hypot(stars.x[pool] - xc[ix], stars.y[pool] - yc[iy])
-            borrowed = pool[np.argsort(dist)][: min_stars - own.size]
-            if own.size + borrowed.size >= min_stars:
-                epsf, used = solve(np.concatenate([own, borrowed]))
-                source = "neighbours"
-            elif len(stars) >= min_stars:
-                if frame_epsf is None:
-                    frame_epsf = solve(np.arange(min(len(stars), max_stars * n_cells)))
-                epsf, used = frame_epsf
-                source = "frame"
+    cube: list[np.ndarray] = []
+    n_used: list[int] = []
+    sources: list[str] = []
+    if n_total >= min_stars:
+        coef, used = _solve_epsf(
+            stars.take(chosen), _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
+            size=size, oversampling=os_, gain=info.gain, name=name,
+        )
+        log.info("frame '%s': ePSF polynomial of degree %d in (x, y) from %d stars", name, degree, used)
+        frame_epsf = None
+        cells = np.arange(n_cells)
+        for c in range(n_cells):
+            iy, ix = divmod(c, gx)
+            near = (np.abs(cells % gx - ix) <= 1) & (np.abs(cells // gx - iy) <= 1)
+            if counts[c] >= min_stars or counts[near].sum() >= min_stars:
+                source = "cell" if counts[c] >= min_stars else "neighbours"
+                at = _poly_terms(np.array([xc[ix]]), np.array([yc[iy]]), (ny, nx), degree)[0]
+                epsf = np.tensordot(at, coef, axes=1)
+                n_used.append(int(counts[c] if source == "cell" else counts[near].sum()))
             else:
-                if moffat is None:
-                    fw, beta = _fit_moffat(stars, fwhm_guess=fwhm_est)
-                    log.warning(
-                        "frame '%s': only %d PSF stars (< psf.min_stars = %d): Moffat fitted to them, "
-                        "FWHM %.2f px, beta %.2f",
-                        name, len(stars), min_stars, fw, beta,
-                    )
-                    moffat = moffat_epsf(fw, size=size, oversampling=os_, beta=beta)
-                epsf, used = moffat, len(stars)
-                source = "moffat"
-            log.warning(
-                "frame '%s': PSF cell (%d, %d) has %d stars (< psf.min_stars = %d): using the %s fallback",
-                name, ix, iy, own.size, min_stars, source,
-            )
-        cube.append(epsf)
-        n_used.append(used)
-        sources.append(source)
+                source = "frame"
+                if frame_epsf is None:
+                    frame_epsf = coef[0] if degree == 0 else _solve_epsf(
+                        stars.take(chosen), np.ones((n_total, 1)),
+                        size=size, oversampling=os_, gain=info.gain, name=name,
+                    )[0][0]
+                epsf = frame_epsf
+                n_used.append(used)
+            if source != "cell":
+                log.warning(
+                    "frame '%s': PSF cell (%d, %d) has %d stars (< psf.min_stars = %d): using the %s fallback",
+                    name, ix, iy, counts[c], min_stars, source,
+                )
+            cube.append(_normalise(epsf, os_))
+            sources.append(source)
+    else:
+        fw, beta = _fit_moffat(stars, fwhm_guess=fwhm_est, gain=info.gain)
+        log.warning(
+            "frame '%s': only %d PSF stars (< psf.min_stars = %d): every cell uses a Moffat fitted to them "
+            "(FWHM %.2f px, beta %.2f)",
+            name, len(stars), min_stars, fw, beta,
+        )
+        cube = [moffat_epsf(fw, size=size, oversampling=os_, beta=beta)] * n_cells
+        n_used = [len(stars)] * n_cells
+        sources = ["moffat"] * n_cells
     model = PSFModel(
         np.array(cube), oversampling=os_, size=size, shape=(ny, nx), grid=(gx, gy),
         n_stars=n_used, sources=sources, name=name,

@@ -192,13 +192,15 @@ def _mcc(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def best_mcc_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """Threshold on P(real) maximising the MCC (0.5 when a class is absent)."""
+    """Threshold on P(real) maximising the MCC (nearest 0.5 among ties; 0.5 when a class is absent)."""
     if len(np.unique(y)) < 2:
         return 0.5
     grid = np.unique(np.concatenate([np.linspace(0.01, 0.99, 99), np.quantile(p, np.linspace(0, 1, 201))]))
     grid = grid[(grid > 0) & (grid < 1)]
-    scores = [_mcc(y, (p >= t).astype(int)) for t in grid]
-    return float(grid[int(np.argmax(scores))])
+    scores = np.array([_mcc(y, (p >= t).astype(int)) for t in grid])
+    # among equally good thresholds (a plateau when the classes separate), take the one nearest 0.5
+    best = grid[scores >= scores.max() - 1e-12]
+    return float(best[np.argmin(np.abs(best - 0.5))])
 
 
 def _point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
@@ -500,13 +502,13 @@ def train(
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(Xtr), generator=gen)
-        k_all = torch.randint(0, 8, (len(Xtr),), generator=gen)
+        k_all = torch.randint(0, 8, (len(Xtr),), generator=gen).to(device)
         tot_loss, tot_ok = 0.0, 0
         with tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not tty, leave=False) as bar:
             for s in range(steps):
-                b = perm[s * bs : (s + 1) * bs]
-                xb = dihedral(Xtr[b.to(device)], k_all[b].to(device))
-                yb = ytr[b.to(device)]
+                b = perm[s * bs : (s + 1) * bs].to(device)
+                xb = dihedral(Xtr[b], k_all[b])
+                yb = ytr[b]
                 logits = model(xb)
                 loss = _weighted_loss(logits, yb, class_w)
                 opt.zero_grad(set_to_none=True)

@@ -168,6 +168,9 @@ def relabel_digest(wildcards):
     return digest(f"results/{wildcards.telescope}/training")
 
 
-def per_image_crossmatch(wildcards):
-    """Crossmatch tables of every injected image of a telescope."""
-    return per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [wildcards.telescope])
+def checksim_inputs(wildcards):
+    """Crossmatch tables and subtraction files of every injected image of a telescope (same order)."""
+    return {
+        "crossmatch": per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [wildcards.telescope]),
+        "subtract": per_image("results/{telescope}/sim/subtract/{image}.fits", "sim", [wildcards.telescope]),
+    }

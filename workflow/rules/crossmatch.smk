@@ -46,9 +46,30 @@ rule label:
 rule checksim_plots:
     """Injection recovery: magnitude histograms, completeness vs magnitude, photometry residuals."""
     input:
-        per_image_crossmatch,
+        unpack(checksim_inputs),
     output:
         summary="results/{telescope}/plots/checksim/summary.json",
+        efficiency=report(
+            "results/{telescope}/plots/checksim/efficiency.png",
+            caption="../report/checksim_efficiency.rst",
+            category="Injection recovery",
+        ),
+        histogram=report(
+            "results/{telescope}/plots/checksim/hist_mag.png",
+            caption="../report/checksim_hist.rst",
+            category="Injection recovery",
+        ),
+        bias=report(
+            "results/{telescope}/plots/checksim/mag_bias.png",
+            caption="../report/checksim_bias.rst",
+            category="Injection recovery",
+        ),
+        snr=report(
+            "results/{telescope}/plots/checksim/snr_mag.png",
+            caption="../report/checksim_snr.rst",
+            category="Injection recovery",
+        ),
+        table="results/{telescope}/plots/checksim/efficiency.ecsv",
     log:
         "logs/{telescope}/plots/checksim.log",
     threads: 1

@@ -1,0 +1,19 @@
+"""Snakemake script of rule crossmatch: candidates of one image vs its injected sources and known variables."""
+
+from rbflow.crossmatch import run_crossmatch
+from rbflow.runner import run
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+cfg = sm.params.crossmatch
+run(
+    sm,
+    run_crossmatch,
+    candidates_path=sm.input.candidates,
+    injected_path=sm.input.injected,
+    out_table=sm.output.table,
+    out_dat=sm.output.compat,
+    out_labels=sm.output.labels,
+    radius=cfg["radius"],
+    catalogues=list(sm.input.catalogues),
+    label_unmatched=cfg["label_unmatched"],
+)

@@ -1,0 +1,15 @@
+"""Snakemake script of rule label: sort the injected images' cutouts into training/true, false, unsorted."""
+
+from pathlib import Path
+
+from rbflow.crossmatch import label_cutouts
+from rbflow.runner import run
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+run(
+    sm,
+    label_cutouts,
+    labels_paths=list(sm.input.labels),
+    cutout_dirs=list(sm.input.cutouts),
+    training_dir=Path(sm.output[0]).parent,
+)

@@ -1,0 +1,350 @@
+"""Candidate detection and forced PSF photometry on a ZOGY difference image.
+
+Candidates are local maxima of ``SCORR`` (S/N in sigma, empirically normalised by
+:mod:`rbflow.subtract`) above ``detect.threshold`` whose connected region above the threshold has
+at least ``detect.min_pixels`` pixels. Each gets a sub-pixel position (parabola through the SCORR
+peak), a forced PSF-fit flux on ``DIFF`` with the PSF of the difference (``PSFD`` of the nearest
+tile; ``DIFF`` is in science flux units), its error from ``VAR`` (corrected for the noise
+correlation, header card ``FLXECORR``), shape moments and flags (:data:`FLAGS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from rbflow.errors import InputError
+from rbflow.frames import FrameInfo, frame_info
+from rbflow.io import write_table
+
+__all__ = ["FLAGS", "COLUMNS", "empty_table", "detect", "run_detect"]
+
+log = logging.getLogger(__name__)
+
+#: Candidate flag bits.
+FLAGS = {"EDGE": 1, "NEGATIVE": 2, "DIPOLE": 4, "SATURATED": 8, "NEAR_BRIGHT": 16}
+
+#: Output columns: name, dtype, unit, description.
+COLUMNS: list[tuple[str, str, u.UnitBase | None, str]] = [
+    ("id", "U64", None, "candidate id {image}_{n}, n by decreasing snr"),
+    ("image", "U64", None, "image name"),
+    ("x", "f8", u.pix, "x (column), 0-based"),
+    ("y", "f8", u.pix, "y (row), 0-based"),
+    ("ra", "f8", u.deg, "right ascension"),
+    ("dec", "f8", u.deg, "declination"),
+    ("flux", "f8", u.adu, "forced PSF-fit flux on DIFF (science flux units)"),
+    ("flux_err", "f8", u.adu, "error of flux"),
+    ("mag", "f8", u.mag, "-2.5 log10(flux) + zeropoint (NaN for flux <= 0)"),
+    ("mag_err", "f8", u.mag, "1.0857 flux_err / flux (NaN for flux <= 0)"),
+    ("snr", "f8", None, "flux / flux_err"),
+    ("scorr_peak", "f8", None, "SCORR at the peak pixel (sigma)"),
+    ("fwhm", "f8", u.pix, "FWHM from windowed second moments on DIFF"),
+    ("ellipticity", "f8", None, "1 - b/a from windowed second moments on DIFF"),
+    ("dist_bright_star", "f8", u.pix, "distance to the nearest bright star (NaN if none)"),
+    ("flags", "i4", None, "bitmask of rbflow.detect.FLAGS"),
+]
+
+_FWHM2SIG = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Peak of a bright star, in units of the science background noise.
+_BRIGHT_PEAK_SIGMA = 50.0
+
+
+def empty_table(image_name: str = "") -> Table:
+    """A candidate table with no rows but every column, dtype and unit.
+
+    Parameters
+    ----------
+    image_name : str, optional
+        Stored in ``meta['image']``.
+
+    Returns
+    -------
+    astropy.table.Table
+    """
+    t = Table()
+    for name, dtype, unit, desc in COLUMNS:
+        t[name] = np.zeros(0, dtype=dtype)
+        t[name].unit = unit
+        t[name].description = desc
+    t.meta["image"] = image_name
+    return t
+
+
+def _peaks(sc: np.ndarray, thr: float, min_pixels: int, sep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of ``sc`` above ``thr`` in regions of >= min_pixels pixels, >= sep px apart."""
+    above = sc > thr
+    lab, n = ndimage.label(above, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    sizes = np.bincount(lab.ravel())
+    footprint = np.hypot(*np.mgrid[-sep : sep + 1, -sep : sep + 1]) <= sep
+    peak = above & (sc == ndimage.maximum_filter(sc, footprint=footprint, mode="constant", cval=-np.inf))
+    peak &= sizes[lab] >= min_pixels
+    py, px = np.nonzero(peak)
+    return px, py
+
+
+def _subpixel(sc: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parabola through the 3 pixels around each peak, per axis (offset clipped to +-0.5 px)."""
+    ny, nx = sc.shape
+
+    def offset(m: np.ndarray, c: np.ndarray, p: np.ndarray) -> np.ndarray:
+        den = m - 2 * c + p
+        with np.errstate(invalid="ignore", divide="ignore"):
+            o = 0.5 * (m - p) / den
+        return np.clip(np.where(np.isfinite(o) & (den < 0), o, 0.0), -0.5, 0.5)
+
+    xm, xp = np.clip(px - 1, 0, nx - 1), np.clip(px + 1, 0, nx - 1)
+    ym, yp = np.clip(py - 1, 0, ny - 1), np.clip(py + 1, 0, ny - 1)
+    c = sc[py, px]
+    ox = offset(sc[py, xm], c, sc[py, xp])
+    oy = offset(sc[ym, px], c, sc[yp, px])
+    inner = (px > 0) & (px < nx - 1) & (py > 0) & (py < ny - 1)
+    return px + np.where(inner, ox, 0.0), py + np.where(inner, oy, 0.0)
+
+
+def _forced_flux(
+    D: np.ndarray, V: np.ndarray, psf: np.ndarray, x: float, y: float, radius: float
+) -> tuple[float, float]:
+    """Least-squares flux of the unit-sum ``psf`` shifted to (x, y); error for white noise of variance V."""
+    h = psf.shape[0] // 2
+    ix, iy = int(round(x)), int(round(y))
+    shifted = ndimage.shift(psf.astype(np.float64), (y - iy, x - ix), order=3, mode="constant", cval=0.0)
+    y0, y1 = max(0, iy - h), min(D.shape[0], iy + h + 1)
+    x0, x1 = max(0, ix - h), min(D.shape[1], ix + h + 1)
+    p = shifted[y0 - iy + h : y1 - iy + h, x0 - ix + h : x1 - ix + h]
+    d = D[y0:y1, x0:x1]
+    v = V[y0:y1, x0:x1]
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    r = np.hypot(xx - x, yy - y)
+    ann = np.isfinite(d) & (r > 1.5 * radius) & (r <= h)
+    d = d - (np.median(d[ann]) if ann.sum() > 10 else 0.0)
+    use = np.isfinite(d) & np.isfinite(v) & (v > 0) & (r <= radius)
+    if not use.any():
+        return float("nan"), float("nan")
+    pp = p[use]
+    s2 = float((pp * pp).sum())
+    if s2 <= 0:
+        return float("nan"), float("nan")
+    # uniform weights: weights from VAR would include the candidate's own Poisson noise and bias low
+    flux = float((pp * d[use]).sum() / s2)
+    return flux, float(math.sqrt((pp * pp * v[use]).sum()) / s2)
+
+
+def _shape(D: np.ndarray, x: float, y: float, sigma_w: float, sign: float) -> tuple[float, float]:
+    """FWHM and ellipticity from Gaussian-windowed second moments, corrected for the window."""
+    r = int(math.ceil(3 * sigma_w))
+    ix, iy = int(round(x)), int(round(y))
+    y0, y1 = max(0, iy - r), min(D.shape[0], iy + r + 1)
+    x0, x1 = max(0, ix - r), min(D.shape[1], ix + r + 1)
+    d = np.nan_to_num(sign * D[y0:y1, x0:x1])
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dx, dy = xx - x, yy - y
+    w = np.exp(-(dx**2 + dy**2) / (2 * sigma_w**2)) * np.clip(d, 0, None)
+    s = w.sum()
+    if s <= 0:
+        return float("nan"), float("nan")
+    mxx, myy, mxy = (w * dx * dx).sum() / s, (w * dy * dy).sum() / s, (w * dx * dy).sum() / s
+    tr, det = mxx + myy, mxx * myy - mxy**2
+    disc = math.sqrt(max(tr**2 / 4 - det, 0.0))
+    l1, l2 = tr / 2 + disc, tr / 2 - disc
+    inv_w = 1.0 / sigma_w**2
+    # a Gaussian of variance s2 seen through a Gaussian window of variance sw2 has moment 1/(1/s2 + 1/sw2)
+    a2 = 1.0 / (1.0 / l1 - inv_w) if 0 < l1 and 1.0 / l1 > inv_w else float("nan")
+    b2 = 1.0 / (1.0 / l2 - inv_w) if 0 < l2 and 1.0 / l2 > inv_w else float("nan")
+    if not (np.isfinite(a2) and np.isfinite(b2)):
+        return float("nan"), float("nan")
+    fwhm = 2.0 * math.sqrt(2.0 * math.log(2.0)) * math.sqrt(math.sqrt(a2 * b2))
+    return fwhm, 1.0 - math.sqrt(b2 / a2)
+
+
+def _bright_stars(ref: np.ndarray, sigma_n: float) -> np.ndarray:
+    """Positions (x, y) of bright stars: local maxima of REF (science flux units) above 50 sigma_n."""
+    r = np.nan_to_num(ref)
+    peak = (r == ndimage.maximum_filter(r, size=5)) & (r > _BRIGHT_PEAK_SIGMA * sigma_n)
+    py, px = np.nonzero(peak)
+    return np.c_[px, py].astype(float)
+
+
+def detect(
+    hdul: fits.HDUList,
+    psf: Any,
+    info: FrameInfo,
+    cfg: dict[str, Any],
+    *,
+    image_name: str,
+    cutout_size: int,
+    negative: bool = False,
+) -> Table:
+    """Find candidates on the SCORR map of a subtraction and measure them on DIFF.
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList
+        Output of :func:`rbflow.subtract.subtract_images` (SCI, REF, DIFF, SCORR, VAR, MASK, PSFD).
+    psf : PSF model
+        Science PSF (anything with ``fwhm(x, y)`` in pixels); sets the search radii.
+    info : rbflow.frames.FrameInfo
+        Science frame facts (the zeropoint is used for magnitudes).
+    cfg : dict
+        The telescope's ``detect`` block: ``threshold`` (sigma), ``min_pixels``.
+    image_name : str
+        Image name; ids are ``{image_name}_{n}``.
+    cutout_size : int
+        Stamp size (px) of the cutouts stage; a stamp crossing the frame edge sets flag EDGE.
+    negative : bool, optional
+        Also report negative peaks (flag NEGATIVE). Default: positive peaks only.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns :data:`COLUMNS`, sorted by decreasing snr; typed and empty (with a logged warning)
+        when nothing is found.
+    """
+    sc = hdul["SCORR"].data.astype(np.float64)
+    D = hdul["DIFF"].data.astype(np.float64)
+    V = hdul["VAR"].data.astype(np.float64)
+    M = hdul["MASK"].data
+    ref = hdul["REF"].data
+    prim = hdul[0].header
+    corr = float(prim.get("FLXECORR", 1.0))
+    sigma_n = float(prim.get("SIGMAN", np.nanstd(hdul["SCI"].data)))
+    psfd = hdul["PSFD"].data
+    psfd = psfd[None] if psfd.ndim == 2 else psfd
+    ph = hdul["PSFD"].header
+    centres = np.array([[ph[f"TCX{k}"], ph[f"TCY{k}"]] for k in range(psfd.shape[0])], float)
+    ny, nx = sc.shape
+    thr = float(cfg.get("threshold", 5.0))
+    min_pixels = int(cfg.get("min_pixels", 3))
+    fwhm0 = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
+    sep = max(2, int(round(fwhm0)))
+
+    finite = np.isfinite(sc)
+    sc0 = np.where(finite, sc, 0.0)
+    signs = [1.0, -1.0] if negative else [1.0]
+    rows: list[dict[str, Any]] = []
+    bright = _bright_stars(ref, sigma_n)
+    tree = cKDTree(bright) if len(bright) else None
+    wcs = WCS(hdul["DIFF"].header)
+    half = cutout_size // 2
+    ctree = cKDTree(centres)
+    for sign in signs:
+        px, py = _peaks(sign * sc0, thr, min_pixels, sep)
+        xs, ys = _subpixel(sign * sc0, px, py)
+        for ipx, ipy, x, y in zip(px, py, xs, ys):
+            fw = float(psf.fwhm(x, y))
+            pd = psfd[ctree.query([x, y])[1]]
+            flux, err = _forced_flux(D, V, pd, x, y, radius=2.0 * fw)
+            err *= corr
+            flags = 0 if sign > 0 else FLAGS["NEGATIVE"]
+            ix, iy = int(round(x)), int(round(y))
+            if ix - half < 0 or iy - half < 0 or ix + half >= nx or iy + half >= ny:
+                flags |= FLAGS["EDGE"]
+            rr = int(math.ceil(2.0 * fw))
+            win = (slice(max(0, iy - rr), min(ny, iy + rr + 1)), slice(max(0, ix - rr), min(nx, ix + rr + 1)))
+            yy, xx = np.mgrid[win]
+            disc = np.hypot(xx - x, yy - y) <= 2.0 * fw
+            if np.min(np.where(disc, sign * sc0[win], np.inf)) < -thr:
+                flags |= FLAGS["DIPOLE"]
+            if (M[win][np.hypot(xx - x, yy - y) <= 1.5 * fw] != 0).any():
+                flags |= FLAGS["SATURATED"]
+            dist = float(tree.query([x, y])[0]) if tree is not None else float("nan")
+            if np.isfinite(dist) and dist <= 3.0 * fw:
+                flags |= FLAGS["NEAR_BRIGHT"]
+            fwhm_m, ell = _shape(D, x, y, fw * _FWHM2SIG, sign)
+            ok = np.isfinite(flux) and flux > 0
+            rows.append(
+                {
+                    "x": float(x), "y": float(y), "flux": flux, "flux_err": err,
+                    "mag": -2.5 * math.log10(flux) + info.zeropoint if ok else float("nan"),
+                    "mag_err": 1.0857362047581294 * err / flux if ok else float("nan"),
+                    "snr": flux / err if np.isfinite(err) and err > 0 else float("nan"),
+                    "scorr_peak": float(sc[ipy, ipx]), "fwhm": fwhm_m, "ellipticity": ell,
+                    "dist_bright_star": dist, "flags": flags,
+                }
+            )
+    if not rows:
+        log.warning("detect: no candidate above %.1f sigma on image '%s'", thr, image_name)
+        return empty_table(image_name)
+    order = sorted(range(len(rows)), key=lambda i: -np.nan_to_num(rows[i]["snr"], nan=-np.inf))
+    t = empty_table(image_name)
+    x = np.array([rows[i]["x"] for i in order])
+    y = np.array([rows[i]["y"] for i in order])
+    ra, dec = wcs.pixel_to_world_values(x, y)
+    data: dict[str, Any] = {
+        "id": [f"{image_name}_{n}" for n in range(len(order))],
+        "image": [image_name] * len(order),
+        "ra": np.asarray(ra, float),
+        "dec": np.asarray(dec, float),
+    }
+    for name, *_ in COLUMNS:
+        if name not in data:
+            data[name] = [rows[i][name] for i in order]
+    out = Table()
+    for name, dtype, unit, desc in COLUMNS:
+        out[name] = np.asarray(data[name], dtype=dtype)
+        out[name].unit = unit
+        out[name].description = desc
+    out.meta.update(t.meta)
+    out.meta["threshold"] = thr
+    out.meta["min_pixels"] = min_pixels
+    log.info("detect: %d candidates on image '%s'", len(out), image_name)
+    return out
+
+
+def run_detect(
+    subtract_path: str | os.PathLike,
+    sci_psf_path: str | os.PathLike,
+    out_table: str | os.PathLike,
+    telescope: dict[str, Any],
+    *,
+    image_name: str,
+) -> None:
+    """Detect candidates on a subtraction file and write them as ECSV.
+
+    Parameters
+    ----------
+    subtract_path : path-like
+        MEF written by :func:`rbflow.subtract.run_subtract`.
+    sci_psf_path : path-like
+        Science PSF model (:meth:`rbflow.psf.PSFModel.read`).
+    out_table : path-like
+        Output ECSV table.
+    telescope : dict
+        Validated telescope configuration (blocks ``detect`` and ``cutout``, frame facts).
+    image_name : str
+        Image name for the ids.
+
+    Raises
+    ------
+    InputError
+        The subtraction file is missing or lacks an extension.
+    """
+    from rbflow.psf import PSFModel
+
+    if not os.path.exists(subtract_path):
+        raise InputError(f"subtraction '{subtract_path}' does not exist: run the subtract stage first")
+    with fits.open(subtract_path, memmap=False) as hdul:
+        missing = [e for e in ("SCI", "REF", "DIFF", "SCORR", "VAR", "MASK", "PSFD") if e not in hdul]
+        if missing:
+            raise InputError(
+                f"subtraction '{subtract_path}' lacks extension(s) {', '.join(missing)}: "
+                "delete it and rerun the subtract stage"
+            )
+        info = frame_info(hdul["SCI"].header, telescope, path=subtract_path)
+        table = detect(
+            hdul, PSFModel.read(sci_psf_path), info, telescope["detect"], image_name=image_name,
+            cutout_size=int(telescope["cutout"]["size"]),
+        )
+    table.meta["source"] = f"rbflow.detect on {os.path.basename(str(subtract_path))}"
+    write_table(table, out_table)

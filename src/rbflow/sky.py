@@ -1,0 +1,1040 @@
+"""The embedded synthetic telescope: a small survey of realistic frames with known truth.
+
+A demo telescope file (``config/telescopes/demo.yaml``) has a ``sky`` block instead of real frames.
+Each *field* holds a fixed astrophysical scene drawn from ``derive(seed, field)`` in sky coordinates
+(stars with dN/dm ∝ 10^(0.3 m), Sérsic galaxies, variable stars, supernova-like and fast transients).
+Each *frame* of the field (one deep reference ``{field}_{band}_ref`` and science epochs
+``{field}_{band}_e{n}``) observes that scene under its own conditions drawn from
+``derive(seed, frame, ...)``: pointing offset and rotation, seeing, a spatially varying Moffat PSF,
+transparency (zeropoint), sky with a gradient, flat-field residuals, Poisson and read noise,
+saturation with bleed trails, cosmic rays, satellite trails, and the detector's hot pixels and bad
+columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame).
+
+Geometry
+--------
+The *true* mapping from the sky to a frame's pixels is a TAN projection (the frame's pointing and
+rotation) followed by a smooth distortion residual ``D(x, y)``. The header WCS is the same TAN
+projection with its reference pixel shifted by ``wcs_error``: it is close to, but not exactly, the
+truth, as a real astrometric solution would be. :func:`frame_conditions` exposes both.
+
+Units: pixel positions are 0-based (pixel centres at integers); fluxes are ADU in the frame's
+exposure; magnitudes are ``-2.5 log10(flux) + MAGZP``; FWHM is in pixels unless stated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field as dc_field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table, vstack
+from astropy.wcs import WCS, FITSFixedWarning
+from scipy import ndimage, signal
+
+from rbflow import __version__
+from rbflow.errors import ConfigError, InputError
+from rbflow.frames import frames_of
+from rbflow.io import write_fits, write_table
+from rbflow.seeds import derive
+
+__all__ = [
+    "FieldScene",
+    "FrameConditions",
+    "field_scene",
+    "frame_conditions",
+    "simulate_frame",
+    "write_frame",
+    "variables_catalogue",
+    "write_variables_catalogue",
+    "TRUTH_KINDS",
+]
+
+log = logging.getLogger(__name__)
+
+#: Values of the ``kind`` column of a frame's truth table.
+TRUTH_KINDS = (
+    "star", "galaxy", "variable", "transient", "cosmic_ray", "hot_pixel", "bad_column", "satellite", "bleed",
+)
+
+#: Densities in the ``sky`` block (stars, galaxies, cosmic rays, hot pixels) are per this many pixels.
+_REF_AREA = 1024 * 1024
+#: Stamp half-sizes (pixels) that point sources are grouped into, to vectorise their rendering.
+_HALF_SIZES = np.array([4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128])
+#: Core half-size (pixels) and oversampling of the pixel integration of point sources.
+_CORE, _OVERSAMPLE = 3, 5
+#: Days between science epochs; the reference stack is dated 40 days before the first epoch.
+_CADENCE, _REF_LEAD = 4.0, 40.0
+_MJD0 = 61000.25
+_MJD_EPOCH = datetime(1858, 11, 17)
+
+
+# --------------------------------------------------------------------------------------------
+# Field scene: the astrophysical content, common to all frames of a field
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FieldScene:
+    """What a field holds on the sky, the same for all its frames.
+
+    Attributes
+    ----------
+    field : str
+        Field id (``fld00``).
+    filter : str
+        The field's filter.
+    ra_c, dec_c : float
+        Field centre (deg).
+    mjd : numpy.ndarray
+        Observation date (MJD) of the reference (index 0) and of each science epoch (1..n).
+    objects : astropy.table.Table
+        One row per object: ``id, kind, ra, dec`` (deg), ``mags`` (shape (n_epochs + 1,), mag; index
+        0 is the reference, NaN where the object is absent), ``r_eff`` (arcsec, galaxies), ``sersic_n``,
+        ``q`` (axis ratio), ``pa`` (deg, east of north), ``host`` (galaxy id or '').
+    """
+
+    field: str
+    filter: str
+    ra_c: float
+    dec_c: float
+    mjd: np.ndarray
+    objects: Table
+
+
+def _tel_source(telescope: dict[str, Any]) -> str:
+    return f"telescope file '{telescope.get('name', '?')}.yaml'"
+
+
+def _sky_block(telescope: dict[str, Any]) -> dict[str, Any]:
+    if "sky" not in telescope:
+        raise ConfigError(f"{_tel_source(telescope)} has no 'sky' block: only demo telescopes can be simulated")
+    for key in ("gain", "read_noise", "saturation"):
+        if telescope.get(key) is None:
+            raise ConfigError(f"{_tel_source(telescope)}: key '{key}' must be a number for a synthetic telescope")
+    return telescope["sky"]
+
+
+def _filter_value(telescope: dict[str, Any], key: str, band: str) -> float:
+    table = telescope["sky"][key]
+    if band not in table:
+        raise ConfigError(
+            f"{_tel_source(telescope)}: key 'sky.{key}' has no entry for filter {band!r}; "
+            f"add '{band}: <value>' to it"
+        )
+    return float(table[band])
+
+
+def _field_spec(telescope: dict[str, Any], field: str) -> tuple[int, str]:
+    for spec in frames_of(telescope):
+        if spec.field == field:
+            return int(field[3:]), spec.filter
+    known = sorted({s.field for s in frames_of(telescope)})
+    raise InputError(f"field {field!r} is not in {_tel_source(telescope)}; its fields are {', '.join(known)}")
+
+
+def _tan_header(ra: float, dec: float, crpix: tuple[float, float], scale_deg: float, rot_deg: float) -> fits.Header:
+    c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
+    h = fits.Header()
+    h["WCSAXES"] = 2
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CUNIT1"], h["CUNIT2"] = "deg", "deg"
+    h["CRVAL1"], h["CRVAL2"] = ra, dec
+    h["CRPIX1"], h["CRPIX2"] = crpix
+    h["CD1_1"], h["CD1_2"] = -scale_deg * c, scale_deg * s
+    h["CD2_1"], h["CD2_2"] = scale_deg * s, scale_deg * c
+    h["RADESYS"] = "ICRS"
+    return h
+
+
+def _wcs(header: fits.Header) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def _margin(sky: dict[str, Any]) -> int:
+    """Extra border (pixels) around a frame over which the field scene is drawn."""
+    nx, ny = sky["size"]
+    rot = 0.5 * math.hypot(nx, ny) * math.sin(math.radians(5 * sky["rotation"]))
+    return int(math.ceil(5 * sky["pointing_offset"] + rot + 32))
+
+
+def _power_law_mags(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float) -> np.ndarray:
+    """Magnitudes in [lo, hi] with dN/dm ∝ 10^(slope m) (inverse-CDF sampling)."""
+    a, b = 10 ** (slope * lo), 10 ** (slope * hi)
+    return np.log10(a + rng.random(n) * (b - a)) / slope
+
+
+def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldScene:
+    """Draw the astrophysical content of one field (identical for all its frames).
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope (with its ``sky`` block).
+    field : str
+        Field id, e.g. ``"fld00"``.
+    seed : int
+        Global seed; the scene uses ``derive(seed, field)``.
+
+    Returns
+    -------
+    FieldScene
+
+    Raises
+    ------
+    ConfigError
+        The telescope has no ``sky`` block or misses a per-filter value.
+    InputError
+        ``field`` is not one of the telescope's fields.
+    """
+    sky = _sky_block(telescope)
+    index, band = _field_spec(telescope, field)
+    rng = np.random.default_rng(derive(seed, field))
+    nx, ny = sky["size"]
+    scale = telescope["pixel_scale"] / 3600.0
+    spacing = 1.5 * math.hypot(nx, ny) * scale
+    dec_c = float(sky["dec0"])
+    ra_c = float((sky["ra0"] + index * spacing / math.cos(math.radians(dec_c))) % 360.0)
+    m = _margin(sky)
+    wx, wy = nx + 2 * m, ny + 2 * m
+    area = wx * wy / _REF_AREA
+    fwcs = _wcs(_tan_header(ra_c, dec_c, ((wx + 1) / 2, (wy + 1) / 2), scale, 0.0))
+    n_ep = sky["epochs"]
+    mjd = np.concatenate([[_MJD0 - _REF_LEAD], _MJD0 + _CADENCE * np.arange(n_ep)]) + 0.01 * index
+
+    inner = m + 20  # variables and transients stay > 20 px inside every frame of the field
+
+    def positions(n: int, *, border: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        px = rng.uniform(border - 0.5, wx - border - 0.5, n)
+        py = rng.uniform(border - 0.5, wy - border - 0.5, n)
+        return fwcs.wcs_pix2world(px, py, 0)
+
+    rows: dict[str, list] = {k: [] for k in ("id", "kind", "ra", "dec", "mags", "r_eff", "sersic_n", "q", "pa", "host")}
+
+    def add(kind: str, prefix: str, ra, dec, mags, *, r_eff=None, n=None, q=None, pa=None, host=None) -> None:
+        k = len(ra)
+        rows["id"] += [f"{field}_{prefix}{i:05d}" for i in range(k)]
+        rows["kind"] += [kind] * k
+        rows["ra"] += list(ra)
+        rows["dec"] += list(dec)
+        rows["mags"] += list(mags)
+        nan = np.full(k, np.nan)
+        rows["r_eff"] += list(nan if r_eff is None else r_eff)
+        rows["sersic_n"] += list(nan if n is None else n)
+        rows["q"] += list(nan if q is None else q)
+        rows["pa"] += list(nan if pa is None else pa)
+        rows["host"] += [""] * k if host is None else list(host)
+
+    # Stars: a power-law luminosity function, constant in time.
+    n_star = int(rng.poisson(sky["stars"] * area))
+    ra, dec = positions(n_star)
+    mag = _power_law_mags(rng, n_star, *sky["star_mags"], 0.3)
+    add("star", "s", ra, dec, np.repeat(mag[:, None], n_ep + 1, axis=1))
+
+    # Galaxies: Sérsic n = 1..4, half-light radius growing with brightness.
+    n_gal = int(rng.poisson(sky["galaxies"] * area))
+    g_ra, g_dec = positions(n_gal)
+    g_mag = _power_law_mags(rng, n_gal, *sky["galaxy_mags"], 0.35)
+    g_re = np.clip(1.2 * 10 ** (-0.15 * (g_mag - 19.0) + rng.normal(0, 0.15, n_gal)), 0.4, 10.0)
+    g_n = rng.uniform(1.0, 4.0, n_gal)
+    g_q = rng.uniform(0.3, 1.0, n_gal)
+    g_pa = rng.uniform(0.0, 180.0, n_gal)
+    g_ids = [f"{field}_g{i:05d}" for i in range(n_gal)]
+    add("galaxy", "g", g_ra, g_dec, np.repeat(g_mag[:, None], n_ep + 1, axis=1), r_eff=g_re, n=g_n, q=g_q, pa=g_pa)
+
+    # Variable stars: mean magnitude in the reference stack, a sinusoid sampled at each epoch.
+    n_var = sky["variables"]
+    ra, dec = positions(n_var, border=inner)
+    base = rng.uniform(*sky["variable_mags"], n_var)
+    amp = rng.uniform(0.2, 1.5, n_var)
+    period = 10 ** rng.uniform(math.log10(0.3), math.log10(30.0), n_var)
+    phase = rng.random(n_var)
+    t = mjd[None, 1:] - mjd[0]
+    var_mags = base[:, None] + 0.5 * amp[:, None] * np.sin(2 * np.pi * (phase[:, None] + t / period[:, None]))
+    add("variable", "v", ra, dec, np.column_stack([base, var_mags]))
+
+    # Transients: supernova-like on galaxies (60 %) and isolated fast ones; never in the reference.
+    n_tr = sky["transients"]
+    gx, gy = fwcs.wcs_world2pix(g_ra, g_dec, 0)
+    inside = (gx > inner) & (gx < wx - inner) & (gy > inner) & (gy < wy - inner)
+    hosts_ok = np.flatnonzero((g_mag < 21.5) & inside)
+    n_sn = int(round(0.6 * n_tr)) if hosts_ok.size else 0
+    tr_mags = np.full((n_tr, n_ep + 1), np.nan)
+    tr_ra, tr_dec, tr_host = np.zeros(n_tr), np.zeros(n_tr), [""] * n_tr
+    if n_sn:
+        host = rng.choice(hosts_ok, n_sn)
+        # Offset from the core: 0.3-1.5 half-light radii along the host's ellipse.
+        rad = g_re[host] * rng.uniform(0.3, 1.5, n_sn) / 3600.0
+        ang = rng.uniform(0, 2 * np.pi, n_sn)
+        u, v = rad * np.cos(ang), rad * g_q[host] * np.sin(ang)
+        pa = np.radians(g_pa[host])
+        d_north, d_east = u * np.cos(pa) - v * np.sin(pa), u * np.sin(pa) + v * np.cos(pa)
+        tr_dec[:n_sn] = g_dec[host] + d_north
+        tr_ra[:n_sn] = g_ra[host] + d_east / np.cos(np.radians(g_dec[host]))
+        for i, h in enumerate(host):
+            tr_host[i] = g_ids[h]
+        peak = rng.uniform(*sky["transient_mags"], n_sn)
+        t0 = rng.uniform(mjd[1] - 30.0, mjd[-1] - 0.5, n_sn)  # explosion date: visible at the last epoch
+        t_peak = t0 + 15.0
+        dt = mjd[None, 1:] - t_peak[:, None]
+        lc = np.where(dt < 0, peak[:, None] + 3.0 * (dt / 15.0) ** 2, peak[:, None] + 0.03 * dt)
+        tr_mags[:n_sn, 1:] = np.where(mjd[None, 1:] >= t0[:, None], lc, np.nan)
+    n_fast = n_tr - n_sn
+    if n_fast:
+        tr_ra[n_sn:], tr_dec[n_sn:] = positions(n_fast, border=inner)
+        for i in range(n_sn, n_tr):
+            present = np.ones(n_ep, bool)
+            while n_ep > 1 and (present.all() or not present.any()):
+                present = rng.random(n_ep) < 0.5
+            mags = rng.uniform(*sky["transient_mags"]) + rng.uniform(0.0, 1.0, n_ep)
+            tr_mags[i, 1:] = np.where(present, mags, np.nan)
+    add("transient", "t", tr_ra, tr_dec, tr_mags, host=tr_host)
+
+    objects = Table(
+        {
+            "id": np.array(rows["id"], dtype=str),
+            "kind": np.array(rows["kind"], dtype=str),
+            "ra": np.array(rows["ra"], dtype=float),
+            "dec": np.array(rows["dec"], dtype=float),
+            "mags": np.array(rows["mags"], dtype=float).reshape(-1, n_ep + 1),
+            "r_eff": np.array(rows["r_eff"], dtype=float),
+            "sersic_n": np.array(rows["sersic_n"], dtype=float),
+            "q": np.array(rows["q"], dtype=float),
+            "pa": np.array(rows["pa"], dtype=float),
+            "host": np.array(rows["host"], dtype=str),
+        }
+    )
+    return FieldScene(field, band, ra_c, dec_c, mjd, objects)
+
+
+# --------------------------------------------------------------------------------------------
+# Frame conditions: how one frame sees its field
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FrameConditions:
+    """Observing conditions and geometry of one frame.
+
+    Attributes
+    ----------
+    frame, field, filter : str
+        Names.
+    epoch : int
+        0 for the reference, 1..n for science epochs.
+    shape : tuple of int
+        (ny, nx) pixels.
+    exptime : float
+        Exposure time (s).
+    mjd : float
+        Date of the observation (MJD).
+    zeropoint : float
+        True magnitude of 1 ADU in this exposure (header ``MAGZP``).
+    seeing : float
+        PSF FWHM at the frame centre (pixels, geometric mean of the major and minor axes).
+    beta : float
+        Moffat beta.
+    psf_variation : float
+        Fractional FWHM increase from the centre to the corners (quadratic in radius).
+    psf_ellipticity : float
+        PSF ellipticity ``1 - b/a`` at the corners (quadratic in radius, 0 at the centre).
+    psf_angle : float
+        Angle (rad) added to the polar angle to give the PSF major axis direction.
+    sky : float
+        Mean sky level (ADU per pixel).
+    sky_slope : tuple of float
+        Fractional sky change across the frame along x and y.
+    true_header : astropy.io.fits.Header
+        TAN WCS cards of the true projection (before the distortion residual).
+    header_wcs_cards : astropy.io.fits.Header
+        TAN WCS cards written to the frame (the true projection with ``wcs_shift`` on CRPIX).
+    wcs_shift : tuple of float
+        Shift (pixels) of the header WCS reference pixel from the truth.
+    distortion : numpy.ndarray
+        Shape (2, 4): per axis, amplitude (px), wave numbers along x and y (cycles per frame), phase.
+    """
+
+    frame: str
+    field: str
+    filter: str
+    epoch: int
+    shape: tuple[int, int]
+    exptime: float
+    mjd: float
+    zeropoint: float
+    seeing: float
+    beta: float
+    psf_variation: float
+    psf_ellipticity: float
+    psf_angle: float
+    sky: float
+    sky_slope: tuple[float, float]
+    true_header: fits.Header = dc_field(repr=False)
+    header_wcs_cards: fits.Header = dc_field(repr=False)
+    wcs_shift: tuple[float, float] = (0.0, 0.0)
+    distortion: np.ndarray = dc_field(default_factory=lambda: np.zeros((2, 4)), repr=False)
+
+    @property
+    def header_wcs(self) -> WCS:
+        """The (slightly wrong) WCS written to the frame header."""
+        return _wcs(self.header_wcs_cards)
+
+    def _distortion(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ny, nx = self.shape
+        u, v = np.asarray(x) / nx, np.asarray(y) / ny
+        out = [a * np.sin(2 * np.pi * (kx * u + ky * v) + ph) for a, kx, ky, ph in self.distortion]
+        return out[0], out[1]
+
+    def world_to_pixel(self, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """True 0-based pixel position of sky positions (deg) in this frame.
+
+        Parameters
+        ----------
+        ra, dec : array-like
+            Sky position (deg).
+
+        Returns
+        -------
+        x, y : numpy.ndarray
+            0-based pixel coordinates (x = column).
+        """
+        x0, y0 = _wcs(self.true_header).wcs_world2pix(np.atleast_1d(ra), np.atleast_1d(dec), 0)
+        dx, dy = self._distortion(x0, y0)
+        return x0 + dx, y0 + dy
+
+    def pixel_to_world(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of :meth:`world_to_pixel` (deg), by fixed-point iteration on the distortion."""
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        x0, y0 = x.copy(), y.copy()
+        for _ in range(6):  # |grad D| < 2 pi A / n << 1: converges to 1e-9 px in a few steps
+            dx, dy = self._distortion(x0, y0)
+            x0, y0 = x - dx, y - dy
+        return _wcs(self.true_header).wcs_pix2world(x0, y0, 0)
+
+    def psf_at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Moffat PSF parameters at pixel positions.
+
+        Returns
+        -------
+        fwhm : numpy.ndarray
+            FWHM (pixels), geometric mean of the major and minor axes.
+        ellipticity : numpy.ndarray
+            ``1 - b/a``.
+        theta : numpy.ndarray
+            Major-axis angle (rad, counter-clockwise from +x).
+        """
+        ny, nx = self.shape
+        xc, yc = (nx - 1) / 2, (ny - 1) / 2
+        dx, dy = np.asarray(x, float) - xc, np.asarray(y, float) - yc
+        rho2 = (dx**2 + dy**2) / (xc**2 + yc**2)
+        fwhm = self.seeing * (1 + self.psf_variation * rho2)
+        return fwhm, self.psf_ellipticity * rho2, np.arctan2(dy, dx) + self.psf_angle
+
+    def sky_map(self) -> np.ndarray:
+        """Sky level (ADU per pixel) with its gradient, before flat-field residuals (float64)."""
+        ny, nx = self.shape
+        u = np.linspace(-0.5, 0.5, nx)[None, :]
+        v = np.linspace(-0.5, 0.5, ny)[:, None]
+        return self.sky * (1 + self.sky_slope[0] * u + self.sky_slope[1] * v)
+
+
+def _frame_spec(telescope: dict[str, Any], frame: str):
+    for spec in frames_of(telescope):
+        if spec.name == frame:
+            return spec
+    names = [s.name for s in frames_of(telescope)]
+    raise InputError(
+        f"frame {frame!r} is not a frame of {_tel_source(telescope)}; its frames are "
+        f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''} (see rbflow.frames.frames_of)"
+    )
+
+
+def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> FrameConditions:
+    """Draw the observing conditions and geometry of one frame.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope.
+    frame : str
+        Frame name from :func:`rbflow.frames.frames_of` (``fld00_r_ref``, ``fld00_r_e1``...).
+    seed : int
+        Global seed; each part uses ``derive(seed, frame, part)``.
+
+    Returns
+    -------
+    FrameConditions
+
+    Raises
+    ------
+    InputError
+        ``frame`` is not a frame of the telescope.
+    ConfigError
+        Missing per-filter values in the ``sky`` block.
+    """
+    sky = _sky_block(telescope)
+    spec = _frame_spec(telescope, frame)
+    index = int(spec.field[3:])
+    epoch = 0 if spec.reference is None else int(frame.rsplit("_e", 1)[1])
+    nx, ny = sky["size"]
+
+    def rng(part: str) -> np.random.Generator:
+        return np.random.default_rng(derive(seed, frame, part))
+
+    scale = telescope["pixel_scale"] / 3600.0
+    spacing = 1.5 * math.hypot(nx, ny) * scale
+    dec_c = float(sky["dec0"])
+    ra_c = float((sky["ra0"] + index * spacing / math.cos(math.radians(dec_c))) % 360.0)
+    g = rng("pointing")
+    offset = g.normal(0.0, sky["pointing_offset"], 2)
+    rot = float(g.normal(0.0, sky["rotation"]))
+    crpix = ((nx + 1) / 2 + offset[0], (ny + 1) / 2 + offset[1])
+    true_header = _tan_header(ra_c, dec_c, crpix, scale, rot)
+    g = rng("wcs")
+    shift = g.normal(0.0, sky["wcs_error"], 2)
+    header_cards = _tan_header(ra_c, dec_c, (crpix[0] + shift[0], crpix[1] + shift[1]), scale, rot)
+    distortion = np.column_stack(
+        [
+            np.full(2, sky["distortion_residual"]),
+            g.uniform(0.3, 1.0, 2) * g.choice([-1, 1], 2),
+            g.uniform(0.3, 1.0, 2) * g.choice([-1, 1], 2),
+            g.uniform(0, 2 * np.pi, 2),
+        ]
+    )
+    g = rng("psf")
+    seeing_arcsec = sky["ref_seeing"] if epoch == 0 else g.uniform(*sky["seeing"])
+    psf_angle = float(g.uniform(0, np.pi))
+    g = rng("zeropoint")
+    exptime = sky["ref_exptime"] if epoch == 0 else sky["exptime"]
+    dzp = 0.0 if epoch == 0 else float(g.normal(0.0, sky["zeropoint_scatter"]))
+    zp = _filter_value(telescope, "zeropoint", spec.filter) + 2.5 * math.log10(exptime) + dzp
+    sky_adu = telescope["pixel_scale"] ** 2 * 10 ** (-0.4 * (_filter_value(telescope, "sky_brightness", spec.filter) - zp))
+    ang = rng("sky").uniform(0, 2 * np.pi)
+    slope = (sky["sky_gradient"] * math.cos(ang), sky["sky_gradient"] * math.sin(ang))
+    mjd = _MJD0 - _REF_LEAD if epoch == 0 else _MJD0 + _CADENCE * (epoch - 1)
+    return FrameConditions(
+        frame=frame,
+        field=spec.field,
+        filter=spec.filter,
+        epoch=epoch,
+        shape=(ny, nx),
+        exptime=float(exptime),
+        mjd=mjd + 0.01 * index,
+        zeropoint=zp,
+        seeing=float(seeing_arcsec / telescope["pixel_scale"]),
+        beta=float(sky["moffat_beta"]),
+        psf_variation=float(sky["psf_variation"]),
+        psf_ellipticity=float(sky["psf_ellipticity"]),
+        psf_angle=psf_angle,
+        sky=float(sky_adu),
+        sky_slope=slope,
+        true_header=true_header,
+        header_wcs_cards=header_cards,
+        wcs_shift=(float(shift[0]), float(shift[1])),
+        distortion=distortion,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+def _moffat_alphas(fwhm: np.ndarray, ell: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Moffat core widths along the major and minor axes; their geometric mean gives ``fwhm``."""
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    return alpha / np.sqrt(1 - ell), alpha * np.sqrt(1 - ell)
+
+
+def _moffat_grid(gx, gy, ca, sa, aa, ab, beta):
+    """Unnormalised elliptical Moffat at offsets (gx, gy) from the centre, broadcasting over sources."""
+    u = gx * ca + gy * sa
+    v = gy * ca - gx * sa
+    return (1 + (u / aa) ** 2 + (v / ab) ** 2) ** (-beta)
+
+
+def _psf_stamps(dx, dy, fwhm, ell, theta, beta: float, half: int) -> np.ndarray:
+    """Pixel-integrated, unit-sum Moffat stamps (K, 2h+1, 2h+1) of sources offset by (dx, dy) from the centre pixel.
+
+    The central (2*_CORE+1)^2 pixels are integrated on a _OVERSAMPLE^2 sub-grid; outer pixels, where the
+    profile is smooth, are sampled at their centres.
+    """
+    k = len(dx)
+    aa, ab = _moffat_alphas(fwhm, ell, beta)
+    shp = (k, 1, 1)
+    ca, sa, aa, ab = (np.cos(theta).reshape(shp), np.sin(theta).reshape(shp), aa.reshape(shp), ab.reshape(shp))
+    g = np.arange(-half, half + 1, dtype=float)
+    gx = g[None, None, :] - dx.reshape(shp)
+    gy = g[None, :, None] - dy.reshape(shp)
+    stamps = _moffat_grid(gx, gy, ca, sa, aa, ab, beta)
+    c = min(_CORE, half)
+    sub = (np.arange(_OVERSAMPLE) + 0.5) / _OVERSAMPLE - 0.5
+    gc = (np.arange(-c, c + 1)[:, None] + sub[None, :]).ravel()
+    cx = gc[None, None, :] - dx.reshape(shp)
+    cy = gc[None, :, None] - dy.reshape(shp)
+    core = _moffat_grid(cx, cy, ca, sa, aa, ab, beta)
+    n = 2 * c + 1
+    core = core.reshape(k, n, _OVERSAMPLE, n, _OVERSAMPLE).mean(axis=(2, 4))
+    stamps[:, half - c : half + c + 1, half - c : half + c + 1] = core
+    return stamps / stamps.sum(axis=(1, 2), keepdims=True)
+
+
+def _splat(image: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
+    """Add stamps (K, S, S) centred on integer pixels (ix, iy) into ``image`` in place."""
+    ny, nx = image.shape
+    half = stamps.shape[1] // 2
+    g = np.arange(-half, half + 1)
+    rows = iy[:, None, None] + g[None, :, None]
+    cols = ix[:, None, None] + g[None, None, :]
+    ok = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    flat = (rows * nx + cols)[ok]
+    image += np.bincount(flat, weights=stamps[ok], minlength=nx * ny).reshape(ny, nx)
+
+
+def _half_size(flux, fwhm, ell, beta: float, noise: float) -> np.ndarray:
+    """Stamp half-size: the light left outside is < noise/2 ADU in total (at least 2.5 FWHM, at most 128 px)."""
+    aa, _ = _moffat_alphas(fwhm, ell, beta)
+    frac = np.clip(0.5 * noise / np.maximum(flux, 1e-9), 1e-12, 1.0)
+    need = aa * np.sqrt(np.maximum(frac ** (1 / (1 - beta)) - 1, 0))
+    need = np.maximum(need, 2.5 * fwhm)
+    idx = np.minimum(np.searchsorted(_HALF_SIZES, need), len(_HALF_SIZES) - 1)
+    return _HALF_SIZES[idx]
+
+
+def _render_points(image, x, y, flux, cond: FrameConditions, noise: float) -> None:
+    """Add point sources (ADU) with the local PSF into ``image``, grouped by stamp size."""
+    if len(x) == 0:
+        return
+    fwhm, ell, theta = cond.psf_at(x, y)
+    halves = _half_size(flux, fwhm, ell, cond.beta, noise)
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    for half in np.unique(halves):
+        sel = np.flatnonzero(halves == half)
+        # Chunks keep the temporary arrays near 10^7 elements.
+        step = max(1, int(2e6 // (2 * half + 1) ** 2))
+        for s in range(0, len(sel), step):
+            i = sel[s : s + step]
+            st = _psf_stamps(x[i] - ix[i], y[i] - iy[i], fwhm[i], ell[i], theta[i], cond.beta, int(half))
+            _splat(image, st * flux[i, None, None], ix[i], iy[i])
+
+
+def _sersic_b(n: np.ndarray) -> np.ndarray:
+    """Sérsic b_n such that r_eff encloses half the light (Ciotti & Bertin 1999 expansion)."""
+    return 2 * n - 1 / 3 + 4 / (405 * n) + 46 / (25515 * n**2)
+
+
+def _render_galaxies(image, x, y, flux, r_eff_px, n, q, pa_px, cond: FrameConditions) -> None:
+    """Sérsic profiles (oversampled 3x) convolved with the local pixel-integrated PSF, unit-normalised × flux."""
+    if len(x) == 0:
+        return
+    fwhm, ell, theta = cond.psf_at(x, y)
+    halves = np.clip(np.ceil(3 * r_eff_px * np.sqrt(n) + 3 * fwhm), 8, 64).astype(int)
+    halves = _HALF_SIZES[np.searchsorted(_HALF_SIZES, halves)]
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    os_ = 3
+    for half in np.unique(halves):
+        i = np.flatnonzero(halves == half)
+        k, s = len(i), 2 * half + 1
+        sub = (np.arange(os_) + 0.5) / os_ - 0.5
+        grid = (np.arange(-half, half + 1)[:, None] + sub[None, :]).ravel()
+        shp = (k, 1, 1)
+        gx = grid[None, None, :] - (x[i] - ix[i]).reshape(shp)
+        gy = grid[None, :, None] - (y[i] - iy[i]).reshape(shp)
+        c, sn = np.cos(pa_px[i]).reshape(shp), np.sin(pa_px[i]).reshape(shp)
+        u = gx * c + gy * sn
+        v = gy * c - gx * sn
+        r = np.sqrt(u**2 + (v / q[i].reshape(shp)) ** 2) / r_eff_px[i].reshape(shp)
+        nn = n[i].reshape(shp)
+        prof = np.exp(-_sersic_b(nn) * (np.maximum(r, 1e-3) ** (1 / nn) - 1))
+        prof = prof.reshape(k, s, os_, s, os_).mean(axis=(2, 4))
+        ph = int(min(half, np.ceil(2.5 * fwhm[i].max())))
+        psf = _psf_stamps(np.zeros(k), np.zeros(k), fwhm[i], ell[i], theta[i], cond.beta, ph)
+        conv = signal.fftconvolve(prof, psf, mode="same", axes=(1, 2))
+        conv = np.clip(conv, 0, None)
+        conv /= conv.sum(axis=(1, 2), keepdims=True)
+        _splat(image, conv * flux[i, None, None], ix[i], iy[i])
+
+
+def _bleed(expected: np.ndarray, saturation: float, *, trails: bool) -> tuple[np.ndarray, list[tuple]]:
+    """Saturated pixels; with ``trails`` the charge above saturation spills up and down the column.
+
+    Returns the saturated-pixel mask and one (x, y, charge_adu) per saturated region that bled.
+    """
+    sat = expected >= saturation
+    out: list[tuple] = []
+    if not trails or not sat.any():
+        return sat, out
+    labels, _ = ndimage.label(sat)
+    ny = expected.shape[0]
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        region = labels[sl] == lab
+        excess = np.where(region, expected[sl] - saturation, 0.0).sum(axis=0)
+        rows = np.arange(sl[0].start, sl[0].stop)
+        total = 0.0
+        for j in np.flatnonzero(excess > 0):
+            col = sl[1].start + j
+            in_col = rows[region[:, j]]
+            spill = excess[j] / 2
+            for start, step in ((in_col.max() + 1, 1), (in_col.min() - 1, -1)):
+                stop = ny if step > 0 else -1
+                idx = np.arange(start, stop, step)
+                room = np.cumsum(np.maximum(saturation - expected[idx, col], 0.0))
+                n_fill = min(int(np.searchsorted(room, spill)) + 1, len(idx))
+                expected[idx[:n_fill], col] = saturation
+                sat[idx[:n_fill], col] = True
+            total += excess[j]
+        if total > 0:
+            cy = 0.5 * (sl[0].start + sl[0].stop - 1)
+            cx = 0.5 * (sl[1].start + sl[1].stop - 1)
+            out.append((cx, cy, total))
+    return sat, out
+
+
+def _detector(telescope: dict[str, Any], shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+    """Fixed defects of the detector: hot pixels (ADU in a science exposure), bad columns, pixel flat."""
+    sky = telescope["sky"]
+    ny, nx = shape
+    g = np.random.default_rng(derive(seed, telescope["name"], "detector"))
+    n_hot = int(round(sky["hot_pixels"] * nx * ny / _REF_AREA))
+    hot = {
+        "x": g.integers(0, nx, n_hot),
+        "y": g.integers(0, ny, n_hot),
+        "adu": 10 ** g.uniform(math.log10(200.0), math.log10(20000.0), n_hot),
+    }
+    n_bad = sky["bad_columns"]
+    start = g.integers(0, ny // 2, n_bad)
+    from_top = g.random(n_bad) < 0.5
+    bad = {
+        "x": g.choice(nx, n_bad, replace=False) if n_bad <= nx else g.integers(0, nx, n_bad),
+        "y0": np.where(from_top, start, 0),
+        "y1": np.where(from_top, ny, ny - start),
+        "hot": g.random(n_bad) < 0.5,
+        "level": g.uniform(50.0, 400.0, n_bad),  # hot column: ADU added in a science exposure
+        "qe": g.uniform(0.1, 0.4, n_bad),  # dead column: fraction of the light recorded
+    }
+    pixel_flat = g.normal(0.0, 1.0, shape)
+    return {"hot": hot, "bad": bad, "pixel_flat": pixel_flat}
+
+
+def _flat(cond: FrameConditions, detector: dict, amplitude: float, seed: int) -> np.ndarray:
+    """Multiplicative flat-field residual: smooth per-frame pattern plus the detector's pixel pattern (RMS = amplitude)."""
+    ny, nx = cond.shape
+    if amplitude == 0:
+        return np.ones(cond.shape)
+    g = np.random.default_rng(derive(seed, cond.frame, "flat"))
+    coarse = g.normal(0.0, 1.0, (6, 6))
+    smooth = ndimage.zoom(coarse, (ny / 6, nx / 6), order=3, mode="nearest")[:ny, :nx]
+    smooth = (smooth - smooth.mean()) / max(smooth.std(), 1e-12)
+    return 1 + amplitude * (0.8 * smooth + 0.6 * detector["pixel_flat"])
+
+
+def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple[fits.PrimaryHDU, Table]:
+    """Render one frame of the synthetic sky and its truth table.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope (instrument facts and ``sky`` block).
+    frame : str
+        Frame name from :func:`rbflow.frames.frames_of`.
+    seed : int
+        Global seed. The same seed gives byte-identical output.
+
+    Returns
+    -------
+    hdu : astropy.io.fits.PrimaryHDU
+        float32 image (ADU) with TAN WCS and the cards GAIN, RDNOISE, SATURATE, FILTER, EXPTIME,
+        DATE-OBS, MJD-OBS, MAGZP, SEEING (px), FIELD, EPOCH, plus the seed and realism switches.
+    truth : astropy.table.Table
+        One row per rendered object and artefact with its centre in the frame: ``id, kind, x, y``
+        (true 0-based pixel position), ``ra, dec`` (deg), ``mag`` (NaN for artefacts), ``flux``
+        (ADU), ``fwhm`` (PSF FWHM there, px), ``saturated``, ``r_eff`` (galaxy half-light radius,
+        px), ``host`` (host galaxy id of a transient).
+
+    Raises
+    ------
+    InputError
+        ``frame`` is not a frame of the telescope.
+    ConfigError
+        The telescope is not a valid synthetic telescope.
+    """
+    sky = _sky_block(telescope)
+    cond = frame_conditions(telescope, frame, seed=seed)
+    scene = field_scene(telescope, cond.field, seed=seed)
+    gain, rn, satur = float(telescope["gain"]), float(telescope["read_noise"]), float(telescope["saturation"])
+    ny, nx = cond.shape
+    noise = math.sqrt(cond.sky * gain + rn**2) / gain
+    obj = scene.objects
+    mags = obj["mags"][:, cond.epoch]
+    present = np.isfinite(mags)
+    x, y = cond.world_to_pixel(obj["ra"], obj["dec"])
+    flux = 10 ** (-0.4 * (mags - cond.zeropoint))
+    reach = _HALF_SIZES[-1] + 12  # objects this far outside still spill light into the frame
+    near = present & (x > -reach) & (x < nx + reach) & (y > -reach) & (y < ny + reach)
+
+    expected = np.zeros(cond.shape)
+    is_gal = np.asarray(obj["kind"] == "galaxy")
+    pts = np.flatnonzero(near & ~is_gal)
+    _render_points(expected, x[pts], y[pts], flux[pts], cond, noise)
+    gal = np.flatnonzero(near & is_gal)
+    scale = telescope["pixel_scale"]
+    rot = math.degrees(math.atan2(cond.true_header["CD1_2"], -cond.true_header["CD1_1"]))
+    # Sky PA (east of north) to pixel angle from +x: north is +y and east is -x when the rotation is 0.
+    pa_px = np.radians(np.asarray(obj["pa"][gal]) + 90.0 - rot)
+    _render_galaxies(
+        expected, x[gal], y[gal], flux[gal], np.asarray(obj["r_eff"][gal]) / scale,
+        np.asarray(obj["sersic_n"][gal]), np.asarray(obj["q"][gal]), pa_px, cond,
+    )
+
+    detector = _detector(telescope, cond.shape, seed)
+    sky_map = cond.sky_map()
+    flat = _flat(cond, detector, sky["flat_residual"], seed)
+    expected = (expected + sky_map) * flat
+    science = cond.epoch > 0
+
+    artefacts: list[tuple[str, float, float, float]] = []  # kind, x, y, ADU
+
+    # Satellite trail: a PSF-wide line of light across the frame (science frames only).
+    g = np.random.default_rng(derive(seed, frame, "satellite"))
+    if science and g.random() < sky["satellite_rate"]:
+        px, py, ang = g.uniform(0, nx - 1), g.uniform(0, ny - 1), g.uniform(0, np.pi)
+        peak = 10 ** g.uniform(math.log10(30.0), math.log10(3000.0))
+        sigma = cond.seeing / 2.3548
+        cols = np.arange(nx)[None, :] - px
+        rows = np.arange(ny)[:, None] - py
+        dist = -cols * math.sin(ang) + rows * math.cos(ang)
+        trail = np.where(np.abs(dist) < 6 * sigma, peak * np.exp(-0.5 * (dist / sigma) ** 2), 0.0)
+        expected += trail * flat
+        t = (nx - 1) / 2 - px, (ny - 1) / 2 - py
+        along = t[0] * math.cos(ang) + t[1] * math.sin(ang)
+        artefacts.append(("satellite", px + along * math.cos(ang), py + along * math.sin(ang), trail.sum()))
+
+    # Dead columns record a fraction of the light.
+    bad = detector["bad"]
+    for k in np.flatnonzero(~bad["hot"]):
+        expected[bad["y0"][k] : bad["y1"][k], bad["x"][k]] *= bad["qe"][k]
+
+    sat_mask, trails = _bleed(expected, satur, trails=bool(sky["bleed_trails"]))
+    artefacts += [("bleed", *trail) for trail in trails]
+
+    g = np.random.default_rng(derive(seed, frame, "noise"))
+    data = g.poisson(np.clip(expected, 0, None) * gain).astype(float)
+    data += g.normal(0.0, rn, cond.shape)
+    data /= gain
+
+    # Hot columns, hot pixels (dark current scales with exposure) and cosmic rays add charge.
+    dark = cond.exptime / sky["exptime"]
+    for k in np.flatnonzero(bad["hot"]):
+        data[bad["y0"][k] : bad["y1"][k], bad["x"][k]] += bad["level"][k] * dark
+    artefacts += [
+        ("bad_column", bad["x"][k], 0.5 * (bad["y0"][k] + bad["y1"][k] - 1), bad["level"][k] * dark if bad["hot"][k] else 0.0)
+        for k in range(len(bad["x"]))
+    ]
+    hot = detector["hot"]
+    np.add.at(data, (hot["y"], hot["x"]), hot["adu"] * dark)
+    artefacts += [("hot_pixel", hot["x"][k], hot["y"][k], hot["adu"][k] * dark) for k in range(len(hot["x"]))]
+    g = np.random.default_rng(derive(seed, frame, "cosmic_rays"))
+    n_cr = int(g.poisson(sky["cosmic_rays"] * nx * ny / _REF_AREA)) if science else 0
+    for _ in range(n_cr):
+        cx, cy = g.uniform(-0.5, nx - 0.5), g.uniform(-0.5, ny - 0.5)
+        length, ang = g.exponential(2.5), g.uniform(0, np.pi)
+        per_px = 10 ** g.uniform(math.log10(150.0), math.log10(3000.0))
+        steps = np.arange(0.0, length + 1e-9, 0.25)
+        px = np.clip(np.rint(cx + steps * math.cos(ang)).astype(int), 0, nx - 1)
+        py = np.clip(np.rint(cy + steps * math.sin(ang)).astype(int), 0, ny - 1)
+        deposit = per_px * max(length, 1.0) / len(steps)
+        np.add.at(data, (py, px), deposit)
+        mid = (cx + 0.5 * length * math.cos(ang), cy + 0.5 * length * math.sin(ang))
+        artefacts.append(("cosmic_ray", *mid, deposit * len(steps)))
+    data[sat_mask] = satur
+    np.minimum(data, satur, out=data)
+
+    # Objects with their centre in the frame, then artefacts.
+    idx = np.flatnonzero(present & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5))
+    ix = np.clip(np.rint(x[idx]).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(y[idx]).astype(int), 0, ny - 1)
+    a_kind = [a[0] for a in artefacts]
+    a_x = np.array([a[1] for a in artefacts], dtype=float)
+    a_y = np.array([a[2] for a in artefacts], dtype=float)
+    a_ra, a_dec = cond.pixel_to_world(a_x, a_y) if artefacts else (np.zeros(0), np.zeros(0))
+    counts: dict[str, int] = {}
+    a_ids = []
+    for kind in a_kind:
+        a_ids.append(f"{frame}_{kind}{counts.get(kind, 0):03d}")
+        counts[kind] = counts.get(kind, 0) + 1
+    n_a = len(artefacts)
+    table = Table(
+        {
+            "id": np.concatenate([np.asarray(obj["id"][idx], dtype=str), np.array(a_ids, dtype=str)]),
+            "kind": np.concatenate([np.asarray(obj["kind"][idx], dtype=str), np.array(a_kind, dtype=str)]),
+            "x": np.concatenate([x[idx], a_x]),
+            "y": np.concatenate([y[idx], a_y]),
+            "ra": np.concatenate([np.asarray(obj["ra"][idx]), a_ra]),
+            "dec": np.concatenate([np.asarray(obj["dec"][idx]), a_dec]),
+            "mag": np.concatenate([mags[idx], np.full(n_a, np.nan)]),
+            "flux": np.concatenate([flux[idx], np.array([a[3] for a in artefacts], dtype=float)]),
+            "fwhm": np.concatenate([cond.psf_at(x[idx], y[idx])[0], cond.psf_at(a_x, a_y)[0]]),
+            "saturated": np.concatenate([sat_mask[iy, ix], np.zeros(n_a, bool)]),
+            "r_eff": np.concatenate([np.asarray(obj["r_eff"][idx]) / scale, np.full(n_a, np.nan)]),
+            "host": np.concatenate([np.asarray(obj["host"][idx], dtype=str), np.full(n_a, "", dtype=str)]),
+        }
+    )
+    for col, unit in (("x", "pix"), ("y", "pix"), ("ra", "deg"), ("dec", "deg"), ("mag", "mag"),
+                      ("flux", "adu"), ("fwhm", "pix"), ("r_eff", "pix")):
+        table[col].unit = unit
+    table.meta.update(
+        {
+            "description": "truth of a synthetic frame: every rendered object and artefact (0-based true pixel positions)",
+            "made_by": "rbflow.sky.simulate_frame",
+            "telescope": telescope["name"],
+            "frame": frame,
+            "field": cond.field,
+            "epoch": "ref" if cond.epoch == 0 else cond.epoch,
+            "seed": int(seed),
+            "magzp": cond.zeropoint,
+            "seeing_px": cond.seeing,
+            "sky_adu": cond.sky,
+        }
+    )
+    header = _frame_header(telescope, cond, seed, n_cr, "satellite" in counts)
+    hdu = fits.PrimaryHDU(data.astype(np.float32), header=header)
+    log.info(
+        "%s: %d objects, %d artefacts, seeing %.2f px, MAGZP %.3f, sky %.1f ADU, %d saturated pixels",
+        frame, len(idx), len(table) - len(idx), cond.seeing, cond.zeropoint, cond.sky, int(sat_mask.sum()),
+    )
+    return hdu, table
+
+
+def _frame_header(telescope: dict[str, Any], cond: FrameConditions, seed: int, n_cr: int, satellite: bool) -> fits.Header:
+    sky = telescope["sky"]
+    h = fits.Header()
+    h["BUNIT"] = ("adu", "pixel unit")
+    h.extend(cond.header_wcs_cards.cards)
+    date = (_MJD_EPOCH + timedelta(days=cond.mjd)).isoformat(timespec="milliseconds")
+    for key, value, comment in (
+        ("TELESCOP", telescope["name"], "synthetic telescope (rbflow.sky)"),
+        ("OBJECT", cond.field, "field"),
+        ("FIELD", cond.field, "field id"),
+        ("EPOCH", "ref" if cond.epoch == 0 else cond.epoch, "'ref' or science epoch number"),
+        ("IMAGETYP", "reference" if cond.epoch == 0 else "science", "frame type"),
+        ("FILTER", cond.filter, "filter"),
+        ("EXPTIME", cond.exptime, "[s] exposure time"),
+        ("DATE-OBS", date, "UTC start of exposure"),
+        ("MJD-OBS", cond.mjd, "[d] MJD of DATE-OBS"),
+        ("GAIN", float(telescope["gain"]), "[e-/ADU] gain"),
+        ("RDNOISE", float(telescope["read_noise"]), "[e-] read noise"),
+        ("SATURATE", float(telescope["saturation"]), "[ADU] saturation level"),
+        ("MAGZP", cond.zeropoint, "[mag] magnitude of 1 ADU in this exposure"),
+        ("SEEING", cond.seeing, "[px] PSF FWHM at the frame centre"),
+        ("SKYLEVEL", cond.sky, "[ADU] mean sky level"),
+        ("PSFBETA", cond.beta, "Moffat beta"),
+        ("SKYSEED", int(seed), "global seed of rbflow.sky"),
+        ("PSFVAR", float(sky["psf_variation"]), "FWHM change centre->corner (fraction)"),
+        ("PSFELL", float(sky["psf_ellipticity"]), "PSF ellipticity at the corners"),
+        ("SKYGRAD", float(sky["sky_gradient"]), "fractional sky gradient across the frame"),
+        ("FLATRES", float(sky["flat_residual"]), "RMS flat-field residual (fraction)"),
+        ("BLEED", bool(sky["bleed_trails"]), "saturated stars bleed along columns"),
+        ("CRMEAN", float(sky["cosmic_rays"]), "mean cosmic rays per 1024^2 science frame"),
+        ("NCOSMIC", int(n_cr), "cosmic rays in this frame"),
+        ("HOTPIX", int(sky["hot_pixels"]), "hot pixels per 1024^2 detector area"),
+        ("BADCOLS", int(sky["bad_columns"]), "bad columns of the detector"),
+        ("SATRATE", float(sky["satellite_rate"]), "probability of a satellite trail"),
+        ("SATTRAIL", bool(satellite), "this frame has a satellite trail"),
+        ("WCSERR", float(sky["wcs_error"]), "[px] RMS error of the header WCS zero point"),
+        ("DISTRES", float(sky["distortion_residual"]), "[px] distortion residual not in the WCS"),
+        ("RBFLOWV", __version__, "rbflow version that wrote this file"),
+    ):
+        h[key] = (value, comment)
+    return h
+
+
+def write_frame(
+    telescope: dict[str, Any],
+    frame: str,
+    out_fits: str | os.PathLike,
+    out_truth: str | os.PathLike,
+    *,
+    seed: int,
+) -> None:
+    """Simulate one frame and write its FITS image and ECSV truth table atomically.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope.
+    frame : str
+        Frame name.
+    out_fits, out_truth : path-like
+        Destinations of the image and of the truth table.
+    seed : int
+        Global seed.
+    """
+    hdu, truth = simulate_frame(telescope, frame, seed=seed)
+    write_fits(hdu, out_fits)
+    write_table(truth, out_truth)
+
+
+def variables_catalogue(telescope: dict[str, Any], *, seed: int) -> Table:
+    """Catalogue of the real (not injected) variable stars and transients of every field.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope.
+    seed : int
+        Global seed (the same as for the frames).
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``id, field, kind`` ('variable' or 'transient'), ``ra, dec`` (deg), ``host`` (galaxy
+        id or ''), ``mag_ref`` and ``mag_e1``... ``mag_e{n}`` (mag; NaN where the object is absent).
+        ``meta['mjd']`` maps each column to its date.
+    """
+    sky = _sky_block(telescope)
+    n_ep = sky["epochs"]
+    parts = []
+    mjd: dict[str, list[float]] = {}
+    for fld in sorted({s.field for s in frames_of(telescope)}):
+        scene = field_scene(telescope, fld, seed=seed)
+        o = scene.objects[np.isin(scene.objects["kind"], ["variable", "transient"])]
+        t = Table({"id": o["id"], "field": np.full(len(o), fld), "kind": o["kind"], "ra": o["ra"], "dec": o["dec"],
+                   "host": o["host"]})
+        for e in range(n_ep + 1):
+            t[f"mag_{'ref' if e == 0 else f'e{e}'}"] = np.asarray(o["mags"][:, e], float)
+        parts.append(t)
+        mjd[fld] = [float(m) for m in scene.mjd]
+    table = vstack(parts) if parts else Table()
+    if len(table) == 0:
+        log.warning("%s: no variables or transients (sky.variables = sky.transients = 0)", _tel_source(telescope))
+    for col in ("ra", "dec"):
+        table[col].unit = "deg"
+    for col in table.colnames:
+        if col.startswith("mag_"):
+            table[col].unit = "mag"
+    table.meta.update(
+        {
+            "description": "real variable stars and transients of the synthetic sky (truth; not injections)",
+            "made_by": "rbflow.sky.variables_catalogue",
+            "telescope": telescope["name"],
+            "seed": int(seed),
+            "mjd": mjd,
+        }
+    )
+    return table
+
+
+def write_variables_catalogue(telescope: dict[str, Any], out: str | os.PathLike, *, seed: int) -> None:
+    """Write :func:`variables_catalogue` atomically as ECSV.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope.
+    out : path-like
+        Destination.
+    seed : int
+        Global seed.
+    """
+    write_table(variables_catalogue(telescope, seed=seed), out)

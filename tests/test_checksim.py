@@ -1,0 +1,116 @@
+"""Tests of rbflow.checksim: efficiency intervals, logistic fit, limiting magnitude and the plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from numpy.testing import assert_allclose
+
+from rbflow.checksim import efficiency, fit_logistic, limiting_mag, logistic, run_checksim
+from rbflow.errors import InputError
+from rbflow.io import write_table
+from rbflow.seeds import derive
+
+
+def _draw(n: int, m50: float, width: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mags = rng.uniform(m50 - 3.0, m50 + 3.0, n)
+    return mags, rng.random(n) < logistic(mags, m50, width)
+
+
+def _fisher_sigma(mags: np.ndarray, m50: float, width: float) -> np.ndarray:
+    """1-sigma errors of (m50, width) from the Fisher information of the logistic model at the truth."""
+    p = logistic(mags, m50, width)
+    grad = np.stack([np.full_like(mags, 1.0 / width), (mags - m50) / width**2])  # d eta / d(m50, w)
+    info = (grad * p * (1 - p)) @ grad.T
+    return np.sqrt(np.diag(np.linalg.inv(info)))
+
+
+@pytest.mark.parametrize("m50,width", [(21.5, 0.3), (19.0, 0.15)])
+def test_logistic_fit_recovers_truth(m50, width):
+    mags, det = _draw(3000, m50, width, derive(42, "checksim", m50))
+    fit_m50, fit_w = fit_logistic(mags, det)
+    sigma = _fisher_sigma(mags, m50, width)
+    # The MLE is unbiased to first order with the Fisher errors (~0.01 mag here); 4 sigma keeps the
+    # seeded test far from a chance failure while still catching a wrong sign or scale of the model.
+    assert abs(fit_m50 - m50) < 4 * sigma[0]
+    assert abs(fit_w - width) < 4 * sigma[1]
+    assert sigma[0] < 0.03 and sigma[1] < 0.03  # the test has the power to see a 0.1 mag error
+
+
+def test_logistic_fit_degenerate(caplog):
+    with caplog.at_level(logging.WARNING, logger="rbflow.checksim"):
+        assert all(math.isnan(v) for v in fit_logistic(np.array([20.0, 21.0]), np.array([True, True])))
+    assert "impossible" in caplog.text
+
+
+def test_efficiency_wilson_intervals():
+    mags = np.r_[np.full(10, 20.1), np.full(4, 20.6)]
+    det = np.r_[np.arange(10) < 5, np.zeros(4, bool)]
+    eff = efficiency(mags, det, np.array([20.0, 20.5, 21.0, 21.5]))
+    assert list(eff["n"]) == [10, 4, 0] and list(eff["n_det"]) == [5, 0, 0]
+    # Wilson score, z = 1: k=5, n=10 -> 0.5 -/+ sqrt(0.0275)/1.1; k=0, n=4 -> [0, 2 * 0.125/1.25].
+    assert_allclose(eff["eff"][:2], [0.5, 0.0])
+    assert_allclose(eff["eff_lo"][:2], [0.5 - math.sqrt(0.0275) / 1.1, 0.0], atol=1e-12)
+    assert_allclose(eff["eff_hi"][:2], [0.5 + math.sqrt(0.0275) / 1.1, 0.2], atol=1e-12)
+    assert np.isnan(eff["eff"][2])
+
+
+def test_limiting_mag():
+    # sigma = 1 px: NEA = 4 pi; noise = 10 * sqrt(4 pi) ADU; 5 sigma flux -> ZP - 2.5 log10(5 * noise).
+    expected = 25.0 - 2.5 * math.log10(5 * 10.0 * math.sqrt(4 * math.pi))
+    assert_allclose(limiting_mag(2.0 * math.sqrt(2.0 * math.log(2.0)), 10.0, 25.0), expected, rtol=1e-12)
+    assert limiting_mag(4.0, 10.0, 25.0) < limiting_mag(2.0, 10.0, 25.0)
+    with pytest.raises(ValueError, match="FWHM"):
+        limiting_mag(0.0, 10.0, 25.0)
+
+
+def _crossmatch_table(band: str, m50: float, seed: int, n: int = 600) -> Table:
+    mags, det = _draw(n, m50, 0.25, seed)
+    rng = np.random.default_rng(seed + 1)
+    meas = np.where(det, mags + 0.02 + rng.normal(0, 0.05, n), np.nan)
+    snr = np.where(det, 10 ** (-0.4 * (mags - m50)) * 5.0, np.nan)
+    return Table({"id": np.arange(n), "mag": mags, "filter": np.full(n, band), "detected": det,
+                  "mag_meas": meas, "snr": snr})
+
+
+def test_run_checksim(tmp_path):
+    paths = []
+    for k, (band, m50) in enumerate([("g", 21.0), ("r", 21.6)]):
+        paths.append(tmp_path / f"{band}.ecsv")
+        write_table(_crossmatch_table(band, m50, derive(7, band)), paths[-1])
+    out = tmp_path / "plots"
+    summary = run_checksim(paths, out, limiting={"g": 21.3, "r": 21.9})
+    for name in ("hist_mag.png", "efficiency.png", "mag_bias.png", "snr_mag.png", "efficiency.ecsv", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    bands = saved["bands"]
+    assert set(bands) == {"all", "g", "r"} and bands["all"]["n_injected"] == 1200
+    # 600 draws per band: Fisher error of m50 ~ 0.03 mag; 0.12 mag is 4 sigma.
+    assert abs(bands["g"]["m50"] - 21.0) < 0.12 and abs(bands["r"]["m50"] - 21.6) < 0.12
+    assert_allclose(bands["g"]["m90"], bands["g"]["m50"] - bands["g"]["width"] * math.log(9.0))
+    assert bands["r"]["limiting_mag"] == 21.9
+    # Injected bias 0.02 mag, scatter 0.05 mag: the bin medians with >= 30 sources are within 0.05 mag.
+    bias = [b for b in bands["all"]["bias"] if b["n"] >= 30]
+    assert bias and all(abs(b["bias"] - 0.02) < 0.05 for b in bias)
+    eff = Table.read(out / "efficiency.ecsv")
+    assert set(eff["band"]) == {"all", "g", "r"}
+
+
+def test_run_checksim_empty_and_errors(tmp_path, caplog):
+    empty = _crossmatch_table("r", 21.0, 1)[:0]
+    write_table(empty, tmp_path / "e.ecsv")
+    with caplog.at_level(logging.WARNING, logger="rbflow.checksim"):
+        summary = run_checksim([tmp_path / "e.ecsv"], tmp_path / "plots")
+    assert "no injected source" in caplog.text
+    assert summary["bands"]["all"]["n_injected"] == 0 and summary["bands"]["all"]["m50"] is None
+    assert (tmp_path / "plots" / "efficiency.png").exists()
+    write_table(Table({"mag": [20.0]}), tmp_path / "bad.ecsv")
+    with pytest.raises(InputError, match="bad.ecsv.*lacks column.*detected"):
+        run_checksim([tmp_path / "bad.ecsv"], tmp_path / "plots")

@@ -1,0 +1,164 @@
+"""Tests of rbflow.infer and rbflow.cli: model loading and checks, ONNX, folder inference, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+from numpy.testing import assert_allclose
+
+from rbflow.cli import main
+from rbflow.datacube import normalise, synthetic_stamps
+from rbflow.errors import InputError
+from rbflow.infer import check_compatible, infer_cutouts, load_model, predict, predict_onnx
+from rbflow.train import train
+from test_datacube import write_cutout
+from test_train import make_cube
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    cube = make_cube(root / "cube.npz", 600, seed=21, n_frames=6)
+    cfg = {"widths": [8, 16, 32], "epochs": 2, "batch_size": 64, "lr": 0.01, "device": "cpu"}
+    train(cube, root / "model", cfg, seed=2, checkpoint_dir=root / "ckpt")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def cutouts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cutouts") / "img0"
+    X, y = synthetic_stamps(40, seed=99)
+    X[3, :, :6] = np.nan  # a stamp crossing the frame edge
+    for i, stamp in enumerate(X):
+        write_cutout(folder / f"img0_{i}.fits", stamp, cid=f"img0_{i}", image="img0")
+    return folder, X, y
+
+
+def test_load_model(model_dir):
+    model, meta = load_model(model_dir / "model.pt")
+    assert not model.training and meta["channels"] == ["SCI", "REF", "DIFF"] and meta["stamp_size"] == 31
+
+
+def test_refuses_pickle_and_corrupt_files(model_dir, tmp_path):
+    shutil.copy(model_dir / "model.json", tmp_path / "model.json")
+    model, _ = load_model(model_dir / "model.pt")
+    torch.save(model, tmp_path / "model.pt")  # a whole pickled module, not a state_dict
+    with pytest.raises(InputError, match="pickled Python objects"):
+        load_model(tmp_path / "model.pt")
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes()[:500])
+    with pytest.raises(InputError, match="corrupt"):
+        load_model(tmp_path / "model.pt")
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(InputError, match="model.json' is not valid"):
+        load_model(tmp_path / "model.pt")
+    with pytest.raises(InputError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_check_compatible(model_dir):
+    _, meta = load_model(model_dir / "model.pt")
+    check_compatible(meta, ["SCI", "REF", "DIFF", "SCORR"], 31)
+    with pytest.raises(InputError, match="lack \\['REF'\\]"):
+        check_compatible(meta, ["SCI", "DIFF"], 31)
+    with pytest.raises(InputError, match="expects stamps of 31 px.*cutouts are 21 px"):
+        check_compatible(meta, ["SCI", "REF", "DIFF"], 21)
+
+
+def test_size_mismatch_in_folder(model_dir, tmp_path):
+    X, _ = synthetic_stamps(2, size=21, seed=1)
+    write_cutout(tmp_path / "c" / "a_0.fits", X[0], cid="a_0", image="a")
+    with pytest.raises(InputError, match="cutouts are 21 px"):
+        infer_cutouts(tmp_path / "c", model_dir / "model.pt", tmp_path / "out.ecsv")
+
+
+def test_onnx_matches_torch(model_dir):
+    model, meta = load_model(model_dir / "model.pt")
+    X = normalise(synthetic_stamps(64, seed=5)[0])
+    # float32 forward passes of the same graph in two runtimes agree to rounding (~1e-7 on P)
+    assert_allclose(predict_onnx(model_dir / "model.onnx", X), predict(model, meta, X), atol=1e-5)
+
+
+def test_infer_folder(model_dir, cutouts, tmp_path):
+    folder, X, y = cutouts
+    table = infer_cutouts(folder, model_dir / "model.pt", tmp_path / "r.ecsv", out_dat=tmp_path / "r.dat",
+                          out_kept=tmp_path / "r_kept.ecsv", threshold=0.5)
+    model, meta = load_model(model_dir / "model.pt")
+    order = [int(i.split("_")[1]) for i in table["id"]]
+    assert_allclose(table["label1"], predict(model, meta, normalise(X[order])), atol=1e-6)
+    assert_allclose(table["label0"] + table["label1"], 1.0)
+    assert ((table["label1"] >= 0.5) == y[order]).mean() > 0.9  # separable problem, a 2-epoch model
+    back = Table.read(tmp_path / "r.ecsv")
+    assert back.meta["threshold"] == 0.5 and {"x", "y", "ra", "dec", "mag", "snr", "flags"} <= set(back.colnames)
+    dat = Table.read(tmp_path / "r.dat", format="ascii.basic")
+    assert dat.colnames == ["filename", "label0", "label1"] and dat["filename"][0].endswith(".fits")
+    assert len(Table.read(tmp_path / "r_kept.ecsv")) == int((table["label1"] >= 0.5).sum())
+
+
+def test_manifest_columns(model_dir, cutouts, tmp_path):
+    folder, _, _ = cutouts
+    local = tmp_path / "img0"
+    shutil.copytree(folder, local)
+    ids = [f"img0_{i}" for i in range(40)]
+    Table({"id": ids, "scorr_peak": np.arange(40.0)}).write(local / "cutouts.ecsv")
+    table = infer_cutouts(local, model_dir / "model.pt", tmp_path / "r.ecsv")
+    assert list(table.colnames) == ["id", "scorr_peak", "label0", "label1"]
+    assert all(float(s) == float(i.split("_")[1]) for i, s in zip(table["id"], table["scorr_peak"]))
+
+
+def test_empty_folder(model_dir, tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    table = infer_cutouts(tmp_path / "empty", model_dir / "model.pt", tmp_path / "e.ecsv",
+                          out_dat=tmp_path / "e.dat", out_kept=tmp_path / "e_kept.ecsv")
+    assert len(table) == 0 and table["label1"].dtype == np.float64
+    assert len(Table.read(tmp_path / "e.ecsv")) == 0 and "holds no cutout" in caplog.text
+    assert len(Table.read(tmp_path / "e_kept.ecsv")) == 0
+
+
+def test_cli_infer_equals_library(model_dir, cutouts, tmp_path):
+    folder, _, _ = cutouts
+    lib = infer_cutouts(folder, model_dir / "model.pt", tmp_path / "lib.ecsv")
+    assert main(["infer", str(folder), "--model", str(model_dir / "model.pt"), "--out", str(tmp_path / "cli.ecsv")]) == 0
+    cli = Table.read(tmp_path / "cli.ecsv")
+    assert list(cli["id"]) == list(lib["id"]) and np.array_equal(cli["label1"], lib["label1"])
+    _, meta = load_model(model_dir / "model.pt")
+    kept = Table.read(tmp_path / "cli_kept.ecsv")
+    assert len(kept) == int((lib["label1"] >= meta["threshold"]).sum())
+    assert (tmp_path / "cli.dat").exists()
+
+
+def test_cli_errors_and_help(tmp_path, capsys):
+    assert main(["infer", str(tmp_path), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o.ecsv")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "infer" in capsys.readouterr().out
+
+
+def test_cli_convert_and_train(tmp_path):
+    from test_datacube import write_training
+
+    write_training(tmp_path / "training", 60, seed=8)
+    assert main(["convert", str(tmp_path / "training"), str(tmp_path / "cube.npz"), "--crop", "21"]) == 0
+    assert main(["train", str(tmp_path / "cube.npz"), str(tmp_path / "model"), "--epochs", "1", "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["stamp_size"] == 21 and meta["cutout_size"] == 31 and meta["crop"] == 21
+    assert (tmp_path / "model.checkpoint" / "checkpoint.pt").exists()
+    # 31 px cutouts are cropped to the model's 21 px as the datacube was
+    table = infer_cutouts(tmp_path / "training" / "true", tmp_path / "model" / "model.pt", tmp_path / "t.ecsv")
+    assert len(table) == len(list((tmp_path / "training" / "true").glob("*.fits")))
+
+
+def test_console_script():
+    exe = Path(sys.executable).with_name("rbflow")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(cmd in out for cmd in ("convert", "train", "infer"))
