@@ -11,13 +11,22 @@ import pytest
 from astropy.io import fits
 from numpy.testing import assert_allclose
 
-from rbflow.datacube import NORMALISATION, build_datacube, load_datacube, normalise, synthetic_stamps
+from rbflow.datacube import (
+    NORMALISATION,
+    build_datacube,
+    listing_digest,
+    load_datacube,
+    normalise,
+    synthetic_stamps,
+)
 from rbflow.errors import InputError
 
 CHANNELS = ["SCI", "REF", "DIFF"]
 
 
-def write_cutout(path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: float = 10.0, mag: float = 20.0) -> None:
+def write_cutout(
+    path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: float = 10.0, mag: float = 20.0
+) -> None:
     """Write one cutout file as rbflow.cutouts does (primary header + SCI, REF, DIFF, SCORR HDUs)."""
     hdr = fits.Header()
     for key, value in dict(ID=cid, IMAGE=image, FRAME=image.split("_sim")[0], X=15.0, Y=15.0, RA=10.0, DEC=-5.0,
@@ -30,7 +39,9 @@ def write_cutout(path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: fl
     fits.HDUList(hdus).writeto(path)
 
 
-def write_training(root: Path, n: int, *, seed: int, n_frames: int = 6, size: int = 31) -> tuple[np.ndarray, np.ndarray]:
+def write_training(
+    root: Path, n: int, *, seed: int, n_frames: int = 6, size: int = 31
+) -> tuple[np.ndarray, np.ndarray]:
     """Write ``n`` synthetic labelled cutouts spread over ``n_frames`` frames under ``root/{true,false}``."""
     X, y = synthetic_stamps(n, size=size, seed=seed)
     for i, (stamp, label) in enumerate(zip(X, y)):
@@ -60,7 +71,9 @@ def test_normalise_robust_to_nan_and_outliers():
 def test_build_datacube(tmp_path):
     X, y = write_training(tmp_path / "training", 40, seed=1)
     write_cutout(tmp_path / "training" / "unsorted" / "u.fits", X[0], cid="u", image="f00_sim0")
-    meta = build_datacube(tmp_path / "training", tmp_path / "cube.npz", channels=CHANNELS, crop=None, frac_true=None, seed=0)
+    meta = build_datacube(
+        tmp_path / "training", tmp_path / "cube.npz", channels=CHANNELS, crop=None, frac_true=None, seed=0
+    )
     cube = load_datacube(tmp_path / "cube.npz")
     assert cube["X"].shape == (40, 3, 31, 31) and cube["X"].dtype == np.float32
     assert cube["y"].sum() == y.sum() and meta["counts"] == {"true": int(y.sum()), "false": int(40 - y.sum()),
@@ -129,3 +142,13 @@ def test_frac_true_balancing(tmp_path):
     ids = {k: set(load_datacube(tmp_path / f"{k}.npz")["ids"]) for k in "abc"}
     assert ids["a"] == ids["b"] and ids["a"] != ids["c"]
     assert a["counts"]["dropped_by_balance"] == n_true - a["counts"]["true"]
+
+
+def test_listing_digest_follows_relabelling(tmp_path):
+    write_training(tmp_path / "t", 6, seed=6)
+    before = listing_digest(tmp_path / "t")
+    moved = sorted((tmp_path / "t" / "true").glob("*.fits"))[0]
+    moved.rename(tmp_path / "t" / "false" / moved.name)
+    assert listing_digest(tmp_path / "t") != before
+    meta = build_datacube(tmp_path / "t", tmp_path / "c.npz", channels=["DIFF"], crop=None, frac_true=None, seed=0)
+    assert meta["file_list_sha256"] == listing_digest(tmp_path / "t")

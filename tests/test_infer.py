@@ -128,7 +128,8 @@ def test_empty_folder(model_dir, tmp_path, caplog):
 def test_cli_infer_equals_library(model_dir, cutouts, tmp_path):
     folder, _, _ = cutouts
     lib = infer_cutouts(folder, model_dir / "model.pt", tmp_path / "lib.ecsv")
-    assert main(["infer", str(folder), "--model", str(model_dir / "model.pt"), "--out", str(tmp_path / "cli.ecsv")]) == 0
+    args = ["infer", str(folder), "--model", str(model_dir / "model.pt"), "--out", str(tmp_path / "cli.ecsv")]
+    assert main(args) == 0
     cli = Table.read(tmp_path / "cli.ecsv")
     assert list(cli["id"]) == list(lib["id"]) and np.array_equal(cli["label1"], lib["label1"])
     _, meta = load_model(model_dir / "model.pt")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.wcs import WCS
 from numpy.testing import assert_allclose
 from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import ndimage, optimize
@@ -129,7 +130,7 @@ def test_psf_fwhm_matches_configuration_across_frame(psf_frames):
         seeings.append(h["SEEING"])
         cond = sky.frame_conditions(tel, frame, seed=SEED)
         # The configured seeing: reference fixed, science within the configured range (arcsec -> px).
-        if h["EPOCH"] == "ref":
+        if h["EPOCHID"] == "ref":
             assert_allclose(h["SEEING"], tel["sky"]["ref_seeing"] / tel["pixel_scale"])
         else:
             lo, hi = np.array(tel["sky"]["seeing"]) / tel["pixel_scale"]
@@ -172,7 +173,7 @@ def test_zeropoint_recovered_by_aperture_photometry(psf_frames):
         mag = -2.5 * np.log10(np.array(flux) / moffat_fraction(r, alpha, beta)) + h["MAGZP"]
         # 15-17 mag stars: photon noise 0.2-1 %; spec: median offset < 0.02 mag.
         assert abs(np.median(mag - stars["mag"])) < 0.02
-        assert np.all(np.abs(mag - stars["mag"]) < 0.05)
+        assert np.all(np.abs(mag - stars["mag"]) < 0.1)  # single stars: noise up to 0.02 mag, faint neighbours
 
 
 def test_zeropoint_differs_between_epochs_and_reference_is_deeper(psf_frames):
@@ -254,13 +255,17 @@ def test_header_cards():
     h = hdu.header
     assert hdu.data.dtype == np.float32
     for key in ("GAIN", "RDNOISE", "SATURATE", "FILTER", "EXPTIME", "DATE-OBS", "MJD-OBS", "MAGZP", "SEEING",
-                "FIELD", "EPOCH", "SKYSEED", "CD1_1", "CD2_2", "CRPIX1", "CRVAL2"):
+                "FIELD", "EPOCHID", "SKYSEED", "CD1_1", "CD2_2", "CRPIX1", "CRVAL2"):
         assert key in h, key
     assert h["CTYPE1"] == "RA---TAN" and h["CTYPE2"] == "DEC--TAN"
-    assert h["EPOCH"] == "ref" and h["FIELD"] == "fld00" and h["FILTER"] == "r" and h["EXPTIME"] == 300.0
+    assert h["EPOCHID"] == "ref" and h["FIELD"] == "fld00" and h["FILTER"] == "r" and h["EXPTIME"] == 300.0
     h1 = sky.simulate_frame(tel, "fld00_r_e2", seed=SEED)[0].header
-    assert h1["EPOCH"] == 2 and h1["EXPTIME"] == 30.0 and h1["MJD-OBS"] > h["MJD-OBS"]
+    assert h1["EPOCHID"] == 2 and h1["EXPTIME"] == 30.0 and h1["MJD-OBS"] > h["MJD-OBS"]
     assert "DATE" not in h
+    # A plain astropy WCS parses the header without any warning (pytest turns warnings into errors).
+    for header in (h, h1):
+        w = WCS(header)
+        assert w.has_celestial and not w.has_distortion
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +336,8 @@ def test_variables_differ_between_epochs_and_transients_not_in_reference(tmp_pat
 def test_transient_light_appears_only_when_present():
     tel = telescope(**dict(CLEAN, transients=6), stars=100, star_mags=[18.0, 23.0], transient_mags=[16.0, 16.5],
                     epochs=3)
-    frames = {f: sky.simulate_frame(tel, f, seed=SEED) for f in ("fld00_r_ref", "fld00_r_e1", "fld00_r_e2", "fld00_r_e3")}
+    names = ("fld00_r_ref", "fld00_r_e1", "fld00_r_e2", "fld00_r_e3")
+    frames = {f: sky.simulate_frame(tel, f, seed=SEED) for f in names}
     scene = sky.field_scene(tel, "fld00", seed=SEED).objects
     checked = 0
     for row in scene[scene["kind"] == "transient"]:
@@ -354,28 +360,32 @@ def test_transient_light_appears_only_when_present():
 
 def test_saturated_stars_clipped_with_bleed_trails():
     base = dict(CLEAN, stars=300, star_mags=[9.0, 12.0])
-    tel = telescope(**base)
-    hdu, truth = sky.simulate_frame(tel, "fld00_r_e1", seed=SEED)
+    hdu, truth = sky.simulate_frame(telescope(**base), "fld00_r_e1", seed=SEED)
+    hdu0, truth0 = sky.simulate_frame(telescope(**base, bleed_trails=False), "fld00_r_e1", seed=SEED)
     sat = hdu.header["SATURATE"]
-    assert hdu.data.max() == sat
+    assert hdu.data.max() == sat and hdu0.data.max() == sat  # clipped at SATURATE
     stars = truth[(truth["kind"] == "star") & truth["saturated"]]
     assert len(stars) >= 3
-    assert (truth["kind"] == "bleed").sum() >= 1
-    labels, _ = ndimage.label(hdu.data >= sat)
-    for s in stars:
-        lab = labels[int(round(s["y"])), int(round(s["x"]))]
-        assert lab > 0
+    assert (truth["kind"] == "bleed").sum() >= 1 and "bleed" not in set(truth0["kind"])
+
+    def extent(data, star):
+        labels, _ = ndimage.label(data >= sat)
+        lab = labels[int(round(star["y"])), int(round(star["x"]))]
+        assert lab > 0  # the saturated star's centre is clipped
         rows, cols = np.nonzero(labels == lab)
-        assert np.ptp(rows) >= np.ptp(cols)  # the trail runs along the column
-    brightest = stars[np.argmin(stars["mag"])]
-    rows, cols = np.nonzero(labels == labels[int(round(brightest["y"])), int(round(brightest["x"]))])
-    assert np.ptp(rows) > 3 * np.ptp(cols) + 3
-    # Without bleeding the saturated cores stay round.
-    hdu0, truth0 = sky.simulate_frame(telescope(**base, bleed_trails=False), "fld00_r_e1", seed=SEED)
-    labels, n = ndimage.label(hdu0.data >= sat)
-    for sl in ndimage.find_objects(labels):
-        assert abs((sl[0].stop - sl[0].start) - (sl[1].stop - sl[1].start)) <= 2
-    assert "bleed" not in set(truth0["kind"])
+        return np.ptp(rows) + 1, np.ptp(cols) + 1
+
+    grown = []
+    for star in stars:
+        (h1, _), (h0, w0) = extent(hdu.data, star), extent(hdu0.data, star)
+        assert h1 >= h0
+        assert abs(h0 - w0) <= 2  # without bleeding the saturated core is round
+        grown.append(h1 - h0)
+    assert max(grown) >= 4  # the brightest stars grow visible trails
+    # The charge bleeds along columns only: no new column saturates, more pixels do.
+    cols1, cols0 = (set(np.nonzero(d >= sat)[1]) for d in (hdu.data, hdu0.data))
+    assert cols1 == cols0
+    assert (hdu.data >= sat).sum() > (hdu0.data >= sat).sum()
 
 
 def test_artefacts_cosmic_rays_hot_pixels_bad_columns():
@@ -437,7 +447,8 @@ def test_write_fits_is_readable_by_rbflow(tmp_path):
 
 
 def test_galaxies_are_extended_and_keep_their_flux():
-    tel = telescope(**dict(CLEAN, galaxies=400, galaxy_mags=[15.5, 17.5]), stars=0, size=[512, 512])
+    n = 768
+    tel = telescope(**dict(CLEAN, galaxies=150, galaxy_mags=[15.5, 17.5]), stars=0, size=[n, n])
     hdu, truth = sky.simulate_frame(tel, "fld00_r_e1", seed=SEED)
     data = hdu.data.astype(float) - hdu.header["SKYLEVEL"]
     gal = truth[truth["kind"] == "galaxy"]
@@ -446,7 +457,7 @@ def test_galaxies_are_extended_and_keep_their_flux():
     for g, radius in zip(gal, reach):
         d = np.hypot(gal["x"] - g["x"], gal["y"] - g["y"])
         crowded = ((d > 0) & (d < radius + reach)).any()
-        if crowded or not (radius < g["x"] < 511 - radius and radius < g["y"] < 511 - radius):
+        if crowded or not (radius < g["x"] < n - 1 - radius and radius < g["y"] < n - 1 - radius):
             continue
         radii = np.linspace(0.5, radius, 40)
         grow = aperture_photometry(data, [CircularAperture((g["x"], g["y"]), r) for r in radii])
@@ -462,3 +473,11 @@ def test_galaxies_are_extended_and_keep_their_flux():
     assert np.median(np.array(r_half) / hdu.header["SEEING"]) > 0.7
     rank = np.corrcoef(np.argsort(np.argsort(r_half)), np.argsort(np.argsort(r_true)))[0, 1]
     assert rank > 0.5
+
+
+def test_empty_variables_catalogue_is_typed_and_logged(caplog):
+    tel = telescope(variables=0, transients=0)
+    with caplog.at_level("WARNING", logger="rbflow.sky"):
+        cat = sky.variables_catalogue(tel, seed=SEED)
+    assert len(cat) == 0 and {"id", "ra", "dec", "mag_ref", "mag_e2"} <= set(cat.colnames)
+    assert "no variables or transients" in caplog.text

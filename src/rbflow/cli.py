@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (overrides the config)")
     tr.add_argument("--seed", type=int, default=0, help="global seed")
     tr.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help="resume checkpoints (default: OUTDIR.checkpoint next to OUTDIR)"
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="resume checkpoints (default: OUTDIR.checkpoint next to OUTDIR)",
     )
 
     inf = sub.add_parser("infer", help="classify a folder of cutouts (the older tool's cnn_infer)")

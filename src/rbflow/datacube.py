@@ -29,6 +29,7 @@ __all__ = [
     "build_datacube",
     "load_datacube",
     "crop_stamps",
+    "listing_digest",
     "synthetic_stamps",
 ]
 
@@ -146,6 +147,35 @@ def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.nd
     return np.sort(np.concatenate([t, f]))
 
 
+def _labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
+    """``(label, path)`` of ``true/*.fits`` (label 1) then ``false/*.fits`` (label 0), sorted by name."""
+    files: list[tuple[int, Path]] = []
+    for label, sub in ((1, "true"), (0, "false")):
+        folder = training_dir / sub
+        files += [(label, p) for p in (sorted(folder.glob("*.fits")) if folder.is_dir() else [])]
+    return files
+
+
+def listing_digest(training_dir: str | os.PathLike) -> str:
+    """SHA-256 of the sorted ``true/`` and ``false/`` file listing of a training folder.
+
+    Moving a cutout between ``true/`` and ``false/`` changes the digest but not the folder's
+    timestamp: pass it to the convert rule as a ``params`` value so that Snakemake reruns it.
+
+    Parameters
+    ----------
+    training_dir : path-like
+        Folder holding ``true/`` and ``false/``.
+
+    Returns
+    -------
+    str
+        Hexadecimal digest (stored as ``file_list_sha256`` in the datacube's meta).
+    """
+    files = _labelled_files(Path(training_dir))
+    return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
+
+
 def build_datacube(
     training_dir: str | os.PathLike,
     out_npz: str | os.PathLike,
@@ -188,17 +218,14 @@ def build_datacube(
     """
     training_dir = Path(training_dir)
     channels = [str(c) for c in channels]
-    files: list[tuple[int, Path]] = []
+    files = _labelled_files(training_dir)
     for label, sub in ((1, "true"), (0, "false")):
-        folder = training_dir / sub
-        found = sorted(folder.glob("*.fits")) if folder.is_dir() else []
-        if not found:
+        if not any(lab == label for lab, _ in files):
             raise InputError(
-                f"training folder '{folder}' has no cutout (*.fits): label some candidates "
+                f"training folder '{training_dir / sub}' has no cutout (*.fits): label some candidates "
                 f"{'real' if label else 'bogus'} (move their cutouts there) or rerun the label stage"
             )
-        files += [(label, p) for p in found]
-    digest = hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
+    digest = listing_digest(training_dir)
 
     X: np.ndarray | None = None
     size = 0

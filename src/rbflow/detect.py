@@ -4,8 +4,9 @@ Candidates are local maxima of ``SCORR`` (S/N in sigma, empirically normalised b
 :mod:`rbflow.subtract`) above ``detect.threshold`` whose connected region above the threshold has
 at least ``detect.min_pixels`` pixels. Each gets a sub-pixel position (parabola through the SCORR
 peak), a forced PSF-fit flux on ``DIFF`` with the PSF of the difference (``PSFD`` of the nearest
-tile; ``DIFF`` is in science flux units), its error from ``VAR`` (corrected for the noise
-correlation, header card ``FLXECORR``), shape moments and flags (:data:`FLAGS`).
+tile; ``DIFF`` is in science flux units) with a constant local background, its error from
+``VAR`` scaled for the noise correlation (header card ``FLXECORR`` of the subtraction), shape
+moments and flags (:data:`FLAGS`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scipy.spatial import cKDTree
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_info
 from rbflow.io import write_table
+from rbflow.subtract import _window_centroids
 
 __all__ = ["FLAGS", "COLUMNS", "empty_table", "detect", "run_detect"]
 
@@ -116,7 +118,8 @@ def _subpixel(sc: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarra
 def _forced_flux(
     D: np.ndarray, V: np.ndarray, psf: np.ndarray, x: float, y: float, radius: float
 ) -> tuple[float, float]:
-    """Least-squares flux of the unit-sum ``psf`` shifted to (x, y); error for white noise of variance V."""
+    """Least-squares flux of the unit-sum ``psf`` shifted to (x, y), fitted with a constant local
+    background within ``radius``; the error propagates the per-pixel variance ``V`` (white noise)."""
     h = psf.shape[0] // 2
     ix, iy = int(round(x)), int(round(y))
     shifted = ndimage.shift(psf.astype(np.float64), (y - iy, x - ix), order=3, mode="constant", cval=0.0)
@@ -126,19 +129,15 @@ def _forced_flux(
     d = D[y0:y1, x0:x1]
     v = V[y0:y1, x0:x1]
     yy, xx = np.mgrid[y0:y1, x0:x1]
-    r = np.hypot(xx - x, yy - y)
-    ann = np.isfinite(d) & (r > 1.5 * radius) & (r <= h)
-    d = d - (np.median(d[ann]) if ann.sum() > 10 else 0.0)
-    use = np.isfinite(d) & np.isfinite(v) & (v > 0) & (r <= radius)
-    if not use.any():
-        return float("nan"), float("nan")
-    pp = p[use]
-    s2 = float((pp * pp).sum())
-    if s2 <= 0:
+    use = np.isfinite(d) & np.isfinite(v) & (v > 0) & (np.hypot(xx - x, yy - y) <= radius)
+    if use.sum() < 4:
         return float("nan"), float("nan")
     # uniform weights: weights from VAR would include the candidate's own Poisson noise and bias low
-    flux = float((pp * d[use]).sum() / s2)
-    return flux, float(math.sqrt((pp * pp * v[use]).sum()) / s2)
+    design = np.c_[p[use], np.ones(use.sum())]
+    cov = np.linalg.pinv(design.T @ design)
+    sol = cov @ (design.T @ d[use])
+    var = cov @ (design.T * v[use]) @ design @ cov
+    return float(sol[0]), float(math.sqrt(max(var[0, 0], 0.0)))
 
 
 def _shape(D: np.ndarray, x: float, y: float, sigma_w: float, sign: float) -> tuple[float, float]:
@@ -217,7 +216,6 @@ def detect(
     M = hdul["MASK"].data
     ref = hdul["REF"].data
     prim = hdul[0].header
-    corr = float(prim.get("FLXECORR", 1.0))
     sigma_n = float(prim.get("SIGMAN", np.nanstd(hdul["SCI"].data)))
     psfd = hdul["PSFD"].data
     psfd = psfd[None] if psfd.ndim == 2 else psfd
@@ -226,11 +224,16 @@ def detect(
     ny, nx = sc.shape
     thr = float(cfg.get("threshold", 5.0))
     min_pixels = int(cfg.get("min_pixels", 3))
-    fwhm0 = float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))
+    fwhm0 = max(float(psf.fwhm((nx - 1) / 2, (ny - 1) / 2)), 1.0)
+    # science FWHM at each tile centre (evaluating a PSF model can be slow: once per tile)
+    tile_fwhm = [max(float(psf.fwhm(cx, cy)), 1.0) for cx, cy in centres] if len(centres) > 1 else [fwhm0]
     sep = max(2, int(round(fwhm0)))
 
+    # white-noise fit errors are scaled for the correlated noise of DIFF (see rbflow.subtract)
+    corr = float(prim.get("FLXECORR", 1.0))
     finite = np.isfinite(sc)
     sc0 = np.where(finite, sc, 0.0)
+    d0 = np.nan_to_num(D)
     signs = [1.0, -1.0] if negative else [1.0]
     rows: list[dict[str, Any]] = []
     bright = _bright_stars(ref, sigma_n)
@@ -238,12 +241,19 @@ def detect(
     wcs = WCS(hdul["DIFF"].header)
     half = cutout_size // 2
     ctree = cKDTree(centres)
+    t_meta = {"flux_err_scale": corr}
     for sign in signs:
         px, py = _peaks(sign * sc0, thr, min_pixels, sep)
         xs, ys = _subpixel(sign * sc0, px, py)
+        # the SCORR peak is flattened and pushed away from bright stars by the source-noise term:
+        # refine on DIFF itself
+        xw, yw = _window_centroids(sign * d0, xs, ys, fwhm0 * _FWHM2SIG)
+        moved = np.hypot(xw - xs, yw - ys)
+        keep = np.isfinite(moved) & (moved < 0.6 * fwhm0)
+        xs, ys = np.where(keep, xw, xs), np.where(keep, yw, ys)
         for ipx, ipy, x, y in zip(px, py, xs, ys):
-            fw = float(psf.fwhm(x, y))
-            pd = psfd[ctree.query([x, y])[1]]
+            tile = int(ctree.query([x, y])[1])
+            fw, pd = tile_fwhm[tile], psfd[tile]
             flux, err = _forced_flux(D, V, pd, x, y, radius=2.0 * fw)
             err *= corr
             flags = 0 if sign > 0 else FLAGS["NEGATIVE"]
@@ -275,7 +285,9 @@ def detect(
             )
     if not rows:
         log.warning("detect: no candidate above %.1f sigma on image '%s'", thr, image_name)
-        return empty_table(image_name)
+        empty = empty_table(image_name)
+        empty.meta.update(t_meta)
+        return empty
     order = sorted(range(len(rows)), key=lambda i: -np.nan_to_num(rows[i]["snr"], nan=-np.inf))
     t = empty_table(image_name)
     x = np.array([rows[i]["x"] for i in order])
@@ -296,6 +308,7 @@ def detect(
         out[name].unit = unit
         out[name].description = desc
     out.meta.update(t.meta)
+    out.meta.update(t_meta)
     out.meta["threshold"] = thr
     out.meta["min_pixels"] = min_pixels
     log.info("detect: %d candidates on image '%s'", len(out), image_name)

@@ -86,7 +86,9 @@ def load_model(model_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
             "which rbflow refuses to run; use the model.pt written by 'rbflow train'"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"model file '{model_path}' is not a state_dict of tensors: use the model.pt from 'rbflow train'")
+        raise InputError(
+            f"model file '{model_path}' is not a state_dict of tensors: use the model.pt from 'rbflow train'"
+        )
     model = build_model(cfg)
     try:
         model.load_state_dict(state)
@@ -154,15 +156,19 @@ def predict(model: nn.Module, meta: dict[str, Any], X: np.ndarray, *, batch_size
     Returns
     -------
     numpy.ndarray
-        float64 ``(N,)`` P(real) = sigmoid(logit / temperature).
+        float64 ``(N,)`` P(real) = sigmoid(logit / temperature). The model is switched to the
+        channels-last memory format (faster on CPU; same results).
     """
     model.eval()
     inv_t = 1.0 / float(meta.get("temperature", 1.0))
     device = next(model.parameters()).device
+    # channels-last tensors run the small convolutions faster on CPU (oneDNN); results are the same
+    model.to(memory_format=torch.channels_last)
     out = [np.zeros(0)]
     with torch.no_grad():
         for i in range(0, len(X), batch_size):
             xb = torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32, device=device)
+            xb = xb.contiguous(memory_format=torch.channels_last)
             out.append(torch.sigmoid(model(xb) * inv_t).double().cpu().numpy())
     return np.concatenate(out)
 
@@ -260,7 +266,9 @@ def infer_cutouts(
         if not stamps:
             check_compatible(meta, channels, stamp.shape[-1])
         elif stamp.shape != stamps[0].shape:
-            raise InputError(f"cutout '{path}' is {stamp.shape[-1]} px, '{files[0]}' {stamps[0].shape[-1]} px: remake the cutouts")
+            raise InputError(
+                f"cutout '{path}' is {stamp.shape[-1]} px, '{files[0]}' {stamps[0].shape[-1]} px: remake the cutouts"
+            )
         stamps.append(stamp)
         rows.append(_header_row(header, path.stem))
     if not files:
@@ -272,7 +280,9 @@ def infer_cutouts(
         if X.shape[-1] != meta["stamp_size"]:
             X = crop_stamps(X, int(meta["stamp_size"]))
         p_real = predict(model, meta, normalise(X), batch_size=batch_size)
-        table = Table(rows=rows, names=[c for c, _, _ in CANDIDATE_COLUMNS], dtype=[t for _, _, t in CANDIDATE_COLUMNS])
+        table = Table(
+            rows=rows, names=[c for c, _, _ in CANDIDATE_COLUMNS], dtype=[t for _, _, t in CANDIDATE_COLUMNS]
+        )
         manifest_path = cutout_dir / "cutouts.ecsv"
         if manifest_path.exists():
             manifest = read_table(manifest_path)
@@ -305,7 +315,6 @@ def infer_cutouts(
     if out_kept is not None:
         kept = table[table["label1"] >= threshold]
         write_table(kept, out_kept)
-    log.info(
-        "%s: %d cutouts, %d with P(real) >= %.3f", cutout_dir, len(table), int((table["label1"] >= threshold).sum()), threshold
-    )
+    n_kept = int((table["label1"] >= threshold).sum())
+    log.info("%s: %d cutouts, %d with P(real) >= %.3f", cutout_dir, len(table), n_kept, threshold)
     return table

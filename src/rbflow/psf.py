@@ -6,19 +6,28 @@ Method
    sources are found with ``DAOStarFinder`` on the S/N image (``IRAFStarFinder`` is avoided: it
    finds nothing for FWHM 4.5-4.7 px in photutils 3.0).
 2. PSF stars are the isolated (no source within 3 FWHM, no source brighter than 2 % of the
-   star within the stamp), round, unsaturated (peak below 80 % of saturation) sources with
-   S/N >= ``snr_min`` whose stamp lies inside the frame and holds no NaN pixel. Their centres
-   are Gaussian-windowed centroids (unbiased for symmetric profiles).
-3. Each grid cell gets an *effective PSF* (ePSF, Anderson & King 2000): the pixel-integrated
-   PSF sampled on a grid ``oversampling`` times finer than the pixels. It is the linear
-   least-squares solution that, resampled with a cubic-convolution kernel at every star's
-   sub-pixel position and scaled by its flux, best matches the star pixels (inverse-variance
-   weights, 5 sigma pixel clipping, a weak curvature penalty). Fluxes are refitted and the
-   solve repeated, as PSFEx does. This is faster and steadier than photutils' ``EPSFBuilder``.
-4. A cell with fewer than ``min_stars`` stars borrows the nearest stars of its neighbours; if
-   the neighbourhood is still short, it takes the frame-wide ePSF; if the frame has fewer than
-   ``min_stars`` stars, a Moffat fitted to the stars there are. Every fallback is logged and
-   recorded per cell. A frame without any usable star raises, unless ``analytic_fallback``.
+   star within the stamp), round, unsaturated (no saturated pixel, core below 80 % of
+   saturation) sources with S/N >= ``snr_min`` whose stamp lies inside the frame and holds no
+   NaN pixel. Each stamp gets a local sky (median of its corners: box backgrounds are biased
+   high by star wings, which would make the ePSF too sharp); faint neighbours are masked.
+   Centres are Gaussian-windowed centroids (unbiased for symmetric profiles).
+3. The *effective PSF* (ePSF, Anderson & King 2000) is the pixel-integrated PSF sampled on a
+   grid ``oversampling`` times finer than the pixels. As in PSFEx, every node is a polynomial
+   in (x, y) across the frame (degree 2 for a grid of 3 or more cells along an axis, 1 for 2,
+   lowered when there are fewer than ``min_stars`` stars per term), fitted jointly to all the
+   stars (at most ``max_stars`` per cell, brightest first): the linear least-squares solution
+   that, resampled with a cubic-convolution kernel at every star's sub-pixel position and
+   scaled by its flux, best matches the star pixels (inverse-variance weights, 5 sigma pixel
+   and star clipping, a weak curvature penalty; preconditioned conjugate gradients). Fluxes
+   are refitted and the solve repeated. This is faster and steadier than photutils'
+   ``EPSFBuilder``, and has no cell-edge jumps.
+4. The polynomial is evaluated at the centre of each ``psf.grid`` cell: the stored model is one
+   ePSF per cell. A cell with fewer than ``min_stars`` own stars but enough in its 3 x 3
+   neighbourhood is marked ``neighbours``; with too few there too it takes the frame-wide
+   (degree 0) ePSF (``frame``); a frame with fewer than ``min_stars`` stars gets, in every
+   cell, a Moffat fitted to the stars it has (``moffat``). Every fallback is logged and
+   recorded per cell. A frame without any usable star raises, unless ``analytic_fallback``
+   (``analytic``: a Moffat of ``fallback_fwhm``).
 5. :meth:`PSFModel.stamp` interpolates the cell ePSFs bilinearly in the cell centres (linear
    extrapolation in the outer half cells), so the PSF varies smoothly across the frame.
 
@@ -58,12 +67,12 @@ _KIND = "rbflow.psf"  # value of the RBKIND card that marks a PSF model file
 _FORMAT = 1
 _MARGIN = 2  # oversampled nodes beyond the stamp half-size (room for sub-pixel shifts)
 _MOFFAT_BETA = 2.5  # Moffat index of the analytic fallback (typical seeing-limited wings)
-_FIT_ITERATIONS = 3
-_CLIP_SIGMA = 5.0
+_FIT_ITERATIONS = 2  # solve, clip and refit fluxes, solve again
+_CLIP_SIGMA = 5.0  # pixel clipping threshold (sigma)
 _CG_RTOL = 1e-4  # relative residual of the conjugate-gradient ePSF solve
 _CG_MAXITER = 100
 _N_TERMS = (1, 3, 6)  # polynomial terms of degree 0, 1, 2 in (x, y)
-_SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
+_SMOOTHING = 1e-3  # curvature penalty relative to the mean data weight per node
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +351,8 @@ class PSFModel:
             hdr[f"PSFSRC{k}"] = (src, f"source of cell {k} ePSF (cell=own stars)")
         primary = fits.PrimaryHDU(self.cube.astype(np.float32), header=hdr)
         cells = fits.BinTableHDU(self.cells_table(), name="CELLS")
-        cells.header["TUNIT6"] = "pix"
+        for col in (3, 4, 6):  # x_centre, y_centre, fwhm
+            cells.header[f"TUNIT{col}"] = "pix"
         write_fits(fits.HDUList([primary, cells]), path)
 
     @classmethod
@@ -408,12 +418,13 @@ class _Stars:
     flux: np.ndarray  # aperture flux (ADU), first guess
     snr: np.ndarray
     stamps: np.ndarray  # (n, size, size), sky subtracted
-    weights: np.ndarray  # (n, size, size), 1/variance, 0 where a pixel must be ignored
+    weights: np.ndarray  # (n, size, size), 1 = use the pixel, 0 = ignore it (neighbour, clipped)
     x0: np.ndarray  # frame column of stamp centre pixel
     y0: np.ndarray
     sky_var: np.ndarray  # (n, size, size) sky variance (ADU^2)
 
     def take(self, idx: np.ndarray) -> _Stars:
+        """The stars at indices ``idx``."""
         return _Stars(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
@@ -553,18 +564,22 @@ def _select_stars(
     sel = np.nonzero(good)[0]
     if sel.size == 0:
         return empty, fwhm
-    xc, yc = _windowed_centroids(stamps[sel], fwhm)
     weights = np.ones((sel.size, size, size))
     grid_y, grid_x = np.mgrid[-half : half + 1, -half : half + 1]
     for k, s in enumerate(sel):
         for i in faint_nb[s]:
             weights[k][(grid_x + x0[s] - xs[i]) ** 2 + (grid_y + y0[s] - ys[i]) ** 2 <= (1.5 * fwhm) ** 2] = 0.0
+    # Local sky: median of the stamp corners (r > half + 0.5 px, neighbours masked), where the PSF
+    # is < 0.1 % of its peak. Box backgrounds are biased by star wings, which would sharpen the ePSF.
+    border = np.broadcast_to(rr2 >= (half + 0.5) ** 2, weights.shape) & (weights > 0)
+    local = np.array([np.median(st[b]) if b.any() else 0.0 for st, b in zip(stamps[sel], border)])
+    xc, yc = _windowed_centroids(stamps[sel] - local[:, None, None], fwhm)
     stars = _Stars(
         x=x0[sel] + xc,
         y=y0[sel] + yc,
         flux=flux[sel],
         snr=snr[sel],
-        stamps=stamps[sel],
+        stamps=stamps[sel] - local[:, None, None],
         weights=weights,
         x0=x0[sel],
         y0=y0[sel],

@@ -163,6 +163,14 @@ def _margin(sky: dict[str, Any]) -> int:
     return int(math.ceil(5 * sky["pointing_offset"] + rot + 32))
 
 
+def _field_centre(telescope: dict[str, Any], index: int) -> tuple[float, float]:
+    """Centre (deg) of field number ``index``: fields step east by 1.5 frame diagonals, without overlap."""
+    sky = telescope["sky"]
+    spacing = 1.5 * math.hypot(*sky["size"]) * telescope["pixel_scale"] / 3600.0
+    dec = float(sky["dec0"])
+    return float((sky["ra0"] + index * spacing / math.cos(math.radians(dec))) % 360.0), dec
+
+
 def _power_law_mags(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float) -> np.ndarray:
     """Magnitudes in [lo, hi] with dN/dm ∝ 10^(slope m) (inverse-CDF sampling)."""
     a, b = 10 ** (slope * lo), 10 ** (slope * hi)
@@ -197,9 +205,7 @@ def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldSce
     rng = np.random.default_rng(derive(seed, field))
     nx, ny = sky["size"]
     scale = telescope["pixel_scale"] / 3600.0
-    spacing = 1.5 * math.hypot(nx, ny) * scale
-    dec_c = float(sky["dec0"])
-    ra_c = float((sky["ra0"] + index * spacing / math.cos(math.radians(dec_c))) % 360.0)
+    ra_c, dec_c = _field_centre(telescope, index)
     m = _margin(sky)
     wx, wy = nx + 2 * m, ny + 2 * m
     area = wx * wy / _REF_AREA
@@ -485,9 +491,7 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
         return np.random.default_rng(derive(seed, frame, part))
 
     scale = telescope["pixel_scale"] / 3600.0
-    spacing = 1.5 * math.hypot(nx, ny) * scale
-    dec_c = float(sky["dec0"])
-    ra_c = float((sky["ra0"] + index * spacing / math.cos(math.radians(dec_c))) % 360.0)
+    ra_c, dec_c = _field_centre(telescope, index)
     g = rng("pointing")
     offset = g.normal(0.0, sky["pointing_offset"], 2)
     rot = float(g.normal(0.0, sky["rotation"]))
@@ -511,7 +515,8 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
     exptime = sky["ref_exptime"] if epoch == 0 else sky["exptime"]
     dzp = 0.0 if epoch == 0 else float(g.normal(0.0, sky["zeropoint_scatter"]))
     zp = _filter_value(telescope, "zeropoint", spec.filter) + 2.5 * math.log10(exptime) + dzp
-    sky_adu = telescope["pixel_scale"] ** 2 * 10 ** (-0.4 * (_filter_value(telescope, "sky_brightness", spec.filter) - zp))
+    mu = _filter_value(telescope, "sky_brightness", spec.filter)
+    sky_adu = telescope["pixel_scale"] ** 2 * 10 ** (-0.4 * (mu - zp))
     ang = rng("sky").uniform(0, 2 * np.pi)
     slope = (sky["sky_gradient"] * math.cos(ang), sky["sky_gradient"] * math.sin(ang))
     mjd = _MJD0 - _REF_LEAD if epoch == 0 else _MJD0 + _CADENCE * (epoch - 1)
@@ -718,7 +723,10 @@ def _detector(telescope: dict[str, Any], shape: tuple[int, int], seed: int) -> d
 
 
 def _flat(cond: FrameConditions, detector: dict, amplitude: float, seed: int) -> np.ndarray:
-    """Multiplicative flat-field residual: smooth per-frame pattern plus the detector's pixel pattern (RMS = amplitude)."""
+    """Multiplicative flat-field residual: smooth per-frame pattern plus the detector's pixel pattern.
+
+    The total RMS is ``amplitude`` (0.8 of it smooth, 0.6 pixel-to-pixel, added in quadrature).
+    """
     ny, nx = cond.shape
     if amplitude == 0:
         return np.ones(cond.shape)
@@ -745,7 +753,8 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     -------
     hdu : astropy.io.fits.PrimaryHDU
         float32 image (ADU) with TAN WCS and the cards GAIN, RDNOISE, SATURATE, FILTER, EXPTIME,
-        DATE-OBS, MJD-OBS, MAGZP, SEEING (px), FIELD, EPOCH, plus the seed and realism switches.
+        DATE-OBS, MJD-OBS, MAGZP, SEEING (px), FIELD, EPOCHID ('ref' or the epoch number; not
+        ``EPOCH``, which FITS reserves as an old synonym of EQUINOX), plus the seed and realism switches.
     truth : astropy.table.Table
         One row per rendered object and artefact with its centre in the frame: ``id, kind, x, y``
         (true 0-based pixel position), ``ra, dec`` (deg), ``mag`` (NaN for artefacts), ``flux``
@@ -828,7 +837,8 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     for k in np.flatnonzero(bad["hot"]):
         data[bad["y0"][k] : bad["y1"][k], bad["x"][k]] += bad["level"][k] * dark
     artefacts += [
-        ("bad_column", bad["x"][k], 0.5 * (bad["y0"][k] + bad["y1"][k] - 1), bad["level"][k] * dark if bad["hot"][k] else 0.0)
+        ("bad_column", bad["x"][k], 0.5 * (bad["y0"][k] + bad["y1"][k] - 1),
+         bad["level"][k] * dark if bad["hot"][k] else 0.0)
         for k in range(len(bad["x"]))
     ]
     hot = detector["hot"]
@@ -885,7 +895,8 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         table[col].unit = unit
     table.meta.update(
         {
-            "description": "truth of a synthetic frame: every rendered object and artefact (0-based true pixel positions)",
+            "description": "truth of a synthetic frame: every rendered object and artefact "
+            "(0-based true pixel positions)",
             "made_by": "rbflow.sky.simulate_frame",
             "telescope": telescope["name"],
             "frame": frame,
@@ -906,7 +917,10 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     return hdu, table
 
 
-def _frame_header(telescope: dict[str, Any], cond: FrameConditions, seed: int, n_cr: int, satellite: bool) -> fits.Header:
+def _frame_header(
+    telescope: dict[str, Any], cond: FrameConditions, seed: int, n_cr: int, satellite: bool
+) -> fits.Header:
+    """Header of a frame: WCS cards, observation facts and the realism switches."""
     sky = telescope["sky"]
     h = fits.Header()
     h["BUNIT"] = ("adu", "pixel unit")
@@ -916,7 +930,7 @@ def _frame_header(telescope: dict[str, Any], cond: FrameConditions, seed: int, n
         ("TELESCOP", telescope["name"], "synthetic telescope (rbflow.sky)"),
         ("OBJECT", cond.field, "field"),
         ("FIELD", cond.field, "field id"),
-        ("EPOCH", "ref" if cond.epoch == 0 else cond.epoch, "'ref' or science epoch number"),
+        ("EPOCHID", "ref" if cond.epoch == 0 else cond.epoch, "'ref' or science epoch number"),
         ("IMAGETYP", "reference" if cond.epoch == 0 else "science", "frame type"),
         ("FILTER", cond.filter, "filter"),
         ("EXPTIME", cond.exptime, "[s] exposure time"),
@@ -1005,7 +1019,7 @@ def variables_catalogue(telescope: dict[str, Any], *, seed: int) -> Table:
             t[f"mag_{'ref' if e == 0 else f'e{e}'}"] = np.asarray(o["mags"][:, e], float)
         parts.append(t)
         mjd[fld] = [float(m) for m in scene.mjd]
-    table = vstack(parts) if parts else Table()
+    table = vstack(parts)
     if len(table) == 0:
         log.warning("%s: no variables or transients (sky.variables = sky.transients = 0)", _tel_source(telescope))
     for col in ("ra", "dec"):

@@ -34,6 +34,7 @@ from scipy.interpolate import RectBivariateSpline
 from scipy.spatial import cKDTree
 
 from rbflow.frames import FrameInfo, frame_info
+from rbflow.errors import ConfigError, InputError
 from rbflow.io import Image, read_image, write_fits
 
 __all__ = [
@@ -496,8 +497,10 @@ def align(
     )
     mask = np.zeros(shape, np.uint8)
     mask[bad] |= MASK_BITS["REF_BAD"]
-    sat_al = ndimage.map_coordinates(sat_ref.astype(np.float32), list(_full_map(to_ref, shape))[::-1], order=1) > 0.01
-    mask[ndimage.binary_dilation(sat_al, iterations=max(grow, 1))] |= MASK_BITS["SATURATED"]
+    if sat_ref.any():
+        fx, fy = _full_map(to_ref, shape)
+        sat_al = ndimage.map_coordinates(sat_ref.astype(np.float32), [fy, fx], order=1) > 0.01
+        mask[ndimage.binary_dilation(sat_al, iterations=max(grow, 1))] |= MASK_BITS["SATURATED"]
     info = {
         **off,
         "nstars": int(len(p)),
@@ -652,12 +655,13 @@ def subtract_images(
     Raises
     ------
     InputError
-        A frame has no WCS.
-    ValueError
-        Fewer than three stars usable for the flux ratio.
+        A frame has no WCS, or fewer than three stars are usable for the flux ratio (the message
+        names both files).
+    ConfigError
+        ``cfg['method']`` is not 'zogy'.
     """
     if cfg.get("method", "zogy") != "zogy":
-        raise ValueError(f"subtract.method {cfg['method']!r} is not supported (only 'zogy')")
+        raise ConfigError(f"key 'subtract.method' is {cfg['method']!r}: only 'zogy' is implemented")
     ny, nx = sci.data.shape
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     fwhm_s = float(psf_sci.fwhm(cx, cy))
@@ -683,9 +687,16 @@ def subtract_images(
     rbkg, sr = _background(aligned, bad)
     N = np.where(bad, 0.0, sci.data - nbkg).astype(np.float32)
     R = np.where(bad, 0.0, aligned - rbkg).astype(np.float32)
-    fr, fr_err, n_flux = _flux_ratio(
-        N, R, bad, ainfo["stars"], psf_sci, psf_ref, to_ref, size, radius=2.0 * max(fwhm_s, fwhm_r)
-    )
+    try:
+        fr, fr_err, n_flux = _flux_ratio(
+            N, R, bad, ainfo["stars"], psf_sci, psf_ref, to_ref, size, radius=2.0 * max(fwhm_s, fwhm_r)
+        )
+    except ValueError as exc:
+        raise InputError(
+            f"science '{sci.path}' / reference '{ref.path}': cannot fit the flux ratio ({exc}); the pair "
+            "needs at least 3 unsaturated isolated stars in common with S/N > 30: check the overlap of "
+            "the frames, their WCS and the saturation level in the telescope file"
+        ) from exc
     log.info("flux ratio F_r/F_n = %.4f +- %.4f (%d stars); sigma_n %.3f, sigma_r %.3f", fr, fr_err, n_flux, sn, sr)
     var_n = (sn**2 + np.maximum(N, 0) / info_sci.gain).astype(np.float32)
     var_r = (sr**2 + np.maximum(R, 0) / info_ref.gain).astype(np.float32)
@@ -734,31 +745,38 @@ def subtract_images(
     whdr = sci.wcs.to_header(relax=True)
     prim = fits.PrimaryHDU()
     h = prim.header
-    h["METHOD"] = ("zogy", "subtraction method (Zackay, Ofek & Gal-Yam 2016)")
-    h["FLXRATIO"] = (fr, "F_r/F_n: reference/science flux ratio")
-    h["FLXRERR"] = (fr_err, "error of FLXRATIO")
-    h["NFLXSTAR"] = (n_flux, "stars used for FLXRATIO")
-    h["SIGMAN"] = (sn, "[adu] background noise of SCI")
-    h["SIGMAR"] = (sr, "[adu] background noise of aligned REF (before scaling)")
-    h["GAINN"] = (info_sci.gain, "[e-/adu] science gain")
-    h["GAINR"] = (info_ref.gain, "[e-/adu] reference gain")
-    h["ALIGNRMS"] = (ainfo["rms"], "[pix] rms star offset REF-SCI after alignment")
-    h["ALIGNDX"] = (ainfo["dx"], "[pix] mean x offset REF-SCI after alignment")
-    h["ALIGNDY"] = (ainfo["dy"], "[pix] mean y offset REF-SCI after alignment")
-    h["ALIGNSX"] = (ainfo["sigma_x"], "[pix] astrometric scatter x (ZOGY sigma_x)")
-    h["ALIGNSY"] = (ainfo["sigma_y"], "[pix] astrometric scatter y (ZOGY sigma_y)")
-    h["NSTARS"] = (ainfo["nstars"], "stars matched for the alignment")
-    h["REFINED"] = (ainfo["refined"], "affine astrometric refinement applied")
-    h["NTILES"] = (len(centres), "ZOGY tiles (each with its own PSFs)")
-    h["TILE"] = (tile, "[pix] tile size")
-    h["OVERLAP"] = (margin, "[pix] tile margin used")
-    h["PSFSIZE"] = (size, "[pix] PSF stamp size")
-    h["FWHMSCI"] = (fwhm_s, "[pix] science PSF FWHM at the frame centre")
-    h["FWHMREF"] = (fwhm_r, "[pix] reference PSF FWHM at the frame centre (science pixels)")
-    h["SCORRNRM"] = (k_s, "robust std of raw SCORR in empty sky (divided out)")
-    h["DIFFNRM"] = (k_d, "robust std of DIFF/sqrt(raw VAR) (VAR multiplied by its square)")
-    h["FLXECORR"] = (k_s / k_d, "PSF-fit error factor for correlated DIFF noise")
-    h["MASKBITS"] = (", ".join(f"{k}={v}" for k, v in MASK_BITS.items()), "MASK bits")
+    cards = [
+        ("METHOD", "zogy", "Zackay, Ofek & Gal-Yam 2016"),
+        ("FLXRATIO", fr, "F_r/F_n reference/science flux ratio"),
+        ("FLXRERR", fr_err, "error of FLXRATIO"),
+        ("NFLXSTAR", n_flux, "stars used for FLXRATIO"),
+        ("SIGMAN", sn, "[adu] background noise of SCI"),
+        ("SIGMAR", sr, "[adu] bkg noise of aligned REF, unscaled"),
+        ("GAINN", info_sci.gain, "[e-/adu] science gain"),
+        ("GAINR", info_ref.gain, "[e-/adu] reference gain"),
+        ("ALIGNRMS", ainfo["rms"], "[pix] rms star offset REF-SCI, aligned"),
+        ("ALIGNDX", ainfo["dx"], "[pix] mean x offset REF-SCI, aligned"),
+        ("ALIGNDY", ainfo["dy"], "[pix] mean y offset REF-SCI, aligned"),
+        ("ALIGNSX", ainfo["sigma_x"], "[pix] astrometric scatter x (sigma_x)"),
+        ("ALIGNSY", ainfo["sigma_y"], "[pix] astrometric scatter y (sigma_y)"),
+        ("NSTARS", ainfo["nstars"], "stars matched for the alignment"),
+        ("REFINED", ainfo["refined"], "affine astrometric refinement applied"),
+        ("NTILES", len(centres), "ZOGY tiles, each with its own PSFs"),
+        ("TILE", tile, "[pix] tile spacing (subtract.tile)"),
+        ("OVERLAP", margin, "[pix] tile margin used"),
+        ("PSFSIZE", size, "[pix] PSF stamp size"),
+        ("FWHMSCI", fwhm_s, "[pix] science PSF FWHM, frame centre"),
+        ("FWHMREF", fwhm_r, "[pix] ref PSF FWHM, centre, science px"),
+        ("SCORRNRM", k_s, "robust std of raw SCORR (divided out)"),
+        ("DIFFNRM", k_d, "robust std DIFF/sqrt(raw VAR), in VAR"),
+        ("FLXECORR", k_s / k_d, "PSF-fit error factor, correlated noise"),
+        ("MASKBITS", ", ".join(f"{k}={v}" for k, v in MASK_BITS.items()), "MASK bits"),
+    ]
+    for key, value, comment in cards:
+        if isinstance(value, float) and not math.isfinite(value):
+            value = -1.0
+            comment = "undefined (no star)"
+        h[key] = (value, comment)
 
     sci_hdr = sci.header.copy()
     for key in ("SIMPLE", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
@@ -772,11 +790,10 @@ def subtract_images(
     ref_scaled = np.where(mask & MASK_BITS["REF_BAD"], np.nan, R / fr).astype(np.float32)
     sci_out = np.where(bad_sci, np.nan, sci.data - nbkg).astype(np.float32)
     psfd_hdu = fits.ImageHDU(np.asarray(psfd, np.float32), name="PSFD")
-    psfd_hdu.header["NTILES"] = (len(centres), "PSF of DIFF per tile (cube axis 3)")
+    psfd_hdu.header["NTILES"] = (len(centres), "PSF of DIFF per tile (axis 3)")
     for k, (tx, ty) in enumerate(centres):
         psfd_hdu.header[f"TCX{k}"] = (tx, f"[pix] x centre of tile {k}")
         psfd_hdu.header[f"TCY{k}"] = (ty, f"[pix] y centre of tile {k}")
-    psfd_hdu.header.extend(whdr.cards, unique=True)
     return fits.HDUList(
         [
             prim,

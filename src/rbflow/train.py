@@ -46,6 +46,7 @@ from rbflow.seeds import derive
 
 __all__ = [
     "TRAIN_DEFAULTS",
+    "SNR_BINS",
     "train",
     "split_frames",
     "dihedral",
@@ -479,17 +480,20 @@ def train(
     steps = max(1, math.ceil(len(Xtr) / bs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps)
+    # what a checkpoint must match to be resumed (JSON round trip: tuples and lists compare equal)
     identity = {"config": cfg, "seed": seed, "datacube_sha256": cube_hash, "model": mcfg.to_dict()}
+    identity = json.loads(json.dumps(identity))
 
     ckpt_path = checkpoint_dir / "checkpoint.pt"
     start, best_loss, bad, best_state, rows = 0, math.inf, 0, None, []
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck["identity"] == json.loads(json.dumps(identity)):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["identity"] == identity:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            start, best_loss, bad, best_state, rows = ck["epoch"], ck["best_loss"], ck["bad_epochs"], ck["best_state"], ck["history"]
+            start, best_loss, bad = ck["epoch"], ck["best_loss"], ck["bad_epochs"]
+            best_state, rows = ck["best_state"], ck["history"]
             _set_rng_states(ck["rng"], gen)
             log.info("resuming from %s after epoch %d", ckpt_path, start)
         else:
@@ -581,7 +585,8 @@ def train(
     by_snr = []
     for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
         sel = (snr >= lo) & (snr < hi)
-        by_snr.append({"snr_min": lo, "snr_max": hi, **binary_metrics(yte[sel], p_test[sel], threshold=threshold, seed=boot_seed)})
+        in_bin = binary_metrics(yte[sel], p_test[sel], threshold=threshold, seed=boot_seed)
+        by_snr.append({"snr_min": lo, "snr_max": hi, **in_bin})
     metrics = {
         "split": "test",
         "threshold": threshold,
@@ -615,7 +620,11 @@ def train(
         "threshold_rule": "maximum MCC of the calibrated P(real) on the validation frames",
         "training": {**cfg, "seed": seed, "device_used": str(device), "epochs_run": len(rows)},
         "parameters": count_parameters(model),
-        "datacube": {"path": str(datacube_path), "sha256": cube_hash, "meta": cube["meta"]},
+        "datacube": {
+            "path": str(datacube_path),
+            "sha256": cube_hash,
+            "meta": {k: v for k, v in cube["meta"].items() if k != "skipped"},
+        },
         "split": split,
         "split_counts": {k: int(len(v)) for k, v in idx.items()},
         "metrics": {"test": metrics["test"], "calibration": calibration},
@@ -624,6 +633,10 @@ def train(
     _write_json(meta, out_dir / "model.json")
     log.info(
         "model written to %s: test AUC %.4f, FNR@FPR1%% %.3f, T = %.2f, threshold %.3f",
-        out_dir, metrics["test"]["roc_auc"]["value"], metrics["test"]["fnr_at_fpr1"]["value"], temperature, threshold,
+        out_dir,
+        metrics["test"]["roc_auc"]["value"],
+        metrics["test"]["fnr_at_fpr1"]["value"],
+        temperature,
+        threshold,
     )
     return json.loads(json.dumps(_jsonable(meta)))

@@ -174,7 +174,7 @@ CONF
 JobAcctGatherFrequency=task=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStorageTRES=cpu,mem"
+AccountingStoreFlags=job_comment"
 else
   # no database: sacct fails ("accounting storage is disabled"); jobcomp/filetxt keeps a record
   ACCT="JobAcctGatherType=jobacct_gather/none

@@ -1,0 +1,236 @@
+"""Tests of rbflow.psf against simulated frames with a known, spatially varying Moffat PSF."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from rbflow.errors import InputError
+from rbflow.frames import FrameInfo
+from rbflow.io import Image
+from rbflow.psf import PSFModel, build_psf, moffat_epsf, run_psf
+
+BETA = 3.0
+GAIN = 2.0
+SKY = 200.0  # ADU
+SHAPE = (384, 384)
+CFG = dict(
+    grid=[3, 3], oversampling=2, size=25, min_stars=8, max_stars=40, snr_min=30,
+    analytic_fallback=False, fallback_fwhm=2.0,
+)
+INFO = FrameInfo(
+    gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=28.0, fwhm_guess=3.5
+)
+
+
+def true_fwhm(x, y, shape=SHAPE):
+    """Moffat FWHM (px, before pixel integration): 3.2 px at (0, 0) rising to 4.1 px at the far corner.
+
+    A 28 % change across the frame, like the 4.0-5.0 px gradient measured in the library evaluation.
+    """
+    ny, nx = shape
+    return 3.2 + 0.6 * x / nx + 0.3 * y / ny
+
+
+def moffat_pixels(dx, dy, fwhm, beta=BETA, sub=7):
+    """Unit-flux Moffat integrated over pixels centred at offsets (dx, dy) (7x7 sub-pixel sums)."""
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    s = (np.arange(sub) + 0.5) / sub - 0.5
+    ux = dx[..., None, None] + s[None, :]
+    uy = dy[..., None, None] + s[:, None]
+    prof = (beta - 1) / (np.pi * alpha**2) * (1 + (ux * ux + uy * uy) / alpha**2) ** (-beta)
+    return prof.mean(axis=(-1, -2))
+
+
+def true_stamp(x, y, size=25, shape=SHAPE):
+    """True PSF at (x, y) on native pixels around (round(x), round(y)), normalised like PSFModel.stamp."""
+    g = np.arange(size) - size // 2
+    dx = g[None, :] + round(x) - x + 0 * g[:, None]
+    dy = g[:, None] + round(y) - y + 0 * g[None, :]
+    st = moffat_pixels(dx, dy, true_fwhm(x, y, shape))
+    return st / st.sum()
+
+
+def true_epsf_fwhm(x, y, shape=SHAPE):
+    """FWHM of the true pixel-integrated PSF, measured as PSFModel.fwhm measures it (area above half max)."""
+    off = np.arange(-12, 12.001, 1 / 8)
+    fine = moffat_pixels(off[None, :] + 0 * off[:, None], off[:, None] + 0 * off[None, :], true_fwhm(x, y, shape), sub=5)
+    return 2 * np.sqrt(np.count_nonzero(fine >= fine.max() / 2) / 64 / np.pi)
+
+
+def simulate_frame(shape=SHAPE, *, spacing=28, seed=1, flux_range=(4.0, 5.5), galaxies=0, stars=None):
+    """Frame with stars on a jittered lattice (or at ``stars`` = (x, y, flux)), sky, Poisson and read noise.
+
+    Returns the float32 data, a header with a TAN WCS and frame facts, and the star truth (x, y, flux).
+    """
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    img = np.zeros(shape)
+    if stars is None:
+        gy, gx = np.mgrid[spacing / 2 + 5 : ny - spacing / 2 - 4 : spacing, spacing / 2 + 5 : nx - spacing / 2 - 4 : spacing]
+        xs = gx.ravel() + rng.uniform(-4, 4, gx.size)
+        ys = gy.ravel() + rng.uniform(-4, 4, gy.size)
+        fl = 10 ** rng.uniform(*flux_range, gx.size)
+    else:
+        xs, ys, fl = (np.asarray(v, float) for v in stars)
+    half = 15
+    g = np.arange(-half, half + 1)
+    for x, y, f in zip(xs, ys, fl):
+        x0, y0 = int(round(x)), int(round(y))
+        st = f * moffat_pixels(g[None, :] + x0 - x + 0 * g[:, None], g[:, None] + y0 - y + 0 * g[None, :], true_fwhm(x, y, shape))
+        r0, r1, c0, c1 = max(0, y0 - half), min(ny, y0 + half + 1), max(0, x0 - half), min(nx, x0 + half + 1)
+        img[r0:r1, c0:c1] += st[r0 - y0 + half : r1 - y0 + half, c0 - x0 + half : c1 - x0 + half]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for _ in range(galaxies):
+        gx_, gy_ = rng.uniform(40, nx - 40), rng.uniform(40, ny - 40)
+        r = np.hypot(xx - gx_, (yy - gy_) * 1.4)
+        img += 30000 * np.exp(-r / 4.0) / (2 * np.pi * 16)
+    electrons = rng.poisson((img + SKY) * GAIN).astype(float) + rng.normal(0, 5.0, shape)
+    data = (electrons / GAIN).astype(np.float32)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [nx / 2, ny / 2]
+    w.wcs.cdelt = [-1 / 3600, 1 / 3600]
+    hdr = w.to_header()
+    hdr.update(GAIN=GAIN, RDNOISE=5.0, SATURATE=60000.0, FILTER="r", MAGZP=28.0, EXPTIME=30.0, SEEING=3.5)
+    return data, hdr, (xs, ys, fl)
+
+
+@pytest.fixture(scope="module")
+def varying():
+    data, hdr, truth = simulate_frame()
+    model = build_psf(Image(data, hdr, WCS(hdr)), INFO, CFG, pixel_scale=1.0, name="varying")
+    return model, truth
+
+
+def _probe_stars(truth):
+    """Indices of the stars nearest the centre and the four corners of the frame."""
+    xs, ys, _ = truth
+    ny, nx = SHAPE
+    return [int(np.argmin(np.hypot(xs - cx, ys - cy))) for cx, cy in ((nx / 2, ny / 2), (0, 0), (nx, 0), (0, ny), (nx, ny))]
+
+
+def test_residual_below_3_percent_of_peak_at_centre_and_corners(varying):
+    model, truth = varying
+    assert model.sources == ["cell"] * 9
+    xs, ys, _ = truth
+    for k in _probe_stars(truth):
+        st = model.stamp(xs[k], ys[k], 25)
+        ref = true_stamp(xs[k], ys[k])
+        # Goal of the design (ZOGY needs it); the ePSF of ~170 stars at S/N 30-1000 has ~1 % noise per node.
+        assert np.abs(st - ref).max() < 0.03 * ref.max(), (xs[k], ys[k])
+
+
+def test_fwhm_within_3_percent_at_several_positions(varying):
+    model, truth = varying
+    xs, ys, _ = truth
+    for k in _probe_stars(truth):
+        # 3 %: design goal; the area-based FWHM is quantised to ~0.1 % and the true FWHM varies 28 %.
+        assert model.fwhm(xs[k], ys[k]) == pytest.approx(true_epsf_fwhm(xs[k], ys[k]), rel=0.03)
+    # The model follows the gradient: the far corner is much wider than the origin.
+    assert model.fwhm(370, 370) > 1.2 * model.fwhm(15, 15)
+
+
+def test_stamp_unit_sum_and_subpixel_centre(varying):
+    model, _ = varying
+    for x, y in ((100.3, 200.0), (250.0, 99.6), (192.45, 192.2)):
+        st = model.stamp(x, y, 25)
+        assert st.sum() == pytest.approx(1.0, abs=1e-12)
+        ref = true_stamp(x, y)
+        # Profile at the sub-pixel offset: matches the truth there (3 %, as above) ...
+        assert np.abs(st - ref).max() < 0.03 * ref.max()
+        # ... and a shift of 0.3 px would leave a > 5 % residual, so the test sees placement errors.
+        assert np.abs(st - true_stamp(x + 0.3, y + 0.3)).max() > 0.05 * ref.max()
+        centred = model.stamp(x, y, 25, centred=True)
+        ref_c = true_stamp(round(x), round(y))
+        assert np.abs(centred - ref_c).max() < 0.03 * ref_c.max()
+    with pytest.raises(ValueError, match="odd"):
+        model.stamp(10, 10, 24)
+
+
+def test_write_read_round_trip(varying, tmp_path):
+    model, _ = varying
+    path = tmp_path / "psf.fits"
+    model.write(path)
+    back = PSFModel.read(path)
+    assert back.shape == SHAPE and back.grid == (3, 3) and back.oversampling == 2
+    assert back.sources == model.sources and list(back.n_stars) == list(model.n_stars)
+    np.testing.assert_allclose(back.stamp(33.3, 301.7, 25), model.stamp(33.3, 301.7, 25), atol=1e-7)
+    with fits.open(path) as hdul:
+        assert hdul[0].header["NFALLBK"] == 0
+        assert hdul[0].data.shape[0] == 9
+        np.testing.assert_allclose(hdul["CELLS"].data["fwhm"], model.cell_fwhm, rtol=1e-6)
+
+
+def test_read_rejects_a_fits_that_is_not_a_psf_model(tmp_path):
+    path = tmp_path / "frame.fits"
+    fits.PrimaryHDU(np.zeros((5, 5), np.float32)).writeto(path)
+    with pytest.raises(InputError, match="not an rbflow PSF model"):
+        PSFModel.read(path)
+    with pytest.raises(InputError, match="does not exist"):
+        PSFModel.read(tmp_path / "missing.fits")
+
+
+def test_few_stars_fall_back_to_a_fitted_moffat_and_record_it(tmp_path, caplog):
+    xs, ys, fl = [60.0, 190.2, 70.7, 180.4, 128.3], [60.0, 70.5, 190.1, 185.6, 128.8], [1e5] * 5
+    data, hdr, _ = simulate_frame((256, 256), stars=(xs, ys, fl), seed=4)
+    with caplog.at_level(logging.WARNING, logger="rbflow.psf"):
+        model = build_psf(Image(data, hdr, None), INFO, CFG, pixel_scale=1.0, name="few")
+    assert model.sources == ["moffat"] * 9
+    assert "Moffat fitted" in caplog.text
+    # 3 %: Moffat fitted to five S/N ~ 600 stars of FWHM 3.2-4.0 px, evaluated near their middle.
+    assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.05)
+    model.write(tmp_path / "few.fits")
+    assert fits.getheader(tmp_path / "few.fits")["NFALLBK"] == 9
+
+
+def test_empty_cells_borrow_from_neighbours_or_frame(caplog):
+    # Stars only in the left two thirds: the right column of cells has none.
+    gy, gx = np.mgrid[20:290:26, 20:190:26]
+    rng = np.random.default_rng(5)
+    stars = (gx.ravel() + rng.uniform(-3, 3, gx.size), gy.ravel() + rng.uniform(-3, 3, gx.size), np.full(gx.size, 3e4))
+    data, hdr, _ = simulate_frame((300, 300), stars=stars, seed=5)
+    with caplog.at_level(logging.WARNING, logger="rbflow.psf"):
+        model = build_psf(Image(data, hdr, None), INFO, CFG, pixel_scale=1.0, name="half")
+    assert model.sources[0] == "cell"
+    assert all(model.sources[k] in ("neighbours", "frame") for k in (2, 5, 8))
+    assert "fallback" in caplog.text
+
+
+def test_no_star_raises_or_uses_analytic_fallback(caplog):
+    data, hdr, _ = simulate_frame((128, 128), stars=([], [], []), seed=6)
+    image = Image(data, hdr, None)
+    with pytest.raises(InputError, match="no usable PSF star"):
+        build_psf(image, INFO, CFG, pixel_scale=1.0, name="empty")
+    cfg = dict(CFG, analytic_fallback=True, fallback_fwhm=2.0)
+    with caplog.at_level(logging.WARNING, logger="rbflow.psf"):
+        model = build_psf(image, INFO, cfg, pixel_scale=0.5, name="empty")
+    assert model.sources == ["analytic"] * 9
+    assert "NO usable PSF star" in caplog.text
+    # 2 arcsec / 0.5 arcsec/px = 4 px before pixel integration; integration widens it by ~1-2 %.
+    assert model.fwhm(64, 64) == pytest.approx(4.0, rel=0.03)
+
+
+def test_moffat_epsf_is_normalised_and_has_its_fwhm():
+    epsf = moffat_epsf(5.0, size=25, oversampling=2)
+    model = PSFModel(epsf[None], oversampling=2, size=25, shape=(50, 50), grid=(1, 1), n_stars=[0], sources=["analytic"])
+    assert model.stamp(25, 25, 25, centred=True).sum() == pytest.approx(1.0)
+    assert model.fwhm(25, 25) == pytest.approx(5.0, rel=0.02)  # pixel integration adds ~1 % at 5 px
+
+
+def test_run_psf_writes_model_and_png(tmp_path, demo_telescope):
+    data, hdr, _ = simulate_frame((256, 256), spacing=28, seed=7)
+    frame = tmp_path / "fld00_r_e1.fits"
+    fits.PrimaryHDU(data, header=hdr).writeto(frame)
+    demo_telescope.update(gain=GAIN, read_noise=5.0, saturation=60000.0)
+    demo_telescope["psf"].update(grid=[2, 2])
+    model = run_psf(frame, tmp_path / "psf" / "fld00_r_e1.fits", tmp_path / "psf" / "fld00_r_e1.png", demo_telescope)
+    assert (tmp_path / "psf" / "fld00_r_e1.png").stat().st_size > 1000
+    back = PSFModel.read(tmp_path / "psf" / "fld00_r_e1.fits")
+    assert back.name == "fld00_r_e1" and back.grid == (2, 2)
+    assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.03)
