@@ -15,7 +15,6 @@ Peers (sfft, properimage, HOTPANTS) are not installed in this environment, so no
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -123,16 +122,21 @@ def main(sizes: list[int], *, tile: int = 512, slope: float = 1.0) -> None:
         inside = (xs > 15) & (xs < n - 15) & (ys > 15) & (ys < n - 15)
         bright = inside & (peak > 50 * sig)
         sc = np.nan_to_num(h1["SCORR"].data)
-        resid = [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5 for x, y in zip(xs[bright], ys[bright])]
+        resid = [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5
+                 for x, y in zip(xs[bright], ys[bright])]
         dist, _ = cKDTree(tr[:, :2]).query(np.c_[c1["x"], c1["y"]])
         false = dist > 2
         hdr = h1[0].header
-        print(f"size {n}x{n}, tile {tile}, science FWHM {4 - slope / 2:.2f}->{4 + slope / 2:.2f} px: align {ta:.2f} s, subtract incl. align {ts:.2f} s (excl. ~{ts - ta:.2f} s), detect {td:.2f} s")
-        print(f"  flux ratio {hdr['FLXRATIO']:.4f} +- {hdr['FLXRERR']:.4f} (truth 1.6), align rms {hdr['ALIGNRMS']:.3f} px "
+        print(f"size {n}x{n}, tile {tile}, science FWHM {4 - slope / 2:.2f}->{4 + slope / 2:.2f} px: "
+              f"align {ta:.2f} s, subtract incl. align {ts:.2f} s (excl. ~{ts - ta:.2f} s), detect {td:.2f} s")
+        print(f"  flux ratio {hdr['FLXRATIO']:.4f} +- {hdr['FLXRERR']:.4f} (truth 1.6), "
+              f"align rms {hdr['ALIGNRMS']:.3f} px "
               f"over {hdr['NSTARS']} stars, tiles {hdr['NTILES']}")
-        print(f"  difference noise / prediction (two realisations): {rob / pred:.3f}; SCORRNRM {hdr['SCORRNRM']:.3f}, "
+        print(f"  difference noise / prediction (two realisations): {rob / pred:.3f}; "
+              f"SCORRNRM {hdr['SCORRNRM']:.3f}, "
               f"DIFFNRM {hdr['DIFFNRM']:.3f}")
-        print(f"  bright stars with >=5 sigma SCORR residual: {sum(resid)}/{len(resid)} ({100 * np.mean(resid):.1f} %)")
+        print(f"  bright stars with >=5 sigma SCORR residual: {sum(resid)}/{len(resid)} "
+              f"({100 * np.mean(resid):.1f} %)")
         print(f"  candidates {len(c1)}, false (no transient within 2 px) {false.sum()}, of which NEAR_BRIGHT "
               f"{int(((c1['flags'][false] & FLAGS['NEAR_BRIGHT']) != 0).sum())}; transients recovered "
               f"{int((cKDTree(np.c_[c1['x'], c1['y']]).query(tr[:, :2])[0] < 2).sum())}/{len(tr)}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from rbflow import detect as det
 from rbflow.config import validate
 from rbflow.errors import InputError
 from rbflow.io import read_table
+from rbflow.psf import PSFModel
 
 
 def _grid_transients(n: int, seed: int, spacing: float = 28.0) -> np.ndarray:
@@ -133,17 +132,13 @@ def test_empty_result_is_typed_and_warned(injected, caplog, tmp_path):
 
 
 @pytest.fixture
-def fake_psf_module(monkeypatch):
-    """Stand-in for rbflow.psf (written elsewhere): PSFModel.read returns a Gaussian by file name."""
+def stub_psf_read(monkeypatch):
+    """PSFModel.read (of rbflow.psf) stubbed to return the analytic PSFs, chosen by file name."""
 
-    class PSFModel:
-        @staticmethod
-        def read(path):
-            return GaussPSF(4.0 if "sci" in str(path) else 3.0)
+    def read(path):
+        return GaussPSF(4.0 if "sci" in str(path) else 3.0)
 
-    mod = types.ModuleType("rbflow.psf")
-    mod.PSFModel = PSFModel
-    monkeypatch.setitem(sys.modules, "rbflow.psf", mod)
+    monkeypatch.setattr(PSFModel, "read", staticmethod(read))
 
 
 def _telescope():
@@ -152,7 +147,7 @@ def _telescope():
     return validate(tel, "telescope.schema.yaml", "test telescope")
 
 
-def test_run_subtract_and_run_detect_write_their_files(tmp_path, fake_psf_module):
+def test_run_subtract_and_run_detect_write_their_files(tmp_path, stub_psf_read):
     from rbflow.subtract import run_subtract
 
     pair = make_pair((160, 160), seed=31, nstars=60, transients=np.array([[80.0, 80.0, 6000.0]]))
@@ -160,8 +155,8 @@ def test_run_subtract_and_run_detect_write_their_files(tmp_path, fake_psf_module
         fits.PrimaryHDU(img.data, header=img.header).writeto(tmp_path / f"{name}.fits")
     out = tmp_path / "sub" / "img.fits"
     tel = _telescope()
-    run_subtract(tmp_path / "sci.fits", tmp_path / "ref.fits", tmp_path / "sci_psf.fits", tmp_path / "ref_psf.fits",
-                 out, tel)
+    run_subtract(tmp_path / "sci.fits", tmp_path / "ref.fits", tmp_path / "sci_psf.fits",
+                 tmp_path / "ref_psf.fits", out, tel)
     with fits.open(out) as h:
         assert h[0].header["METHOD"] == "zogy" and h[0].header["SCIFILE"] == "sci.fits"
     table_path = tmp_path / "det" / "img.ecsv"
@@ -171,7 +166,7 @@ def test_run_subtract_and_run_detect_write_their_files(tmp_path, fake_psf_module
     assert np.hypot(t["x"][0] - 80, t["y"][0] - 80) < 0.3 and t["id"][0] == "img_0"
 
 
-def test_run_detect_missing_file(tmp_path, fake_psf_module):
+def test_run_detect_missing_file(tmp_path, stub_psf_read):
     with pytest.raises(InputError, match=r"nothere\.fits.*run the subtract stage"):
         det.run_detect(tmp_path / "nothere.fits", tmp_path / "p.fits", tmp_path / "o.ecsv", _telescope(),
                        image_name="x")

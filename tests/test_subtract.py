@@ -191,7 +191,8 @@ def _bright_star_residuals(hdul, pair):
     peak = fl / (2 * math.pi * (psf.fwhm(xs, ys) / 2.3548) ** 2)
     ok = (xs > 15) & (xs < n - 15) & (ys > 15) & (ys < n - 15) & (peak > 50 * hdul[0].header["SIGMAN"])
     sc = np.nan_to_num(hdul["SCORR"].data)
-    return [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5 for x, y in zip(xs[ok], ys[ok])]
+    return [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5
+            for x, y in zip(xs[ok], ys[ok])]
 
 
 def test_spatially_varying_psf_leaves_no_bright_star_residual():

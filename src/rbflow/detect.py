@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_info
 from rbflow.io import write_table
+from rbflow.psf import PSFModel
 from rbflow.subtract import _window_centroids
 
 __all__ = ["FLAGS", "COLUMNS", "empty_table", "detect", "run_detect"]
@@ -343,8 +344,6 @@ def run_detect(
     InputError
         The subtraction file is missing or lacks an extension.
     """
-    from rbflow.psf import PSFModel
-
     if not os.path.exists(subtract_path):
         raise InputError(f"subtraction '{subtract_path}' does not exist: run the subtract stage first")
     with fits.open(subtract_path, memmap=False) as hdul:

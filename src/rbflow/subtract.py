@@ -3,7 +3,7 @@
 The reference is resampled onto the science pixel grid through the two WCSs (cubic spline),
 optionally refined by an affine fit to matched bright stars. The subtraction follows Zackay,
 Ofek & Gal-Yam (2016, ApJ 830, 27; "ZOGY"), run on overlapping tiles, each with the PSFs of
-its centre, so that a spatially varying PSF is followed.
+its centre, blended with linear-interpolation weights, so that a spatially varying PSF is followed.
 
 Outputs (see :func:`subtract_images`) are in science flux units: a transient of flux ``f`` (ADU)
 in the science frame has flux ``f`` in ``DIFF``, with PSF ``PSFD``.
@@ -36,6 +36,7 @@ from scipy.spatial import cKDTree
 from rbflow.frames import FrameInfo, frame_info
 from rbflow.errors import ConfigError, InputError
 from rbflow.io import Image, read_image, write_fits
+from rbflow.psf import PSFModel
 
 __all__ = [
     "MASK_BITS",
@@ -277,13 +278,9 @@ def _find_stars(
     keep &= ~near_bad[py, px]
     # isolation: no other peak (>= 5 sigma) within 3 FWHM unless it is 100x fainter
     if px.size > 1:
-        tree = cKDTree(np.c_[px, py])
-        pairs = tree.query_pairs(3 * fwhm, output_type="ndarray")
-        for i, j in pairs:
-            if snr[j] > 0.01 * snr[i]:
-                keep[i] = False
-            if snr[i] > 0.01 * snr[j]:
-                keep[j] = False
+        i, j = cKDTree(np.c_[px, py]).query_pairs(3 * fwhm, output_type="ndarray").T
+        keep[i[snr[j] > 0.01 * snr[i]]] = False
+        keep[j[snr[i] > 0.01 * snr[j]]] = False
     keep &= snr >= snr_min
     order = np.argsort(-snr[keep])[:max_stars]
     xs, ys, sn = px[keep][order].astype(float), py[keep][order].astype(float), snr[keep][order]
@@ -641,13 +638,17 @@ def subtract_images(
     info_sci, info_ref : rbflow.frames.FrameInfo
         Gains (e-/ADU) and saturation levels (ADU) of the frames.
     cfg : dict
-        The telescope's ``subtract`` block: ``method`` ('zogy'), ``tile`` (px), ``overlap`` (px),
-        ``refine_astrometry`` (bool).
+        The telescope's ``subtract`` block: ``method`` ('zogy'); ``tile`` (px): spacing of the
+        tile centres where the PSFs are evaluated, each tile's ZOGY result reaching the
+        neighbouring centres and blended with linear-interpolation weights; ``overlap`` (px):
+        extra margin of each tile (at least the PSF stamp size is used); ``refine_astrometry``.
 
     Returns
     -------
     astropy.io.fits.HDUList
-        Primary (fit cards) + SCI, REF, DIFF, SCORR, VAR, MASK, PSFD, all with the science WCS.
+        Primary (fit cards) + SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (cube of P_D per tile, centres
+        in cards TCXk/TCYk); the images carry the science WCS. Masked pixels (MASK != 0, grown by
+        one FWHM) are NaN in DIFF, SCORR and VAR.
         SCORR is normalised to unit robust std in empty sky (factor ``SCORRNRM``) and VAR rescaled
         so that DIFF/sqrt(VAR) has unit robust std (``DIFFNRM``). ``FLXECORR`` is the factor by
         which a white-noise PSF-fit error on DIFF must be multiplied for the correlated noise.
@@ -665,16 +666,17 @@ def subtract_images(
     ny, nx = sci.data.shape
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     fwhm_s = float(psf_sci.fwhm(cx, cy))
+    fwhm_r_native = float(psf_ref.fwhm((ref.data.shape[1] - 1) / 2.0, (ref.data.shape[0] - 1) / 2.0))
     aligned, mask, ainfo = align(
         sci, ref, refine=bool(cfg.get("refine_astrometry", True)),
         saturation_sci=info_sci.saturation, saturation_ref=info_ref.saturation, fwhm_sci=fwhm_s,
-        fwhm_ref=None,
+        fwhm_ref=fwhm_r_native,
     )
     to_ref = ainfo["to_ref"]
     rcx, rcy = to_ref(cx, cy)
     jx = np.array(to_ref(cx + 1, cy)) - np.array([rcx, rcy])
     det = abs(float(np.linalg.det(np.c_[jx, np.array(to_ref(cx, cy + 1)) - np.array([rcx, rcy])])))
-    fwhm_r = float(psf_ref.fwhm(float(rcx), float(rcy))) / math.sqrt(det)
+    fwhm_r = fwhm_r_native / math.sqrt(det)
     size = 2 * int(math.ceil(4 * max(fwhm_s, fwhm_r))) + 1
 
     bad_sci = ~np.isfinite(sci.data)
@@ -697,7 +699,9 @@ def subtract_images(
             "needs at least 3 unsaturated isolated stars in common with S/N > 30: check the overlap of "
             "the frames, their WCS and the saturation level in the telescope file"
         ) from exc
-    log.info("flux ratio F_r/F_n = %.4f +- %.4f (%d stars); sigma_n %.3f, sigma_r %.3f", fr, fr_err, n_flux, sn, sr)
+    log.info(
+        "flux ratio F_r/F_n = %.4f +- %.4f (%d stars); sigma_n %.3f, sigma_r %.3f", fr, fr_err, n_flux, sn, sr
+    )
     var_n = (sn**2 + np.maximum(N, 0) / info_sci.gain).astype(np.float32)
     var_r = (sr**2 + np.maximum(R, 0) / info_ref.gain).astype(np.float32)
 
@@ -766,7 +770,7 @@ def subtract_images(
         ("OVERLAP", margin, "[pix] tile margin used"),
         ("PSFSIZE", size, "[pix] PSF stamp size"),
         ("FWHMSCI", fwhm_s, "[pix] science PSF FWHM, frame centre"),
-        ("FWHMREF", fwhm_r, "[pix] ref PSF FWHM, centre, science px"),
+        ("FWHMREF", fwhm_r, "[pix] ref PSF FWHM, science px"),
         ("SCORRNRM", k_s, "robust std of raw SCORR (divided out)"),
         ("DIFFNRM", k_d, "robust std DIFF/sqrt(raw VAR), in VAR"),
         ("FLXECORR", k_s / k_d, "PSF-fit error factor, correlated noise"),
@@ -779,7 +783,8 @@ def subtract_images(
         h[key] = (value, comment)
 
     sci_hdr = sci.header.copy()
-    for key in ("SIMPLE", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
+    for key in ("SIMPLE", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "BITPIX", "NAXIS", "NAXIS1",
+                "NAXIS2", "BSCALE", "BZERO", "BLANK", "CHECKSUM", "DATASUM"):
         sci_hdr.remove(key, ignore_missing=True, remove_all=True)
     sci_hdr["BUNIT"] = "adu"
 
@@ -834,8 +839,6 @@ def run_subtract(
     InputError
         Missing/unreadable inputs, missing WCS or frame facts.
     """
-    from rbflow.psf import PSFModel
-
     sci = read_image(sci_path)
     ref = read_image(ref_path)
     info_sci = frame_info(sci.header, telescope, path=sci_path)
