@@ -17,7 +17,7 @@ from rbflow.train import binary_metrics, dihedral, roc_auc, split_frames, train
 
 torch.set_num_threads(2)
 
-CFG = {"widths": [8, 16, 32], "epochs": 4, "batch_size": 64, "lr": 0.01, "patience": 3, "device": "cpu"}
+CFG = {"widths": [8, 16, 32], "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 3, "device": "cpu"}
 
 
 def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
@@ -35,7 +35,7 @@ def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cube = make_cube(root / "cube.npz", 1500, seed=11)
+    cube = make_cube(root / "cube.npz", 1000, seed=11)
     meta = train(cube, root / "model", CFG, seed=7, checkpoint_dir=root / "ckpt")
     return root, meta
 
