@@ -37,3 +37,12 @@ include: "workflow/rules/cutouts.smk"
 include: "workflow/rules/crossmatch.smk"
 include: "workflow/rules/cnn.smk"
 include: "workflow/rules/targets.smk"
+
+
+rule all:
+    """Everything on the configured telescopes: sky, training path, model, apply path and plots."""
+    default_target: True
+    input:
+        rules.checksim.input,
+        rules.train.input,
+        rules.infer.input,

@@ -53,12 +53,3 @@ rule apply:
     """The apply path only: subtract, detect, cut out and classify the observed frames with the trained model."""
     input:
         rules.infer.input,
-
-
-rule all:
-    """Everything on the configured telescopes: sky, training path, model, apply path and plots."""
-    default_target: True
-    input:
-        rules.checksim.input,
-        rules.train.input,
-        rules.infer.input,
