@@ -46,3 +46,4 @@ rule all:
         rules.checksim.input,
         rules.train.input,
         rules.infer.input,
+        rules.checkinfer.input,

@@ -74,3 +74,36 @@ rule infer_image:
         "../../envs/rbflow.yaml"
     script:
         "../../scripts/infer.py"
+
+
+rule checkinfer_plots:
+    """Threshold diagnostics of the model on its held-out test frames (ROC, DET, error rates, galleries)."""
+    input:
+        unpack(checkinfer_inputs),
+    output:
+        summary="results/{telescope}/plots/checkinfer/summary.json",
+        predictions="results/{telescope}/plots/checkinfer/test_predictions.ecsv",
+        p_real=report("results/{telescope}/plots/checkinfer/p_real_hist.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        roc=report("results/{telescope}/plots/checkinfer/roc.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        det=report("results/{telescope}/plots/checkinfer/det.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        rates=report("results/{telescope}/plots/checkinfer/error_rates.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        metrics=report("results/{telescope}/plots/checkinfer/metrics_vs_threshold.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        efficiency=report("results/{telescope}/plots/checkinfer/efficiency_mag.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        reliability=report("results/{telescope}/plots/checkinfer/reliability.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        confusion=report("results/{telescope}/plots/checkinfer/confusion.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        worst_fp=report("results/{telescope}/plots/checkinfer/worst_false_positives.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+        worst_fn=report("results/{telescope}/plots/checkinfer/worst_false_negatives.png", caption="../report/checkinfer.rst", category="Threshold choice"),
+    params:
+        threshold=config["infer"]["threshold"],
+        thresholds=config["checkinfer"]["thresholds"],
+        seed=config["seed"],
+    log:
+        "logs/{telescope}/plots/checkinfer.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/checkinfer.py"

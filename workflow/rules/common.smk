@@ -174,3 +174,14 @@ def checksim_inputs(wildcards):
         "crossmatch": per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [wildcards.telescope]),
         "subtract": per_image("results/{telescope}/sim/subtract/{image}.fits", "sim", [wildcards.telescope]),
     }
+
+
+def checkinfer_inputs(wildcards):
+    """Datacube, model, labels and crossmatch tables for the threshold diagnostics."""
+    tel = wildcards.telescope
+    return {
+        "datacube": f"results/{tel}/training/datacube.npz",
+        "model": f"results/{tel}/model/model.pt",
+        "labels": f"results/{tel}/training/labels.ecsv",
+        "crossmatch": per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [tel]),
+    }

@@ -53,3 +53,9 @@ rule apply:
     """The apply path only: subtract, detect, cut out and classify the observed frames with the trained model."""
     input:
         rules.infer.input,
+
+
+rule checkinfer:
+    """gmadet-cnn_checkinfer: threshold diagnostics of the model on its held-out test frames."""
+    input:
+        expand("results/{telescope}/plots/checkinfer/summary.json", telescope=TELESCOPES),

@@ -1,0 +1,22 @@
+"""Snakemake script of rule checkinfer_plots: threshold diagnostics on the model's test frames."""
+
+from pathlib import Path
+
+from rbflow.checkinfer import run_checkinfer
+from rbflow.runner import run
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+training_dir = Path(sm.input.labels).parent
+run(
+    sm,
+    run_checkinfer,
+    datacube_path=sm.input.datacube,
+    model_path=sm.input.model,
+    out_dir=Path(sm.output.summary).parent,
+    threshold=sm.params.threshold,
+    thresholds=tuple(sm.params.thresholds),
+    training_dir=training_dir,
+    inject_dir=training_dir.parent / "sim" / "inject",
+    crossmatch_paths=list(sm.input.crossmatch),
+    seed=sm.params.seed,
+)

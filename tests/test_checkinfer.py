@@ -1,0 +1,151 @@
+"""Tests of rbflow.checkinfer: test-split predictions, operating points, outputs and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from astropy.table import Table
+
+from rbflow.checkinfer import FILES, confusion_counts, evaluate_test_split, operating_points, run_checkinfer
+from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
+from rbflow.errors import InputError
+from rbflow.train import train
+
+torch.set_num_threads(2)
+
+CFG = {"widths": [8, 16, 32], "epochs": 2, "batch_size": 64, "lr": 0.01, "patience": 3, "device": "cpu"}
+N, N_FRAMES, PSF_FWHM = 500, 6, 3.0
+
+
+def _write_cube(path: Path, X: np.ndarray, y: np.ndarray, frames: np.ndarray, mag: np.ndarray) -> Path:
+    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
+            "normalisation": NORMALISATION}
+    images = np.array([f"{f}_sim0" for f in frames])
+    np.savez(path, X=normalise(X), y=y, ids=np.array([f"{im}_{i}" for i, im in enumerate(images)]), image=images,
+             frame=frames, mag=mag, snr=np.linspace(3, 60, len(y)), channels=np.array(meta["channels"]),
+             meta=np.asarray(json.dumps(meta)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model on synthetic stamps, plus cutout files, injection truth and a crossmatch table."""
+    root = tmp_path_factory.mktemp("checkinfer")
+    X, y = synthetic_stamps(N, seed=5)
+    frames = np.array([f"f{i % N_FRAMES:02d}" for i in range(N)])
+    mag = np.where(y == 1, np.random.default_rng(1).uniform(18.0, 22.0, N), np.nan)
+    cube = _write_cube(root / "cube.npz", X, y, frames, mag)
+    meta = train(cube, root / "model", CFG, seed=3, checkpoint_dir=root / "ckpt")
+    # cutout files of the test frames (FWHM 1.0x the PSF for trues, 2.0x for falses) and truth tables
+    test = np.isin(frames, meta["split"]["test"])
+    for i in np.flatnonzero(test):
+        sub = "true" if y[i] else "false"
+        hdus = [fits.PrimaryHDU(header=fits.Header({"ID": f"{frames[i]}_sim0_{i}",
+                                                    "FWHM": PSF_FWHM * (1.0 if y[i] else 2.0)}))]
+        hdus += [fits.ImageHDU(X[i, c], name=name) for c, name in enumerate(("SCI", "REF", "DIFF"))]
+        (root / "training" / sub).mkdir(parents=True, exist_ok=True)
+        fits.HDUList(hdus).writeto(root / "training" / sub / f"{frames[i]}_sim0_{i}.fits")
+    (root / "sim" / "inject").mkdir(parents=True)
+    for f in meta["split"]["test"]:
+        Table({"psf_fwhm": [PSF_FWHM, PSF_FWHM]}).write(root / "sim" / "inject" / f"{f}_sim0.ecsv")
+    xm = Table({"mag": [18.2, 19.0, 21.7, 21.9], "detected": [True, True, True, False],
+                "image": [f"{meta['split']['test'][0]}_sim0"] * 3 + [f"{meta['split']['train'][0]}_sim0"]})
+    xm.write(root / "crossmatch.ecsv")
+    return root, meta, frames, y
+
+
+def test_predictions_are_test_split_only(trained):
+    root, meta, frames, y = trained
+    table = evaluate_test_split(root / "cube.npz", root / "model" / "model.pt")
+    assert set(table["frame"]) == set(meta["split"]["test"])
+    assert not set(table["frame"]) & (set(meta["split"]["train"]) | set(meta["split"]["val"]))
+    assert len(table) == np.isin(frames, meta["split"]["test"]).sum()
+    assert np.array_equal(table["y"], y[np.isin(frames, meta["split"]["test"])])
+    assert np.allclose(table["label0"] + table["label1"], 1.0)
+    assert np.all(np.isnan(table["mag"][table["y"] == 0]))
+
+
+def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
+    root, meta, _, _ = trained
+    out = tmp_path / "out"
+    summary = run_checkinfer(root / "cube.npz", root / "model" / "model.pt", out, training_dir=root / "training",
+                             crossmatch_paths=[root / "crossmatch.ecsv"])
+    for name in FILES.values():
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["threshold"] == {"value": meta["threshold"], "source": "model.json"}
+    # hand computation from the written predictions
+    pred = Table.read(out / "test_predictions.ecsv")
+    yt, p, t = np.asarray(pred["y"]), np.asarray(pred["label1"]), meta["threshold"]
+    at = summary["at_threshold"]
+    assert at["fn"] == np.sum((yt == 1) & (p < t)) and at["fp"] == np.sum((yt == 0) & (p >= t))
+    assert at["tp"] + at["fn"] == summary["counts"]["n_true"] == yt.sum()
+    assert math.isclose(at["fnr"], np.mean(p[yt == 1] < t)) and math.isclose(at["fpr"], np.mean(p[yt == 0] >= t))
+    assert math.isclose(at["accuracy"], np.mean((p >= t) == yt))
+    # the vectorised MCC and accuracy equal rbflow.train's (bootstrap block holds the same point values)
+    assert math.isclose(at["mcc"], summary["bootstrap"]["mcc"]["value"], abs_tol=1e-12)
+    assert math.isclose(at["accuracy"], summary["bootstrap"]["accuracy"]["value"])
+    # the FNR-1 % threshold is the largest with at most 1 % of trues below it
+    t1 = summary["fnr_1pct"]["threshold"]
+    assert np.mean(p[yt == 1] < t1) <= 0.01 and np.mean(p[yt == 1] <= t1) > 0.01
+    t2 = summary["fpr_1pct"]["threshold"]
+    assert np.mean(p[yt == 0] >= t2) <= 0.01 and np.mean(p[yt == 0] >= np.nextafter(t2, -1)) > 0.01
+    eff = summary["efficiency"]["0.5"]
+    assert eff["n_kept"] == np.sum((yt == 1) & (p >= 0.5)) and eff["n_injected"] == yt.sum()
+    assert "fwhm_ratio.png" in summary["files"]
+
+
+def test_threshold_argument_and_skipped_fwhm(trained, tmp_path, caplog):
+    root, _, _, _ = trained
+    with caplog.at_level("WARNING", logger="rbflow.checkinfer"):
+        summary = run_checkinfer(root / "cube.npz", root / "model" / "model.pt", tmp_path, threshold=0.3)
+    assert summary["threshold"] == {"value": 0.3, "source": "argument"}
+    assert not (tmp_path / FILES["fwhm_ratio"]).exists() and FILES["fwhm_ratio"] not in summary["files"]
+    assert "FWHM ratio plot skipped" in caplog.text
+
+
+def test_operating_points_known_set():
+    y = np.array([0] * 5 + [1] * 5)
+    p = np.array([0.05, 0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9, 0.95])
+    c = confusion_counts(y, p, np.array([0.5, 0.35]))
+    # t = 0.5: trues below are 0.4 (fn = 1); falses at or above are 0.6 (fp = 1)
+    assert list(c["fn"]) == [1, 0] and list(c["fp"]) == [1, 1] and list(c["tp"]) == [4, 5] and list(c["tn"]) == [4, 4]
+    pts = operating_points(y, p)
+    # 1 % of 5 trues is 0 stamps: the largest threshold with no true below is the lowest true score
+    assert pts["fnr_target"] == {"threshold": 0.4, "fnr": 0.0, "fpr": 0.2}
+    # no false at or above: just above the highest false score 0.6
+    assert pts["fpr_target"]["threshold"] == np.nextafter(0.6, 1) and pts["fpr_target"]["fnr"] == 0.2
+    # at t = 0.4 FNR = 0, FPR = 0.2; at t = 0.6 FNR = FPR = 0.2 (equal); at 0.7 FNR 0.2, FPR 0
+    assert pts["equal_error"] == {"threshold": 0.6, "fnr": 0.2, "fpr": 0.2, "rate": 0.2}
+
+
+def test_errors(trained, tmp_path):
+    root, meta, frames, y = trained
+    cube = np.load(root / "cube.npz")
+    model = root / "model" / "model.pt"
+    # no stamp of the test frames
+    other = {k: cube[k] for k in cube.files}
+    other["frame"] = np.array([f"x{f}" for f in frames])
+    np.savez(tmp_path / "other.npz", **other)
+    with pytest.raises(InputError, match="holds no stamp of the test frames"):
+        evaluate_test_split(tmp_path / "other.npz", model)
+    # a single class in the test frames
+    single = {k: cube[k] for k in cube.files}
+    single["y"] = np.where(np.isin(frames, meta["split"]["test"]), 1, y)
+    np.savez(tmp_path / "single.npz", **single)
+    with pytest.raises(InputError, match="only true stamps"):
+        run_checkinfer(tmp_path / "single.npz", model, tmp_path / "out")
+    # a model.json without a split
+    (tmp_path / "m").mkdir()
+    shutil.copy(model, tmp_path / "m" / "model.pt")
+    bad = {**meta, "split": {}}
+    (tmp_path / "m" / "model.json").write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="no test frames"):
+        evaluate_test_split(root / "cube.npz", tmp_path / "m" / "model.pt")
