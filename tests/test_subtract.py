@@ -248,3 +248,121 @@ def test_saturated_and_missing_pixels_are_masked():
     sat = np.unravel_index(np.nanargmax(pair["sci"].data), m.shape)
     assert m[sat] & sub.MASK_BITS["SATURATED"]
     assert np.isnan(h["SCORR"].data[m != 0]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Demo sky (rbflow.sky): S_corr noise and detection efficiency with the true PSFs
+# --------------------------------------------------------------------------------------------
+
+
+class TrueMoffat:
+    """The true, pixel-integrated Moffat PSF of a demo frame (``rbflow.sky`` renders stars with it)."""
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def fwhm(self, x, y):
+        return float(self.cond.psf_at(x, y)[0])
+
+    def stamp(self, x, y, size, *, centred=False):
+        from rbflow import sky
+
+        f, e, t = self.cond.psf_at(np.array([float(x)]), np.array([float(y)]))
+        dx, dy = (0.0, 0.0) if centred else (x - round(x), y - round(y))
+        return sky._psf_stamps(np.array([dx]), np.array([dy]), f, e, t, self.cond.beta, size // 2)[0]
+
+
+def demo_pair(tel, seed):
+    """fld00_r_ref / fld00_r_e1 of the demo sky (256 px), their true PSFs, noises and true flux ratio."""
+    from astropy.wcs import WCS
+
+    from rbflow import sky
+    from rbflow.frames import frame_info
+
+    out = {}
+    for key, frame in (("sci", "fld00_r_e1"), ("ref", "fld00_r_ref")):
+        hdu, _ = sky.simulate_frame(tel, frame, seed=seed)
+        cond = sky.frame_conditions(tel, frame, seed=seed)
+        info = frame_info(hdu.header, tel)
+        out[key] = Image(hdu.data, hdu.header, WCS(hdu.header), None)
+        out["cond_" + key], out["info_" + key] = cond, info
+        out["psf_" + key] = TrueMoffat(cond)
+        out["sigma_" + key] = math.sqrt(cond.sky * info.gain + info.read_noise**2) / info.gain
+    out["ratio"] = 10 ** (0.4 * (out["cond_ref"].zeropoint - out["cond_sci"].zeropoint))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_tel():
+    from pathlib import Path
+
+    from rbflow.config import load_telescope
+
+    tel = load_telescope(Path(__file__).resolve().parents[1] / "config" / "telescopes" / "demo.yaml")
+    tel["sky"]["size"] = [256, 256]
+    return tel
+
+
+def test_background_follows_a_gradient_to_the_frame_edges():
+    # a 5 % sky ramp of a deep reference (1100 ADU, sigma 13): mesh medians are accurate to
+    # ~1.25 sigma / 64 = 0.02 sigma, so 0.1 sigma anywhere (edges included) is 5x that
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:256, 0:256]
+    sky = 1100.0 * (1 + 0.05 * (0.6 * xx / 255 - 0.8 * yy / 255))
+    data = (sky + rng.normal(0, 13.0, sky.shape)).astype(np.float32)
+    bkg, rms = sub._background(data, np.zeros(sky.shape, bool))
+    assert rms == pytest.approx(13.0, rel=0.03)
+    assert np.abs(bkg - sky).max() < 0.1 * 13.0
+
+
+def test_scorr_has_unit_std_on_the_demo_sky_with_true_psfs(demo_tel):
+    # undersampled deep reference (FWHM 1.5 px), sky gradient, flat-field residuals, crowding:
+    # the raw S_corr std in empty sky (SCORRNRM) was 1.4-4.0 before the background fix; 10 %
+    # is the brief's requirement (the empty-sky estimate itself scatters by ~2 % at 256 px)
+    p = demo_pair(demo_tel, 3)
+    h = sub.subtract_images(p["sci"], p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"],
+                            demo_tel["subtract"])
+    hdr = h[0].header
+    assert hdr["SCORRNRM"] == pytest.approx(1.0, abs=0.1)
+    assert hdr["DIFFNRM"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_detection_efficiency_on_the_demo_sky_follows_the_expected_snr(demo_tel):
+    """Sources injected at known optimal S/N (science and reference noise combined) are found at
+    50 % near S/N 5 when detecting single pixels above 5 sigma."""
+    from scipy.spatial import cKDTree
+
+    from rbflow.checksim import fit_logistic
+
+    snrs, found = [], []
+    for seed in (3, 4):
+        p = demo_pair(demo_tel, seed)
+        rng = np.random.default_rng(seed)
+        g = np.arange(20, 237, 24, dtype=float)
+        pts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2) + rng.uniform(-4, 4, (g.size**2, 2))
+        snr = rng.uniform(2.0, 10.0, len(pts))
+        data = p["sci"].data.astype(np.float64)
+        cs, cr, gain = p["cond_sci"], p["cond_ref"], p["info_sci"].gain
+        for (x, y), s in zip(pts, snr):
+            st = p["psf_sci"].stamp(x, y, 21)
+            rx, ry = (float(v[0]) for v in cr.world_to_pixel(*cs.pixel_to_world(x, y)))
+            st_r = p["psf_ref"].stamp(rx, ry, 21)
+            var_r = (p["sigma_ref"] / p["ratio"]) ** 2 / (st_r**2).sum()  # reference, science units
+            sig_f = math.sqrt(p["sigma_sci"] ** 2 / (st**2).sum() + var_r)
+            ix, iy = int(round(x)), int(round(y))
+            data[iy - 10 : iy + 11, ix - 10 : ix + 11] += rng.poisson(s * sig_f * st * gain) / gain
+        sci = Image(data.astype(np.float32), p["sci"].header, p["sci"].wcs, None)
+        h = sub.subtract_images(sci, p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"],
+                                demo_tel["subtract"])
+        cands = detect(h, p["psf_sci"], p["info_sci"], {"threshold": 5.0, "min_pixels": 1}, image_name="t",
+                       cutout_size=31)
+        d = cKDTree(np.c_[cands["x"], cands["y"]]).query(pts)[0]
+        snrs.append(snr)
+        found.append(d < 2.0)
+    snr, det = np.concatenate(snrs), np.concatenate(found)
+    m50, _ = fit_logistic(-2.5 * np.log10(snr), det)
+    snr50 = 10 ** (-0.4 * m50)
+    # measured S/N 6.5 (0.3 mag brighter than ideal; it was > 100 before the fix): the SCORR
+    # peak pixel misses the sub-pixel maximum of an undersampled profile (~8 %), and injected
+    # sources and crowding raise the empty-sky std (~5-10 %); +-0.5 binomial scatter of 200 sources
+    assert 4.5 < snr50 < 7.5
