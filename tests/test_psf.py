@@ -234,3 +234,60 @@ def test_run_psf_writes_model_and_png(tmp_path, demo_telescope):
     back = PSFModel.read(tmp_path / "psf" / "fld00_r_e1.fits")
     assert back.name == "fld00_r_e1" and back.grid == (2, 2)
     assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.03)
+
+
+
+@pytest.fixture(scope="module")
+def demo_sky(_demo_telescope):
+    """PSF model of a small demo-sky reference frame and the frame's true conditions.
+
+    The demo PSF is an elliptical Moffat (beta 2.5) whose FWHM grows by 15 % and ellipticity to
+    0.08 towards the corners. The star field is made denser in bright stars (1000 stars of
+    14-19 mag per 1024^2) so that a 512^2 frame holds the ~100 PSF stars of a full demo frame.
+    """
+    import copy
+
+    from rbflow.frames import frame_info
+    from rbflow.sky import frame_conditions
+    from rbflow.sky import simulate_frame as simulate_demo_frame
+
+    tel = copy.deepcopy(_demo_telescope)
+    tel["sky"].update(
+        size=[512, 512], stars=1000, star_mags=[14.0, 19.0], cosmic_rays=0, hot_pixels=0, bad_columns=0, satellite_rate=0
+    )
+    hdu, _ = simulate_demo_frame(tel, "fld00_r_ref", seed=1)
+    model = build_psf(
+        Image(hdu.data, hdu.header, None), frame_info(hdu.header, tel), tel["psf"], pixel_scale=tel["pixel_scale"], name="demo"
+    )
+    return model, frame_conditions(tel, "fld00_r_ref", seed=1)
+
+
+def test_demo_sky_residual_below_3_percent_of_peak_at_centre_and_corners(demo_sky):
+    from rbflow.sky import _psf_stamps
+
+    model, cond = demo_sky
+    assert model.sources.count("cell") >= 5
+    for x, y in ((255.8, 255.3), (85.3, 84.8), (426.3, 84.8), (85.3, 426.8), (426.3, 426.8)):
+        fwhm, ell, theta = (np.atleast_1d(v) for v in cond.psf_at(x, y))
+        # The truth is drawn exactly as rbflow.sky draws the stars (pixel-integrated Moffat).
+        ref = _psf_stamps(np.array([x - round(x)]), np.array([y - round(y)]), fwhm, ell, theta, cond.beta, 12)[0]
+        ref /= ref.sum()
+        # 3 %: design goal (ZOGY needs it). Measured 1.2-2.4 % here; ~100 stars leave ~1 % noise
+        # per node, and a 1.7 px FWHM sampled at oversampling 2 cannot be represented better
+        # than ~1-2.5 % (cubic-convolution resampling of the nodes).
+        assert np.abs(model.stamp(x, y, 25) - ref).max() < 0.03 * ref.max(), (x, y)
+        # 3 %: design goal; the area-based FWHM is quantised to ~0.5 % at 1.7-1.9 px.
+        assert model.fwhm(x, y) == pytest.approx(demo_true_fwhm(cond, x, y), rel=0.03), (x, y)
+
+
+def demo_true_fwhm(cond, x, y, sub=10):
+    """FWHM of the demo's true pixel-integrated PSF at (x, y), measured as PSFModel.fwhm measures it."""
+    from rbflow.sky import _moffat_alphas, _moffat_grid
+
+    fwhm, ell, theta = cond.psf_at(x, y)
+    aa, ab = _moffat_alphas(np.atleast_1d(fwhm), np.atleast_1d(ell), cond.beta)
+    off = np.arange(-64, 65) / 8
+    u = (off[:, None] + (np.arange(sub) + 0.5) / sub - 0.5).ravel()  # sub x sub samples per pixel
+    prof = _moffat_grid(u[None, :], u[:, None], np.cos(theta), np.sin(theta), aa[0], ab[0], cond.beta)
+    fine = prof.reshape(off.size, sub, off.size, sub).mean(axis=(1, 3))
+    return 2 * np.sqrt(np.count_nonzero(fine >= fine.max() / 2) / 64 / np.pi)

@@ -17,10 +17,13 @@ Method
    lowered when there are fewer than ``min_stars`` stars per term), fitted jointly to all the
    stars (at most ``max_stars`` per cell, brightest first): the linear least-squares solution
    that, resampled with a cubic-convolution kernel at every star's sub-pixel position and
-   scaled by its flux, best matches the star pixels (inverse-variance weights, 5 sigma pixel
-   and star clipping, a weak curvature penalty; preconditioned conjugate gradients). Fluxes
-   are refitted and the solve repeated. This is faster and steadier than photutils'
-   ``EPSFBuilder``, and has no cell-edge jumps.
+   scaled by its flux, best matches the star pixels (inverse-variance weights, a weak
+   curvature penalty). Only the nodes within 2.5 FWHM of the centre vary with position (the
+   wings do not measurably), which keeps the sparse normal equations small enough for a
+   direct solve (~1 s for 100 stars). Between the four solves, each star's flux and position
+   are refitted on the model (windowed centroids are biased for undersampled stars), pixels
+   beyond 5 sigma are clipped afresh, and outlier stars are rejected: a chi^2 far above the
+   others, or significantly more flux in the wings than in the core (galaxies).
 4. The polynomial is evaluated at the centre of each ``psf.grid`` cell: the stored model is one
    ePSF per cell. A cell with fewer than ``min_stars`` own stars but enough in its 3 x 3
    neighbourhood is marked ``neighbours``; with too few there too it takes the frame-wide
@@ -28,8 +31,9 @@ Method
    cell, a Moffat fitted to the stars it has (``moffat``). Every fallback is logged and
    recorded per cell. A frame without any usable star raises, unless ``analytic_fallback``
    (``analytic``: a Moffat of ``fallback_fwhm``).
-5. :meth:`PSFModel.stamp` interpolates the cell ePSFs bilinearly in the cell centres (linear
-   extrapolation in the outer half cells), so the PSF varies smoothly across the frame.
+5. :meth:`PSFModel.stamp` interpolates the cell ePSFs in the cell centres: quadratically
+   (Lagrange, three cells per axis) for 3 or more cells along an axis, which reproduces the
+   degree-2 polynomial exactly, linearly for 2; extrapolated in the outer half cells.
 
 FWHM values are those of the pixel-integrated PSF (what a star on the frame shows), measured
 as the diameter of the circle with the area above half maximum.
@@ -49,7 +53,7 @@ import scipy.sparse as sp
 from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
-from scipy.sparse.linalg import LinearOperator, cg, splu
+from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
 from rbflow.errors import InputError
@@ -67,12 +71,13 @@ _KIND = "rbflow.psf"  # value of the RBKIND card that marks a PSF model file
 _FORMAT = 1
 _MARGIN = 2  # oversampled nodes beyond the stamp half-size (room for sub-pixel shifts)
 _MOFFAT_BETA = 2.5  # Moffat index of the analytic fallback (typical seeing-limited wings)
-_FIT_ITERATIONS = 2  # solve, clip and refit fluxes, solve again
+_FIT_ITERATIONS = 4  # solves; between them: refit positions and fluxes, clip pixels and stars
+_RECENTRE_STEP = 0.05  # finite-difference step (px) of the position refit
+_MAX_EXTENDED = 0.02  # wing-to-core flux excess above which a significantly extended source is rejected
 _CLIP_SIGMA = 5.0  # pixel clipping threshold (sigma)
-_CG_RTOL = 1e-4  # relative residual of the conjugate-gradient ePSF solve
-_CG_MAXITER = 100
 _N_TERMS = (1, 3, 6)  # polynomial terms of degree 0, 1, 2 in (x, y)
-_SMOOTHING = 1e-3  # curvature penalty relative to the mean data weight per node
+_SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
+_VAR_RADIUS = 2.5  # radius (FWHM) of the ePSF nodes that vary with position
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,12 +127,20 @@ def _sample(epsf: np.ndarray, dx: float, dy: float, size: int, oversampling: int
 def _fwhm_of(epsf: np.ndarray, oversampling: int) -> float:
     """FWHM (pixels) of an ePSF: diameter of the circle with the area above half maximum."""
     step = 1.0 / 8.0
-    half_extent = (epsf.shape[0] - 1) / (2 * oversampling)
+    centre = (epsf.shape[0] - 1) / 2
+    # The half-maximum area lies within the nodes above a quarter of the peak (+ 1 px margin):
+    # sampling only there makes this ~20 times faster than sampling the whole stamp.
+    # The profile peaks within 2 px of the centre (noise in the outer nodes must not count).
+    k, r = int(centre), 2 * oversampling
+    peak = epsf[k - r : k + r + 1, k - r : k + r + 1].max()
+    rows, cols = np.nonzero(epsf >= peak / 4)
+    reach = max(np.abs(rows - centre).max(), np.abs(cols - centre).max()) / oversampling + 1.0
+    half_extent = min(np.ceil(reach / step) * step, centre / oversampling)
     pos = np.arange(-half_extent, half_extent + step / 2, step)
     wx = _resample_matrix(pos, epsf.shape[1], oversampling)
     wy = _resample_matrix(pos, epsf.shape[0], oversampling)
     fine = wy @ epsf @ wx.T
-    area = np.count_nonzero(fine >= fine.max() / 2) * step * step
+    area = np.count_nonzero(fine >= peak / 2) * step * step
     return float(2 * np.sqrt(area / np.pi))
 
 
@@ -189,7 +202,7 @@ def moffat_epsf(fwhm: float, *, size: int, oversampling: int, beta: float = _MOF
 
 
 class PSFModel:
-    """A PSF that varies across a frame: one oversampled ePSF per grid cell, bilinearly interpolated.
+    """A PSF that varies across a frame: one oversampled ePSF per grid cell, interpolated between cells.
 
     Parameters
     ----------
@@ -244,16 +257,34 @@ class PSFModel:
         ny, nx = self.shape
         return (np.arange(gx) + 0.5) * nx / gx - 0.5, (np.arange(gy) + 0.5) * ny / gy - 0.5
 
-    def _axis_weights(self, pos: float, n_grid: int, length: int) -> tuple[int, float]:
+    @staticmethod
+    def _axis_weights(pos: float, n_grid: int, length: int) -> list[tuple[int, float]]:
+        """Cells and weights interpolating along one axis at pixel position ``pos``.
+
+        Linear between the two nearest cell centres for 2 cells; quadratic (Lagrange) through the
+        three nearest for 3 or more, which reproduces the degree-2 polynomial the cell ePSFs are
+        sampled from (bilinear interpolation would not, and its extrapolation in the outer half
+        cells underestimates a PSF that widens towards the corners). Positions beyond the outer
+        cell centres are extrapolated up to the frame edge.
+        """
         if n_grid == 1:
-            return 0, 0.0
-        t = (pos + 0.5) * n_grid / length - 0.5
-        t = float(np.clip(t, -0.5, n_grid - 0.5))
-        i0 = int(np.clip(np.floor(t), 0, n_grid - 2))
-        return i0, t - i0
+            return [(0, 1.0)]
+        t = float(np.clip((pos + 0.5) * n_grid / length - 0.5, -0.5, n_grid - 0.5))
+        if n_grid == 2:
+            return [(0, 1.0 - t), (1, t)]
+        i = int(np.clip(np.round(t), 1, n_grid - 2))
+        u = t - i
+        return [(i - 1, 0.5 * u * (u - 1)), (i, 1.0 - u * u), (i + 1, 0.5 * u * (u + 1))]
+
+    def _cell_weights(self, x: float, y: float) -> list[tuple[int, float]]:
+        """Cube indices and weights of the cell ePSFs that make the PSF at (x, y)."""
+        gx, gy = self.grid
+        wx = self._axis_weights(x, gx, self.shape[1])
+        wy = self._axis_weights(y, gy, self.shape[0])
+        return [(jy * gx + jx, ay * ax) for jy, ay in wy for jx, ax in wx if ay * ax != 0]
 
     def epsf_at(self, x: float, y: float) -> np.ndarray:
-        """Oversampled ePSF at frame position (x, y), bilinear in the cell centres.
+        """Oversampled ePSF at frame position (x, y), interpolated in the cell centres.
 
         Parameters
         ----------
@@ -265,15 +296,9 @@ class PSFModel:
         numpy.ndarray
             Oversampled ePSF (same layout as one slice of ``cube``).
         """
-        gx, gy = self.grid
-        ix, ax = self._axis_weights(x, gx, self.shape[1])
-        iy, ay = self._axis_weights(y, gy, self.shape[0])
         out = np.zeros_like(self.cube[0])
-        for jy, wy in ((iy, 1 - ay), (iy + 1, ay)):
-            for jx, wx in ((ix, 1 - ax), (ix + 1, ax)):
-                w = wx * wy
-                if w != 0:
-                    out += w * self.cube[jy * gx + jx]
+        for c, w in self._cell_weights(x, y):
+            out += w * self.cube[c]
         return out
 
     def stamp(self, x: float, y: float, size: int, *, centred: bool = False) -> np.ndarray:
@@ -302,7 +327,7 @@ class PSFModel:
         return st / st.sum()
 
     def fwhm(self, x: float, y: float) -> float:
-        """FWHM of the pixel-integrated PSF at (x, y) (pixels)."""
+        """FWHM of the pixel-integrated PSF at (x, y) (pixels), measured on :meth:`epsf_at` (~0.2 ms)."""
         return _fwhm_of(self.epsf_at(x, y), self.oversampling)
 
     def cells_table(self) -> Table:
@@ -595,13 +620,11 @@ def _select_stars(
 # --------------------------------------------------------------------------------------------
 
 
-def _curvature_penalty(n: int) -> sp.csr_matrix:
-    """Sum of squared second differences along both axes of an n x n node grid."""
+def _second_differences(n: int) -> sp.csr_matrix:
+    """Second differences along both axes of an n x n node grid (rows: differences, columns: nodes)."""
     d2 = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n))
     eye = sp.identity(n)
-    lx = sp.kron(eye, d2)
-    ly = sp.kron(d2, eye)
-    return (lx.T @ lx + ly.T @ ly).tocsr()
+    return sp.vstack([sp.kron(eye, d2), sp.kron(d2, eye)]).tocsr()
 
 
 def _design(stars: _Stars, n: int, oversampling: int) -> sp.csr_matrix:
@@ -626,9 +649,20 @@ def _design(stars: _Stars, n: int, oversampling: int) -> sp.csr_matrix:
 
 
 def _solve_epsf(
-    stars: _Stars, terms: np.ndarray, *, size: int, oversampling: int, gain: float, name: str
+    stars: _Stars,
+    terms: np.ndarray,
+    *,
+    size: int,
+    oversampling: int,
+    gain: float,
+    var_radius: float,
+    name: str,
 ) -> tuple[np.ndarray, int]:
     """Least-squares ePSF whose nodes are polynomials in the star position.
+
+    The constant term spans the whole stamp; the position-dependent terms only the nodes within
+    ``var_radius`` of the centre (the PSF core, where a change of width or shape shows), which
+    keeps the sparse normal equations small enough for a direct solve.
 
     Parameters
     ----------
@@ -636,6 +670,8 @@ def _solve_epsf(
         PSF stars.
     terms : numpy.ndarray
         ``(n_stars, n_terms)`` values of the polynomial terms at each star (first column 1).
+    var_radius : float
+        Radius (native pixels) of the nodes that vary with position.
 
     Returns
     -------
@@ -647,72 +683,96 @@ def _solve_epsf(
     n = oversampling * (size - 1) + 1 + 2 * _MARGIN
     n_terms = terms.shape[1]
     n_nodes = n * n
-    npix = size * size
-    a1 = _design(stars, n, oversampling).tocsr()
-    a1t = a1.T.tocsr()
-    row_terms = np.repeat(terms, npix, axis=0)  # (n_stars * npix, n_terms)
+    centre = (n - 1) / 2
+    node_y, node_x = np.divmod(np.arange(n_nodes), n)
+    inner = np.flatnonzero(np.hypot(node_x - centre, node_y - centre) <= var_radius * oversampling)
+    row_terms = np.repeat(terms, size * size, axis=0)  # (n_stars * npix, n_terms)
+
+    def design_at(st: _Stars) -> sp.csr_matrix:
+        a1 = _design(st, n, oversampling)
+        return sp.hstack(
+            [a1] + [sp.diags(row_terms[:, k]) @ a1[:, inner] for k in range(1, n_terms)], format="csr"
+        )
+
+    stars = stars.take(np.arange(len(stars)))  # positions are refined below: work on a copy
+    design = design_at(stars)
+    # Curvature penalty; the varying terms are zero beyond var_radius, so theirs also pulls them
+    # smoothly to zero at that edge.
+    d2 = _second_differences(n)
+    pen = sp.block_diag([d2] + [d2[:, inner]] * (n_terms - 1), format="csr")
+    penalty = (pen.T @ pen).tocsc()
+    n_unknowns = design.shape[1]
+    # A ridge: weak everywhere; strong on the nodes beyond the inscribed circle of the stamp
+    # (its corners and the margin), which few star pixels reach and where the PSF is < 1e-4
+    # of its peak: unpinned, a stray neighbour pixel can raise them above the core.
+    ridge_diag = np.full(n_unknowns, 1e-6)
+    ridge_diag[:n_nodes][np.hypot(node_x - centre, node_y - centre) > (size // 2) * oversampling] = 1.0
+    ridge = sp.diags(ridge_diag, format="csc")
     d = stars.stamps.reshape(len(stars), -1)
     sky_var = stars.sky_var.reshape(len(stars), -1)
     flux = stars.flux.copy()
-    use = stars.weights.reshape(len(stars), -1).copy()
-    curvature = _curvature_penalty(n)
+    base_use = stars.weights.reshape(len(stars), -1)
+    use = base_use.copy()
     keep_star = np.ones(len(stars), bool)
     source = np.maximum(d, 0)
-    coef = np.zeros((n_terms, n, n))
-
-    def apply_design(v: np.ndarray) -> np.ndarray:
-        """Star pixels predicted by coefficients ``v`` (n_terms, n_nodes), per unit flux."""
-        return np.einsum("pk,pk->p", a1 @ v.T, row_terms)
-
     for it in range(_FIT_ITERATIONS):
         w = (use * keep_star[:, None] / (sky_var + source / gain) * flux[:, None] ** 2).reshape(-1)
-        # Normal equations (T (x) G structure) solved by conjugate gradients, preconditioned by
-        # the Kronecker product of the term covariance and the factorised position-free block.
-        g0 = (a1t @ a1.multiply(w[:, None])).tocsc()
-        reg = _SMOOTHING * g0.diagonal().mean()
-        g0 = (g0 + reg * curvature + 1e-6 * g0.diagonal().mean() * sp.identity(n_nodes)).tocsc()
-        lu = splu(g0)
-        star_w = w.reshape(len(stars), -1).sum(1)
-        t_cov = (terms * star_w[:, None]).T @ terms / star_w.sum()
-        t_inv = np.linalg.inv(t_cov)
-
-        def normal(v: np.ndarray) -> np.ndarray:
-            vv = v.reshape(n_terms, n_nodes)
-            pix = w * apply_design(vv)
-            out = (a1t @ (pix[:, None] * row_terms)).T + reg * (curvature @ vv.T).T
-            return out.reshape(-1)
-
-        def precondition(v: np.ndarray) -> np.ndarray:
-            return (t_inv @ lu.solve(v.reshape(n_terms, n_nodes).T).T).reshape(-1)
-
-        size_op = n_terms * n_nodes
-        rhs = (a1t @ ((w * (d / flux[:, None]).reshape(-1))[:, None] * row_terms)).T.reshape(-1)
-        sol, _ = cg(
-            LinearOperator((size_op, size_op), matvec=normal),
-            rhs,
-            x0=None if it == 0 else coef.reshape(-1),
-            rtol=_CG_RTOL,
-            maxiter=_CG_MAXITER,
-            M=LinearOperator((size_op, size_op), matvec=precondition),
-        )
-        coef = sol.reshape(n_terms, n, n)
-        coef /= _native_sum(coef[0], oversampling)
-        model = apply_design(coef.reshape(n_terms, -1)).reshape(len(stars), -1)
+        normal = (design.T @ sp.diags(w) @ design).tocsc()
+        scale = normal.diagonal()[:n_nodes].mean()
+        normal = normal + _SMOOTHING * scale * penalty + scale * ridge
+        rhs = design.T @ (w * (d / flux[:, None]).reshape(-1))
+        sol = spsolve(normal, rhs)
+        sol /= _native_sum(sol[:n_nodes].reshape(n, n), oversampling)
+        model = (design @ sol).reshape(len(stars), -1)
+        ws = use / (sky_var + np.maximum(flux[:, None] * model, 0) / gain)
+        if it == _FIT_ITERATIONS - 1:
+            break
+        # Refit each star's flux and position (linearised, finite-difference derivatives of the
+        # model): windowed centroids are biased towards pixel centres for undersampled stars.
+        step = _RECENTRE_STEP
+        shifted = stars.take(np.arange(len(stars)))
+        shifted.x = stars.x + step
+        mx = ((design_at(shifted) @ sol).reshape(len(stars), -1) - model) / step
+        shifted.x, shifted.y = stars.x, stars.y + step
+        my = ((design_at(shifted) @ sol).reshape(len(stars), -1) - model) / step
+        basis = np.stack([model, mx, my], axis=-1)  # (n_stars, npix, 3)
+        lhs = np.einsum("sp,spi,spj->sij", ws, basis, basis)
+        rhs_s = np.einsum("sp,spi,sp->si", ws, basis, d)
+        p = np.linalg.solve(lhs + 1e-12 * np.eye(3), rhs_s[..., None])[..., 0]
+        ok = p[:, 0] > 0
+        shift_x = np.where(ok, np.clip(p[:, 1] / np.where(ok, p[:, 0], 1), -0.5, 0.5), 0.0)
+        shift_y = np.where(ok, np.clip(p[:, 2] / np.where(ok, p[:, 0], 1), -0.5, 0.5), 0.0)
+        stars.x = stars.x + shift_x
+        stars.y = stars.y + shift_y
+        design = design_at(stars)
+        model = (design @ sol).reshape(len(stars), -1)
         ws = use / (sky_var + np.maximum(flux[:, None] * model, 0) / gain)
         flux = np.maximum((ws * model * d).sum(1) / (ws * model * model).sum(1), 1e-12)
         source = np.maximum(flux[:, None] * model, 0)
-        if it < _FIT_ITERATIONS - 1:
-            resid = (d - flux[:, None] * model) * np.sqrt(ws)
-            use = use * (np.abs(resid) < _CLIP_SIGMA)
-            chi2 = (resid**2 * (use > 0)).sum(1) / np.maximum((use > 0).sum(1), 1)
-            med = np.median(chi2[keep_star])
-            mad = np.median(np.abs(chi2[keep_star] - med)) * 1.4826
-            bad = chi2 > med + 5 * max(mad, 0.1 * med)
-            if np.count_nonzero(keep_star & ~bad) >= max(n_terms, keep_star.sum() // 2):
-                if np.any(keep_star & bad):
-                    log.debug("frame '%s': %d PSF stars rejected as outliers", name, np.count_nonzero(keep_star & bad))
-                keep_star &= ~bad
-    return coef, int(keep_star.sum())
+        resid = (d - flux[:, None] * model) * np.sqrt(ws)
+        use = base_use * (np.abs(resid) < _CLIP_SIGMA)  # from scratch: the previous model was worse
+        chi2 = (resid**2 * (use > 0)).sum(1) / np.maximum((use > 0).sum(1), 1)
+        med = np.median(chi2[keep_star])
+        mad = np.median(np.abs(chi2[keep_star] - med)) * 1.4826
+        bad = chi2 > med + 5 * max(mad, 0.1 * med)
+        # Galaxies: the flux fitted to the wings (1 % to 30 % of the peak) exceeds that fitted to
+        # the core, significantly and by more than _MAX_EXTENDED.
+        peak = model.max(1, keepdims=True)
+        core, wing = model >= 0.3 * peak, (model < 0.3 * peak) & (model >= 0.01 * peak)
+        wc, ww = (ws * model * model * core).sum(1), (ws * model * model * wing).sum(1)
+        f_core = (ws * model * d * core).sum(1) / np.maximum(wc, 1e-300)
+        f_wing = (ws * model * d * wing).sum(1) / np.maximum(ww, 1e-300)
+        excess = f_wing / np.maximum(f_core, 1e-12) - 1
+        sigma = np.sqrt(1 / np.maximum(wc, 1e-300) + 1 / np.maximum(ww, 1e-300)) / np.maximum(f_core, 1e-12)
+        bad |= (excess > _MAX_EXTENDED) & (excess > 5 * sigma)
+        if np.count_nonzero(keep_star & ~bad) >= max(n_terms, keep_star.sum() // 2):
+            if np.any(keep_star & bad):
+                log.debug("frame '%s': %d PSF stars rejected as outliers", name, np.count_nonzero(keep_star & bad))
+            keep_star &= ~bad
+    coef = np.zeros((n_terms, n_nodes))
+    coef[0] = sol[:n_nodes]
+    coef[1:, inner] = sol[n_nodes:].reshape(n_terms - 1, inner.size)
+    return coef.reshape(n_terms, n, n), int(keep_star.sum())
 
 
 def _poly_terms(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], degree: int) -> np.ndarray:
@@ -821,10 +881,11 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     cube: list[np.ndarray] = []
     n_used: list[int] = []
     sources: list[str] = []
+    var_radius = min(size // 2, _VAR_RADIUS * fwhm_est)
     if n_total >= min_stars:
         coef, used = _solve_epsf(
             stars.take(chosen), _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
-            size=size, oversampling=os_, gain=info.gain, name=name,
+            size=size, oversampling=os_, gain=info.gain, var_radius=var_radius, name=name,
         )
         log.info("frame '%s': ePSF polynomial of degree %d in (x, y) from %d stars", name, degree, used)
         frame_epsf = None
@@ -842,7 +903,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                 if frame_epsf is None:
                     frame_epsf = coef[0] if degree == 0 else _solve_epsf(
                         stars.take(chosen), np.ones((n_total, 1)),
-                        size=size, oversampling=os_, gain=info.gain, name=name,
+                        size=size, oversampling=os_, gain=info.gain, var_radius=var_radius, name=name,
                     )[0][0]
                 epsf = frame_epsf
                 n_used.append(used)
