@@ -3,7 +3,8 @@
 Results tree (per telescope `{telescope}`; `{mode}` is `sim` for injected images, `obs` for frames as observed):
 
     resources/{telescope}/frames/{frame}.fits     input frames (the demo telescope writes its own)
-    resources/{telescope}/truth/                  demo truth catalogues (per frame + variables.ecsv)
+    resources/{telescope}/truth/, catalogues/     demo truth: per frame, and the real variables/transients
+    resources/{telescope}/reference/{frame}.fits  reference stacked from one epoch's frames (real telescopes)
     results/{telescope}/psf/{frame}.fits|png      PSF model per frame                       (sim)
     results/{telescope}/sim/inject/{image}.*      injected frames + simulated_objects        (sim)
     results/{telescope}/{mode}/subtract/{image}.fits  SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (run)
@@ -24,12 +25,15 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+report: "workflow/report/workflow.rst"
+
 
 configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sky.smk"
+include: "workflow/rules/reference.smk"
 include: "workflow/rules/psf.smk"
 include: "workflow/rules/inject.smk"
 include: "workflow/rules/subtract.smk"

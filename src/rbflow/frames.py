@@ -51,6 +51,8 @@ class FrameSpec:
         Filter, when known without reading the header.
     field : str or None
         Field id, when known.
+    inputs : tuple of str
+        Frames stacked into this one by the ``reference`` rule (empty for a file that exists).
     """
 
     name: str
@@ -58,6 +60,7 @@ class FrameSpec:
     reference: str | None
     filter: str | None = None
     field: str | None = None
+    inputs: tuple[str, ...] = ()
 
 
 def _demo_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
@@ -75,21 +78,36 @@ def _demo_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     return frames
 
 
+def _glob(pattern: str, telescope: dict[str, Any], key: str) -> list[str]:
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise ConfigError(
+            f"telescope '{telescope['name']}': key '{key}' entry {pattern!r} matches no file; "
+            "check the path (relative to the working directory)"
+        )
+    return matches
+
+
+def _frame_name(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).name.split(".fits")[0])
+
+
 def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     spec = telescope["frames"]
-    ref_path = Path(spec["reference"])
-    ref_name = ref_path.name.split(".fits")[0]
-    frames = [FrameSpec(ref_name, str(ref_path), None)]
-    seen = {ref_name}
+    reference = spec["reference"]
+    if isinstance(reference, str):  # one existing frame
+        ref_name = _frame_name(reference)
+        frames = [FrameSpec(ref_name, reference, None)]
+        seen = {ref_name}
+    else:  # frames of one epoch, stacked by the `reference` rule
+        inputs = tuple(m for pattern in reference for m in _glob(pattern, telescope, "frames.reference"))
+        ref_name = f"{telescope['name']}_ref"
+        path = RESOURCES / telescope["name"] / "reference" / f"{ref_name}.fits"
+        frames = [FrameSpec(ref_name, str(path), None, inputs=tuple(dict.fromkeys(inputs)))]
+        seen = {ref_name, *map(_frame_name, inputs)}
     for pattern in spec["science"]:
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise ConfigError(
-                f"telescope '{telescope['name']}': key 'frames.science' entry {pattern!r} matches no file; "
-                "check the path (relative to the working directory)"
-            )
-        for m in matches:
-            name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(m).name.split(".fits")[0])
+        for m in _glob(pattern, telescope, "frames.science"):
+            name = _frame_name(m)
             if name in seen or _SIM.match(name):
                 continue
             seen.add(name)

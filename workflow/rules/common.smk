@@ -185,3 +185,19 @@ def checkinfer_inputs(wildcards):
         "labels": f"results/{tel}/training/labels.ecsv",
         "crossmatch": per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [tel]),
     }
+
+
+def reference_inputs(wildcards):
+    """Frames of the epoch stacked into the reference frame `frame` (none: it is not a stack)."""
+    inputs = frame_spec(wildcards).inputs
+    if not inputs:
+        raise WorkflowError(
+            f"frame '{wildcards.frame}' of telescope '{wildcards.telescope}' is not a stacked reference; "
+            "give 'frames.reference' a list of files to stack"
+        )
+    return list(inputs)
+
+
+def stack_settings(wildcards):
+    """The `frames.stack` block of a telescope file (how its reference frames are stacked)."""
+    return TELESCOPES[wildcards.telescope]["frames"]["stack"]
