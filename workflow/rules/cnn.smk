@@ -35,6 +35,12 @@ rule train_model:
         onnx="results/{telescope}/model/model.onnx",
         history="results/{telescope}/model/history.ecsv",
         metrics="results/{telescope}/model/metrics.json",
+        plot=report(
+            "results/{telescope}/model/training.png",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"telescope": "{telescope}", "figure": "learning curves"},
+        ),
     params:
         train=config["train"],
         seed=config["seed"],

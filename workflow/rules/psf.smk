@@ -7,7 +7,12 @@ rule psf:
         frame=frame_path,
     output:
         psf="results/{telescope}/psf/{frame}.fits",
-        png="results/{telescope}/psf/{frame}.png",
+        png=report(
+            "results/{telescope}/psf/{frame}.png",
+            caption="../report/psf.rst",
+            category="PSF models",
+            labels={"telescope": "{telescope}", "frame": "{frame}"},
+        ),
     params:
         telescope=telescope_block("psf"),
     log:
