@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.table import Table
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-TINY = ["--configfile", str(REPO / "tests/data/config.test.yaml"), "--config", f"telescope_dir={REPO}/tests/data/telescopes"]
+from conftest import SNAKEMAKE, make_workdir
 
 
 def _workdir(tmp_path: Path) -> Path:
-    (tmp_path / "config").symlink_to(REPO / "config")
-    return tmp_path
+    return make_workdir(tmp_path / "work")
 
 
 def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -57,10 +52,8 @@ def test_bad_config_stops_before_any_job(tmp_path):
 
 
 @pytest.mark.workflow
-def test_tiny_workflow_end_to_end(tmp_path):
-    work = _workdir(tmp_path)
-    proc = _snakemake(["--cores", "2", *TINY], work, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_tiny_workflow_end_to_end(tiny_run):
+    work = tiny_run
     res = work / "results" / "tiny"
     frames = sorted(p.stem for p in (work / "resources/tiny/frames").glob("*.fits"))
     assert frames == ["fld00_r_e1", "fld00_r_e2", "fld00_r_ref", "fld01_g_e1", "fld01_g_e2", "fld01_g_ref"]
