@@ -49,5 +49,5 @@ rule all:
     input:
         rules.checksim.input,
         rules.train.input,
-        rules.infer.input,
+        rules.apply.input,
         rules.checkinfer.input,

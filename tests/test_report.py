@@ -38,6 +38,7 @@ EXPECTED = {
         f"results/tiny/plots/checksim/{name}.png" for name in ["efficiency", "hist_mag", "mag_bias", "snr_mag"]
     },
     "Training": {"results/tiny/model/training.png"},
+    "Apply path": {"results/tiny/plots/apply/candidates.png"},
     "Threshold choice": {
         f"results/tiny/plots/checkinfer/{name}.png"
         for name in [
@@ -184,7 +185,7 @@ def test_report_plots_render_in_headless_chromium(chromium, probed, tmp_path):
     # the report's app decoded the training plot (12 x 3.6 in at 100 dpi) and shows it in its content panel
     assert [shown[:2] for shown in seen["shown"]] == [[1200, 360]]
     assert seen["shown"][0][2] > 300
-    for text in ["RESULTS", "Injection recovery", "PSF models", "Threshold choice", "Training"]:
+    for text in ["RESULTS", "Injection recovery", "PSF models", "Threshold choice", "Training", "Apply path"]:
         assert text in seen["text"], text
 
 

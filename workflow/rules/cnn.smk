@@ -113,3 +113,29 @@ rule checkinfer_plots:
         "../../envs/rbflow.yaml"
     script:
         "../../scripts/checkinfer.py"
+
+
+rule apply_summary:
+    """Apply-path summary: candidates before/after the threshold per frame, known reals detected and kept."""
+    input:
+        unpack(apply_inputs),
+    output:
+        summary="results/{telescope}/plots/apply/summary.json",
+        plot=report(
+            "results/{telescope}/plots/apply/candidates.png",
+            caption="../report/apply.rst",
+            category="Apply path",
+            labels={"telescope": "{telescope}", "figure": "candidates kept"},
+        ),
+    params:
+        radius_arcsec=match_radius_arcsec,
+    log:
+        "logs/{telescope}/plots/apply.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/rbflow.yaml"
+    script:
+        "../../scripts/apply_summary.py"

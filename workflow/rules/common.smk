@@ -201,3 +201,17 @@ def reference_inputs(wildcards):
 def stack_settings(wildcards):
     """The `frames.stack` block of a telescope file (how its reference frames are stacked)."""
     return TELESCOPES[wildcards.telescope]["frames"]["stack"]
+
+
+def apply_inputs(wildcards):
+    """Inference tables of every observed image and the catalogues of known reals."""
+    return {
+        "infer": per_image("results/{telescope}/{mode}/infer/{image}.ecsv", "obs", [wildcards.telescope]),
+        "catalogues": catalogues_of(wildcards),
+    }
+
+
+def match_radius_arcsec(wildcards):
+    """The telescope's crossmatch radius in arcsec (it is given in pixels)."""
+    tel = TELESCOPES[wildcards.telescope]
+    return tel["crossmatch"]["radius"] * tel["pixel_scale"]

@@ -53,6 +53,7 @@ rule apply:
     """The apply path only: subtract, detect, cut out and classify the observed frames with the trained model."""
     input:
         rules.infer.input,
+        expand("results/{telescope}/plots/apply/summary.json", telescope=TELESCOPES),
 
 
 rule checkinfer:

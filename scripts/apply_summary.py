@@ -1,0 +1,15 @@
+"""Snakemake script of rule apply_summary: what the apply path kept, per frame."""
+
+from rbflow.apply import summarise_apply
+from rbflow.runner import run
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+run(
+    sm,
+    summarise_apply,
+    infer_paths=list(sm.input.infer),
+    out_json=sm.output.summary,
+    out_png=sm.output.plot,
+    catalogues=list(sm.input.catalogues),
+    radius_arcsec=sm.params.radius_arcsec,
+)

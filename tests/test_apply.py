@@ -1,0 +1,41 @@
+"""Apply-path summary: counts per frame and known reals, on hand-made inference tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from astropy.table import Table
+
+from rbflow.apply import summarise_apply
+
+
+def _infer(path, ra, dec, p):
+    table = Table({"id": [f"c{i}" for i in range(len(ra))], "ra": ra, "dec": dec, "label1": p})
+    table.write(path)
+    table[np.asarray(p) >= 0.5].write(path.with_name(f"{path.stem}_kept.ecsv"))
+
+
+def test_counts_and_known_reals(tmp_path):
+    arcsec = 1 / 3600
+    # catalogue: two known reals; the first is found and kept, the second found but rejected
+    Table({"ra": [10.0, 10.01], "dec": [0.0, 0.0]}).write(tmp_path / "known.ecsv")
+    _infer(tmp_path / "a.ecsv", [10.0 + 0.5 * arcsec, 10.01, 10.02, 10.03], [0.0, 0.0, 0.0, 0.0], [0.9, 0.2, 0.8, 0.1])
+    _infer(tmp_path / "b.ecsv", [10.05], [0.0], [0.1])
+    out = summarise_apply(
+        [tmp_path / "a.ecsv", tmp_path / "b.ecsv"], tmp_path / "s.json", tmp_path / "s.png",
+        catalogues=[tmp_path / "known.ecsv"], radius_arcsec=2.0,
+    )
+    a = out["frames"]["a"]
+    assert (a["n_candidates"], a["n_kept"], a["reduction"]) == (4, 2, 2.0)
+    assert (a["known_detected"], a["known_kept"], a["kept_known"], a["kept_other"]) == (2, 1, 1, 1)
+    assert out["frames"]["b"]["reduction"] is None  # nothing kept
+    assert out["total"]["n_candidates"] == 5 and out["total"]["survivors_known_fraction"] == 0.5
+    assert json.loads((tmp_path / "s.json").read_text())["total"] == out["total"]
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_without_catalogues_counts_only(tmp_path):
+    _infer(tmp_path / "a.ecsv", [1.0, 2.0], [0.0, 0.0], [0.9, 0.1])
+    out = summarise_apply([tmp_path / "a.ecsv"], tmp_path / "s.json", tmp_path / "s.png", radius_arcsec=2.0)
+    assert out["total"]["known_detected"] == 0 and out["total"]["kept_other"] == 1
