@@ -159,8 +159,8 @@ def _labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
 def listing_digest(training_dir: str | os.PathLike) -> str:
     """SHA-256 of the sorted ``true/`` and ``false/`` file listing of a training folder.
 
-    Moving a cutout between ``true/`` and ``false/`` changes the digest but not the folder's
-    timestamp: pass it to the convert rule as a ``params`` value so that Snakemake reruns it.
+    Recorded in the datacube's meta as provenance: which files, under which label, it was built
+    from. (The workflow notices a person's moves through :func:`rbflow.crossmatch.relabel_digest`.)
 
     Parameters
     ----------

@@ -1,8 +1,4 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
-import json
-from pathlib import Path
-
-from rbflow import __version__ as RBFLOW_VERSION
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
 from rbflow.frames import frames_of, image_name, parse_image
@@ -49,12 +45,6 @@ def stage_block(name):
         return TELESCOPES[wildcards.telescope][name]
 
     return block
-
-
-def sky_of(wildcards):
-    """The `sky` block (and instrument facts) of a synthetic telescope."""
-    tel = TELESCOPES[wildcards.telescope]
-    return {**{k: tel[k] for k in _INSTRUMENT_KEYS}, "sky": tel["sky"]}
 
 
 def frame_spec(wildcards, frame=None):

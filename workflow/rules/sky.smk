@@ -7,7 +7,7 @@ rule sky_frame:
         fits="resources/{telescope}/frames/{frame}.fits",
         truth="resources/{telescope}/truth/{frame}.ecsv",
     params:
-        telescope=sky_of,
+        telescope=telescope_block("sky"),
         seed=config["seed"],
     log:
         "logs/{telescope}/sky/{frame}.log",
@@ -30,7 +30,7 @@ rule sky_variables:
     output:
         "resources/{telescope}/catalogues/variables.ecsv",
     params:
-        telescope=sky_of,
+        telescope=telescope_block("sky"),
         seed=config["seed"],
     log:
         "logs/{telescope}/sky/variables.log",
