@@ -100,8 +100,10 @@ def test_infer_folder(model_dir, cutouts, tmp_path):
     assert ((table["label1"] >= 0.5) == y[order]).mean() > 0.9  # separable problem, a 2-epoch model
     back = Table.read(tmp_path / "r.ecsv")
     assert back.meta["threshold"] == 0.5 and {"x", "y", "ra", "dec", "mag", "snr", "flags"} <= set(back.colnames)
-    dat = Table.read(tmp_path / "r.dat", format="ascii.basic")
-    assert dat.colnames == ["filename", "label0", "label1"] and dat["filename"][0].endswith(".fits")
+    dat = Table.read(tmp_path / "r.dat", format="ascii.commented_header")  # the older tool's infer_results.dat
+    assert dat.colnames[0] == "filename" and dat.colnames[-2:] == ["label0", "label1"]
+    assert dat["filename"][0].endswith(".fits")
+    assert_allclose(dat["label1"], table["label1"], atol=1e-8)
     assert len(Table.read(tmp_path / "r_kept.ecsv")) == int((table["label1"] >= 0.5).sum())
 
 

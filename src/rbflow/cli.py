@@ -1,4 +1,4 @@
-"""Command-line interface: ``rbflow convert``, ``rbflow train`` and ``rbflow infer``.
+"""Command-line interface: ``rbflow convert``, ``rbflow import``, ``rbflow train`` and ``rbflow infer``.
 
 The commands call the same library functions as the workflow's rules, so a model trained by the
 workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn_infer``)::
@@ -36,8 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--frac-true", type=float, default=None, help="fraction of trues after class balancing")
     conv.add_argument("--seed", type=int, default=0, help="seed of the class balancing")
 
+    imp = sub.add_parser(
+        "import", help="build a datacube from the older tool's or O'TRAIN's labelled stamps (true/, false/)"
+    )
+    imp.add_argument("folder", type=Path, help="folder holding true/ and false/ stamps (e.g. candidates_training)")
+    imp.add_argument("out", type=Path, help="datacube to write (.npz)")
+    imp.add_argument("--channels", nargs="+", default=None, help="channels, in order (default: those all stamps have)")
+    imp.add_argument("--crop", type=int, default=None, help="odd stamp size to crop to (default: largest odd shared)")
+    imp.add_argument("--frac-true", type=float, default=None, help="fraction of trues after class balancing")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the class balancing")
+
     tr = sub.add_parser("train", help="train, calibrate and evaluate a model on a datacube")
-    tr.add_argument("cube", type=Path, help="datacube (.npz) from 'rbflow convert'")
+    tr.add_argument("cube", type=Path, help="datacube (.npz) from 'rbflow convert' or 'rbflow import'")
     tr.add_argument("outdir", type=Path, help="folder for model.pt, model.json, model.onnx, metrics, plots")
     tr.add_argument("--config", type=Path, default=None, help="YAML run config; its 'train' block is used")
     tr.add_argument("--architecture", default=None, help="model architecture (overrides the config)")
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--threshold", type=float, default=None, help="P(real) threshold of the kept list")
     inf.add_argument(
         "--out", type=Path, default=Path("infer_results.ecsv"),
-        help="output ECSV; FILE.dat (filename label0 label1) and FILE_kept.ecsv are written next to it",
+        help="output ECSV; FILE.dat (the older tool's infer_results.dat) and FILE_kept.ecsv are written next to it",
     )
     inf.add_argument("--batch-size", type=int, default=1024, help="stamps per forward pass")
     return parser
@@ -98,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
             build_datacube(
                 args.training_dir, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true,
+                seed=args.seed,
+            )
+        elif args.command == "import":
+            from rbflow.legacy import import_cutouts
+
+            import_cutouts(
+                args.folder, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true,
                 seed=args.seed,
             )
         elif args.command == "train":

@@ -27,6 +27,7 @@ __all__ = [
     "normalise",
     "read_stamp",
     "build_datacube",
+    "write_datacube",
     "load_datacube",
     "crop_stamps",
     "listing_digest",
@@ -66,9 +67,13 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def crop_stamps(x: np.ndarray, size: int) -> np.ndarray:
-    """Central crop of ``(..., H, W)`` stamps to ``size`` x ``size`` (odd ``size`` <= H)."""
+    """Central crop of ``(..., H, W)`` stamps to ``size`` x ``size`` (odd ``size`` <= H).
+
+    The centre is pixel ``H // 2``: the middle of an odd stamp, and the pixel a source lands on in an
+    even stamp cut around it (astropy ``Cutout2D``'s convention, used by the older tool's cutouts).
+    """
     h = x.shape[-1]
-    lo = (h - size) // 2
+    lo = h // 2 - size // 2
     return x[..., lo : lo + size, lo : lo + size]
 
 
@@ -106,10 +111,16 @@ def read_stamp(
             names = [h.name for h in hdul]
             planes = []
             for ch in channels:
+                if ch not in names and len(names) == 1:
+                    raise InputError(
+                        f"cutout '{path}' is a single-image FITS file (the older tool's cutout format), not an "
+                        f"rbflow cutout with HDUs {channels}: convert a labelled folder of such files with "
+                        "'rbflow import', and classify cutouts made by rbflow (snakemake cutouts)"
+                    )
                 if ch not in names:
                     raise InputError(
                         f"cutout '{path}' has no {ch} HDU (has {names[1:]}): remake it, or drop {ch} from "
-                        "key 'convert.channels'"
+                        "key 'convert.channels' (or use a model trained without it)"
                     )
                 planes.append(np.asarray(hdul[ch].data, dtype=np.float32))
     except InputError:
@@ -290,25 +301,64 @@ def build_datacube(
         "skipped": skipped,
         "rbflow_version": __version__,
     }
-    with atomic_path(out_npz) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                X=X,
-                y=y_arr,
-                ids=np.asarray(ids, dtype=str)[keep],
-                image=np.asarray(images, dtype=str)[keep],
-                frame=np.asarray(frames, dtype=str)[keep],
-                mag=np.asarray(mags, dtype=np.float64)[keep],
-                snr=np.asarray(snrs, dtype=np.float64)[keep],
-                channels=np.asarray(channels, dtype=str),
-                meta=np.asarray(json.dumps(meta)),
-            )
+    write_datacube(
+        out_npz, X, y_arr, ids=np.asarray(ids, dtype=str)[keep], image=np.asarray(images, dtype=str)[keep],
+        frame=np.asarray(frames, dtype=str)[keep], mag=np.asarray(mags, dtype=np.float64)[keep],
+        snr=np.asarray(snrs, dtype=np.float64)[keep], channels=channels, meta=meta,
+    )
     log.info(
         "datacube %s: %d true, %d false stamps of %s px (%d skipped, %d dropped by balancing)",
         out_npz, counts["true"], counts["false"], X.shape[1:], counts["skipped"], counts["dropped_by_balance"],
     )
     return meta
+
+
+def write_datacube(
+    out_npz: str | os.PathLike,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    ids: np.ndarray,
+    image: np.ndarray,
+    frame: np.ndarray,
+    mag: np.ndarray,
+    snr: np.ndarray,
+    channels: list[str],
+    meta: dict[str, Any],
+) -> None:
+    """Write a datacube ``.npz`` atomically, in the format :func:`load_datacube` reads.
+
+    Parameters
+    ----------
+    out_npz : path-like
+        Destination.
+    X : numpy.ndarray
+        float32 ``(N, C, H, W)`` normalised stamps.
+    y : numpy.ndarray
+        int64 ``(N,)`` labels, 1 = real.
+    ids, image, frame : numpy.ndarray of str
+        Per stamp: candidate id, image and frame (the unit of the train/validation/test split).
+    mag, snr : numpy.ndarray of float
+        Per stamp: magnitude and S/N (NaN when unknown).
+    channels : list of str
+        Channel names, in the order of ``X``'s axis 1.
+    meta : dict
+        JSON-serialisable description (cutout size, normalisation, source...).
+    """
+    with atomic_path(out_npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                X=np.asarray(X, dtype=np.float32),
+                y=np.asarray(y, dtype=np.int64),
+                ids=np.asarray(ids, dtype=str),
+                image=np.asarray(image, dtype=str),
+                frame=np.asarray(frame, dtype=str),
+                mag=np.asarray(mag, dtype=np.float64),
+                snr=np.asarray(snr, dtype=np.float64),
+                channels=np.asarray(channels, dtype=str),
+                meta=np.asarray(json.dumps(meta)),
+            )
 
 
 def load_datacube(path: str | os.PathLike) -> dict[str, Any]:

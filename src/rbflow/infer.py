@@ -24,7 +24,16 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.io import atomic_path, read_table, write_table
 from rbflow.model import ModelConfig, build_model
 
-__all__ = ["load_model", "check_compatible", "predict", "predict_onnx", "infer_cutouts", "CANDIDATE_COLUMNS"]
+__all__ = [
+    "load_model",
+    "check_compatible",
+    "predict",
+    "predict_onnx",
+    "infer_cutouts",
+    "write_infer_dat",
+    "CANDIDATE_COLUMNS",
+    "INFER_DAT_COLUMNS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +109,7 @@ def load_model(model_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
     return model.eval(), meta
 
 
-def check_compatible(meta: dict[str, Any], channels: list[str], size: int) -> None:
+def check_compatible(meta: dict[str, Any], channels: list[str], size: int, *, source: str | None = None) -> None:
     """Check that cutouts with ``channels`` of ``size`` px can be fed to the model described by ``meta``.
 
     A model trained on cropped stamps accepts cutouts of its datacube's cutout size (they are cropped
@@ -114,23 +123,26 @@ def check_compatible(meta: dict[str, Any], channels: list[str], size: int) -> No
         Channels available in the cutouts.
     size : int
         Cutout side (pixels).
+    source : str, optional
+        The cutout file checked, named in the messages.
 
     Raises
     ------
     InputError
         A channel of the model is missing, or the size differs.
     """
+    named = "" if source is None else f" (first cutout '{source}')"
     missing = [c for c in meta["channels"] if c not in channels]
     if missing:
         raise InputError(
-            f"the model needs channels {meta['channels']} but the cutouts lack {missing}: remake the cutouts "
-            "with these channels or use a model trained on the available ones"
+            f"the model needs channels {meta['channels']} but the cutouts{named} lack {missing}: remake the "
+            "cutouts with these channels or use a model trained on the available ones"
         )
     allowed = {int(meta["stamp_size"]), int(meta.get("cutout_size", meta["stamp_size"]))}
     if size not in allowed:
         raise InputError(
             f"the model expects stamps of {meta['stamp_size']} px (cutouts of {meta.get('cutout_size')} px), "
-            f"the cutouts are {size} px: remake the cutouts with size {meta.get('cutout_size')} or retrain"
+            f"the cutouts are {size} px{named}: remake the cutouts with size {meta.get('cutout_size')} or retrain"
         )
     if meta.get("normalisation") not in (None, NORMALISATION):
         raise InputError(
@@ -213,6 +225,61 @@ def _header_row(header: Any, stem: str) -> list[Any]:
     return row
 
 
+#: ``infer_results.dat`` columns: (gmadet name, rbflow column, kind). gmadet's ``cnn_infer`` names the
+#: candidate id ``candID`` (read by its ``checkinfer``), O'TRAIN's ``cand_ID`` (read by gmadet's
+#: ``filter_candidates``): both are written.
+INFER_DAT_COLUMNS: tuple[tuple[str, str, type], ...] = (
+    ("RA", "ra", float),
+    ("Dec", "dec", float),
+    ("originalFile", "image", str),
+    ("Xpos", "x", float),
+    ("Ypos", "y", float),
+    ("mag", "mag", float),
+    ("magerr", "mag_err", float),
+    ("FWHM", "fwhm", float),
+    ("FWHMPSF", "psf_fwhm", float),
+    ("candID", "id", str),
+    ("cand_ID", "id", str),
+    ("label0", "label0", float),
+    ("label1", "label1", float),
+)
+
+
+def write_infer_dat(table: Table, filenames: list[str], path: str | os.PathLike) -> None:
+    """Write the older tool's ``infer_results.dat``, read by :func:`rbflow.legacy.read_infer_results_dat`.
+
+    An ``ascii.commented_header`` table with the columns of gmadet's and O'TRAIN's ``cnn_infer``:
+    ``filename`` (the cutout file) then :data:`INFER_DAT_COLUMNS`; a value the candidates do not have
+    (e.g. ``FWHMPSF``) is ``nan`` (``None`` for text). Xpos, Ypos are 0-based pixels (a comment line
+    says so).
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Output of :func:`infer_cutouts` (candidate columns, label0, label1).
+    filenames : list of str
+        Cutout file of each row.
+    path : path-like
+        Destination.
+    """
+    cols: dict[str, np.ndarray] = {"filename": np.asarray(filenames, dtype=str)}
+    for name, col, kind in INFER_DAT_COLUMNS:
+        if col not in table.colnames:
+            cols[name] = np.full(len(table), np.nan if kind is float else "None")
+        elif kind is float:
+            cols[name] = np.ma.filled(np.ma.asarray(table[col], dtype=float), np.nan)
+        else:
+            cols[name] = np.ma.filled(np.ma.asarray(table[col]).astype(str), "None")
+    dat = Table(cols)
+    dat.meta["comments"] = [
+        f"infer_results.dat written by rbflow {__version__}: label0 = P(bogus), label1 = P(real), calibrated",
+        "Xpos Ypos are 0-based pixel coordinates (centre of the first pixel = 0), x = column, y = row",
+    ]
+    formats = {"RA": "%.8f", "Dec": "%.8f", "Xpos": "%.3f", "Ypos": "%.3f", "label0": "%.8g", "label1": "%.8g"}
+    with atomic_path(path) as tmp:
+        dat.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
+
+
 def infer_cutouts(
     cutout_dir: str | os.PathLike,
     model_path: str | os.PathLike,
@@ -235,7 +302,7 @@ def infer_cutouts(
     out_table : path-like
         ECSV: candidate columns + ``label0`` (P(bogus)) and ``label1`` (P(real)), one row per cutout.
     out_dat : path-like, optional
-        The older tool's ``infer_results.dat``: columns ``filename label0 label1``.
+        The older tool's ``infer_results.dat`` (see :func:`write_infer_dat`).
     out_kept : path-like, optional
         ECSV of the rows with ``label1 >= threshold``.
     threshold : float, optional
@@ -264,7 +331,7 @@ def infer_cutouts(
     for path in files:
         stamp, header = read_stamp(path, channels, require_finite=False)
         if not stamps:
-            check_compatible(meta, channels, stamp.shape[-1])
+            check_compatible(meta, channels, stamp.shape[-1], source=str(path))
         elif stamp.shape != stamps[0].shape:
             raise InputError(
                 f"cutout '{path}' is {stamp.shape[-1]} px, '{files[0]}' {stamps[0].shape[-1]} px: remake the cutouts"
@@ -295,7 +362,7 @@ def infer_cutouts(
             table.remove_column("_row")
         table["label0"] = 1.0 - p_real
         table["label1"] = p_real
-        names = [p.name for p in files]
+        names = [str(p) for p in files]
     table.meta.update(
         {
             "made_by": "rbflow.infer.infer_cutouts",
@@ -309,9 +376,7 @@ def infer_cutouts(
     )
     write_table(table, out_table)
     if out_dat is not None:
-        dat = Table({"filename": np.asarray(names, dtype=str), "label0": table["label0"], "label1": table["label1"]})
-        with atomic_path(out_dat) as tmp:
-            dat.write(tmp, format="ascii.basic", overwrite=True, formats={"label0": "%.6f", "label1": "%.6f"})
+        write_infer_dat(table, names, out_dat)
     if out_kept is not None:
         kept = table[table["label1"] >= threshold]
         write_table(kept, out_kept)
