@@ -9,6 +9,7 @@ run(
     run_inject,
     frame_path=sm.input.frame,
     psf_path=sm.input.psf,
+    reference_path=sm.input.reference,
     out_fits=sm.output.fits,
     out_table=sm.output.table,
     out_list=sm.output.compat,

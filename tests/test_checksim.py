@@ -114,3 +114,27 @@ def test_run_checksim_empty_and_errors(tmp_path, caplog):
     write_table(Table({"mag": [20.0]}), tmp_path / "bad.ecsv")
     with pytest.raises(InputError, match="bad.ecsv.*lacks column.*detected"):
         run_checksim([tmp_path / "bad.ecsv"], tmp_path / "plots")
+
+
+def test_expected_snr_is_the_optimal_psf_snr(tmp_path):
+    from astropy.io import fits
+
+    from rbflow.checksim import expected_snr
+
+    yy, xx = np.mgrid[-7:8, -7:8]
+    p = np.exp(-(xx**2 + yy**2) / (2 * 1.5**2))
+    p /= p.sum()
+    var = np.full((64, 64), 4.0, np.float32)
+    var[40:, :] = np.nan  # masked half
+    psfd = fits.ImageHDU(p[None].astype(np.float32), name="PSFD")
+    psfd.header.update(NTILES=1, TCX0=31.5, TCY0=31.5)
+    prim = fits.PrimaryHDU()
+    prim.header["FLXECORR"] = 1.25
+    path = tmp_path / "sub.fits"
+    fits.HDUList([prim, fits.ImageHDU(var, name="VAR"), psfd]).writeto(path)
+    snr = expected_snr(path, np.array([20.0, 50.0, 2.0]), np.array([20.0, 20.0, 45.0]), np.array([100.0, 100.0, 100.0]))
+    # f sqrt(sum P^2 / V) / FLXECORR; a Gaussian's sum P^2 = 1 / (4 pi sigma^2)
+    expected = 100.0 * math.sqrt(1.0 / (4 * math.pi * 1.5**2) / 4.0) / 1.25
+    assert snr[0] == pytest.approx(expected, rel=1e-3)
+    assert snr[1] == pytest.approx(expected, rel=1e-3)
+    assert snr[2] == 0.0  # masked footprint: nothing can be expected there

@@ -130,10 +130,14 @@ def test_run_crossmatch_outputs(tmp_path, unmatched):
     back = Table.read(out / "img_sim0_labels.ecsv")
     assert list(back["label"]) == list(labels["label"])
     assert Table.read(out / "img_sim0.ecsv")["detected"].sum() == 4
-    lines = (out / "img_sim0.dat").read_text().splitlines()
-    assert "0-based" in lines[0] and lines[1] == "# filename Xpos Ypos mag_inj detected mag_meas sep"
-    assert lines[2].split() == ["img_sim0", "20.000", "20.000", "18.0000", "1", "18.1000", "0.500"]
-    assert lines[-1].split()[4:] == ["0", "nan", "nan"]
+    # the older tool's crossmatch.dat (columns checked in test_legacy.py)
+    dat = Table.read(out / "img_sim0.dat", format="ascii.commented_header")
+    assert "0-based" in (out / "img_sim0.dat").read_text().splitlines()[1]
+    first, last = dat[0], dat[-1]
+    assert (first["filename"], first["Xpos"], first["Ypos"], first["mag"]) == ("img_sim0", 20.0, 20.0, 18.0)
+    assert (first["Nmatches"], first["closest_candID"], first["mag_meas"], first["sep"]) == (1, "img_sim0_0", 18.1, 0.5)
+    assert last["Nmatches"] == 0 and last["closest_candID"] == "None"
+    assert np.isnan([last["mag_meas"], last["sep"]]).all()
     with pytest.raises(ValueError, match="label_unmatched"):
         run_crossmatch(tmp_path / "cands.ecsv", tmp_path / "inj.ecsv", out / "a", out / "b", out / "c",
                        radius=RADIUS, label_unmatched="maybe")
@@ -152,14 +156,17 @@ def test_catalogue_errors(tmp_path):
     assert len(read_catalogue(tmp_path / "ok.csv")) == 1
 
 
-def _cutout_dir(root, image: str, n: int):
+def _cutout_dir(root, image: str, n: int, *, x0: float = 10.0):
     folder = root / "cutouts" / image
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     ids = [f"{image}_{i}" for i in range(n)]
     for i in ids:
-        (folder / f"{i}.fits").write_bytes(b"FITS " + i.encode())
+        (folder / f"{i}.fits").write_bytes(b"FITS " + i.encode() + f" {x0}".encode())
         (folder / f"{i}.png").write_bytes(b"PNG " + i.encode())
-    Table({"id": ids, "file": [f"{i}.fits" for i in ids]}).write(folder / MANIFEST)
+    xs = [x0 + 20.0 * k for k in range(n)]
+    Table({"id": ids, "image": [image] * n, "x": xs, "y": xs, "file": [f"{i}.fits" for i in ids]}).write(
+        folder / MANIFEST, overwrite=True
+    )
     return folder
 
 
@@ -179,7 +186,7 @@ def test_label_cutouts_person_choice_wins(tmp_path, caplog):
     ]
     assert (train / "unsorted" / "a_sim0_2.fits").exists()
     assert set(out["action"]) <= {"linked", "copied"}
-    assert (train / "false" / "b_sim0_0.fits").read_bytes() == b"FITS b_sim0_0"
+    assert (train / "false" / "b_sim0_0.fits").read_bytes() == b"FITS b_sim0_0 10.0"
     assert relabel_digest(train) == "auto"  # nothing moved since labelling
 
     (train / "false" / "a_sim0_1.fits").rename(train / "true" / "a_sim0_1.fits")  # a person's decision
@@ -195,7 +202,7 @@ def test_label_cutouts_person_choice_wins(tmp_path, caplog):
     assert (row["label_auto"], row["label_folder"], row["action"], row["refreshed"]) == ("false", "true", "kept", True)
     assert out["refreshed"].sum() == 1
     saved = Table.read(train / "labels.ecsv")
-    assert list(saved.colnames[:3]) == ["id", "label_auto", "label_folder"]
+    assert list(saved.colnames[:4]) == ["id", "key", "label_auto", "label_folder"]
     assert saved[saved["id"] == "a_sim0_1"]["label_folder"][0] == "true"
     assert relabel_digest(train) == "auto"  # the relabelling recorded the person's choice
     # Moving a file into unsorted/ also changes the true/false listing.
@@ -211,3 +218,29 @@ def test_label_cutouts_errors(tmp_path):
     with pytest.raises(InputError, match="'maybe'.*true, false, unsorted"):
         label_cutouts([tmp_path / "l.ecsv"], [d0], tmp_path / "training")
     assert relabel_digest(tmp_path / "nothing") == "auto"  # nothing labelled yet
+
+
+def test_label_cutouts_follows_new_labels_unless_a_person_moved_the_same_candidate(tmp_path, caplog):
+    d0 = _cutout_dir(tmp_path, "a_sim0", 3)
+    labels = tmp_path / "labels.ecsv"
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "false"]}).write(labels)
+    train = tmp_path / "training"
+    label_cutouts([labels], [d0], train)
+    (train / "false" / "a_sim0_1.fits").rename(train / "true" / "a_sim0_1.fits")  # a person's decision
+    # The crossmatch changes its mind about a_sim0_2 (same candidate): nobody moved it, it follows.
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "true"]}).write(labels, overwrite=True)
+    out = label_cutouts([labels], [d0], train)
+    assert (train / "true" / "a_sim0_2.fits").exists() and not (train / "false" / "a_sim0_2.fits").exists()
+    assert (train / "true" / "a_sim0_2.png").exists()
+    assert (train / "true" / "a_sim0_1.fits").exists()  # the person's move stands
+    assert dict(zip(out["id"], out["action"]))["a_sim0_2"] == "relabelled"
+    # Upstream rerun (new injections): the ids now name other candidates, at other positions.
+    d0 = _cutout_dir(tmp_path, "a_sim0", 3, x0=13.0)
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["false", "false", "false"]}).write(labels, overwrite=True)
+    with caplog.at_level(logging.WARNING, logger="rbflow.crossmatch"):
+        out = label_cutouts([labels], [d0], train)
+    assert "1 files a person had moved now hold other candidates" in caplog.text
+    assert sorted(p.name for p in (train / "true").iterdir()) == []
+    assert all(out["label_folder"] == "false")
+    assert (train / "false" / "a_sim0_1.fits").read_bytes() == b"FITS a_sim0_1 13.0"
+    assert relabel_digest(train) == "auto"

@@ -196,3 +196,51 @@ def test_run_inject_writes_frame_table_and_list(tmp_path, frame, psf, demo_teles
     with pytest.raises(InputError, match="not an rbflow PSF model"):
         run_inject(path, path, out / "x.fits", out / "x.ecsv", out / "x.list", demo_telescope,
                    frame="fld00_r_e1", realization=1, seed=1)
+
+
+def test_sources_stay_inside_the_reference_footprint(frame, psf):
+    # The reference is offset by 70 px in x (as a dithered reference epoch would be) and has a NaN
+    # block (a masked region): a source the reference does not cover can never be recovered.
+    hdr = frame.header.copy()
+    hdr["CRPIX1"] = hdr["CRPIX1"] - 70
+    ref_data = frame.data.copy()
+    ref_data[150:210, 120:200] = np.nan
+    reference = Image(ref_data, hdr, WCS(hdr))
+    _, truth = inject_sources(
+        frame, psf, INFO, dict(CFG, n=60, min_separation=10.0), cutout_size=31, seed=5, frame="f",
+        image_name="f_sim0", reference=reference, ref_saturation=INFO.saturation,
+    )
+    assert len(truth) >= 40
+    rx, ry = WCS(hdr).all_world2pix(truth["ra"], truth["dec"], 0)
+    border = 31 // 2 + 5
+    assert np.all((rx >= border) & (rx < SHAPE[1] - border) & (ry >= border) & (ry < SHAPE[0] - border))
+    # reference x = frame x - 70: the frame's 70 + border leftmost columns are not covered
+    assert np.min(truth["x"]) >= border + 70 - 0.5
+    clearance = 2 * 3.5
+    near_nan = (rx > 120 - clearance) & (rx < 200 + clearance) & (ry > 150 - clearance) & (ry < 210 + clearance)
+    assert not near_nan.any()
+
+
+def test_reference_not_overlapping_is_a_clear_error(frame, psf):
+    hdr = frame.header.copy()
+    hdr["CRPIX1"] = hdr["CRPIX1"] - 400
+    reference = Image(frame.data.copy(), hdr, WCS(hdr), path="ref.fits")
+    with pytest.raises(InputError, match="ref.fits.*reference covers the frame"):
+        inject_sources(
+            frame, psf, INFO, CFG, cutout_size=31, seed=5, frame="f", image_name="f_sim0",
+            reference=reference, ref_saturation=INFO.saturation,
+        )
+
+
+def test_bad_columns_and_trails_are_not_hosts():
+    data, hdr, _ = simulate_frame(SHAPE, spacing=80, seed=12, flux_range=(3.0, 3.5), galaxies=6)
+    galaxies = find_hosts(data, 3.5, bad=~np.isfinite(data))
+    hot = data.copy()
+    hot[:, 40] += 200.0  # a hot column, as in the demo sky and real CCDs
+    rr = np.arange(20, 230)
+    hot[rr, (rr * 0.4 + 100).astype(int)] += 150.0  # a one-pixel trail
+    hosts = find_hosts(hot, 3.5, bad=~np.isfinite(hot))
+    assert len(hosts) >= len(galaxies) - 1  # the trail may run into one galaxy and spoil its segment
+    on_column = np.abs(hosts["x"] - 40) < 3
+    on_trail = np.abs(hosts["x"] - (hosts["y"] * 0.4 + 100)) < 3
+    assert not (on_column | on_trail).any()

@@ -27,7 +27,7 @@ from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.io import atomic_path, read_table, write_table
 
-__all__ = ["efficiency", "fit_logistic", "logistic", "limiting_mag", "frame_limits", "run_checksim"]
+__all__ = ["efficiency", "expected_snr", "fit_logistic", "logistic", "limiting_mag", "frame_limits", "run_checksim"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,50 @@ def frame_limits(
         mag = limiting_mag(float(np.nanmedian(table["psf_fwhm"])), sigma, float(np.nanmedian(table["zeropoint"])))
         per_band.setdefault(band, []).append(mag)
     return {band: float(np.median(mags)) for band, mags in per_band.items()}
+
+
+def expected_snr(
+    subtract_path: str | os.PathLike, x: np.ndarray, y: np.ndarray, flux: np.ndarray
+) -> np.ndarray:
+    """Expected S/N of point sources on a difference image, from its local noise.
+
+    The optimal (PSF-weighted) S/N of a source of flux ``f`` in a difference image with PSF
+    ``P_D`` and per-pixel variance ``V`` is ``f sqrt(sum(P_D**2 / V))``, divided by the
+    correlated-noise factor ``FLXECORR`` of the subtraction. ``VAR`` holds the background and the
+    Poisson noise of both frames' sources (a host galaxy or a neighbouring star lowers the S/N),
+    but not ZOGY's astrometric-noise term, which only matters on bright-star profiles.
+
+    Parameters
+    ----------
+    subtract_path : path-like
+        MEF written by :func:`rbflow.subtract.run_subtract` (``VAR``, ``PSFD`` with tile centres).
+    x, y : numpy.ndarray
+        Source positions (0-based pixels of the science frame).
+    flux : numpy.ndarray
+        Source fluxes (ADU in the science frame).
+
+    Returns
+    -------
+    numpy.ndarray
+        Expected S/N; 0 where the PSF footprint touches a masked (NaN) or off-frame pixel.
+    """
+    from astropy.io import fits
+
+    with fits.open(subtract_path, memmap=False) as hdul:
+        var = np.asarray(hdul["VAR"].data, dtype=float)
+        psfd = np.asarray(hdul["PSFD"].data, dtype=float)
+        head = hdul["PSFD"].header
+        corr = float(hdul[0].header.get("FLXECORR", 1.0))
+    centres = np.array([[head[f"TCX{k}"], head[f"TCY{k}"]] for k in range(int(head["NTILES"]))], dtype=float)
+    half = psfd.shape[-1] // 2
+    out = np.zeros(len(x))
+    for k, (xk, yk, fk) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float))):
+        p = psfd[int(np.argmin(np.hypot(centres[:, 0] - xk, centres[:, 1] - yk)))]
+        ix, iy = int(round(xk)), int(round(yk))
+        v = var[max(iy - half, 0) : iy + half + 1, max(ix - half, 0) : ix + half + 1]
+        if v.shape == p.shape and np.all(np.isfinite(v) & (v > 0)):
+            out[k] = fk * math.sqrt(float(np.sum(p**2 / v))) / corr
+    return out
 
 
 def _bins(mags: np.ndarray) -> np.ndarray:

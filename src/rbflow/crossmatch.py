@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.coordinates import SkyCoord
@@ -317,10 +318,16 @@ def read_catalogue(path: str | os.PathLike) -> Table:
 
 
 def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
-    """Write the ``crossmatch.dat`` compatibility file of the older checksim tool.
+    """Write the older tool's ``crossmatch.dat`` (gmadet ``checksim``).
 
-    Whitespace-separated columns ``filename Xpos Ypos mag_inj detected mag_meas sep`` (0-based
-    pixels; ``detected`` is 1/0; ``mag_meas`` and ``sep`` are ``nan`` when undetected).
+    An ``ascii.commented_header`` table with gmadet's columns: those of ``simulated_objects.list``
+    (``idx filename Xpos Ypos RA Dec mag filter count_ADU``), then ``filename2`` (base name of
+    ``filename``), ``Nmatches`` (candidates within the radius), ``closest_candID`` (the nearest
+    candidate's id), ``all_candIDs`` (comma-separated, nearest first) and ``edge`` (``N``: injected
+    sources lie half a cutout from the frame edges); ``None`` where nothing matched, as gmadet writes.
+    rbflow adds ``mag_meas`` (the nearest candidate's magnitude) and ``sep`` (pixels), ``nan`` when
+    undetected. ``idx`` is the row number (gmadet's checkinfer indexes rows with it); Xpos, Ypos are
+    0-based pixels (a comment line says so). :func:`rbflow.legacy.read_crossmatch_dat` reads it back.
 
     Parameters
     ----------
@@ -329,23 +336,46 @@ def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
     path : path-like
         Destination.
     """
-    lines = [
-        f"# crossmatch of injected sources (rbflow {__version__}); pixel coordinates are 0-based "
-        "(first pixel centre at 0, 0; Xpos = column, Ypos = row); sep in pixels",
-        "# filename Xpos Ypos mag_inj detected mag_meas sep",
-    ]
-    images = (
-        np.asarray(per_injected["image"]).astype(str)
-        if "image" in per_injected.colnames
-        else np.full(len(per_injected), "-")
+    n = len(per_injected)
+    cols = per_injected.colnames
+    images = np.asarray(per_injected["image"]).astype(str) if "image" in cols else np.full(n, "-")
+    closest = np.where(per_injected["detected"], np.asarray(per_injected["cand_id"]).astype(str), "None")
+    all_ids = []
+    for row, nearest in zip(per_injected, closest):
+        # crossmatch() lists the further candidates of a source in its note: "... (also id1, id2)"
+        note = str(row["note"]) if "note" in cols else ""
+        _, also, rest = note.partition("candidates within radius (also ")
+        all_ids.append(",".join([nearest, *rest.split(")")[0].split(", ")]) if also else nearest)
+    table = Table(
+        {
+            "idx": np.arange(n),
+            "filename": images,
+            "Xpos": np.asarray(per_injected["x"], dtype=float),
+            "Ypos": np.asarray(per_injected["y"], dtype=float),
+            "RA": np.asarray(per_injected["ra"], dtype=float) if "ra" in cols else np.full(n, np.nan),
+            "Dec": np.asarray(per_injected["dec"], dtype=float) if "dec" in cols else np.full(n, np.nan),
+            "mag": np.asarray(per_injected["mag"], dtype=float),
+            "filter": np.asarray(per_injected["filter"]).astype(str) if "filter" in cols else np.full(n, "-"),
+            "count_ADU": np.asarray(per_injected["flux"], dtype=float) if "flux" in cols else np.full(n, np.nan),
+            "filename2": np.array([Path(i).name for i in images], dtype=str),
+            "Nmatches": np.asarray(per_injected["n_cand"], dtype=np.int64),
+            "closest_candID": closest,
+            "all_candIDs": np.asarray(all_ids, dtype=str),
+            "edge": np.where(per_injected["detected"], "N", "None"),
+            "mag_meas": np.asarray(per_injected["mag_meas"], dtype=float),
+            "sep": np.asarray(per_injected["sep"], dtype=float),
+        }
     )
-    for img, row in zip(images, per_injected):
-        lines.append(
-            f"{img} {row['x']:.3f} {row['y']:.3f} {row['mag']:.4f} {int(row['detected'])} "
-            f"{row['mag_meas']:.4f} {row['sep']:.3f}"
-        )
+    table.meta["comments"] = [
+        f"crossmatch of injected sources (rbflow {__version__}); pixel coordinates are 0-based "
+        "(first pixel centre at 0, 0; Xpos = column, Ypos = row); sep in pixels",
+    ]
+    formats = {
+        "Xpos": "%.3f", "Ypos": "%.3f", "RA": "%.8f", "Dec": "%.8f", "mag": "%.4f", "count_ADU": "%.6g",
+        "mag_meas": "%.4f", "sep": "%.3f",
+    }
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        table.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
 
 
 def run_crossmatch(
@@ -450,6 +480,23 @@ def _refresh(src: Path, dst: Path) -> bool:
     return True
 
 
+def _identity(row: Any) -> str:
+    """A candidate's identity across reruns: its image and position to 0.1 px."""
+    image = str(row["image"]) if "image" in row.colnames else ""
+    return f"{image}:{float(row['x']):.1f},{float(row['y']):.1f}"
+
+
+def _previous_labels(path: Path) -> dict[str, tuple[str, str]] | None:
+    """id -> (key, folder rbflow or the person left the file in) of the last labelling, if any."""
+    if not path.exists():
+        return None
+    table = read_table(path)
+    if "key" not in table.colnames:
+        return None
+    return dict(zip(np.asarray(table["id"]).astype(str), zip(np.asarray(table["key"]).astype(str),
+                                                                 np.asarray(table["label_auto"]).astype(str))))
+
+
 def label_cutouts(
     labels_paths: Sequence[str | os.PathLike],
     cutout_dirs: Sequence[str | os.PathLike],
@@ -457,10 +504,20 @@ def label_cutouts(
 ) -> Table:
     """Put every labelled cutout (FITS and PNG) into ``training_dir/{true,false,unsorted}/``.
 
-    A file whose name already exists in any of the three folders stays where it is: a person may
-    have moved it, and that choice wins over the automatic label. Its content is refreshed in
-    place when the cutout was rewritten since (e.g. a new stamp size), so the folder keeps the
-    label and the file stays current.
+    A person may move files between the folders, and that choice wins over the automatic label,
+    as long as it is a choice about the same candidate. The previous ``labels.ecsv`` records
+    where rbflow put each file and the candidate's identity (its image and position to 0.1 px,
+    column ``key``). On a new labelling a file found in a folder is
+
+    - kept where it is when the previous labelling put it elsewhere (a person moved it) and the
+      candidate is the same; its content is refreshed in place when the cutout was rewritten
+      (e.g. a new stamp size);
+    - moved to its new automatic label when nobody moved it (the crossmatch may have changed),
+      or when the candidate behind the name is another one (an upstream stage was rerun, e.g.
+      new injections: candidate ids are per-image numbers), which voids a person's earlier move;
+      the voided moves are counted in the log.
+
+    Folders without a previous ``labels.ecsv`` (or one without ``key``) are trusted as they are.
 
     Parameters
     ----------
@@ -474,8 +531,9 @@ def label_cutouts(
     Returns
     -------
     astropy.table.Table
-        id, label_auto, label_folder (where the FITS file now is), action ('linked', 'copied'
-        or 'kept') and refreshed (a kept file's content was updated from the cutout folder).
+        id, key (candidate identity), label_auto, label_folder (where the FITS file now is),
+        action ('linked', 'copied', 'kept' or 'relabelled') and refreshed (a kept file's content
+        was updated from the cutout folder).
 
     Raises
     ------
@@ -493,36 +551,59 @@ def label_cutouts(
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     present = {lab: {p.name for p in folder.iterdir()} for lab, folder in folders.items()}
+    previous = _previous_labels(training_dir / "labels.ecsv")
 
-    rows: list[tuple[str, str, str, str, bool]] = []
-    unlabelled = 0
+    rows: list[tuple[str, str, str, str, str, bool]] = []
+    unlabelled = voided = 0
     for cdir in map(Path, cutout_dirs):
         manifest = read_table(cdir / MANIFEST)
-        for cand_id, fname in zip(np.asarray(manifest["id"]).astype(str), np.asarray(manifest["file"]).astype(str)):
+        for row in manifest:
+            cand_id, fname = str(row["id"]), str(row["file"])
             lab = auto.get(cand_id)
             if lab is None:
                 unlabelled += 1
                 continue
             if lab not in folders:
                 raise InputError(f"label {lab!r} of candidate {cand_id} is not one of {', '.join(LABELS)}")
-            png = Path(fname).with_suffix(".png").name
+            key = _identity(row)
+            files = [fname, Path(fname).with_suffix(".png").name]
             where = next((f for f in LABELS if fname in present[f]), None)
+            if where is not None and where != lab and previous is not None:
+                before = previous.get(cand_id)
+                if before is None or before[0] != key or before[1] == where:
+                    voided += before is not None and before[0] != key and before[1] != where
+                    for name in files:
+                        if name in present[where]:
+                            os.replace(folders[where] / name, folders[lab] / name)
+                            present[where].discard(name)
+                            present[lab].add(name)
+                    _refresh(cdir / fname, folders[lab] / fname)
+                    if (cdir / files[1]).exists() and files[1] in present[lab]:
+                        _refresh(cdir / files[1], folders[lab] / files[1])
+                    rows.append((cand_id, key, lab, lab, "relabelled", True))
+                    continue
             if where is not None:
                 refreshed = _refresh(cdir / fname, folders[where] / fname)
-                if (cdir / png).exists() and (folders[where] / png).exists():
-                    _refresh(cdir / png, folders[where] / png)
-                rows.append((cand_id, lab, where, "kept", refreshed))
+                if (cdir / files[1]).exists() and (folders[where] / files[1]).exists():
+                    _refresh(cdir / files[1], folders[where] / files[1])
+                rows.append((cand_id, key, lab, where, "kept", refreshed))
                 continue
             done = _link(cdir / fname, folders[lab] / fname)
-            if (cdir / png).exists() and not any(png in present[f] for f in LABELS):
-                _link(cdir / png, folders[lab] / png)
-            rows.append((cand_id, lab, lab, done, False))
+            if (cdir / files[1]).exists() and not any(files[1] in present[f] for f in LABELS):
+                _link(cdir / files[1], folders[lab] / files[1])
+            rows.append((cand_id, key, lab, lab, done, False))
+    if voided:
+        log.warning(
+            "%d files a person had moved now hold other candidates (an upstream stage was rerun): "
+            "they follow their new automatic labels; review them again",
+            voided,
+        )
     if unlabelled:
         log.warning("%d cutouts have no label in the given label tables and were not placed", unlabelled)
     out = Table(
         rows=rows or None,
-        names=("id", "label_auto", "label_folder", "action", "refreshed"),
-        dtype=[str, str, str, str, bool],
+        names=("id", "key", "label_auto", "label_folder", "action", "refreshed"),
+        dtype=[str, str, str, str, str, bool],
         meta={"made_by": f"rbflow.crossmatch.label_cutouts {__version__}", "training_dir": str(training_dir)},
     )
     if not rows:

@@ -6,7 +6,11 @@ position, scaled to a flux from its magnitude and the frame's zeropoint
 through the gain, and added to the frame; the sum is clipped at saturation like a real pixel.
 
 Positions are uniform over the usable area: at least the cutout half-size plus a margin from
-the edges, away from NaN and saturated pixels, and ``min_separation`` from one another. A
+the edges, away from NaN and saturated pixels, and ``min_separation`` from one another. When
+the reference the frame will be subtracted against is given, the usable area is also restricted
+to its footprint on the frame (the same margin from its edges, away from its NaN and saturated
+pixels): a source the reference does not cover cannot be recovered by the subtraction, and
+would only lower the measured completeness. A
 fraction ``host_fraction`` is put on galaxies found in the frame itself (segmentation,
 sources clearly larger than the PSF), offset from the host centre by a 2-D Gaussian whose
 median radius is ``host_offset`` times the host half-light radius, stretched along the host's
@@ -25,7 +29,8 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
-from scipy import ndimage
+from astropy.wcs import WCS
+from scipy import interpolate, ndimage
 
 from rbflow import __version__
 from rbflow.errors import ConfigError, InputError
@@ -33,12 +38,14 @@ from rbflow.frames import FrameInfo, frame_info, image_name
 from rbflow.io import Image, atomic_path, read_image, write_fits, write_table
 from rbflow.psf import PSFModel
 
-__all__ = ["draw_magnitudes", "find_hosts", "inject_sources", "run_inject"]
+__all__ = ["draw_magnitudes", "find_hosts", "inject_sources", "reference_footprint", "run_inject"]
 
 log = logging.getLogger(__name__)
 
 _EDGE_MARGIN = 5  # pixels beyond the cutout half-size kept free at the frame edges
 _TRIES = 50  # candidate positions drawn per source before giving up
+_MAX_HOST_AXIS_RATIO = 8.0  # segments more elongated than this are trails or columns, not galaxies
+_GRID_STEP = 16  # pixels between exact WCS evaluations of the frame -> reference mapping
 
 
 def draw_magnitudes(cfg: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -123,9 +130,13 @@ def find_hosts(data: np.ndarray, psf_fwhm: float, *, bad: np.ndarray) -> Table:
         theta = np.deg2rad(np.asarray(cat.orientation.value, dtype=float))
         peak = np.asarray(cat.max_value, dtype=float)
         flux = np.asarray(cat.segment_flux, dtype=float)
-    # Extended: moment FWHM 1.5x the PSF's and a peak lower than a point source of that flux has.
+    # Extended: moment FWHM 1.5x the PSF's and a peak lower than a point source of that flux has;
+    # resolved across too (a galaxy is at least PSF-wide in every direction, a bad column or a
+    # bleed trail is narrower) and not a trail (axis ratio at most _MAX_HOST_AXIS_RATIO).
     point_peak = flux / (1.133 * psf_fwhm**2)
-    ok = np.isfinite(fwhm) & np.isfinite(r_half) & (fwhm > 1.5 * psf_fwhm) & (peak < 0.5 * point_peak) & (b > 0)
+    psf_sigma = psf_fwhm / 2.3548
+    ok = np.isfinite(fwhm) & np.isfinite(r_half) & (fwhm > 1.5 * psf_fwhm) & (peak < 0.5 * point_peak)
+    ok &= (b > 0.8 * psf_sigma) & (a < _MAX_HOST_AXIS_RATIO * b)
     if not ok.any():
         return empty
     return Table(
@@ -147,6 +158,67 @@ def _usable(data: np.ndarray, saturation: float, *, border: int, clearance: floa
     ok[border : ny - border, border : nx - border] = True
     if bad.any():
         ok &= ndimage.distance_transform_edt(~bad) > clearance
+    return ok
+
+
+def _frame_to_reference(sci_wcs: WCS, ref_wcs: WCS, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Reference pixel coordinates of every frame pixel centre.
+
+    The two WCS are evaluated exactly on a grid every ``_GRID_STEP`` pixels (and on the last
+    row/column) and interpolated bilinearly in between: the mapping is smooth (TAN, SIP, TPV),
+    so the interpolation error is far below a pixel while the cost stays a few milliseconds.
+    """
+    ny, nx = shape
+    gy = np.unique(np.r_[np.arange(0, ny, _GRID_STEP), ny - 1]).astype(float)
+    gx = np.unique(np.r_[np.arange(0, nx, _GRID_STEP), nx - 1]).astype(float)
+    xx, yy = np.meshgrid(gx, gy)
+    ra, dec = sci_wcs.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    rx, ry = (c.reshape(xx.shape) for c in ref_wcs.all_world2pix(ra, dec, 0))
+    py, px = np.mgrid[0:ny, 0:nx]
+    points = np.column_stack([py.ravel(), px.ravel()])
+    fx = interpolate.RegularGridInterpolator((gy, gx), rx)(points).reshape(shape)
+    fy = interpolate.RegularGridInterpolator((gy, gx), ry)(points).reshape(shape)
+    return fx, fy
+
+
+def reference_footprint(
+    sci_wcs: WCS,
+    shape: tuple[int, int],
+    reference: Image,
+    ref_saturation: float,
+    *,
+    border: int,
+    clearance: float,
+) -> np.ndarray:
+    """Pixels of the frame where the reference can subtract a source centred there.
+
+    Parameters
+    ----------
+    sci_wcs : astropy.wcs.WCS
+        WCS of the frame sources are injected into.
+    shape : tuple of int
+        Shape of that frame.
+    reference : rbflow.io.Image
+        The reference the frame is subtracted against (with a celestial WCS).
+    ref_saturation : float
+        Saturation level of the reference (ADU).
+    border : int
+        Minimum distance from the reference's edges (pixels).
+    clearance : float
+        Minimum distance from the reference's NaN and saturated pixels (pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the frame's shape.
+    """
+    ref_ok = _usable(reference.data, ref_saturation, border=border, clearance=clearance)
+    fx, fy = _frame_to_reference(sci_wcs, reference.require_wcs(), shape)
+    ix, iy = np.rint(fx), np.rint(fy)
+    rny, rnx = ref_ok.shape
+    inside = (ix >= 0) & (ix < rnx) & (iy >= 0) & (iy < rny)
+    ok = np.zeros(shape, bool)
+    ok[inside] = ref_ok[iy[inside].astype(int), ix[inside].astype(int)]
     return ok
 
 
@@ -219,6 +291,8 @@ def inject_sources(
     seed: int,
     frame: str,
     image_name: str,
+    reference: Image | None = None,
+    ref_saturation: float = np.inf,
 ) -> tuple[np.ndarray, Table]:
     """Inject point sources into a frame.
 
@@ -238,6 +312,11 @@ def inject_sources(
         Seed of this frame and realization (``rbflow.seeds.derive(seed, frame, k, 'inject')``).
     frame, image_name : str
         Names of the frame and of the injected image (for the table).
+    reference : rbflow.io.Image, optional
+        The reference the frame will be subtracted against: sources are placed only inside its
+        footprint (see :func:`reference_footprint`).
+    ref_saturation : float, optional
+        Saturation level of the reference (ADU).
 
     Returns
     -------
@@ -250,7 +329,8 @@ def inject_sources(
     Raises
     ------
     InputError
-        The frame has no WCS, or the PSF model is for a frame of another shape.
+        The frame has no WCS, the PSF model is for a frame of another shape, or no pixel is
+        usable (edges, invalid pixels, outside the reference).
     """
     wcs = image.require_wcs()
     data = image.data
@@ -265,12 +345,20 @@ def inject_sources(
     half = stamp_size // 2
     fwhm0 = float(np.median(psf.cell_fwhm))
     border = cutout_size // 2 + _EDGE_MARGIN
-    usable = _usable(data, info.saturation, border=max(border, half), clearance=max(2 * fwhm0, 3.0))
-    if not usable.any():
-        raise InputError(
-            f"image '{image.path}': no pixel is usable for injection (edges, NaN or saturated pixels "
-            f"cover it all with cutout size {cutout_size})"
+    clearance = max(2 * fwhm0, 3.0)
+    usable = _usable(data, info.saturation, border=max(border, half), clearance=clearance)
+    if reference is not None:
+        usable &= reference_footprint(
+            wcs, data.shape, reference, ref_saturation, border=max(border, half), clearance=clearance
         )
+    if not usable.any():
+        where = f" and reference '{reference.path}'" if reference is not None else ""
+        raise InputError(
+            f"image '{image.path}'{where}: no pixel is usable for injection (edges, NaN or saturated pixels, "
+            f"or no overlap with the reference, cover it all with cutout size {cutout_size}): check that the "
+            "reference covers the frame (WCS of both files)"
+        )
+    log.info("image '%s': %.1f %% of the pixels are usable for injection", image_name, 100.0 * usable.mean())
     host_fraction = float(cfg["host_fraction"])
     bad = ~np.isfinite(data) | (data >= info.saturation)
     hosts = find_hosts(data, fwhm0, bad=bad) if host_fraction > 0 else _no_hosts()
@@ -336,19 +424,34 @@ def inject_sources(
 
 
 def _write_list(truth: Table, path: str | os.PathLike) -> None:
-    """Compatibility ``simulated_objects.list`` of the older tool (whitespace columns)."""
-    lines = [
-        "# simulated_objects.list written by rbflow " + __version__,
-        "# Xpos Ypos are 0-based pixel coordinates (centre of the first pixel = 0), x = column, y = row",
-        "# idx filename Xpos Ypos RA Dec mag filter",
+    """Write the older tool's ``simulated_objects.list`` (gmadet ``sim``).
+
+    An ``ascii.commented_header`` table, as gmadet writes it: the first line is ``# idx filename Xpos
+    Ypos RA Dec mag filter count_ADU``, so ``astropy.io.ascii.read`` finds the names. ``filename`` is
+    the injected image, ``count_ADU`` the injected flux (ADU); Xpos, Ypos are rbflow's 0-based pixels
+    (a comment line says so; the older tool's scripts match on RA, Dec).
+    :func:`rbflow.legacy.read_simulated_objects_list` reads it back.
+    """
+    table = Table(
+        {
+            "idx": np.arange(len(truth)),
+            "filename": np.asarray(truth["image"], dtype=str),
+            "Xpos": np.asarray(truth["x"], dtype=float),
+            "Ypos": np.asarray(truth["y"], dtype=float),
+            "RA": np.asarray(truth["ra"], dtype=float),
+            "Dec": np.asarray(truth["dec"], dtype=float),
+            "mag": np.asarray(truth["mag"], dtype=float),
+            "filter": np.asarray(truth["filter"], dtype=str),
+            "count_ADU": np.asarray(truth["flux"], dtype=float),
+        }
+    )
+    table.meta["comments"] = [
+        f"simulated_objects.list written by rbflow {__version__}",
+        "Xpos Ypos are 0-based pixel coordinates (centre of the first pixel = 0), x = column, y = row",
     ]
-    for k, row in enumerate(truth):
-        lines.append(
-            f"{k} {row['image']} {row['x']:.3f} {row['y']:.3f} {row['ra']:.7f} {row['dec']:.7f} "
-            f"{row['mag']:.3f} {row['filter']}"
-        )
+    formats = {"Xpos": "%.3f", "Ypos": "%.3f", "RA": "%.8f", "Dec": "%.8f", "mag": "%.4f", "count_ADU": "%.6g"}
     with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+        table.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
 
 
 def run_inject(
@@ -362,6 +465,7 @@ def run_inject(
     frame: str,
     realization: int,
     seed: int,
+    reference_path: str | os.PathLike | None = None,
 ) -> Table:
     """Inject one realization into a frame and write the frame, its truth table and the ``.list``.
 
@@ -379,6 +483,8 @@ def run_inject(
         Realization index; the image is ``{frame}_sim{realization}``.
     seed : int
         Seed of this frame and realization.
+    reference_path : path-like, optional
+        The reference the frame is subtracted against; sources stay inside its footprint.
 
     Returns
     -------
@@ -391,8 +497,14 @@ def run_inject(
     psf = PSFModel.read(psf_path)
     name = image_name(frame, realization)
     cfg = telescope["inject"]
+    reference, ref_saturation = None, np.inf
+    if reference_path is not None:
+        reference = read_image(reference_path)
+        reference.require_wcs()
+        ref_saturation = frame_info(reference.header, telescope, path=reference_path).saturation
     data, truth = inject_sources(
-        image, psf, info, cfg, cutout_size=int(telescope["cutout"]["size"]), seed=seed, frame=frame, image_name=name
+        image, psf, info, cfg, cutout_size=int(telescope["cutout"]["size"]), seed=seed, frame=frame,
+        image_name=name, reference=reference, ref_saturation=ref_saturation,
     )
     header = image.header.copy()
     for key in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "BSCALE", "BZERO", "BLANK"):
@@ -410,6 +522,8 @@ def run_inject(
     header["INJHOSTO"] = (float(cfg["host_offset"]), "host offset scale (half-light radii)")
     header["INJZP"] = (info.zeropoint, "zeropoint used (mag for 1 ADU)")
     header["INJPSF"] = (Path(psf_path).name, "PSF model used")
+    if reference_path is not None:
+        header["INJREF"] = (Path(reference_path).name, "reference whose footprint bounds the sources")
     write_fits(fits.PrimaryHDU(data.astype(np.float32), header=header), out_fits)
     write_table(truth, out_table)
     _write_list(truth, out_list)

@@ -6,6 +6,7 @@ rule inject:
     input:
         frame=frame_path,
         psf="results/{telescope}/psf/{frame}.fits",
+        reference=reference_of,
     output:
         fits="results/{telescope}/sim/inject/{frame}_sim{realization}.fits",
         table="results/{telescope}/sim/inject/{frame}_sim{realization}.ecsv",
