@@ -199,3 +199,26 @@ def test_every_clear_injection_with_snr_above_10_ends_in_true(tiny_run):
     assert not missed, missed
     # coincidences with the frame's own artefacts and bright stars: a few per cent at most
     assert len(confused) <= 0.05 * checked, confused
+
+
+@pytest.mark.workflow
+def test_candidates_on_catalogued_variables_end_in_true(tiny_run):
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    res = tiny_run / "results" / "tiny"
+    catalogue = Table.read(tiny_run / "resources/tiny/catalogues/variables.ecsv")
+    labels = Table.read(res / "training" / "labels.ecsv")
+    folder = dict(zip(labels["id"], labels["label_folder"]))
+    radius = 2.0  # tiny.yaml crossmatch.radius (px)
+    on_variable = []
+    for path in sorted((res / "sim" / "detect").glob("*_sim*.ecsv")):
+        cands = Table.read(path)
+        if not len(cands):
+            continue
+        wcs = WCS(fits.getheader(res / "sim" / "subtract" / f"{path.stem}.fits", "DIFF"))
+        vx, vy = wcs.all_world2pix(catalogue["ra"], catalogue["dec"], 0)
+        d = np.hypot(np.asarray(cands["x"])[:, None] - vx[None], np.asarray(cands["y"])[:, None] - vy[None])
+        on_variable += [str(c) for c in cands["id"][d.min(axis=1) <= radius]]
+    assert len(on_variable) >= 3  # the tiny sky has variables bright enough to vary visibly
+    assert {folder.get(c) for c in on_variable} == {"true"}, [(c, folder.get(c)) for c in on_variable]
