@@ -151,6 +151,48 @@ def test_zogy_noise_only_is_unit_variance_with_gaussian_peak_count():
     assert expected / 2 <= found <= 2 * expected
 
 
+def test_clipped_mesh_statistics_equal_astropy_sigma_clip():
+    import warnings
+
+    from astropy.stats import SigmaClip
+
+    rng = np.random.default_rng(5)
+    cells = rng.normal(100, 10, (6, 7, 256)).astype(np.float32)
+    cells[rng.random(cells.shape) < 0.1] = np.nan
+    hot = rng.random(cells.shape) < 0.05
+    cells[hot] += rng.exponential(5000, hot.sum()).astype(np.float32)
+    cells[0, 0] = np.nan  # empty mesh
+    cells[1, 1] = 5.0  # constant mesh
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clipped = SigmaClip(sigma=3.0, maxiters=5)(cells, axis=2, masked=False)
+        med, std = np.nanmedian(clipped, axis=2), np.nanstd(clipped, axis=2)
+    m, s, n = sub._clipped_stats(cells)
+    assert np.array_equal(n, np.isfinite(clipped).sum(axis=2))
+    assert np.array_equal(np.isnan(m), np.isnan(med))
+    ok = np.isfinite(med)
+    assert np.allclose(m[ok], med[ok], rtol=0, atol=1e-4) and np.allclose(s[ok], std[ok], rtol=0, atol=1e-4)
+
+
+def test_tile_kernels_applied_on_a_core_equal_the_whole_tile_result():
+    rng = np.random.default_rng(8)
+    n = 160
+    N = rng.normal(0, 10, (n, n)).astype(np.float32)
+    R = rng.normal(0, 6, (n, n)).astype(np.float32)
+    vn, vr = np.full_like(N, 100.0), np.full_like(R, 36.0)
+    pn = GaussPSF(4.5).stamp(0, 0, 31, centred=True)
+    pr = GaussPSF(2.5).stamp(0, 0, 31, centred=True)
+    # the transform of a stamp computed row by row equals the plain rfft2 of the wrapped stamp
+    wrapped = np.roll(np.pad(pn, ((0, n - 31), (0, n - 31))), (-15, -15), axis=(0, 1))
+    assert np.allclose(sub._stamp_rfft2(pn[None], (n, n), 1)[0], np.fft.rfft2(wrapped), atol=1e-12)
+    full = sub.zogy(N, R, pn, pr, 10.0, 6.0, 1.3, var_n=vn, var_r=vr, dx=0.05, dy=0.02)
+    k = sub.zogy_kernels(pn, pr, 10.0, 6.0, 1.3, 1.0, (n, n))
+    core = (slice(40, 120), slice(30, 100))
+    part = sub.zogy_apply(k, N, R, 10.0, 6.0, var_n=vn, var_r=vr, dx=0.05, dy=0.02, core=core)
+    for key in ("D", "var_D", "Scorr"):
+        assert np.allclose(part[key], full[key][core], rtol=1e-5, atol=1e-5)
+
+
 def test_zogy_difference_is_in_science_flux_units():
     n = 128
     ps, pr = GaussPSF(4.0), GaussPSF(2.8)
