@@ -5,6 +5,7 @@ Results tree (per telescope `{telescope}`; `{mode}` is `sim` for injected images
     resources/{telescope}/frames/{frame}.fits     input frames (the demo telescope writes its own)
     resources/{telescope}/truth/, catalogues/     demo truth: per frame, and the real variables/transients
     resources/{telescope}/reference/{frame}.fits  reference stacked from one epoch's frames (real telescopes)
+    results/{telescope}/validate/{frame}.json, bad_frames.ecsv  frame checks, frames skipped (on_bad_frame: skip; validate)
     results/{telescope}/psf/{frame}.fits|png      PSF model per frame                       (sim)
     results/{telescope}/sim/inject/{image}.*      injected frames + simulated_objects        (sim)
     results/{telescope}/{mode}/subtract/{image}.fits  SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (run)
@@ -34,6 +35,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sky.smk"
 include: "workflow/rules/reference.smk"
+include: "workflow/rules/validate.smk"
 include: "workflow/rules/psf.smk"
 include: "workflow/rules/inject.smk"
 include: "workflow/rules/subtract.smk"

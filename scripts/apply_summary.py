@@ -12,4 +12,5 @@ run(
     out_png=sm.output.plot,
     catalogues=list(sm.input.catalogues),
     radius_arcsec=sm.params.radius_arcsec,
+    radius_px=sm.params.radius_px,
 )

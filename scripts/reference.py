@@ -11,4 +11,5 @@ run(
     out_fits=sm.output[0],
     telescope=sm.params.telescope,
     stack=sm.params.stack,
+    skip_bad=sm.config["on_bad_frame"] == "skip",
 )

@@ -39,3 +39,20 @@ def test_without_catalogues_counts_only(tmp_path):
     _infer(tmp_path / "a.ecsv", [1.0, 2.0], [0.0, 0.0], [0.9, 0.1])
     out = summarise_apply([tmp_path / "a.ecsv"], tmp_path / "s.json", tmp_path / "s.png", radius_arcsec=2.0)
     assert out["total"]["known_detected"] == 0 and out["total"]["kept_other"] == 1
+
+
+def test_radius_in_pixels_uses_each_frames_scale(tmp_path):
+    # a telescope whose pixel scale is read from the WCS: the radius (px) becomes arcsec per frame
+    arcsec = 1 / 3600
+    x = np.array([0.0, 100.0, 0.0, 50.0])
+    y = np.array([0.0, 0.0, 100.0, 50.0])
+    ra, dec = 10.0 + x * 0.5 * arcsec, y * 0.5 * arcsec  # 0.5 arcsec/px
+    # the known real is 3 px (1.5 arcsec) from candidate c3
+    Table({"ra": [10.0 + 53.0 * 0.5 * arcsec], "dec": [25.0 * arcsec]}).write(tmp_path / "known.ecsv")
+    table = Table({"id": [f"c{i}" for i in range(4)], "x": x, "y": y, "ra": ra, "dec": dec, "label1": [0.1, 0.1, 0.1, 0.9]})
+    table.write(tmp_path / "a.ecsv")
+    table[table["label1"] >= 0.5].write(tmp_path / "a_kept.ecsv")
+    kw = dict(catalogues=[tmp_path / "known.ecsv"], radius_arcsec=None)
+    near = summarise_apply([tmp_path / "a.ecsv"], tmp_path / "s.json", tmp_path / "s.png", radius_px=4.0, **kw)
+    far = summarise_apply([tmp_path / "a.ecsv"], tmp_path / "s.json", tmp_path / "s.png", radius_px=2.0, **kw)
+    assert near["frames"]["a"]["known_detected"] == 1 and far["frames"]["a"]["known_detected"] == 0

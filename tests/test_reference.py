@@ -165,6 +165,7 @@ def test_reference_script_wiring(tmp_path):
         input=SimpleNamespace(frames=[str(p) for p in paths[:2]]),
         output=[str(out)],
         params=SimpleNamespace(telescope=tel, stack=tel["frames"]["stack"]),
+        config={"on_bad_frame": "stop"},
         log=[str(tmp_path / "ref.log")],
         rule="reference",
         wildcards={"telescope": "synth", "frame": "synth_ref"},

@@ -71,7 +71,8 @@ def test_header_keys_fit_a_fits_card_and_facts_are_plausible(path):
     tel = load_telescope(path)
     for fact, key in tel["header"].items():
         assert FITS_KEY.fullmatch(key), f"header.{fact} = {key!r} is not a FITS keyword"
-    assert 0.05 <= tel["pixel_scale"] <= 20.0
+    if tel["pixel_scale"] is not None:  # null: read from each frame's WCS
+        assert 0.05 <= tel["pixel_scale"] <= 20.0
     if tel["gain"] is not None:
         assert 0.1 <= tel["gain"] <= 30.0
     if tel["read_noise"] is not None:
@@ -150,3 +151,25 @@ def test_dry_run_plans_every_real_telescope(tmp_path):
     for alias in GMADET_ALIASES:
         assert f"results/{alias}/obs/subtract/" in out, alias
         assert f"resources/{alias}/reference/{alias}_ref.fits" in out, alias
+
+
+def test_a_null_pixel_scale_is_read_from_the_wcs(tmp_path):
+    from astropy.wcs import WCS
+
+    from rbflow.errors import ConfigError
+    from rbflow.frames import pixel_scale_of
+
+    tel = load_telescope(REPO / "config/telescopes/UBAI-T60N.yaml")
+    assert tel["pixel_scale"] is None
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.cd = [[-0.62 / 3600, 0.0], [0.0, 0.62 / 3600]]
+    assert pixel_scale_of(tel, wcs) == pytest.approx(0.62, rel=1e-9)
+    with pytest.raises(InputError, match="f.fits.*'pixel_scale: null'.*solve its astrometry"):
+        pixel_scale_of(tel, None, path="f.fits")
+    assert pixel_scale_of(dict(tel, pixel_scale=0.5), None) == 0.5
+    # the embedded sky renders frames: it needs a number
+    demo = (REPO / "config/telescopes/demo.yaml").read_text().replace("pixel_scale:", "pixel_scale: null #", 1)
+    (tmp_path / "demo.yaml").write_text(demo)
+    with pytest.raises(ConfigError, match="embedded sky needs 'pixel_scale'"):
+        load_telescope(tmp_path / "demo.yaml")

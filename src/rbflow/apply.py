@@ -21,7 +21,8 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table, vstack
 
 from rbflow import __version__
-from rbflow.crossmatch import read_catalogue
+from rbflow.crossmatch import read_catalogue, table_pixel_scale
+from rbflow.errors import ConfigError
 from rbflow.io import atomic_path, read_table
 
 __all__ = ["summarise_apply"]
@@ -45,7 +46,8 @@ def summarise_apply(
     out_png: str | os.PathLike,
     *,
     catalogues: Sequence[str | os.PathLike] = (),
-    radius_arcsec: float,
+    radius_arcsec: float | None = None,
+    radius_px: float | None = None,
 ) -> dict:
     """Summarise the apply path per frame and overall; draw candidates before/after per frame.
 
@@ -58,8 +60,11 @@ def summarise_apply(
         Summary (JSON) and bar chart (PNG).
     catalogues : sequence of path-like, optional
         Known real variables/transients (columns ra, dec in deg).
-    radius_arcsec : float
+    radius_arcsec : float, optional
         Match radius (arcsec).
+    radius_px : float, optional
+        Match radius (pixels), used when ``radius_arcsec`` is None (a telescope whose pixel scale
+        is read from the WCS): each frame's scale is fitted to its candidates' x, y, ra, dec.
 
     Returns
     -------
@@ -69,11 +74,19 @@ def summarise_apply(
     """
     known = vstack([read_catalogue(p)["ra", "dec"] for p in catalogues]) if catalogues else Table(names=("ra", "dec"))
     sources = SkyCoord(np.asarray(known["ra"], float) * u.deg, np.asarray(known["dec"], float) * u.deg)
-    radius = radius_arcsec * u.arcsec
+    if radius_arcsec is None and radius_px is None:
+        raise ConfigError("summarise_apply needs radius_arcsec or radius_px")
     frames = {}
     for path in infer_paths:
         path = Path(path)
         cands, kept = read_table(path), read_table(path.with_name(f"{path.stem}_kept.ecsv"))
+        if radius_arcsec is not None:
+            radius = radius_arcsec * u.arcsec
+        else:
+            scale = table_pixel_scale(cands) if {"x", "y"} <= set(cands.colnames) else float("nan")
+            if not np.isfinite(scale):
+                log.warning("'%s': fewer than 3 candidates, no pixel scale: its known reals are not matched", path)
+            radius = (radius_px * scale if np.isfinite(scale) else 0.0) * u.arcsec
         _, detected = _near(cands, sources, radius)
         kept_is_known, kept_src = _near(kept, sources, radius)
         frames[path.stem] = {
@@ -94,6 +107,7 @@ def summarise_apply(
         "made_by": f"rbflow.apply.summarise_apply {__version__}",
         "catalogues": [str(p) for p in catalogues],
         "radius_arcsec": radius_arcsec,
+        "radius_px": radius_px,
         "note": "known_* count catalogue sources with a candidate (detected) or a kept candidate within the radius; "
         "kept_known/kept_other split the survivors by whether a catalogue source is within the radius",
         "frames": frames,

@@ -147,6 +147,8 @@ def load_telescope(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{source}: key 'name' is {tel['name']!r} but must equal the file name {path.stem!r}")
     if "sky" in tel:
         validate(tel["sky"], "sky.schema.yaml", f"{source} (block 'sky')")
+        if tel["pixel_scale"] is None:
+            raise ConfigError(f"{source}: the embedded sky needs 'pixel_scale' in arcsec/pixel, not null")
     elif "frames" not in tel:
         raise ConfigError(f"{source}: give either 'frames' (real frames) or 'sky' (synthetic telescope)")
     return tel

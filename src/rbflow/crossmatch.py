@@ -37,6 +37,7 @@ from rbflow.io import atomic_path, read_table, write_table
 
 __all__ = [
     "LABELS",
+    "table_pixel_scale",
     "crossmatch",
     "read_catalogue",
     "run_crossmatch",
@@ -55,7 +56,7 @@ def _xy(table: Table) -> np.ndarray:
     return np.column_stack([np.asarray(table["x"], dtype=float), np.asarray(table["y"], dtype=float)])
 
 
-def _pixel_scale(*tables: Table) -> float:
+def table_pixel_scale(*tables: Table) -> float:
     """Pixel scale (arcsec/px) from the (x, y) <-> (ra, dec) pairs of the given tables (affine fit)."""
     rows = [t for t in tables if len(t) and {"ra", "dec"} <= set(t.colnames)]
     if not rows:
@@ -92,7 +93,7 @@ def _catalogue_matches(
             return hit, sep
         dist, _ = cKDTree(cxy).query(_xy(candidates))
     else:
-        scale = _pixel_scale(candidates, injected)
+        scale = table_pixel_scale(candidates, injected)
         if not np.isfinite(scale) or scale <= 0:
             raise InputError(
                 "crossmatch with catalogues needs the pixel scale: give the image WCS (wcs=...) or at "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from astropy.io import fits
 
 from rbflow.errors import ConfigError, InputError
@@ -26,6 +27,7 @@ __all__ = [
     "image_name",
     "parse_image",
     "frame_info",
+    "pixel_scale_of",
     "RESOURCES",
 ]
 
@@ -182,6 +184,40 @@ class FrameInfo:
     date: str
     zeropoint: float
     fwhm_guess: float | None
+
+
+def pixel_scale_of(telescope: dict[str, Any], wcs: Any, *, path: str | Path = "?") -> float:
+    """The telescope's pixel scale, or the one of the frame's WCS where the telescope file says null.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated telescope configuration.
+    wcs : astropy.wcs.WCS or None
+        The frame's WCS.
+    path : str or Path, optional
+        The frame's file, for messages.
+
+    Returns
+    -------
+    float
+        Pixel scale (arcsec/pixel).
+
+    Raises
+    ------
+    InputError
+        ``pixel_scale`` is null and the frame has no celestial WCS.
+    """
+    if telescope.get("pixel_scale") is not None:
+        return float(telescope["pixel_scale"])
+    if wcs is None or not wcs.has_celestial:
+        raise InputError(
+            f"frame '{path}': telescope file '{telescope['name']}.yaml' sets 'pixel_scale: null' (read it from the "
+            "WCS) but the frame has no celestial WCS: solve its astrometry, or give 'pixel_scale' in arcsec/pixel"
+        )
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    return float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
 
 
 def frame_info(header: fits.Header, telescope: dict[str, Any], *, path: str | Path = "?") -> FrameInfo:

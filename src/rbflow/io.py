@@ -165,8 +165,8 @@ class Image:
         if self.wcs is None:
             raise InputError(
                 f"image '{self.path}' has no celestial WCS (CTYPE1/2, CRVAL, CRPIX, CD or CDELT): "
-                "solve its astrometry first (e.g. astrometry.net or SCAMP), or enable "
-                "'subtract.refine_astrometry' in the telescope file"
+                "solve its astrometry first (e.g. astrometry.net or SCAMP; 'subtract.refine_astrometry' "
+                "only refines an existing WCS)"
             )
         return self.wcs
 

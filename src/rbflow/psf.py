@@ -57,7 +57,7 @@ from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
 from rbflow.errors import InputError
-from rbflow.frames import FrameInfo
+from rbflow.frames import FrameInfo, pixel_scale_of
 from rbflow.io import Image, atomic_path, read_image, write_fits
 
 __all__ = ["PSFModel", "build_psf", "run_psf", "moffat_epsf", "FALLBACKS"]
@@ -828,7 +828,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     Raises
     ------
     InputError
-        No usable PSF star in the frame and ``analytic_fallback`` is false.
+        Every pixel is saturated, or no usable PSF star in the frame and ``analytic_fallback`` is false.
     """
     size = int(cfg["size"])
     if size % 2 == 0:
@@ -839,6 +839,11 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     ny, nx = image.data.shape
     fallback_fwhm = float(cfg["fallback_fwhm"]) / pixel_scale
     guess = info.fwhm_guess if info.fwhm_guess else fallback_fwhm
+    if not np.any(image.data < info.saturation):  # NaN compares False: no finite unsaturated pixel
+        raise InputError(
+            f"frame '{image.path or name}': every pixel is saturated (>= {info.saturation:g} ADU) or invalid, so "
+            "no PSF star is usable: remove the frame, or fix 'saturation' in the telescope file"
+        )
     stars, fwhm_est = _select_stars(image, info, cfg, fwhm_guess=guess, name=name)
     n_cells = gx * gy
     if len(stars) == 0:
@@ -981,7 +986,8 @@ def run_psf(
     image = read_image(frame_path)
     info = frame_info(image.header, telescope, path=frame_path)
     name = Path(frame_path).name.split(".fits")[0]
-    model = build_psf(image, info, telescope["psf"], pixel_scale=float(telescope["pixel_scale"]), name=name)
+    scale = pixel_scale_of(telescope, image.wcs, path=frame_path)
+    model = build_psf(image, info, telescope["psf"], pixel_scale=scale, name=name)
     model.write(out_fits)
     _plot(model, out_png)
     return model

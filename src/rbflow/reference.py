@@ -279,8 +279,33 @@ def stack_reference(
     }
 
 
+def _usable_frames(paths: Sequence[str], telescope: dict[str, Any], out_fits: str) -> list[str]:
+    """The frames that read, have their facts and a WCS; the others are logged and left out."""
+    usable = []
+    for path in paths:
+        try:
+            image = read_image(path)
+            frame_info(image.header, telescope, path=path)
+            image.require_wcs()
+        except InputError as exc:
+            log.warning("reference '%s': leaving a bad frame out of the stack (on_bad_frame: skip): %s", out_fits, exc)
+            continue
+        usable.append(path)
+    if not usable:
+        raise InputError(
+            f"reference '{out_fits}': every frame of the reference epoch is bad (see the log): fix or replace "
+            "the files listed in 'frames.reference'"
+        )
+    return usable
+
+
 def run_reference(
-    *, frames: Sequence[str], out_fits: str, telescope: dict[str, Any], stack: dict[str, Any]
+    *,
+    frames: Sequence[str],
+    out_fits: str,
+    telescope: dict[str, Any],
+    stack: dict[str, Any],
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Entry point of the ``reference`` rule: :func:`stack_reference` with the ``frames.stack`` settings.
 
@@ -294,13 +319,22 @@ def run_reference(
         Instrument facts of the telescope file.
     stack : dict
         The ``frames.stack`` block (``combine``, ``clip``, ``refine_astrometry``, ``scale``).
+    skip_bad : bool, optional
+        Leave out (with a warning) the frames that are unreadable, lack a frame fact or a WCS,
+        instead of failing (``on_bad_frame: skip``); the ``IMCMBnnn`` cards list those stacked.
 
     Returns
     -------
     dict
         What :func:`stack_reference` returns.
+
+    Raises
+    ------
+    InputError
+        A bad frame (or, with ``skip_bad``, every frame is bad).
     """
+    frames = _usable_frames(list(frames), telescope, out_fits) if skip_bad else list(frames)
     return stack_reference(
-        list(frames), out_fits, telescope,
+        frames, out_fits, telescope,
         combine=stack["combine"], clip=stack["clip"], refine=stack["refine_astrometry"], scale=stack["scale"],
     )

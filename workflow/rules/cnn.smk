@@ -129,6 +129,7 @@ rule apply_summary:
         ),
     params:
         radius_arcsec=match_radius_arcsec,
+        radius_px=match_radius_px,
     log:
         "logs/{telescope}/plots/apply.log",
     threads: 1

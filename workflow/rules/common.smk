@@ -11,6 +11,7 @@ except RbflowError as _exc:
 TELESCOPES = config["_telescopes"]
 SKY_TELESCOPES = [name for name, tel in TELESCOPES.items() if "sky" in tel]
 FRAMES = {name: {f.name: f for f in frames_of(tel)} for name, tel in TELESCOPES.items()}
+ON_BAD_FRAME = config["on_bad_frame"]  # stop | skip (see workflow/rules/validate.smk)
 
 # Keys every stage may need (instrument facts); stage blocks are added per rule, so that editing
 # one stage's settings reruns only that stage.
@@ -85,6 +86,14 @@ def science_input(wildcards):
     return frame_spec(wildcards, frame).path
 
 
+def reference_of(wildcards):
+    """The reference frame the frame named by the `frame` wildcard is subtracted against."""
+    spec = frame_spec(wildcards)
+    if spec.reference is None:
+        raise WorkflowError(f"frame '{spec.name}' is a reference: nothing is injected into it")
+    return frame_spec(wildcards, spec.reference).path
+
+
 def subtract_inputs(wildcards):
     """Science, reference and both PSF models for the `subtract` rule."""
     spec = frame_spec(wildcards)
@@ -120,13 +129,27 @@ def obs_images(telescope):
     return [f.name for f in FRAMES[telescope].values() if f.reference is not None]
 
 
+def bad_frames_of(telescope):
+    """Frames to skip: those of the `bad_frames` checkpoint with `on_bad_frame: skip`, none with `stop`.
+
+    Call it from input functions only: with `skip` it waits for the checkpoint.
+    """
+    if ON_BAD_FRAME != "skip":
+        return frozenset()
+    from rbflow.validate import read_bad_frames
+
+    return read_bad_frames(checkpoints.bad_frames.get(telescope=telescope).output[0])
+
+
 def images_of(telescope, mode):
-    """Images of a telescope in a mode (sim or obs)."""
-    return sim_images(telescope) if mode == "sim" else obs_images(telescope)
+    """Images of a telescope in a mode (sim or obs), without those of bad frames (`on_bad_frame: skip`)."""
+    images = sim_images(telescope) if mode == "sim" else obs_images(telescope)
+    bad = bad_frames_of(telescope)
+    return [image for image in images if parse_image(image)[0] not in bad] if bad else images
 
 
 def per_image(pattern, mode, telescopes=None):
-    """Expand `pattern` (with {telescope}, {mode}, {image}) over telescopes and their images."""
+    """Expand `pattern` (with {telescope}, {mode}, {image}) over telescopes and their images (in input functions)."""
     out = []
     for tel in telescopes or TELESCOPES:
         out += expand(pattern, telescope=tel, mode=mode, image=images_of(tel, mode))
@@ -202,6 +225,26 @@ def apply_inputs(wildcards):
 
 
 def match_radius_arcsec(wildcards):
-    """The telescope's crossmatch radius in arcsec (it is given in pixels)."""
+    """The telescope's crossmatch radius in arcsec (given in pixels); None when the scale is read from each WCS."""
     tel = TELESCOPES[wildcards.telescope]
-    return tel["crossmatch"]["radius"] * tel["pixel_scale"]
+    return None if tel["pixel_scale"] is None else tel["crossmatch"]["radius"] * tel["pixel_scale"]
+
+
+def match_radius_px(wildcards):
+    """The telescope's crossmatch radius in pixels."""
+    return TELESCOPES[wildcards.telescope]["crossmatch"]["radius"]
+
+
+def validate_inputs(wildcards):
+    """The frame to check and, for a science frame, the status of its reference."""
+    spec = frame_spec(wildcards)
+    inputs = {"frame": spec.path}
+    if spec.reference is not None:
+        inputs["reference"] = f"results/{wildcards.telescope}/validate/{spec.reference}.json"
+    return inputs
+
+
+def frame_statuses(wildcards):
+    """Status files of every frame of a telescope (rule validate_frame)."""
+    tel = wildcards.telescope
+    return expand("results/{telescope}/validate/{frame}.json", telescope=tel, frame=FRAMES[tel])

@@ -4,24 +4,24 @@
 rule sim:
     """gmadet-sim: PSF models of every frame and injected point sources (all realizations)."""
     input:
-        [per_image(p, "sim") for p in (
+        lambda wildcards: [path for p in (
             "results/{telescope}/sim/inject/{image}.fits",
             "results/{telescope}/sim/inject/{image}.ecsv",
-        )],
+        ) for path in per_image(p, "sim")],
 
 
 rule run:
     """gmadet-run: subtraction and detection of every injected and observed image."""
     input:
-        per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "sim"),
-        per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "obs"),
+        lambda wildcards: per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "sim"),
+        lambda wildcards: per_image("results/{telescope}/{mode}/detect/{image}.ecsv", "obs"),
 
 
 rule cutouts:
     """gmadet-cutouts: stamps of every candidate, injected and observed images."""
     input:
-        per_image("results/{telescope}/{mode}/cutouts/{image}", "sim"),
-        per_image("results/{telescope}/{mode}/cutouts/{image}", "obs"),
+        lambda wildcards: per_image("results/{telescope}/{mode}/cutouts/{image}", "sim"),
+        lambda wildcards: per_image("results/{telescope}/{mode}/cutouts/{image}", "obs"),
 
 
 rule checksim:
@@ -46,7 +46,7 @@ rule train:
 rule infer:
     """gmadet-cnn_infer: P(real) for every candidate of every observed image."""
     input:
-        per_image("results/{telescope}/{mode}/infer/{image}.ecsv", "obs"),
+        lambda wildcards: per_image("results/{telescope}/{mode}/infer/{image}.ecsv", "obs"),
 
 
 rule apply:
@@ -60,3 +60,9 @@ rule checkinfer:
     """gmadet-cnn_checkinfer: threshold diagnostics of the model on its held-out test frames."""
     input:
         expand("results/{telescope}/plots/checkinfer/summary.json", telescope=TELESCOPES),
+
+
+rule validate:
+    """Pre-flight check of every frame: results/{telescope}/bad_frames.ecsv lists the bad ones and why."""
+    input:
+        expand("results/{telescope}/bad_frames.ecsv", telescope=TELESCOPES),
