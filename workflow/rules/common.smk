@@ -39,6 +39,14 @@ def telescope_block(*blocks):
     return block
 
 
+def subtract_mem_mb(wildcards):
+    """Memory of a `subtract` job (MB): ZOGY needs ~3 GB for 2k x 2k; sfft ~5 GB per 1024-px tile."""
+    cfg = TELESCOPES[wildcards.telescope]["subtract"]
+    if cfg["method"] == "sfft":
+        return int(3000 + 5.0e-3 * cfg["sfft"]["tile"] ** 2)
+    return 3000
+
+
 def stage_block(name):
     """Input function factory: one stage block of the telescope file (e.g. `cutout`)."""
 

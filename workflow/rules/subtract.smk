@@ -15,7 +15,7 @@ rule subtract:
         "benchmarks/{telescope}/{mode}/subtract/{image}.tsv"
     threads: 2
     resources:
-        mem_mb=3000,
+        mem_mb=subtract_mem_mb,
         runtime=20,
     conda:
         "../../envs/rbflow.yaml"
