@@ -28,8 +28,8 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SH = REPO / "tests" / "cluster" / "slurm.sh"
-# The whole tiny workflow: per-field group jobs (frames to cutouts), the checksim and infer
-# groups, and the single jobs sky_variables, datacube and train_model. ("run" stops after
+# The whole tiny workflow: per-field group jobs (frames to crossmatch) and single jobs for the
+# rest (sky_variables, label, datacube, train_model, infer_image, plots). ("run" stops after
 # detection: the frame groups only, about half the time.)
 TARGET = "all"
 # CPUs per group job, so that both fields' group jobs share the 2-CPU CI node at once; rule

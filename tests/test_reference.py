@@ -155,6 +155,11 @@ def test_frames_of_a_stacked_or_single_reference(tmp_path, monkeypatch):
     assert [(f.name, f.reference, f.inputs) for f in single][:2] == [("f0", None, ()), ("f1", "f0", ())]
     with pytest.raises(ConfigError, match="key 'frames.reference' entry 'nope\\*.fits' matches no file"):
         frames_of(_telescope(science=["f*.fits"], reference=["nope*.fits"]))
+    # two files that map to one frame name are refused, not silently merged
+    (tmp_path / "f3.b.fits").write_bytes((tmp_path / "f3.fits").read_bytes())
+    (tmp_path / "f3_b.fits").write_bytes((tmp_path / "f3.fits").read_bytes())
+    with pytest.raises(ConfigError, match="'f3.b.fits' and 'f3_b.fits' both get the frame name 'f3_b'.*rename one"):
+        frames_of(_telescope(science=["f3*.fits"], reference=["f[01].fits"]))
 
 
 def test_reference_script_wiring(tmp_path):

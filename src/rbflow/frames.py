@@ -100,19 +100,26 @@ def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     if isinstance(reference, str):  # one existing frame
         ref_name = _frame_name(reference)
         frames = [FrameSpec(ref_name, reference, None)]
-        seen = {ref_name}
+        seen = {ref_name: reference}
     else:  # frames of one epoch, stacked by the `reference` rule
         inputs = tuple(m for pattern in reference for m in _glob(pattern, telescope, "frames.reference"))
         ref_name = f"{telescope['name']}_ref"
         path = RESOURCES / telescope["name"] / "reference" / f"{ref_name}.fits"
         frames = [FrameSpec(ref_name, str(path), None, inputs=tuple(dict.fromkeys(inputs)))]
-        seen = {ref_name, *map(_frame_name, inputs)}
+        seen = {ref_name: str(path), **{_frame_name(m): m for m in inputs}}
     for pattern in spec["science"]:
         for m in _glob(pattern, telescope, "frames.science"):
             name = _frame_name(m)
-            if name in seen or _SIM.match(name):
+            if _SIM.match(name):
                 continue
-            seen.add(name)
+            if name in seen:
+                if Path(seen[name]).resolve() != Path(m).resolve():
+                    raise ConfigError(
+                        f"telescope '{telescope['name']}': frames '{seen[name]}' and '{m}' both get the frame name "
+                        f"'{name}' (characters other than letters, digits, '-' and '_' become '_'): rename one"
+                    )
+                continue  # listed twice, or a frame of the stacked reference epoch
+            seen[name] = m
             frames.append(FrameSpec(name, m, ref_name))
     return frames
 

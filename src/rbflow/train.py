@@ -347,9 +347,20 @@ def _set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically, with bytes that depend on ``obj`` only.
+
+    Given a file name, torch names the zip archive's top folder after it (here the random name of
+    the temporary file), so two identical saves would differ; through an open file the folder is
+    always ``archive``.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write the end-of-epoch checkpoint (one function, so that tests can interrupt training here)."""
+    _torch_save(state, path)
 
 
 def _predict_logits(model: nn.Module, X: torch.Tensor, device: torch.device, batch: int) -> np.ndarray:
@@ -532,8 +543,9 @@ def train(
             "val_loss": val_loss,
             "val_acc": float(((val_logits > 0) == yva).mean()),
             "lr": sched.get_last_lr()[0],
-            "time_s": time.perf_counter() - t0,
         }
+        # the epoch's wall time goes to the log only: outputs depend on the config and seed alone
+        seconds = time.perf_counter() - t0
         rows.append(row)
         if val_loss < best_loss:
             best_loss, bad = val_loss, 0
@@ -543,7 +555,7 @@ def train(
         log.info(
             "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e | %.1f s%s",
             row["epoch"], cfg["epochs"], row["train_loss"], row["train_acc"], val_loss, row["val_acc"], row["lr"],
-            row["time_s"], " *" if bad == 0 else "",
+            seconds, " *" if bad == 0 else "",
         )
         _save_checkpoint(
             {
@@ -601,8 +613,7 @@ def train(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.cpu().eval()
-    with atomic_path(out_dir / "model.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
+    _torch_save(model.state_dict(), out_dir / "model.pt")
     export_onnx(model, temperature, tuple(X_all.shape[1:]), out_dir / "model.onnx")
     write_table(history, out_dir / "history.ecsv")
     _write_json(metrics, out_dir / "metrics.json")

@@ -1,0 +1,56 @@
+"""Determinism: the same config and seed give byte-identical outputs, model weights included (CPU).
+
+The workflow test runs the tiny telescope a second time in a fresh working directory and compares
+the SHA-256 of every file under ``results/`` and ``resources/`` with the shared run ``tiny_run``
+(tests/conftest.py); ``reliability_runs.EXCLUDED`` lists what is left out and why (nothing under
+those folders at present; ``logs/`` and ``benchmarks/`` hold times and are not compared).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reliability_runs import assert_same_outputs, make_workdir, output_hashes, run_tiny
+
+from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
+from rbflow.train import train
+
+
+def _cube(path: Path, n: int = 240, n_frames: int = 6) -> Path:
+    """A small datacube of synthetic stamps, as ``build_datacube`` writes it."""
+    X, y = synthetic_stamps(n, seed=5)
+    frames = np.array([f"f{i % n_frames:02d}" for i in range(n)])
+    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
+            "normalisation": NORMALISATION}
+    np.savez(path, X=normalise(X), y=y, ids=np.array([f"{f}_{i}" for i, f in enumerate(frames)]), image=frames,
+             frame=frames, mag=np.full(n, np.nan), snr=np.linspace(3, 60, n), channels=np.array(meta["channels"]),
+             meta=np.asarray(json.dumps(meta)))
+    return path
+
+
+def test_training_twice_writes_identical_bytes(tmp_path):
+    cube = _cube(tmp_path / "cube.npz")
+    cfg = {"widths": [4, 8, 8], "epochs": 2, "batch_size": 64, "patience": 3, "device": "cpu"}
+    for run in ("a", "b"):
+        train(cube, tmp_path / run / "model", cfg, seed=3, checkpoint_dir=tmp_path / run / "ckpt")
+    names = ["model/model.pt", "model/model.json", "model/model.onnx", "model/history.ecsv", "model/metrics.json",
+             "model/training.png", "ckpt/checkpoint.pt"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.workflow
+def test_two_runs_of_the_tiny_workflow_give_identical_outputs(tiny_run, tmp_path):
+    work = make_workdir(tmp_path / "work")
+    proc = run_tiny(work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want, got = output_hashes(tiny_run), output_hashes(work)
+    assert "results/tiny/model/model.pt" in want and len(want) > 1000
+    assert_same_outputs(got, want)
+    a = torch.load(tiny_run / "results/tiny/model/model.pt", weights_only=True)
+    b = torch.load(work / "results/tiny/model/model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
