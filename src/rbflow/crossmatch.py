@@ -33,7 +33,7 @@ from scipy.spatial import cKDTree
 from rbflow import __version__
 from rbflow.cutouts import MANIFEST
 from rbflow.errors import InputError
-from rbflow.io import atomic_path, read_table, write_table
+from rbflow.io import read_table, write_table
 
 __all__ = [
     "LABELS",
@@ -375,8 +375,7 @@ def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
         "Xpos": "%.3f", "Ypos": "%.3f", "RA": "%.8f", "Dec": "%.8f", "mag": "%.4f", "count_ADU": "%.6g",
         "mag_meas": "%.4f", "sep": "%.3f",
     }
-    with atomic_path(path) as tmp:
-        table.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
+    write_table(table, path, format="ascii.commented_header", formats=formats)
 
 
 def run_crossmatch(

@@ -21,7 +21,7 @@ from torch import nn
 from rbflow import __version__
 from rbflow.datacube import NORMALISATION, crop_stamps, normalise, read_stamp
 from rbflow.errors import ConfigError, InputError
-from rbflow.io import atomic_path, read_table, write_table
+from rbflow.io import read_table, write_table
 from rbflow.model import ModelConfig, build_model
 
 __all__ = [
@@ -276,8 +276,7 @@ def write_infer_dat(table: Table, filenames: list[str], path: str | os.PathLike)
         "Xpos Ypos are 0-based pixel coordinates (centre of the first pixel = 0), x = column, y = row",
     ]
     formats = {"RA": "%.8f", "Dec": "%.8f", "Xpos": "%.3f", "Ypos": "%.3f", "label0": "%.8g", "label1": "%.8g"}
-    with atomic_path(path) as tmp:
-        dat.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
+    write_table(dat, path, format="ascii.commented_header", formats=formats)
 
 
 def infer_cutouts(

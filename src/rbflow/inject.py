@@ -35,7 +35,7 @@ from scipy import interpolate, ndimage
 from rbflow import __version__
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_info, image_name
-from rbflow.io import Image, atomic_path, read_image, write_fits, write_table
+from rbflow.io import Image, read_image, write_fits, write_table
 from rbflow.psf import PSFModel
 
 __all__ = ["draw_magnitudes", "find_hosts", "inject_sources", "reference_footprint", "run_inject"]
@@ -450,8 +450,7 @@ def _write_list(truth: Table, path: str | os.PathLike) -> None:
         "Xpos Ypos are 0-based pixel coordinates (centre of the first pixel = 0), x = column, y = row",
     ]
     formats = {"Xpos": "%.3f", "Ypos": "%.3f", "RA": "%.8f", "Dec": "%.8f", "mag": "%.4f", "count_ADU": "%.6g"}
-    with atomic_path(path) as tmp:
-        table.write(tmp, format="ascii.commented_header", formats=formats, overwrite=True)
+    write_table(table, path, format="ascii.commented_header", formats=formats)
 
 
 def run_inject(

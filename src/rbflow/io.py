@@ -88,7 +88,9 @@ def write_fits(hdul: fits.HDUList | fits.PrimaryHDU, path: str | os.PathLike) ->
         hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
 
 
-def write_table(table: Table, path: str | os.PathLike, *, format: str = "ascii.ecsv") -> None:
+def write_table(
+    table: Table, path: str | os.PathLike, *, format: str = "ascii.ecsv", formats: dict[str, str] | None = None
+) -> None:
     """Write an astropy Table atomically (ECSV by default), stamping the rbflow version in ``meta``.
 
     Parameters
@@ -99,10 +101,12 @@ def write_table(table: Table, path: str | os.PathLike, *, format: str = "ascii.e
         Destination.
     format : str, optional
         Any astropy Table writer format.
+    formats : dict of str to str, optional
+        Column formats (e.g. ``{"RA": "%.8f"}``) for the ASCII writers.
     """
     table.meta.setdefault("rbflow_version", __version__)
     with atomic_path(path) as tmp:
-        table.write(tmp, format=format, overwrite=True)
+        table.write(tmp, format=format, formats=formats or {}, overwrite=True)
 
 
 def read_table(path: str | os.PathLike) -> Table:

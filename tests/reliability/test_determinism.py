@@ -8,32 +8,16 @@ those folders at present; ``logs/`` and ``benchmarks/`` hold times and are not c
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from reliability_runs import assert_same_outputs, make_workdir, output_hashes, run_tiny
+from test_train import make_cube
 
-from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
 from rbflow.train import train
 
 
-def _cube(path: Path, n: int = 240, n_frames: int = 6) -> Path:
-    """A small datacube of synthetic stamps, as ``build_datacube`` writes it."""
-    X, y = synthetic_stamps(n, seed=5)
-    frames = np.array([f"f{i % n_frames:02d}" for i in range(n)])
-    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
-            "normalisation": NORMALISATION}
-    np.savez(path, X=normalise(X), y=y, ids=np.array([f"{f}_{i}" for i, f in enumerate(frames)]), image=frames,
-             frame=frames, mag=np.full(n, np.nan), snr=np.linspace(3, 60, n), channels=np.array(meta["channels"]),
-             meta=np.asarray(json.dumps(meta)))
-    return path
-
-
 def test_training_twice_writes_identical_bytes(tmp_path):
-    cube = _cube(tmp_path / "cube.npz")
+    cube = make_cube(tmp_path / "cube.npz", 240, seed=5, n_frames=6)
     cfg = {"widths": [4, 8, 8], "epochs": 2, "batch_size": 64, "patience": 3, "device": "cpu"}
     for run in ("a", "b"):
         train(cube, tmp_path / run / "model", cfg, seed=3, checkpoint_dir=tmp_path / run / "ckpt")
