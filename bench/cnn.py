@@ -18,8 +18,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -69,18 +69,37 @@ def _throughput(arch: str, widths: list[int], tmp: Path, repeats: int) -> dict[s
 def _accuracy(arch: str, widths: list[int], n: int, epochs: int, tmp: Path) -> dict[str, float]:
     X, y = synthetic_stamps(n, snr=(1.0, 8.0), seed=123)
     frames = np.array([f"f{i % 20:02d}" for i in range(n)])
-    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
-            "normalisation": NORMALISATION}
+    meta = {
+        "cutout_size": 31,
+        "stamp_size": 31,
+        "crop": None,
+        "channels": ["SCI", "REF", "DIFF"],
+        "normalisation": NORMALISATION,
+    }
     cube = tmp / "cube.npz"
     if not cube.exists():
-        np.savez(cube, X=normalise(X), y=y, ids=frames, image=frames, frame=frames, mag=np.full(n, np.nan),
-                 snr=np.full(n, 10.0), channels=np.array(meta["channels"]), meta=np.asarray(json.dumps(meta)))
+        np.savez(
+            cube,
+            X=normalise(X),
+            y=y,
+            ids=frames,
+            image=frames,
+            frame=frames,
+            mag=np.full(n, np.nan),
+            snr=np.full(n, 10.0),
+            channels=np.array(meta["channels"]),
+            meta=np.asarray(json.dumps(meta)),
+        )
     cfg = {"architecture": arch, "widths": widths, "epochs": epochs, "device": "cpu"}
     t = time.perf_counter()
     out = train(cube, tmp / f"model_{arch}", cfg, seed=1, checkpoint_dir=tmp / f"ckpt_{arch}")
     test = out["metrics"]["test"]
-    return {"train_s": time.perf_counter() - t, "auc": test["roc_auc"]["value"],
-            "fnr_at_fpr1": test["fnr_at_fpr1"]["value"], "accuracy": test["accuracy"]["value"]}
+    return {
+        "train_s": time.perf_counter() - t,
+        "auc": test["roc_auc"]["value"],
+        "fnr_at_fpr1": test["fnr_at_fpr1"]["value"],
+        "accuracy": test["accuracy"]["value"],
+    }
 
 
 def main() -> None:
@@ -98,13 +117,17 @@ def main() -> None:
         tmp = Path(d)
         for arch in sorted(ARCHITECTURES):
             r = _throughput(arch, args.widths, tmp, args.repeats)
-            print(f"{arch:8s} params {r['parameters']:7d} | inference torch {r['infer_per_s']:7.0f}/s, onnx "
-                  f"{r['onnx_per_s']:7.0f}/s | training {r['train_per_s']:6.0f}/s -> 50k x 20 epochs "
-                  f"{50000 * 20 / r['train_per_s'] / 60:5.1f} min")
+            print(
+                f"{arch:8s} params {r['parameters']:7d} | inference torch {r['infer_per_s']:7.0f}/s, onnx "
+                f"{r['onnx_per_s']:7.0f}/s | training {r['train_per_s']:6.0f}/s -> 50k x 20 epochs "
+                f"{50000 * 20 / r['train_per_s'] / 60:5.1f} min"
+            )
         for arch in [] if args.no_accuracy else sorted(ARCHITECTURES):
             a = _accuracy(arch, args.widths, args.n_train, args.epochs, tmp)
-            print(f"{arch:8s} {args.n_train} stamps (S/N 1-8) x {args.epochs} epochs: {a['train_s']:6.1f} s | "
-                  f"test AUC {a['auc']:.4f}, FNR@FPR1% {a['fnr_at_fpr1']:.3f}, accuracy {a['accuracy']:.3f}")
+            print(
+                f"{arch:8s} {args.n_train} stamps (S/N 1-8) x {args.epochs} epochs: {a['train_s']:6.1f} s | "
+                f"test AUC {a['auc']:.4f}, FNR@FPR1% {a['fnr_at_fpr1']:.3f}, accuracy {a['accuracy']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,16 @@ def expected_jobs(fields: int, epochs: int, realizations: int) -> dict[str, int]
         "crossmatch": science * realizations,
         "infer_image": science,
     }
-    single = ["sky_variables", "label", "checksim_plots", "datacube", "train_model", "checkinfer_plots",
-              "apply_summary", "all"]
+    single = [
+        "sky_variables",
+        "label",
+        "checksim_plots",
+        "datacube",
+        "train_model",
+        "checkinfer_plots",
+        "apply_summary",
+        "all",
+    ]
     return counts | dict.fromkeys(single, 1)
 
 
@@ -106,18 +114,23 @@ def main() -> None:
         (work / "config").symlink_to(REPO / "config")
         config = write_survey(Path(tmp), args.fields, args.epochs, args.realizations)
         frames = args.fields * (args.epochs + 1)
-        print(f"{frames} frames ({args.fields} fields x {args.epochs + 1}), "
-              f"{args.realizations} realizations per science frame")
+        print(
+            f"{frames} frames ({args.fields} fields x {args.epochs + 1}), "
+            f"{args.realizations} realizations per science frame"
+        )
         text, wall, cpu = dry_run(work, ["--quiet", "rules", *config])
         stats = job_stats(text)
         assert stats == expected_jobs(args.fields, args.epochs, args.realizations), stats
-        print(f"local dry run: {sum(stats.values())} jobs in {wall:.1f} s wall, {cpu:.1f} s CPU "
-              f"({1000 * cpu / sum(stats.values()):.2f} ms CPU per job)")
+        print(
+            f"local dry run: {sum(stats.values())} jobs in {wall:.1f} s wall, {cpu:.1f} s CPU "
+            f"({1000 * cpu / sum(stats.values()):.2f} ms CPU per job)"
+        )
         text, wall, cpu = dry_run(work, ["--workflow-profile", str(REPO / "workflow/profiles/slurm"), *config])
         subs = submissions(text)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(subs.items()))
-        print(f"slurm profile dry run: {sum(subs.values())} SLURM jobs ({detail}) "
-              f"in {wall:.1f} s wall, {cpu:.1f} s CPU")
+        print(
+            f"slurm profile dry run: {sum(subs.values())} SLURM jobs ({detail}) in {wall:.1f} s wall, {cpu:.1f} s CPU"
+        )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ def bench_frame(tel: dict, frame: str, *, seed: int, corner: float) -> None:
     model = build_psf(image, info, tel["psf"], pixel_scale=tel["pixel_scale"], name=frame)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ny, nx = hdu.data.shape
-    print(f"\n{frame}: seeing {cond.seeing:.2f} px, build_psf {wall:.2f} s wall, {cpu:.2f} s CPU, "
-          f"stars per cell {list(model.n_stars)}")
+    print(
+        f"\n{frame}: seeing {cond.seeing:.2f} px, build_psf {wall:.2f} s wall, {cpu:.2f} s CPU, "
+        f"stars per cell {list(model.n_stars)}"
+    )
     t0 = time.perf_counter()
     for _ in range(100):
         model.fwhm(300.3, 700.7)
@@ -98,8 +100,10 @@ def bench_frame(tel: dict, frame: str, *, seed: int, corner: float) -> None:
         ref = true_stamp(cond, x, y)
         res = np.abs(model.stamp(x, y, SIZE) - ref).max() / ref.max()
         f_epsf = _fwhm_of(model.epsf_at(x, y), model.oversampling)
-        print(f"  {label:13s}  {f_model:6.3f} ({f_epsf:6.3f})   {f_true:6.3f}  {100 * (f_model / f_true - 1):+5.1f} %   "
-              f"{100 * res:5.2f} %")
+        print(
+            f"  {label:13s}  {f_model:6.3f} ({f_epsf:6.3f})   {f_true:6.3f}  {100 * (f_model / f_true - 1):+5.1f} %   "
+            f"{100 * res:5.2f} %"
+        )
 
     stars = truth[(truth["kind"] == "star") & ~truth["saturated"] & (truth["mag"] > 15) & (truth["mag"] < 17.5)]
     h = SIZE // 2 + 2
@@ -118,8 +122,10 @@ def bench_frame(tel: dict, frame: str, *, seed: int, corner: float) -> None:
         res_true.append(fit_residual(hdu.data, x, y, true_stamp(cond, x, y), sky_var, info.gain))
     if res_model:
         rm, rt = 100 * np.array(res_model), 100 * np.array(res_true)
-        print(f"  {rm.size} isolated 15-17.5 mag stars, max|star - fit|/peak: model median {np.median(rm):.2f} % "
-              f"(max {rm.max():.2f} %), true PSF (noise floor) median {np.median(rt):.2f} % (max {rt.max():.2f} %)")
+        print(
+            f"  {rm.size} isolated 15-17.5 mag stars, max|star - fit|/peak: model median {np.median(rm):.2f} % "
+            f"(max {rm.max():.2f} %), true PSF (noise floor) median {np.median(rt):.2f} % (max {rt.max():.2f} %)"
+        )
 
 
 def main() -> None:
@@ -127,7 +133,9 @@ def main() -> None:
     parser.add_argument("frames", nargs="*", default=["fld00_r_ref", "fld00_r_e1", "fld01_g_e2"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--corner", type=float, default=60.0, help="distance of the corner probes from the edges (px)")
-    parser.add_argument("--artefacts", action="store_true", help="keep cosmic rays, hot pixels, bad columns, satellites")
+    parser.add_argument(
+        "--artefacts", action="store_true", help="keep cosmic rays, hot pixels, bad columns, satellites"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tel = load_telescope(REPO / "config" / "telescopes" / "demo.yaml")

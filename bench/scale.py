@@ -75,24 +75,42 @@ def run_stage(stage: str, work: Path, size: int) -> None:
         run_psf(frames / f"{frame}.fits", res / "psf" / f"{frame}.fits", res / "psf" / f"{frame}.png", tel)
     elif stage == "inject":
         run_inject(
-            frames / f"{SCI}.fits", res / "psf" / f"{SCI}.fits", res / "sim/inject" / f"{IMAGE}.fits",
-            res / "sim/inject" / f"{IMAGE}.ecsv", res / "sim/inject" / f"{IMAGE}.list", tel,
-            frame=SCI, realization=0, seed=derive(SEED, NAME, SCI, "0", "inject"),
+            frames / f"{SCI}.fits",
+            res / "psf" / f"{SCI}.fits",
+            res / "sim/inject" / f"{IMAGE}.fits",
+            res / "sim/inject" / f"{IMAGE}.ecsv",
+            res / "sim/inject" / f"{IMAGE}.list",
+            tel,
+            frame=SCI,
+            realization=0,
+            seed=derive(SEED, NAME, SCI, "0", "inject"),
             reference_path=frames / f"{REF}.fits",
         )
     elif stage == "subtract":
         run_subtract(
-            res / "sim/inject" / f"{IMAGE}.fits", frames / f"{REF}.fits", res / "psf" / f"{SCI}.fits",
-            res / "psf" / f"{REF}.fits", res / "sim/subtract" / f"{IMAGE}.fits", tel,
+            res / "sim/inject" / f"{IMAGE}.fits",
+            frames / f"{REF}.fits",
+            res / "psf" / f"{SCI}.fits",
+            res / "psf" / f"{REF}.fits",
+            res / "sim/subtract" / f"{IMAGE}.fits",
+            tel,
         )
     elif stage == "detect":
         run_detect(
-            res / "sim/subtract" / f"{IMAGE}.fits", res / "psf" / f"{SCI}.fits", res / "sim/detect" / f"{IMAGE}.ecsv",
-            tel, image_name=IMAGE,
+            res / "sim/subtract" / f"{IMAGE}.fits",
+            res / "psf" / f"{SCI}.fits",
+            res / "sim/detect" / f"{IMAGE}.ecsv",
+            tel,
+            image_name=IMAGE,
         )
     elif stage == "cutouts":
-        cands = write_cutouts(res / "sim/subtract" / f"{IMAGE}.fits", res / "sim/detect" / f"{IMAGE}.ecsv",
-                              res / "sim/cutouts" / IMAGE, size=tel["cutout"]["size"], png=tel["cutout"]["png"])
+        cands = write_cutouts(
+            res / "sim/subtract" / f"{IMAGE}.fits",
+            res / "sim/detect" / f"{IMAGE}.ecsv",
+            res / "sim/cutouts" / IMAGE,
+            size=tel["cutout"]["size"],
+            png=tel["cutout"]["png"],
+        )
         print(f"note: {len(cands)} candidates cut out", file=sys.stderr)
     else:
         raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")

@@ -33,8 +33,9 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -50,8 +51,9 @@ from rbflow.subtract import align, prepare_pair, subtract_images
 
 FWHM_REF = 3.0
 FWHM_SCI = 4.0
-INFO = FrameInfo(gain=2.0, read_noise=5.0, saturation=1e9, filter="r", exptime=30.0, date="",
-                 zeropoint=25.0, fwhm_guess=None)
+INFO = FrameInfo(
+    gain=2.0, read_noise=5.0, saturation=1e9, filter="r", exptime=30.0, date="", zeropoint=25.0, fwhm_guess=None
+)
 
 
 class GaussPSF:
@@ -135,8 +137,18 @@ def sfft_direct(pp) -> np.ndarray:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, diff = Customized_Packet.CP(
-                str(ref), str(sci), str(ref), str(sci), "REF", kerhw, KerPolyOrder=2, BGPolyOrder=2,
-                ConstPhotRatio=True, BACKEND_4SUBTRACT="Numpy", NUM_CPU_THREADS_4SUBTRACT=2, VERBOSE_LEVEL=0,
+                str(ref),
+                str(sci),
+                str(ref),
+                str(sci),
+                "REF",
+                kerhw,
+                KerPolyOrder=2,
+                BGPolyOrder=2,
+                ConstPhotRatio=True,
+                BACKEND_4SUBTRACT="Numpy",
+                NUM_CPU_THREADS_4SUBTRACT=2,
+                VERBOSE_LEVEL=0,
             )
     return np.asarray(diff).T
 
@@ -225,8 +237,10 @@ def describe(name, d1, d2, free, star, tr, valid, secs, ref_secs, note=""):
     nf, ns = rstd(d1[free]) / rstd(e[free]), rstd(d1[star]) / rstd(e[star])
     false, rec = false_candidates(d1, e, tr, valid)
     ratio = f"{secs / ref_secs:5.1f}x" if ref_secs else "  -  "
-    print(f"  {name:<28s} {secs:7.2f} s {ratio}   noise/pred free {nf:5.3f} stars {ns:5.3f}   "
-          f"false >5sig {false:4d}, transients {rec}/{len(tr)}{note}")
+    print(
+        f"  {name:<28s} {secs:7.2f} s {ratio}   noise/pred free {nf:5.3f} stars {ns:5.3f}   "
+        f"false >5sig {false:4d}, transients {rec}/{len(tr)}{note}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +259,12 @@ def main(
         pairs = []
         for k in range(2):
             rng = np.random.default_rng(100 + k)
-            pairs.append((Image(observe(ms, 300.0, 2.0, 5.0, rng), wsci.to_header(), wsci),
-                          Image(observe(mr, 500.0, 2.0, 5.0, rng), wref.to_header(), wref)))
+            pairs.append(
+                (
+                    Image(observe(ms, 300.0, 2.0, 5.0, rng), wsci.to_header(), wsci),
+                    Image(observe(mr, 500.0, 2.0, 5.0, rng), wref.to_header(), wref),
+                )
+            )
         res: dict[str, list] = {}
         t_align, t_zogy = [], []
         for sci, ref in pairs:
@@ -263,16 +281,32 @@ def main(
         valid = (h1["MASK"].data == 0) & np.isfinite(h1["DIFF"].data)
         valid[:16], valid[-16:], valid[:, :16], valid[:, -16:] = False, False, False, False
         free, star = regions(shape, stars, tr, psf_s, h1[0].header["SIGMAN"], valid)
-        print(f"size {n}x{n}: science FWHM {FWHM_SCI - slope / 2:.2f}->{FWHM_SCI + slope / 2:.2f} px, reference "
-              f"{FWHM_REF} px, {len(stars[0])} stars, {len(tr)} transients; star-free px {free.sum()}, "
-              f"bright-star px {star.sum()}")
-        print(f"  rbflow zogy: align {ta:.2f} s, subtraction {tz - ta:.2f} s without alignment, {tz:.2f} s with it "
-              f"(min of 2 runs; tile {tile}, {h1[0].header['NTILES']} tiles)")
-        print(f"  {'method':<28s} {'time':>9s} {'/rbflow':>6s}   (times of peers exclude the alignment, "
-              "ratios are to rbflow zogy without alignment)")
+        print(
+            f"size {n}x{n}: science FWHM {FWHM_SCI - slope / 2:.2f}->{FWHM_SCI + slope / 2:.2f} px, reference "
+            f"{FWHM_REF} px, {len(stars[0])} stars, {len(tr)} transients; star-free px {free.sum()}, "
+            f"bright-star px {star.sum()}"
+        )
+        print(
+            f"  rbflow zogy: align {ta:.2f} s, subtraction {tz - ta:.2f} s without alignment, {tz:.2f} s with it "
+            f"(min of 2 runs; tile {tile}, {h1[0].header['NTILES']} tiles)"
+        )
+        print(
+            f"  {'method':<28s} {'time':>9s} {'/rbflow':>6s}   (times of peers exclude the alignment, "
+            "ratios are to rbflow zogy without alignment)"
+        )
         d = [h["DIFF"].data for h in res["rbflow zogy"]]
-        describe("rbflow zogy (no alignment)", d[0], d[1], free, star, tr, valid, tz - ta, tz - ta,
-                 own_candidates(res["rbflow zogy"][0], psf_s, tr))
+        describe(
+            "rbflow zogy (no alignment)",
+            d[0],
+            d[1],
+            free,
+            star,
+            tr,
+            valid,
+            tz - ta,
+            tz - ta,
+            own_candidates(res["rbflow zogy"][0], psf_s, tr),
+        )
         if n > sfft_method_max:
             print(f"  {'rbflow sfft':<28s} skipped above {sfft_method_max} px (see --help)")
         elif have_sfft:
@@ -281,10 +315,20 @@ def main(
                 t0 = time.perf_counter()
                 hs.append(subtract_images(sci, ref, psf_s, psf_r, INFO, INFO, scfg))
                 ts.append(time.perf_counter() - t0)
-            describe("rbflow sfft (with alignment)", hs[0]["DIFF"].data, hs[1]["DIFF"].data, free, star, tr, valid,
-                     min(ts), tz - ta, own_candidates(hs[0], psf_s, tr) + f"; {hs[0][0].header['NTILES']} tiles")
+            describe(
+                "rbflow sfft (with alignment)",
+                hs[0]["DIFF"].data,
+                hs[1]["DIFF"].data,
+                free,
+                star,
+                tr,
+                valid,
+                min(ts),
+                tz - ta,
+                own_candidates(hs[0], psf_s, tr) + f"; {hs[0][0].header['NTILES']} tiles",
+            )
         else:
-            print(f"  {'rbflow sfft':<28s} not installed (pip install \"rbflow[sfft]\")")
+            print(f'  {"rbflow sfft":<28s} not installed (pip install "rbflow[sfft]")')
         pps = [prepare_pair(sci, ref, psf_s, psf_r, INFO, INFO, zcfg) for sci, ref in pairs]
         for name, (module, run) in PEERS.items():
             limit = sfft_direct_max if name.startswith("sfft") else properimage_max
@@ -304,8 +348,7 @@ def main(
 
 def own_candidates(h, psf_s, tr) -> str:
     """rbflow's own detection on its SCORR: false candidates and transients recovered."""
-    cands = detect(h, psf_s, INFO, {"threshold": 5.0, "min_pixels": 1}, image_name="b", cutout_size=31,
-                   negative=True)
+    cands = detect(h, psf_s, INFO, {"threshold": 5.0, "min_pixels": 1}, image_name="b", cutout_size=31, negative=True)
     if not len(cands):
         return "; own SCORR: no candidate"
     pts = np.c_[cands["x"], cands["y"]]
@@ -321,12 +364,27 @@ if __name__ == "__main__":
     ap.add_argument("sizes", nargs="*", type=int, default=[1024, 2048])
     ap.add_argument("--tile", type=int, default=512, help="rbflow ZOGY tile spacing (px)")
     ap.add_argument("--slope", type=float, default=1.0, help="science FWHM change across the frame (px)")
-    ap.add_argument("--sfft-method-max", type=int, default=100_000,
-                    help="largest frame (px) for rbflow's sfft method (10-35 s per 1024² tile)")
-    ap.add_argument("--sfft-direct-max", type=int, default=1024,
-                    help="largest frame (px) for sfft on the whole frame (~5 GB per 1024²)")
-    ap.add_argument("--properimage-max", type=int, default=1024,
-                    help="largest frame (px) for properimage (75-100 s per 1024²)")
+    ap.add_argument(
+        "--sfft-method-max",
+        type=int,
+        default=100_000,
+        help="largest frame (px) for rbflow's sfft method (10-35 s per 1024² tile)",
+    )
+    ap.add_argument(
+        "--sfft-direct-max",
+        type=int,
+        default=1024,
+        help="largest frame (px) for sfft on the whole frame (~5 GB per 1024²)",
+    )
+    ap.add_argument(
+        "--properimage-max", type=int, default=1024, help="largest frame (px) for properimage (75-100 s per 1024²)"
+    )
     args = ap.parse_args()
-    main(args.sizes, tile=args.tile, slope=args.slope, sfft_method_max=args.sfft_method_max,
-         sfft_direct_max=args.sfft_direct_max, properimage_max=args.properimage_max)
+    main(
+        args.sizes,
+        tile=args.tile,
+        slope=args.slope,
+        sfft_method_max=args.sfft_method_max,
+        sfft_direct_max=args.sfft_direct_max,
+        properimage_max=args.properimage_max,
+    )

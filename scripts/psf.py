@@ -4,4 +4,6 @@ from rbflow.psf import run_psf
 from rbflow.runner import run
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(sm, run_psf, frame_path=sm.input.frame, out_fits=sm.output.psf, out_png=sm.output.png, telescope=sm.params.telescope)
+run(
+    sm, run_psf, frame_path=sm.input.frame, out_fits=sm.output.psf, out_png=sm.output.png, telescope=sm.params.telescope
+)

@@ -33,7 +33,12 @@ def demo_telescope(_demo_telescope) -> dict:
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 #: Arguments that select the tiny test telescope (tests/data/telescopes/tiny.yaml).
-TINY = ["--configfile", str(REPO / "tests/data/config.test.yaml"), "--config", f"telescope_dir={REPO}/tests/data/telescopes"]
+TINY = [
+    "--configfile",
+    str(REPO / "tests/data/config.test.yaml"),
+    "--config",
+    f"telescope_dir={REPO}/tests/data/telescopes",
+]
 
 
 def make_workdir(path: Path) -> Path:
@@ -47,8 +52,6 @@ def make_workdir(path: Path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """Working directory of one complete local run of the tiny workflow (shared by the tests that read it)."""
     work = make_workdir(tmp_path_factory.mktemp("tiny") / "work")
-    proc = subprocess.run(
-        [*SNAKEMAKE, "--cores", "2", *TINY], cwd=work, capture_output=True, text=True, timeout=1200
-    )
+    proc = subprocess.run([*SNAKEMAKE, "--cores", "2", *TINY], cwd=work, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work

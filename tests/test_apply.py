@@ -23,8 +23,11 @@ def test_counts_and_known_reals(tmp_path):
     _infer(tmp_path / "a.ecsv", [10.0 + 0.5 * arcsec, 10.01, 10.02, 10.03], [0.0, 0.0, 0.0, 0.0], [0.9, 0.2, 0.8, 0.1])
     _infer(tmp_path / "b.ecsv", [10.05], [0.0], [0.1])
     out = summarise_apply(
-        [tmp_path / "a.ecsv", tmp_path / "b.ecsv"], tmp_path / "s.json", tmp_path / "s.png",
-        catalogues=[tmp_path / "known.ecsv"], radius_arcsec=2.0,
+        [tmp_path / "a.ecsv", tmp_path / "b.ecsv"],
+        tmp_path / "s.json",
+        tmp_path / "s.png",
+        catalogues=[tmp_path / "known.ecsv"],
+        radius_arcsec=2.0,
     )
     a = out["frames"]["a"]
     assert (a["n_candidates"], a["n_kept"], a["reduction"]) == (4, 2, 2.0)
@@ -49,7 +52,9 @@ def test_radius_in_pixels_uses_each_frames_scale(tmp_path):
     ra, dec = 10.0 + x * 0.5 * arcsec, y * 0.5 * arcsec  # 0.5 arcsec/px
     # the known real is 3 px (1.5 arcsec) from candidate c3
     Table({"ra": [10.0 + 53.0 * 0.5 * arcsec], "dec": [25.0 * arcsec]}).write(tmp_path / "known.ecsv")
-    table = Table({"id": [f"c{i}" for i in range(4)], "x": x, "y": y, "ra": ra, "dec": dec, "label1": [0.1, 0.1, 0.1, 0.9]})
+    table = Table(
+        {"id": [f"c{i}" for i in range(4)], "x": x, "y": y, "ra": ra, "dec": dec, "label1": [0.1, 0.1, 0.1, 0.9]}
+    )
     table.write(tmp_path / "a.ecsv")
     table[table["label1"] >= 0.5].write(tmp_path / "a_kept.ecsv")
     kw = dict(catalogues=[tmp_path / "known.ecsv"], radius_arcsec=None)

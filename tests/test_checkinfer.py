@@ -25,12 +25,26 @@ N, N_FRAMES, PSF_FWHM = 500, 6, 3.0
 
 
 def _write_cube(path: Path, X: np.ndarray, y: np.ndarray, frames: np.ndarray, mag: np.ndarray) -> Path:
-    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
-            "normalisation": NORMALISATION}
+    meta = {
+        "cutout_size": 31,
+        "stamp_size": 31,
+        "crop": None,
+        "channels": ["SCI", "REF", "DIFF"],
+        "normalisation": NORMALISATION,
+    }
     images = np.array([f"{f}_sim0" for f in frames])
-    np.savez(path, X=normalise(X), y=y, ids=np.array([f"{im}_{i}" for i, im in enumerate(images)]), image=images,
-             frame=frames, mag=mag, snr=np.linspace(3, 60, len(y)), channels=np.array(meta["channels"]),
-             meta=np.asarray(json.dumps(meta)))
+    np.savez(
+        path,
+        X=normalise(X),
+        y=y,
+        ids=np.array([f"{im}_{i}" for i, im in enumerate(images)]),
+        image=images,
+        frame=frames,
+        mag=mag,
+        snr=np.linspace(3, 60, len(y)),
+        channels=np.array(meta["channels"]),
+        meta=np.asarray(json.dumps(meta)),
+    )
     return path
 
 
@@ -47,16 +61,24 @@ def trained(tmp_path_factory):
     test = np.isin(frames, meta["split"]["test"])
     for i in np.flatnonzero(test):
         sub = "true" if y[i] else "false"
-        hdus = [fits.PrimaryHDU(header=fits.Header({"ID": f"{frames[i]}_sim0_{i}",
-                                                    "FWHM": PSF_FWHM * (1.0 if y[i] else 2.0)}))]
+        hdus = [
+            fits.PrimaryHDU(
+                header=fits.Header({"ID": f"{frames[i]}_sim0_{i}", "FWHM": PSF_FWHM * (1.0 if y[i] else 2.0)})
+            )
+        ]
         hdus += [fits.ImageHDU(X[i, c], name=name) for c, name in enumerate(("SCI", "REF", "DIFF"))]
         (root / "training" / sub).mkdir(parents=True, exist_ok=True)
         fits.HDUList(hdus).writeto(root / "training" / sub / f"{frames[i]}_sim0_{i}.fits")
     (root / "sim" / "inject").mkdir(parents=True)
     for f in meta["split"]["test"]:
         Table({"psf_fwhm": [PSF_FWHM, PSF_FWHM]}).write(root / "sim" / "inject" / f"{f}_sim0.ecsv")
-    xm = Table({"mag": [18.2, 19.0, 21.7, 21.9], "detected": [True, True, True, False],
-                "image": [f"{meta['split']['test'][0]}_sim0"] * 3 + [f"{meta['split']['train'][0]}_sim0"]})
+    xm = Table(
+        {
+            "mag": [18.2, 19.0, 21.7, 21.9],
+            "detected": [True, True, True, False],
+            "image": [f"{meta['split']['test'][0]}_sim0"] * 3 + [f"{meta['split']['train'][0]}_sim0"],
+        }
+    )
     xm.write(root / "crossmatch.ecsv")
     return root, meta, frames, y
 
@@ -75,8 +97,13 @@ def test_predictions_are_test_split_only(trained):
 def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
     root, meta, _, _ = trained
     out = tmp_path / "out"
-    summary = run_checkinfer(root / "cube.npz", root / "model" / "model.pt", out, training_dir=root / "training",
-                             crossmatch_paths=[root / "crossmatch.ecsv"])
+    summary = run_checkinfer(
+        root / "cube.npz",
+        root / "model" / "model.pt",
+        out,
+        training_dir=root / "training",
+        crossmatch_paths=[root / "crossmatch.ecsv"],
+    )
     for name in FILES.values():
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "summary.json").read_text()) == summary

@@ -75,13 +75,14 @@ def _crossmatch_table(band: str, m50: float, seed: int, n: int = 600) -> Table:
     rng = np.random.default_rng(seed + 1)
     meas = np.where(det, mags + 0.02 + rng.normal(0, 0.05, n), np.nan)
     snr = np.where(det, 10 ** (-0.4 * (mags - m50)) * 5.0, np.nan)
-    return Table({"id": np.arange(n), "mag": mags, "filter": np.full(n, band), "detected": det,
-                  "mag_meas": meas, "snr": snr})
+    return Table(
+        {"id": np.arange(n), "mag": mags, "filter": np.full(n, band), "detected": det, "mag_meas": meas, "snr": snr}
+    )
 
 
 def test_run_checksim(tmp_path):
     paths = []
-    for k, (band, m50) in enumerate([("g", 21.0), ("r", 21.6)]):
+    for _k, (band, m50) in enumerate([("g", 21.0), ("r", 21.6)]):
         paths.append(tmp_path / f"{band}.ecsv")
         write_table(_crossmatch_table(band, m50, derive(7, band)), paths[-1])
     out = tmp_path / "plots"

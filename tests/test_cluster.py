@@ -162,7 +162,9 @@ def _sacct(workdir: Path, start: str) -> list[SlurmJob]:
     for _ in range(30):  # records reach slurmdbd a moment after a job ends
         out = subprocess.run(
             ["sacct", "-X", "-n", "-P", "-S", start, "-E", "now", "-o", fields],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         rows = [line.split("|") for line in out.splitlines() if line]
         rows = [row for row in rows if Path(row[1]) == workdir]
@@ -198,10 +200,20 @@ def runs(slurm_cluster, tiny_run, tmp_path_factory) -> Runs:
     start = time.strftime("%Y-%m-%dT%H:%M:%S")
     # a wrong status setup makes Snakemake poll forever and ignore SIGTERM: timeout -k kills it
     cmd = [
-        "timeout", "-k", "10", "600", *SNAKEMAKE,
-        "--workflow-profile", str(REPO / "workflow/profiles/slurm"),
-        "--profile", str(REPO / "tests/cluster/profile"),
-        "--cores", str(CORES), *TINY, "--", TARGET,
+        "timeout",
+        "-k",
+        "10",
+        "600",
+        *SNAKEMAKE,
+        "--workflow-profile",
+        str(REPO / "workflow/profiles/slurm"),
+        "--profile",
+        str(REPO / "tests/cluster/profile"),
+        "--cores",
+        str(CORES),
+        *TINY,
+        "--",
+        TARGET,
     ]
     try:
         proc = subprocess.run(cmd, cwd=slurm_dir, env=env, capture_output=True, text=True)
@@ -263,7 +275,9 @@ def _assert_same_data(a, b, what: str) -> None:
 
 def test_outputs_equal_a_local_run(runs):
     def outputs(suffix: str) -> list[Path]:
-        return sorted(p.relative_to(runs.local) for d in ("resources", "results") for p in (runs.local / d).rglob(f"*{suffix}"))
+        return sorted(
+            p.relative_to(runs.local) for d in ("resources", "results") for p in (runs.local / d).rglob(f"*{suffix}")
+        )
 
     fits_files, tables, cubes = outputs(".fits"), outputs(".ecsv"), outputs(".npz")
     assert len(fits_files) > 20 and tables

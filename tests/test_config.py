@@ -32,7 +32,9 @@ def test_unknown_key_names_file_and_allowed_keys(tmp_path, repo):
     data = yaml.safe_load((repo / "config" / "telescopes" / "demo.yaml").read_text())
     data["psf"]["gird"] = [3, 3]
     path = _write(tmp_path / "demo.yaml", data)
-    with pytest.raises(ConfigError, match=r"telescope file '.*demo\.yaml'.*unknown key\(s\) 'gird' at psf.*allowed keys: .*grid"):
+    with pytest.raises(
+        ConfigError, match=r"telescope file '.*demo\.yaml'.*unknown key\(s\) 'gird' at psf.*allowed keys: .*grid"
+    ):
         load_telescope(path)
 
 

@@ -10,7 +10,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose
 
-from rbflow.crossmatch import crossmatch, label_cutouts, relabel_digest, read_catalogue, run_crossmatch
+from rbflow.crossmatch import crossmatch, label_cutouts, read_catalogue, relabel_digest, run_crossmatch
 from rbflow.cutouts import MANIFEST
 from rbflow.errors import InputError
 from rbflow.io import write_table
@@ -139,8 +139,15 @@ def test_run_crossmatch_outputs(tmp_path, unmatched):
     assert last["Nmatches"] == 0 and last["closest_candID"] == "None"
     assert np.isnan([last["mag_meas"], last["sep"]]).all()
     with pytest.raises(ValueError, match="label_unmatched"):
-        run_crossmatch(tmp_path / "cands.ecsv", tmp_path / "inj.ecsv", out / "a", out / "b", out / "c",
-                       radius=RADIUS, label_unmatched="maybe")
+        run_crossmatch(
+            tmp_path / "cands.ecsv",
+            tmp_path / "inj.ecsv",
+            out / "a",
+            out / "b",
+            out / "c",
+            radius=RADIUS,
+            label_unmatched="maybe",
+        )
 
 
 def test_catalogue_errors(tmp_path):
@@ -182,7 +189,10 @@ def test_label_cutouts_person_choice_wins(tmp_path, caplog):
     assert "1 cutouts have no label" in caplog.text  # b_sim0_1
     assert sorted(p.name for p in (train / "true").iterdir()) == ["a_sim0_0.fits", "a_sim0_0.png"]
     assert sorted(p.name for p in (train / "false").iterdir()) == [
-        "a_sim0_1.fits", "a_sim0_1.png", "b_sim0_0.fits", "b_sim0_0.png"
+        "a_sim0_1.fits",
+        "a_sim0_1.png",
+        "b_sim0_0.fits",
+        "b_sim0_0.png",
     ]
     assert (train / "unsorted" / "a_sim0_2.fits").exists()
     assert set(out["action"]) <= {"linked", "copied"}
@@ -228,7 +238,9 @@ def test_label_cutouts_follows_new_labels_unless_a_person_moved_the_same_candida
     label_cutouts([labels], [d0], train)
     (train / "false" / "a_sim0_1.fits").rename(train / "true" / "a_sim0_1.fits")  # a person's decision
     # The crossmatch changes its mind about a_sim0_2 (same candidate): nobody moved it, it follows.
-    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "true"]}).write(labels, overwrite=True)
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "true"]}).write(
+        labels, overwrite=True
+    )
     out = label_cutouts([labels], [d0], train)
     assert (train / "true" / "a_sim0_2.fits").exists() and not (train / "false" / "a_sim0_2.fits").exists()
     assert (train / "true" / "a_sim0_2.png").exists()
@@ -236,7 +248,9 @@ def test_label_cutouts_follows_new_labels_unless_a_person_moved_the_same_candida
     assert dict(zip(out["id"], out["action"]))["a_sim0_2"] == "relabelled"
     # Upstream rerun (new injections): the ids now name other candidates, at other positions.
     d0 = _cutout_dir(tmp_path, "a_sim0", 3, x0=13.0)
-    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["false", "false", "false"]}).write(labels, overwrite=True)
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["false", "false", "false"]}).write(
+        labels, overwrite=True
+    )
     with caplog.at_level(logging.WARNING, logger="rbflow.crossmatch"):
         out = label_cutouts([labels], [d0], train)
     assert "1 files a person had moved now hold other candidates" in caplog.text

@@ -24,13 +24,24 @@ from rbflow.errors import InputError
 CHANNELS = ["SCI", "REF", "DIFF"]
 
 
-def write_cutout(
-    path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: float = 10.0, mag: float = 20.0
-) -> None:
+def write_cutout(path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: float = 10.0, mag: float = 20.0) -> None:
     """Write one cutout file as rbflow.cutouts does (primary header + SCI, REF, DIFF, SCORR HDUs)."""
     hdr = fits.Header()
-    for key, value in dict(ID=cid, IMAGE=image, FRAME=image.split("_sim")[0], X=15.0, Y=15.0, RA=10.0, DEC=-5.0,
-                           MAG=mag, MAGERR=0.1, SNR=snr, FILTER="r", FWHM=3.0, FLAGS=0).items():
+    for key, value in dict(
+        ID=cid,
+        IMAGE=image,
+        FRAME=image.split("_sim")[0],
+        X=15.0,
+        Y=15.0,
+        RA=10.0,
+        DEC=-5.0,
+        MAG=mag,
+        MAGERR=0.1,
+        SNR=snr,
+        FILTER="r",
+        FWHM=3.0,
+        FLAGS=0,
+    ).items():
         hdr[key] = value
     hdus = [fits.PrimaryHDU(header=hdr)]
     for name, plane in zip(["SCI", "REF", "DIFF", "SCORR"], [*stamp, stamp[2]]):
@@ -46,8 +57,13 @@ def write_training(
     X, y = synthetic_stamps(n, size=size, seed=seed)
     for i, (stamp, label) in enumerate(zip(X, y)):
         image = f"f{i % n_frames:02d}_sim0"
-        write_cutout(root / ("true" if label else "false") / f"{image}_{i}.fits", stamp, cid=f"{image}_{i}",
-                     image=image, snr=5.0 + i % 40)
+        write_cutout(
+            root / ("true" if label else "false") / f"{image}_{i}.fits",
+            stamp,
+            cid=f"{image}_{i}",
+            image=image,
+            snr=5.0 + i % 40,
+        )
     return X, y
 
 
@@ -76,8 +92,12 @@ def test_build_datacube(tmp_path):
     )
     cube = load_datacube(tmp_path / "cube.npz")
     assert cube["X"].shape == (40, 3, 31, 31) and cube["X"].dtype == np.float32
-    assert cube["y"].sum() == y.sum() and meta["counts"] == {"true": int(y.sum()), "false": int(40 - y.sum()),
-                                                            "skipped": 0, "dropped_by_balance": 0}
+    assert cube["y"].sum() == y.sum() and meta["counts"] == {
+        "true": int(y.sum()),
+        "false": int(40 - y.sum()),
+        "skipped": 0,
+        "dropped_by_balance": 0,
+    }
     assert list(cube["channels"]) == CHANNELS and cube["meta"]["normalisation"] == NORMALISATION
     assert set(cube["frame"]) == {f"f{i:02d}" for i in range(6)}
     # stamps are stored normalised, in folder order (true first, then false, sorted by name)
@@ -135,8 +155,8 @@ def test_frac_true_balancing(tmp_path):
     n_true, n_false = int(y.sum()), int(40 - y.sum())
     kw = dict(channels=["DIFF"], crop=None, frac_true=0.25)
     a = build_datacube(tmp_path / "t", tmp_path / "a.npz", seed=1, **kw)
-    b = build_datacube(tmp_path / "t", tmp_path / "b.npz", seed=1, **kw)
-    c = build_datacube(tmp_path / "t", tmp_path / "c.npz", seed=2, **kw)
+    build_datacube(tmp_path / "t", tmp_path / "b.npz", seed=1, **kw)
+    build_datacube(tmp_path / "t", tmp_path / "c.npz", seed=2, **kw)
     # trues are the majority to drop at 25 %: keep round(0.25 / 0.75 * n_false) of them, all falses
     assert a["counts"]["false"] == n_false and a["counts"]["true"] == round(n_false / 3)
     ids = {k: set(load_datacube(tmp_path / f"{k}.npz")["ids"]) for k in "abc"}

@@ -31,7 +31,10 @@ def decam_run(tmp_path_factory):
     targets = [f"results/decam/obs/cutouts/{name}_mini" for name in SCIENCE]
     proc = subprocess.run(
         [*SNAKEMAKE, "--cores", "2", *targets, "--configfile", str(REPO / "tests/data/config.decam.yaml")],
-        cwd=work, capture_output=True, text=True, timeout=600,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work

@@ -24,8 +24,9 @@ def _grid_transients(n: int, seed: int, spacing: float = 28.0) -> np.ndarray:
     g = np.arange(22.0, n - 18, spacing)
     gx, gy = np.meshgrid(g, g)
     k = gx.size
-    return np.c_[gx.ravel() + rng.uniform(-0.5, 0.5, k), gy.ravel() + rng.uniform(-0.5, 0.5, k),
-                 10 ** rng.uniform(2.5, 4.3, k)]
+    return np.c_[
+        gx.ravel() + rng.uniform(-0.5, 0.5, k), gy.ravel() + rng.uniform(-0.5, 0.5, k), 10 ** rng.uniform(2.5, 4.3, k)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_table_columns_ids_and_magnitudes(injected):
 def test_measured_fwhm_and_ellipticity_of_bright_transients(injected):
     _tr, pair, hdul, t = injected[0]
     bright = (t["snr"] > 40) & (t["flags"] == 0)
-    fwhm_d = 2.3548 * np.sqrt(((pair["psf_sci"].f0 / 2.3548) ** 2 + (pair["psf_ref"].f0 / 2.3548) ** 2))
+    fwhm_d = 2.3548 * np.sqrt((pair["psf_sci"].f0 / 2.3548) ** 2 + (pair["psf_ref"].f0 / 2.3548) ** 2)
     # D's PSF is about the quadrature sum of the two FWHMs when the reference noise is comparable;
     # it lies between the science FWHM (4.0) and that sum (5.0)
     assert 3.8 < np.median(t["fwhm"][bright]) < fwhm_d + 0.2
@@ -120,8 +121,7 @@ def test_negative_peaks_only_on_request():
 def test_empty_result_is_typed_and_warned(injected, caplog, tmp_path):
     _tr, pair, hdul, _t = injected[0]
     with caplog.at_level(logging.WARNING, logger="rbflow.detect"):
-        t = det.detect(hdul, pair["psf_sci"], INFO, {"threshold": 1e6, "min_pixels": 3}, image_name="e",
-                       cutout_size=31)
+        t = det.detect(hdul, pair["psf_sci"], INFO, {"threshold": 1e6, "min_pixels": 3}, image_name="e", cutout_size=31)
     assert len(t) == 0 and "no candidate" in caplog.text
     assert t.colnames == [c[0] for c in det.COLUMNS]
     path = tmp_path / "empty.ecsv"
@@ -142,8 +142,17 @@ def stub_psf_read(monkeypatch):
 
 
 def _telescope():
-    tel = {"name": "t", "pixel_scale": 1.0, "filters": ["r"], "gain": 2.0, "read_noise": 5.0,
-           "saturation": 1e9, "zeropoints": {"r": 25.0}, "detect": DET, "subtract": CFG}
+    tel = {
+        "name": "t",
+        "pixel_scale": 1.0,
+        "filters": ["r"],
+        "gain": 2.0,
+        "read_noise": 5.0,
+        "saturation": 1e9,
+        "zeropoints": {"r": 25.0},
+        "detect": DET,
+        "subtract": CFG,
+    }
     return validate(tel, "telescope.schema.yaml", "test telescope")
 
 
@@ -155,8 +164,9 @@ def test_run_subtract_and_run_detect_write_their_files(tmp_path, stub_psf_read):
         fits.PrimaryHDU(img.data, header=img.header).writeto(tmp_path / f"{name}.fits")
     out = tmp_path / "sub" / "img.fits"
     tel = _telescope()
-    run_subtract(tmp_path / "sci.fits", tmp_path / "ref.fits", tmp_path / "sci_psf.fits",
-                 tmp_path / "ref_psf.fits", out, tel)
+    run_subtract(
+        tmp_path / "sci.fits", tmp_path / "ref.fits", tmp_path / "sci_psf.fits", tmp_path / "ref_psf.fits", out, tel
+    )
     with fits.open(out) as h:
         assert h[0].header["METHOD"] == "zogy" and h[0].header["SCIFILE"] == "sci.fits"
     table_path = tmp_path / "det" / "img.ecsv"
@@ -168,5 +178,6 @@ def test_run_subtract_and_run_detect_write_their_files(tmp_path, stub_psf_read):
 
 def test_run_detect_missing_file(tmp_path, stub_psf_read):
     with pytest.raises(InputError, match=r"nothere\.fits.*run the subtract stage"):
-        det.run_detect(tmp_path / "nothere.fits", tmp_path / "p.fits", tmp_path / "o.ecsv", _telescope(),
-                       image_name="x")
+        det.run_detect(
+            tmp_path / "nothere.fits", tmp_path / "p.fits", tmp_path / "o.ecsv", _telescope(), image_name="x"
+        )

@@ -13,14 +13,14 @@ import pytest
 import torch
 from astropy.table import Table
 from numpy.testing import assert_allclose
+from test_datacube import write_cutout
+from test_train import make_cube
 
 from rbflow.cli import main
 from rbflow.datacube import normalise, synthetic_stamps
 from rbflow.errors import InputError
 from rbflow.infer import check_compatible, infer_cutouts, load_model, predict, predict_onnx
 from rbflow.train import train
-from test_datacube import write_cutout
-from test_train import make_cube
 
 torch.set_num_threads(2)
 
@@ -91,8 +91,14 @@ def test_onnx_matches_torch(model_dir):
 
 def test_infer_folder(model_dir, cutouts, tmp_path):
     folder, X, y = cutouts
-    table = infer_cutouts(folder, model_dir / "model.pt", tmp_path / "r.ecsv", out_dat=tmp_path / "r.dat",
-                          out_kept=tmp_path / "r_kept.ecsv", threshold=0.5)
+    table = infer_cutouts(
+        folder,
+        model_dir / "model.pt",
+        tmp_path / "r.ecsv",
+        out_dat=tmp_path / "r.dat",
+        out_kept=tmp_path / "r_kept.ecsv",
+        threshold=0.5,
+    )
     model, meta = load_model(model_dir / "model.pt")
     order = [int(i.split("_")[1]) for i in table["id"]]
     assert_allclose(table["label1"], predict(model, meta, normalise(X[order])), atol=1e-6)
@@ -120,8 +126,13 @@ def test_manifest_columns(model_dir, cutouts, tmp_path):
 
 def test_empty_folder(model_dir, tmp_path, caplog):
     (tmp_path / "empty").mkdir()
-    table = infer_cutouts(tmp_path / "empty", model_dir / "model.pt", tmp_path / "e.ecsv",
-                          out_dat=tmp_path / "e.dat", out_kept=tmp_path / "e_kept.ecsv")
+    table = infer_cutouts(
+        tmp_path / "empty",
+        model_dir / "model.pt",
+        tmp_path / "e.ecsv",
+        out_dat=tmp_path / "e.dat",
+        out_kept=tmp_path / "e_kept.ecsv",
+    )
     assert len(table) == 0 and table["label1"].dtype == np.float64
     assert len(Table.read(tmp_path / "e.ecsv")) == 0 and "holds no cutout" in caplog.text
     assert len(Table.read(tmp_path / "e_kept.ecsv")) == 0

@@ -7,20 +7,28 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.optimize import least_squares
+from test_psf import GAIN, simulate_frame
 
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo
 from rbflow.inject import draw_magnitudes, find_hosts, inject_sources, run_inject
 from rbflow.io import Image, read_table
 from rbflow.psf import PSFModel, moffat_epsf
-from test_psf import GAIN, simulate_frame
 
 SHAPE = (256, 256)
 ZP = 28.0
-INFO = FrameInfo(gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=ZP, fwhm_guess=3.5)
+INFO = FrameInfo(
+    gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=ZP, fwhm_guess=3.5
+)
 CFG = dict(
-    n=40, mag_range=[17.0, 20.0], distribution="uniform_mag", mags=[], realizations=1,
-    min_separation=25.0, host_fraction=0.0, host_offset=1.0,
+    n=40,
+    mag_range=[17.0, 20.0],
+    distribution="uniform_mag",
+    mags=[],
+    realizations=1,
+    min_separation=25.0,
+    host_fraction=0.0,
+    host_offset=1.0,
 )
 
 
@@ -85,7 +93,19 @@ def test_flux_follows_zeropoint_and_table_is_complete(frame, psf):
     _, truth = _inject(frame, psf, 1)
     np.testing.assert_allclose(truth["flux"], 10 ** (-0.4 * (truth["mag"] - ZP)), rtol=1e-12)
     assert truth.colnames == [
-        "id", "image", "frame", "x", "y", "ra", "dec", "mag", "flux", "filter", "zeropoint", "psf_fwhm", "on_host",
+        "id",
+        "image",
+        "frame",
+        "x",
+        "y",
+        "ra",
+        "dec",
+        "mag",
+        "flux",
+        "filter",
+        "zeropoint",
+        "psf_fwhm",
+        "on_host",
     ]
     assert str(truth["flux"].unit) == "adu" and str(truth["x"].unit) == "pix" and str(truth["ra"].unit) == "deg"
     assert truth["id"][3] == "f_sim0_inj3"
@@ -117,8 +137,9 @@ def test_positions_respect_edges_separation_and_nan_region(frame, psf):
     data = frame.data.copy()
     data[100:160, 100:160] = np.nan
     image = Image(data, frame.header, frame.wcs)
-    out, truth = inject_sources(image, psf, INFO, dict(CFG, n=60, min_separation=15.0), cutout_size=31, seed=3,
-                                frame="f", image_name="f_sim0")
+    out, truth = inject_sources(
+        image, psf, INFO, dict(CFG, n=60, min_separation=15.0), cutout_size=31, seed=3, frame="f", image_name="f_sim0"
+    )
     x, y = np.asarray(truth["x"]), np.asarray(truth["y"])
     border = 31 // 2
     assert np.all((x >= border) & (x <= SHAPE[1] - 1 - border) & (y >= border) & (y <= SHAPE[0] - 1 - border))
@@ -131,8 +152,9 @@ def test_positions_respect_edges_separation_and_nan_region(frame, psf):
 
 def test_saturation_clips_like_a_real_pixel(frame, psf):
     info = FrameInfo(**{**INFO.__dict__, "saturation": 3000.0})
-    out, truth = inject_sources(frame, psf, info, dict(CFG, mag_range=[14.0, 14.5], n=5), cutout_size=31, seed=4,
-                                frame="f", image_name="f_sim0")
+    out, truth = inject_sources(
+        frame, psf, info, dict(CFG, mag_range=[14.0, 14.5], n=5), cutout_size=31, seed=4, frame="f", image_name="f_sim0"
+    )
     assert out.max() <= 3000.0
     assert (out == 3000.0).sum() >= 5
 
@@ -142,8 +164,16 @@ def test_sources_on_galaxies(psf):
     image = Image(data, hdr, WCS(hdr))
     hosts = find_hosts(data, 3.5, bad=~np.isfinite(data))
     assert len(hosts) >= 3
-    out, truth = inject_sources(image, psf, INFO, dict(CFG, n=20, host_fraction=0.5, min_separation=5.0),
-                                cutout_size=31, seed=5, frame="f", image_name="f_sim0")
+    out, truth = inject_sources(
+        image,
+        psf,
+        INFO,
+        dict(CFG, n=20, host_fraction=0.5, min_separation=5.0),
+        cutout_size=31,
+        seed=5,
+        frame="f",
+        image_name="f_sim0",
+    )
     on = truth[truth["on_host"]]
     assert len(on) >= 5
     dist = np.hypot(np.asarray(on["x"])[:, None] - hosts["x"][None], np.asarray(on["y"])[:, None] - hosts["y"][None])
@@ -168,8 +198,15 @@ def test_frame_without_wcs_is_a_clear_error(frame, psf):
 
 
 def test_psf_of_another_shape_is_rejected(frame):
-    small = PSFModel(moffat_epsf(3.5, size=25, oversampling=2)[None], oversampling=2, size=25, shape=(100, 100),
-                     grid=(1, 1), n_stars=[1], sources=["moffat"])
+    small = PSFModel(
+        moffat_epsf(3.5, size=25, oversampling=2)[None],
+        oversampling=2,
+        size=25,
+        shape=(100, 100),
+        grid=(1, 1),
+        n_stars=[1],
+        sources=["moffat"],
+    )
     with pytest.raises(InputError, match="rerun the psf stage"):
         _inject(frame, small, 1)
 
@@ -182,8 +219,17 @@ def test_run_inject_writes_frame_table_and_list(tmp_path, frame, psf, demo_teles
     demo_telescope.update(gain=GAIN, read_noise=5.0, saturation=60000.0)
     demo_telescope["inject"].update(n=10, min_separation=20.0)
     out = tmp_path / "sim"
-    truth = run_inject(path, psf_path, out / "f_sim1.fits", out / "f_sim1.ecsv", out / "f_sim1.list", demo_telescope,
-                       frame="fld00_r_e1", realization=1, seed=99)
+    truth = run_inject(
+        path,
+        psf_path,
+        out / "f_sim1.fits",
+        out / "f_sim1.ecsv",
+        out / "f_sim1.list",
+        demo_telescope,
+        frame="fld00_r_e1",
+        realization=1,
+        seed=99,
+    )
     hdr = fits.getheader(out / "f_sim1.fits")
     assert hdr["INJSEED"] == 99 and hdr["INJIMAGE"] == "fld00_r_e1_sim1" and hdr["INJN"] == len(truth) == 10
     assert hdr["INJZP"] == ZP and hdr["CTYPE1"] == "RA---TAN"
@@ -194,8 +240,17 @@ def test_run_inject_writes_frame_table_and_list(tmp_path, frame, psf, demo_teles
     first = lines[3].split()
     assert first[1] == "fld00_r_e1_sim1" and float(first[2]) == pytest.approx(truth["x"][0], abs=1e-3)
     with pytest.raises(InputError, match="not an rbflow PSF model"):
-        run_inject(path, path, out / "x.fits", out / "x.ecsv", out / "x.list", demo_telescope,
-                   frame="fld00_r_e1", realization=1, seed=1)
+        run_inject(
+            path,
+            path,
+            out / "x.fits",
+            out / "x.ecsv",
+            out / "x.list",
+            demo_telescope,
+            frame="fld00_r_e1",
+            realization=1,
+            seed=1,
+        )
 
 
 def test_sources_stay_inside_the_reference_footprint(frame, psf):
@@ -207,8 +262,16 @@ def test_sources_stay_inside_the_reference_footprint(frame, psf):
     ref_data[150:210, 120:200] = np.nan
     reference = Image(ref_data, hdr, WCS(hdr))
     _, truth = inject_sources(
-        frame, psf, INFO, dict(CFG, n=60, min_separation=10.0), cutout_size=31, seed=5, frame="f",
-        image_name="f_sim0", reference=reference, ref_saturation=INFO.saturation,
+        frame,
+        psf,
+        INFO,
+        dict(CFG, n=60, min_separation=10.0),
+        cutout_size=31,
+        seed=5,
+        frame="f",
+        image_name="f_sim0",
+        reference=reference,
+        ref_saturation=INFO.saturation,
     )
     assert len(truth) >= 40
     rx, ry = WCS(hdr).all_world2pix(truth["ra"], truth["dec"], 0)
@@ -227,8 +290,16 @@ def test_reference_not_overlapping_is_a_clear_error(frame, psf):
     reference = Image(frame.data.copy(), hdr, WCS(hdr), path="ref.fits")
     with pytest.raises(InputError, match="ref.fits.*reference covers the frame"):
         inject_sources(
-            frame, psf, INFO, CFG, cutout_size=31, seed=5, frame="f", image_name="f_sim0",
-            reference=reference, ref_saturation=INFO.saturation,
+            frame,
+            psf,
+            INFO,
+            CFG,
+            cutout_size=31,
+            seed=5,
+            frame="f",
+            image_name="f_sim0",
+            reference=reference,
+            ref_saturation=INFO.saturation,
         )
 
 

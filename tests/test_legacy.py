@@ -12,6 +12,7 @@ import torch
 from astropy.io import ascii, fits
 from astropy.table import Table
 from numpy.testing import assert_allclose
+from test_datacube import write_cutout
 
 from rbflow.cli import main
 from rbflow.crossmatch import crossmatch, write_dat
@@ -26,7 +27,6 @@ from rbflow.legacy import (
     read_simulated_objects_list,
 )
 from rbflow.train import train
-from test_datacube import write_cutout
 
 torch.set_num_threads(2)
 
@@ -36,15 +36,41 @@ CFG = {"widths": [8, 16], "epochs": 2, "batch_size": 32, "lr": 0.01, "patience":
 #: Column layouts of gmadet (gmadet/cnn/sim.py, gmadet/cli checksim, gmadet/cnn/infer.py) and O'TRAIN.
 LIST_COLUMNS = ["idx", "filename", "Xpos", "Ypos", "RA", "Dec", "mag", "filter", "count_ADU"]
 CROSSMATCH_COLUMNS = LIST_COLUMNS + ["filename2", "Nmatches", "closest_candID", "all_candIDs", "edge"]
-INFER_COLUMNS = ["filename", "RA", "Dec", "originalFile", "Xpos", "Ypos", "mag", "magerr", "FWHM", "FWHMPSF",
-                 "candID", "cand_ID", "label0", "label1"]
+INFER_COLUMNS = [
+    "filename",
+    "RA",
+    "Dec",
+    "originalFile",
+    "Xpos",
+    "Ypos",
+    "mag",
+    "magerr",
+    "FWHM",
+    "FWHMPSF",
+    "candID",
+    "cand_ID",
+    "label0",
+    "label1",
+]
 
 
 def gmadet_stamp(path: Path, data: np.ndarray, *, candid: int, file: str, edge: str = "False", **keys) -> None:
     """Write one stamp as gmadet's checksim does: a single image + the candidate's keys in its header."""
     hdr = fits.Header()
-    cards = dict(MAG=19.5, MAGERR=0.05, FWHM=3.1, FWHMPSF=3.0, FILTER="r", RA=150.0, DEC=2.0, XPOS=100.0,
-                 YPOS=200.0, FILE=file, CANDID=candid, EDGE=edge)
+    cards = dict(
+        MAG=19.5,
+        MAGERR=0.05,
+        FWHM=3.1,
+        FWHMPSF=3.0,
+        FILTER="r",
+        RA=150.0,
+        DEC=2.0,
+        XPOS=100.0,
+        YPOS=200.0,
+        FILE=file,
+        CANDID=candid,
+        EDGE=edge,
+    )
     for key, value in {**cards, **keys}.items():
         hdr[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +98,13 @@ def gmadet_folder(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     X, y = synthetic_stamps(N, size=33, seed=3)
     diff = X[:, 2, :32, :32]  # even stamps; the source sits on pixel 16 = H // 2, as Cutout2D puts it
     for i, (stamp, label) in enumerate(zip(diff, y)):
-        gmadet_stamp(root / ("true" if label else "false") / f"candidate_{i}.fits", stamp, candid=i,
-                     file=f"/data/gmadet_results/ima{i % N_IMAGES}_sub.fits", MAG=18.0 + i / 10)
+        gmadet_stamp(
+            root / ("true" if label else "false") / f"candidate_{i}.fits",
+            stamp,
+            candid=i,
+            file=f"/data/gmadet_results/ima{i % N_IMAGES}_sub.fits",
+            MAG=18.0 + i / 10,
+        )
     return root, diff, y
 
 
@@ -176,8 +207,12 @@ def test_import_skips_edge_and_nan_stamps_and_refuses_corrupt_files(tmp_path):
     X, y = synthetic_stamps(6, size=33, seed=5)
     root = tmp_path / "f"
     for i, (stamp, label) in enumerate(zip(X, y)):
-        gmadet_stamp(root / ("true" if label else "false") / f"candidate_{i}.fits", stamp[2, :32, :32], candid=i,
-                     file=f"ima{i}.fits")
+        gmadet_stamp(
+            root / ("true" if label else "false") / f"candidate_{i}.fits",
+            stamp[2, :32, :32],
+            candid=i,
+            file=f"ima{i}.fits",
+        )
     gmadet_stamp(root / "true" / "edge.fits", X[0, 2, :20, :32], candid=90, file="ima0.fits", edge="True")
     gmadet_stamp(root / "false" / "nan.fits", np.full((32, 32), np.nan), candid=91, file="ima0.fits")
     gmadet_stamp(root / "false" / "bare.fits", X[1, 2, :32, :32], candid=92, file="", MAG="", MAGERR="")
@@ -202,14 +237,27 @@ def test_cli_import_then_train(gmadet_folder, tmp_path):
     cube = load_datacube(tmp_path / "cube.npz")
     assert cube["X"].shape == (N, 1, 25, 25) and cube["meta"]["crop"] == 25
     (tmp_path / "run.yaml").write_text("train: {widths: [8], epochs: 1, batch_size: 32, device: cpu}\n")
-    assert main(["train", str(tmp_path / "cube.npz"), str(tmp_path / "model"), "--config", str(tmp_path / "run.yaml")]) == 0
+    assert (
+        main(["train", str(tmp_path / "cube.npz"), str(tmp_path / "model"), "--config", str(tmp_path / "run.yaml")])
+        == 0
+    )
     saved = json.loads((tmp_path / "model" / "model.json").read_text())
     assert saved["channels"] == ["DIFF"] and saved["model"]["in_channels"] == 1 and saved["stamp_size"] == 25
 
 
 def test_simulated_objects_list_round_trip(tmp_path):
-    truth = Table({"image": ["f_sim1", "f_sim1"], "x": [10.25, 200.5], "y": [30.125, 4.0], "ra": [150.123456789, 150.2],
-                   "dec": [2.000001, -2.5], "mag": [18.25, 21.5], "filter": ["r", "r"], "flux": [12345.6, 88.0]})
+    truth = Table(
+        {
+            "image": ["f_sim1", "f_sim1"],
+            "x": [10.25, 200.5],
+            "y": [30.125, 4.0],
+            "ra": [150.123456789, 150.2],
+            "dec": [2.000001, -2.5],
+            "mag": [18.25, 21.5],
+            "filter": ["r", "r"],
+            "flux": [12345.6, 88.0],
+        }
+    )
     _write_list(truth, tmp_path / "simulated_objects.list")
     back = read_simulated_objects_list(tmp_path / "simulated_objects.list")
     assert back.colnames == LIST_COLUMNS and ascii.read(tmp_path / "simulated_objects.list").colnames == LIST_COLUMNS
@@ -223,12 +271,30 @@ def test_simulated_objects_list_round_trip(tmp_path):
 
 
 def test_crossmatch_dat_round_trip(tmp_path):
-    inj = Table({"id": ["i0", "i1", "i2"], "image": ["img_sim0"] * 3, "x": [20.0, 50.0, 90.0], "y": [20.0, 50.0, 90.0],
-                 "ra": [150.0, 150.01, 150.02], "dec": [2.0, 2.01, 2.02], "mag": [18.0, 19.5, 23.0],
-                 "filter": ["r"] * 3, "flux": [1e4, 2e3, 50.0]})
-    cand = Table({"id": ["img_sim0_0", "img_sim0_1", "img_sim0_2"], "image": ["img_sim0"] * 3,
-                  "x": [20.5, 50.5, 49.0], "y": [20.0, 50.0, 50.5], "mag": [18.1, 19.4, 20.0],
-                  "mag_err": [0.01, 0.05, 0.1], "snr": [100.0, 20.0, 10.0]})
+    inj = Table(
+        {
+            "id": ["i0", "i1", "i2"],
+            "image": ["img_sim0"] * 3,
+            "x": [20.0, 50.0, 90.0],
+            "y": [20.0, 50.0, 90.0],
+            "ra": [150.0, 150.01, 150.02],
+            "dec": [2.0, 2.01, 2.02],
+            "mag": [18.0, 19.5, 23.0],
+            "filter": ["r"] * 3,
+            "flux": [1e4, 2e3, 50.0],
+        }
+    )
+    cand = Table(
+        {
+            "id": ["img_sim0_0", "img_sim0_1", "img_sim0_2"],
+            "image": ["img_sim0"] * 3,
+            "x": [20.5, 50.5, 49.0],
+            "y": [20.0, 50.0, 50.5],
+            "mag": [18.1, 19.4, 20.0],
+            "mag_err": [0.01, 0.05, 0.1],
+            "snr": [100.0, 20.0, 10.0],
+        }
+    )
     per, _ = crossmatch(cand, inj, radius=2.0)
     write_dat(per, tmp_path / "crossmatch.dat")
     back = read_crossmatch_dat(tmp_path / "crossmatch.dat")
@@ -244,8 +310,19 @@ def test_crossmatch_dat_round_trip(tmp_path):
 
 
 def test_infer_results_dat_round_trip(tmp_path):
-    table = Table({"id": ["a_0", "a_1"], "image": ["a", "a"], "x": [1.5, 2.25], "y": [3.0, 4.0], "ra": [10.0, 10.5],
-                   "dec": [-5.0, -5.5], "mag": [19.0, np.nan], "mag_err": [0.1, np.nan], "fwhm": [3.0, 2.5]})
+    table = Table(
+        {
+            "id": ["a_0", "a_1"],
+            "image": ["a", "a"],
+            "x": [1.5, 2.25],
+            "y": [3.0, 4.0],
+            "ra": [10.0, 10.5],
+            "dec": [-5.0, -5.5],
+            "mag": [19.0, np.nan],
+            "mag_err": [0.1, np.nan],
+            "fwhm": [3.0, 2.5],
+        }
+    )
     p_real = np.array([0.987654321, 1e-9])
     table["label0"], table["label1"] = 1 - p_real, p_real
     write_infer_dat(table, ["cut/a_0.fits", "cut/a_1.fits"], tmp_path / "infer_results.dat")
@@ -260,14 +337,29 @@ def test_infer_results_dat_round_trip(tmp_path):
 
 def test_reads_the_older_tools_own_files(tmp_path):
     # as gmadet's cnn_infer writes it (candID only, integer ids)
-    Table({"filename": ["c/candidate_0.fits"], "RA": [1.0], "Dec": [2.0], "originalFile": ["i.fits"], "Xpos": [5.0],
-           "Ypos": [6.0], "mag": [19.0], "magerr": [0.1], "FWHM": [3.0], "FWHMPSF": [3.0], "candID": [0],
-           "label0": [0.25], "label1": [0.75]}).write(tmp_path / "infer_results.dat", format="ascii.commented_header")
+    Table(
+        {
+            "filename": ["c/candidate_0.fits"],
+            "RA": [1.0],
+            "Dec": [2.0],
+            "originalFile": ["i.fits"],
+            "Xpos": [5.0],
+            "Ypos": [6.0],
+            "mag": [19.0],
+            "magerr": [0.1],
+            "FWHM": [3.0],
+            "FWHMPSF": [3.0],
+            "candID": [0],
+            "label0": [0.25],
+            "label1": [0.75],
+        }
+    ).write(tmp_path / "infer_results.dat", format="ascii.commented_header")
     back = read_infer_results_dat(tmp_path / "infer_results.dat")
     assert list(back["cand_ID"]) == [0] and back["label1"][0] == 0.75
     # an older gmadet list (no idx, filter, count_ADU) is still a list
     Table({"filename": ["a.fits"], "Xpos": [1.0], "Ypos": [2.0], "RA": [3.0], "Dec": [4.0], "mag": [20.0]}).write(
-        tmp_path / "old.list", format="ascii.commented_header")
+        tmp_path / "old.list", format="ascii.commented_header"
+    )
     assert len(read_simulated_objects_list(tmp_path / "old.list")) == 1
     (tmp_path / "bad.dat").write_text("# filename label0\nx.fits 0.5\n")
     with pytest.raises(InputError, match=r"bad\.dat' lacks column\(s\) \['label1'\]"):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
+import tomllib
 import yaml
 
 # conda-forge names of PyPI packages whose names differ
@@ -43,7 +43,7 @@ def test_readme_commands_match_ci(repo):
     assert len(commands) == 2, f"README set-up must be exactly two commands, found {commands}"
     install_and_demo, tests = commands
     ci = (repo / ".ci" / "run").read_text()
-    assert "pip install -c constraints.txt -e \".[test,sfft]\"" in install_and_demo
-    assert "pip install -c constraints.txt -e \".[test,sfft]\"" in ci
+    assert 'pip install -c constraints.txt -e ".[test,sfft]"' in install_and_demo
+    assert 'pip install -c constraints.txt -e ".[test,sfft]"' in ci
     assert "snakemake" in install_and_demo
     assert tests.strip() in ci, f"the README test command {tests!r} is not what .ci/run runs"

@@ -19,8 +19,14 @@ GAIN = 2.0
 SKY = 200.0  # ADU
 SHAPE = (384, 384)
 CFG = dict(
-    grid=[3, 3], oversampling=2, size=25, min_stars=8, max_stars=40, snr_min=30,
-    analytic_fallback=False, fallback_fwhm=2.0,
+    grid=[3, 3],
+    oversampling=2,
+    size=25,
+    min_stars=8,
+    max_stars=40,
+    snr_min=30,
+    analytic_fallback=False,
+    fallback_fwhm=2.0,
 )
 INFO = FrameInfo(
     gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=28.0, fwhm_guess=3.5
@@ -58,7 +64,9 @@ def true_stamp(x, y, size=25, shape=SHAPE):
 def true_epsf_fwhm(x, y, shape=SHAPE):
     """FWHM of the true pixel-integrated PSF, measured as PSFModel.fwhm measures it (area above half max)."""
     off = np.arange(-12, 12.001, 1 / 8)
-    fine = moffat_pixels(off[None, :] + 0 * off[:, None], off[:, None] + 0 * off[None, :], true_fwhm(x, y, shape), sub=5)
+    fine = moffat_pixels(
+        off[None, :] + 0 * off[:, None], off[:, None] + 0 * off[None, :], true_fwhm(x, y, shape), sub=5
+    )
     return 2 * np.sqrt(np.count_nonzero(fine >= fine.max() / 2) / 64 / np.pi)
 
 
@@ -71,7 +79,9 @@ def simulate_frame(shape=SHAPE, *, spacing=28, seed=1, flux_range=(4.0, 5.5), ga
     ny, nx = shape
     img = np.zeros(shape)
     if stars is None:
-        gy, gx = np.mgrid[spacing / 2 + 5 : ny - spacing / 2 - 4 : spacing, spacing / 2 + 5 : nx - spacing / 2 - 4 : spacing]
+        gy, gx = np.mgrid[
+            spacing / 2 + 5 : ny - spacing / 2 - 4 : spacing, spacing / 2 + 5 : nx - spacing / 2 - 4 : spacing
+        ]
         xs = gx.ravel() + rng.uniform(-4, 4, gx.size)
         ys = gy.ravel() + rng.uniform(-4, 4, gy.size)
         fl = 10 ** rng.uniform(*flux_range, gx.size)
@@ -81,7 +91,9 @@ def simulate_frame(shape=SHAPE, *, spacing=28, seed=1, flux_range=(4.0, 5.5), ga
     g = np.arange(-half, half + 1)
     for x, y, f in zip(xs, ys, fl):
         x0, y0 = int(round(x)), int(round(y))
-        st = f * moffat_pixels(g[None, :] + x0 - x + 0 * g[:, None], g[:, None] + y0 - y + 0 * g[None, :], true_fwhm(x, y, shape))
+        st = f * moffat_pixels(
+            g[None, :] + x0 - x + 0 * g[:, None], g[:, None] + y0 - y + 0 * g[None, :], true_fwhm(x, y, shape)
+        )
         r0, r1, c0, c1 = max(0, y0 - half), min(ny, y0 + half + 1), max(0, x0 - half), min(nx, x0 + half + 1)
         img[r0:r1, c0:c1] += st[r0 - y0 + half : r1 - y0 + half, c0 - x0 + half : c1 - x0 + half]
     yy, xx = np.mgrid[0:ny, 0:nx]
@@ -112,7 +124,9 @@ def _probe_stars(truth):
     """Indices of the stars nearest the centre and the four corners of the frame."""
     xs, ys, _ = truth
     ny, nx = SHAPE
-    return [int(np.argmin(np.hypot(xs - cx, ys - cy))) for cx, cy in ((nx / 2, ny / 2), (0, 0), (nx, 0), (0, ny), (nx, ny))]
+    return [
+        int(np.argmin(np.hypot(xs - cx, ys - cy))) for cx, cy in ((nx / 2, ny / 2), (0, 0), (nx, 0), (0, ny), (nx, ny))
+    ]
 
 
 def test_residual_below_3_percent_of_peak_at_centre_and_corners(varying):
@@ -218,7 +232,9 @@ def test_no_star_raises_or_uses_analytic_fallback(caplog):
 
 def test_moffat_epsf_is_normalised_and_has_its_fwhm():
     epsf = moffat_epsf(5.0, size=25, oversampling=2)
-    model = PSFModel(epsf[None], oversampling=2, size=25, shape=(50, 50), grid=(1, 1), n_stars=[0], sources=["analytic"])
+    model = PSFModel(
+        epsf[None], oversampling=2, size=25, shape=(50, 50), grid=(1, 1), n_stars=[0], sources=["analytic"]
+    )
     assert model.stamp(25, 25, 25, centred=True).sum() == pytest.approx(1.0)
     assert model.fwhm(25, 25) == pytest.approx(5.0, rel=0.02)  # pixel integration adds ~1 % at 5 px
 
@@ -234,7 +250,6 @@ def test_run_psf_writes_model_and_png(tmp_path, demo_telescope):
     back = PSFModel.read(tmp_path / "psf" / "fld00_r_e1.fits")
     assert back.name == "fld00_r_e1" and back.grid == (2, 2)
     assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.03)
-
 
 
 @pytest.fixture(scope="module")
@@ -253,11 +268,21 @@ def demo_sky(_demo_telescope):
 
     tel = copy.deepcopy(_demo_telescope)
     tel["sky"].update(
-        size=[512, 512], stars=1000, star_mags=[14.0, 19.0], cosmic_rays=0, hot_pixels=0, bad_columns=0, satellite_rate=0
+        size=[512, 512],
+        stars=1000,
+        star_mags=[14.0, 19.0],
+        cosmic_rays=0,
+        hot_pixels=0,
+        bad_columns=0,
+        satellite_rate=0,
     )
     hdu, _ = simulate_demo_frame(tel, "fld00_r_ref", seed=1)
     model = build_psf(
-        Image(hdu.data, hdu.header, None), frame_info(hdu.header, tel), tel["psf"], pixel_scale=tel["pixel_scale"], name="demo"
+        Image(hdu.data, hdu.header, None),
+        frame_info(hdu.header, tel),
+        tel["psf"],
+        pixel_scale=tel["pixel_scale"],
+        name="demo",
     )
     return model, frame_conditions(tel, "fld00_r_ref", seed=1)
 

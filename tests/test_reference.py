@@ -150,7 +150,10 @@ def test_frames_of_a_stacked_or_single_reference(tmp_path, monkeypatch):
     assert stacked[1].reference == "synth_ref"
     # a science glob that also matches the stacked frames does not subtract them
     assert [f.name for f in frames_of(_telescope(science=["f*.fits"], reference=["f[01].fits"]))] == [
-        "synth_ref", "f2", "f3"]
+        "synth_ref",
+        "f2",
+        "f3",
+    ]
     single = frames_of(_telescope(science=["f*.fits"], reference="f0.fits"))
     assert [(f.name, f.reference, f.inputs) for f in single][:2] == [("f0", None, ()), ("f1", "f0", ())]
     with pytest.raises(ConfigError, match="key 'frames.reference' entry 'nope\\*.fits' matches no file"):

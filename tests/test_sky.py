@@ -22,8 +22,15 @@ DEMO = Path(__file__).resolve().parents[1] / "config" / "telescopes" / "demo.yam
 SEED = 12345
 #: Every artefact and flat/sky structure off: the frame is sky + objects + noise.
 CLEAN = dict(
-    cosmic_rays=0, hot_pixels=0, bad_columns=0, satellite_rate=0.0, flat_residual=0.0, sky_gradient=0.0,
-    galaxies=0, variables=0, transients=0,
+    cosmic_rays=0,
+    hot_pixels=0,
+    bad_columns=0,
+    satellite_rate=0.0,
+    flat_residual=0.0,
+    sky_gradient=0.0,
+    galaxies=0,
+    variables=0,
+    transients=0,
 )
 
 
@@ -156,7 +163,7 @@ def test_psf_fwhm_matches_configuration_across_frame(psf_frames):
 def test_zeropoint_recovered_by_aperture_photometry(psf_frames):
     tel, frames = psf_frames
     beta = tel["sky"]["moffat_beta"]
-    for frame, (hdu, truth) in frames.items():
+    for _frame, (hdu, truth) in frames.items():
         h = hdu.header
         stars = isolated(truth[~truth["saturated"]], radius=25)
         r = 6 * stars["fwhm"]
@@ -185,6 +192,7 @@ def test_zeropoint_differs_between_epochs_and_reference_is_deeper(psf_frames):
     for f in ("fld00_r_e1", "fld00_r_e2"):
         assert 0 < abs(zp[f] - base - 2.5 * np.log10(30.0)) < 0.25
     assert zp["fld00_r_e1"] != zp["fld00_r_e2"]
+
     # Deeper reference: sky noise relative to a star's flux is lower by ~sqrt(300/30).
     def rel_noise(frame):
         h = frames[frame][0].header
@@ -254,8 +262,24 @@ def test_header_cards():
     hdu, _ = sky.simulate_frame(tel, "fld00_r_ref", seed=SEED)
     h = hdu.header
     assert hdu.data.dtype == np.float32
-    for key in ("GAIN", "RDNOISE", "SATURATE", "FILTER", "EXPTIME", "DATE-OBS", "MJD-OBS", "MAGZP", "SEEING",
-                "FIELD", "EPOCHID", "SKYSEED", "CD1_1", "CD2_2", "CRPIX1", "CRVAL2"):
+    for key in (
+        "GAIN",
+        "RDNOISE",
+        "SATURATE",
+        "FILTER",
+        "EXPTIME",
+        "DATE-OBS",
+        "MJD-OBS",
+        "MAGZP",
+        "SEEING",
+        "FIELD",
+        "EPOCHID",
+        "SKYSEED",
+        "CD1_1",
+        "CD2_2",
+        "CRPIX1",
+        "CRVAL2",
+    ):
         assert key in h, key
     assert h["CTYPE1"] == "RA---TAN" and h["CTYPE2"] == "DEC--TAN"
     assert h["EPOCHID"] == "ref" and h["FIELD"] == "fld00" and h["FILTER"] == "r" and h["EXPTIME"] == 300.0
@@ -334,8 +358,9 @@ def test_variables_differ_between_epochs_and_transients_not_in_reference(tmp_pat
 
 
 def test_transient_light_appears_only_when_present():
-    tel = telescope(**dict(CLEAN, transients=6), stars=100, star_mags=[18.0, 23.0], transient_mags=[16.0, 16.5],
-                    epochs=3)
+    tel = telescope(
+        **dict(CLEAN, transients=6), stars=100, star_mags=[18.0, 23.0], transient_mags=[16.0, 16.5], epochs=3
+    )
     names = ("fld00_r_ref", "fld00_r_e1", "fld00_r_e2", "fld00_r_e3")
     frames = {f: sky.simulate_frame(tel, f, seed=SEED) for f in names}
     scene = sky.field_scene(tel, "fld00", seed=SEED).objects

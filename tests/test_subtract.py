@@ -21,8 +21,9 @@ from rbflow.io import Image
 
 GAIN, RN = 2.0, 5.0
 RATIO = 1.6  # true F_r / F_n of every pair
-INFO = FrameInfo(gain=GAIN, read_noise=RN, saturation=1e9, filter="r", exptime=30.0, date="",
-                 zeropoint=25.0, fwhm_guess=None)
+INFO = FrameInfo(
+    gain=GAIN, read_noise=RN, saturation=1e9, filter="r", exptime=30.0, date="", zeropoint=25.0, fwhm_guess=None
+)
 CFG = {"method": "zogy", "tile": 512, "overlap": 32, "refine_astrometry": True}
 DET = {"threshold": 5.0, "min_pixels": 3}
 
@@ -68,8 +69,18 @@ def render(shape, xs, ys, fluxes, psf, size=31) -> np.ndarray:
     return img
 
 
-def make_pair(shape=(256, 256), *, seed=1, nstars=120, fwhm_sci=4.0, fwhm_ref=3.0, slope=0.0,
-              wcs_error=(0.0, 0.0), transients=None, ref_only=None):
+def make_pair(
+    shape=(256, 256),
+    *,
+    seed=1,
+    nstars=120,
+    fwhm_sci=4.0,
+    fwhm_ref=3.0,
+    slope=0.0,
+    wcs_error=(0.0, 0.0),
+    transients=None,
+    ref_only=None,
+):
     """Science/reference pair of the same star field with known PSFs, fluxes and noise.
 
     The reference is offset by (0.37, -0.21) px (so it must be resampled) and its header WCS is
@@ -233,8 +244,7 @@ def _bright_star_residuals(hdul, pair):
     peak = fl / (2 * math.pi * (psf.fwhm(xs, ys) / 2.3548) ** 2)
     ok = (xs > 15) & (xs < n - 15) & (ys > 15) & (ys < n - 15) & (peak > 50 * hdul[0].header["SIGMAN"])
     sc = np.nan_to_num(hdul["SCORR"].data)
-    return [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5
-            for x, y in zip(xs[ok], ys[ok])]
+    return [np.abs(sc[int(y) - 4 : int(y) + 5, int(x) - 4 : int(x) + 5]).max() >= 5 for x, y in zip(xs[ok], ys[ok])]
 
 
 def test_spatially_varying_psf_leaves_no_bright_star_residual():
@@ -255,8 +265,14 @@ def test_misaligned_wcs_is_refined_or_reported():
     assert on[0].header["ALIGNRMS"] < 0.1
     assert abs(off[0].header["ALIGNDX"]) == pytest.approx(1.5, abs=0.1)
     assert off[0].header["ALIGNRMS"] > 1.4 and not off[0].header["REFINED"]
-    n_dip = [int(((detect(h, pair["psf_sci"], INFO, DET, image_name="m", cutout_size=31)["flags"]
-                   & FLAGS["DIPOLE"]) != 0).sum()) for h in (on, off)]
+    n_dip = [
+        int(
+            (
+                (detect(h, pair["psf_sci"], INFO, DET, image_name="m", cutout_size=31)["flags"] & FLAGS["DIPOLE"]) != 0
+            ).sum()
+        )
+        for h in (on, off)
+    ]
     assert n_dip[0] <= 1
     assert n_dip[1] >= 5
 
@@ -362,8 +378,9 @@ def test_scorr_has_unit_std_on_the_demo_sky_with_true_psfs(demo_tel):
     # the raw S_corr std in empty sky (SCORRNRM) was 1.4-4.0 before the background fix; 10 %
     # is the brief's requirement (the empty-sky estimate itself scatters by ~2 % at 256 px)
     p = demo_pair(demo_tel, 3)
-    h = sub.subtract_images(p["sci"], p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"],
-                            demo_tel["subtract"])
+    h = sub.subtract_images(
+        p["sci"], p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"], demo_tel["subtract"]
+    )
     hdr = h[0].header
     assert hdr["SCORRNRM"] == pytest.approx(1.0, abs=0.1)
     assert hdr["DIFFNRM"] == pytest.approx(1.0, abs=0.1)
@@ -394,10 +411,12 @@ def test_detection_efficiency_on_the_demo_sky_follows_the_expected_snr(demo_tel)
             ix, iy = int(round(x)), int(round(y))
             data[iy - 10 : iy + 11, ix - 10 : ix + 11] += rng.poisson(s * sig_f * st * gain) / gain
         sci = Image(data.astype(np.float32), p["sci"].header, p["sci"].wcs, None)
-        h = sub.subtract_images(sci, p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"],
-                                demo_tel["subtract"])
-        cands = detect(h, p["psf_sci"], p["info_sci"], {"threshold": 5.0, "min_pixels": 1}, image_name="t",
-                       cutout_size=31)
+        h = sub.subtract_images(
+            sci, p["ref"], p["psf_sci"], p["psf_ref"], p["info_sci"], p["info_ref"], demo_tel["subtract"]
+        )
+        cands = detect(
+            h, p["psf_sci"], p["info_sci"], {"threshold": 5.0, "min_pixels": 1}, image_name="t", cutout_size=31
+        )
         d = cKDTree(np.c_[cands["x"], cands["y"]]).query(pts)[0]
         snrs.append(snr)
         found.append(d < 2.0)

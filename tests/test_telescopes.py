@@ -25,8 +25,18 @@ TEL_DIR = REPO / "config" / "telescopes"
 
 #: Telescope aliases served by the older tool (folders of dcorre/gmadet gmadet/config/).
 GMADET_ALIASES = [
-    "FRAM-Auger", "FRAM-CTA-N", "IRIS", "KAIT", "Lisniky-AZT8", "OAJ-T80",
-    "PS1", "TCA", "TCH", "TRE", "UBAI-T60N", "UBAI-T60S",
+    "FRAM-Auger",
+    "FRAM-CTA-N",
+    "IRIS",
+    "KAIT",
+    "Lisniky-AZT8",
+    "OAJ-T80",
+    "PS1",
+    "TCA",
+    "TCH",
+    "TRE",
+    "UBAI-T60N",
+    "UBAI-T60S",
 ]
 
 SHIPPED = sorted(TEL_DIR.glob("*.yaml"))
@@ -144,7 +154,10 @@ def test_dry_run_plans_every_real_telescope(tmp_path):
     _placeholder_frames(work, GMADET_ALIASES)
     proc = subprocess.run(
         [*SNAKEMAKE, "-n", "run", "--config", f"telescopes=[{','.join(GMADET_ALIASES)}]"],
-        cwd=work, capture_output=True, text=True, timeout=300,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout + proc.stderr

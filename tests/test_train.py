@@ -24,11 +24,25 @@ def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
     """Write a datacube of ``n`` synthetic stamps (as build_datacube would) over ``n_frames`` frames."""
     X, y = synthetic_stamps(n, seed=seed)
     frames = np.array([f"f{i % n_frames:02d}" for i in range(n)])
-    meta = {"cutout_size": 31, "stamp_size": 31, "crop": None, "channels": ["SCI", "REF", "DIFF"],
-            "normalisation": NORMALISATION}
-    np.savez(path, X=normalise(X), y=y, ids=np.array([f"{f}_{i}" for i, f in enumerate(frames)]), image=frames,
-             frame=frames, mag=np.full(n, np.nan), snr=np.linspace(3, 60, n), channels=np.array(meta["channels"]),
-             meta=np.asarray(json.dumps(meta)))
+    meta = {
+        "cutout_size": 31,
+        "stamp_size": 31,
+        "crop": None,
+        "channels": ["SCI", "REF", "DIFF"],
+        "normalisation": NORMALISATION,
+    }
+    np.savez(
+        path,
+        X=normalise(X),
+        y=y,
+        ids=np.array([f"{f}_{i}" for i, f in enumerate(frames)]),
+        image=frames,
+        frame=frames,
+        mag=np.full(n, np.nan),
+        snr=np.linspace(3, 60, n),
+        channels=np.array(meta["channels"]),
+        meta=np.asarray(json.dumps(meta)),
+    )
     return path
 
 

@@ -90,7 +90,9 @@ def test_rule_cli_and_onnx_give_the_same_probabilities(tiny_run, tmp_path):
     rbflow_cli = Path(sys.executable).parent / "rbflow"
     proc = subprocess.run(
         [str(rbflow_cli), "infer", str(cutouts), "--model", str(res / "model" / "model.pt"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cli = Table.read(out)

@@ -115,8 +115,13 @@ def summarise_apply(
     }
     log.info(
         "apply path: %d candidates -> %d kept (%.1fx fewer); %d of %d detected known reals kept; %d of %d survivors known",
-        total["n_candidates"], total["n_kept"], total["reduction"] or float("nan"),
-        total["known_kept"], total["known_detected"], total["kept_known"], total["n_kept"],
+        total["n_candidates"],
+        total["n_kept"],
+        total["reduction"] or float("nan"),
+        total["known_kept"],
+        total["known_detected"],
+        total["kept_known"],
+        total["n_kept"],
     )
     with atomic_path(out_json) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
@@ -133,8 +138,13 @@ def _plot(frames: dict[str, dict], path: Path) -> None:
     ax = fig.subplots()
     ax.bar(pos - 0.2, [frames[n]["n_candidates"] for n in names], 0.4, label="candidates")
     ax.bar(pos + 0.2, [frames[n]["kept_known"] for n in names], 0.4, label="kept: known real")
-    ax.bar(pos + 0.2, [frames[n]["kept_other"] for n in names], 0.4,
-           bottom=[frames[n]["kept_known"] for n in names], label="kept: other")
+    ax.bar(
+        pos + 0.2,
+        [frames[n]["kept_other"] for n in names],
+        0.4,
+        bottom=[frames[n]["kept_known"] for n in names],
+        label="kept: other",
+    )
     ax.set_yscale("log")
     ax.set_xticks(pos, names, rotation=45, ha="right")
     ax.set_ylabel("candidates per frame")

@@ -397,8 +397,9 @@ def run_checkinfer(
     _plot_error_rates(y, p, points, threshold, out_dir / FILES["error_rates"])
     _plot_metrics(y, p, threshold, out_dir / FILES["metrics"])
     plain = _plain_efficiency(crossmatch_paths, set(table.meta["test_frames"])) if crossmatch_paths else None
-    _plot_efficiency(np.asarray(table["mag"], dtype=float)[injected], p[injected], thresholds, plain,
-                     out_dir / FILES["efficiency"])
+    _plot_efficiency(
+        np.asarray(table["mag"], dtype=float)[injected], p[injected], thresholds, plain, out_dir / FILES["efficiency"]
+    )
     _plot_reliability(y, p, ece, out_dir / FILES["reliability"])
     _plot_confusion(at, threshold, out_dir / FILES["confusion"])
     X, channels = _gallery_source(datacube_path, table)
@@ -409,8 +410,7 @@ def run_checkinfer(
         ("false_negatives", fn_idx, f"true stamps with the lowest P(real) ({at['fn'][0]} at P < {threshold:.3f})"),
     ):
         stamps = [_stamp(training_dir, table, i, X[i], channels) for i in idx]
-        _plot_gallery(stamps, [f"P={p[i]:.3f}\n{table['id'][i]}" for i in idx], channels, what,
-                      out_dir / FILES[key])
+        _plot_gallery(stamps, [f"P={p[i]:.3f}\n{table['id'][i]}" for i in idx], channels, what, out_dir / FILES[key])
     files = [v for k, v in FILES.items() if k != "fwhm_ratio"]
     if _fwhm_ratio(table, training_dir, inject_dir, threshold, out_dir / FILES["fwhm_ratio"]):
         files.append(FILES["fwhm_ratio"])
@@ -419,7 +419,13 @@ def run_checkinfer(
         tmp.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
     log.info(
         "checkinfer: %d test stamps (%d true), AUC %.4f; at t=%.3f FNR %.3f FPR %.3f; equal error %.3f at t=%.3f",
-        len(y), n_true, auc, threshold, at_rates["fnr"], at_rates["fpr"], points["equal_error"]["rate"],
+        len(y),
+        n_true,
+        auc,
+        threshold,
+        at_rates["fnr"],
+        at_rates["fpr"],
+        points["equal_error"]["rate"],
         points["equal_error"]["threshold"],
     )
     return _jsonable(summary)
@@ -451,8 +457,13 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, auc: float, path: Path) -> None:
     ax = fig.subplots()
     ax.plot(fpr, tpr, color="C0", label=f"AUC = {auc:.4f}")
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test frames)",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="ROC (test frames)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right")
     _save(fig, path)
 
@@ -475,8 +486,13 @@ def _plot_det(y: np.ndarray, p: np.ndarray, points: dict, path: Path) -> None:
     for setter in (ax.set_xticks, ax.set_yticks):
         setter(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
     lim = (float(norm.ppf(0.7 * min(lo, 0.001))), float(norm.ppf(0.9)))
-    ax.set(xlim=lim, ylim=lim, xlabel="false positive rate (%)",
-           ylabel="false negative rate (%)", title="DET (probit axes)")
+    ax.set(
+        xlim=lim,
+        ylim=lim,
+        xlabel="false positive rate (%)",
+        ylabel="false negative rate (%)",
+        title="DET (probit axes)",
+    )
     ax.legend(fontsize="small")
     _save(fig, path)
 
@@ -492,8 +508,13 @@ def _plot_error_rates(y: np.ndarray, p: np.ndarray, points: dict, threshold: flo
     ax.plot(ee["threshold"], ee["rate"], "ko", label=f"equal error {ee['rate']:.3f} at t={ee['threshold']:.3f}")
     for key, colour, name in (("fnr_target", "C0", "FNR"), ("fpr_target", "C3", "FPR")):
         if points[key]["threshold"] <= 1.0:
-            ax.axvline(points[key]["threshold"], color=colour, ls=":", lw=1,
-                       label=f"{name} 1 % at t={points[key]['threshold']:.3f}")
+            ax.axvline(
+                points[key]["threshold"],
+                color=colour,
+                ls=":",
+                lw=1,
+                label=f"{name} 1 % at t={points[key]['threshold']:.3f}",
+            )
     ax.axvline(threshold, color="k", ls="--", lw=1, label=f"chosen t={threshold:.3f}")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set(xlabel="threshold t on P(real)", ylabel="error rate", ylim=(0, 1.05), title="error rates")
@@ -553,14 +574,25 @@ def _plot_efficiency(
     for k, t in enumerate(thresholds):
         eff = efficiency(mags, p >= t, bins)
         ok = eff["n"] > 0
-        ax.errorbar(eff["mag_mid"][ok], eff["eff"][ok],
-                    yerr=[(eff["eff"] - eff["eff_lo"])[ok], (eff["eff_hi"] - eff["eff"])[ok]],
-                    fmt="o-", ms=4, capsize=2, color=f"C{k}", label=f"P(real) >= {t:g}")
+        ax.errorbar(
+            eff["mag_mid"][ok],
+            eff["eff"][ok],
+            yerr=[(eff["eff"] - eff["eff_lo"])[ok], (eff["eff_hi"] - eff["eff"])[ok]],
+            fmt="o-",
+            ms=4,
+            capsize=2,
+            color=f"C{k}",
+            label=f"P(real) >= {t:g}",
+        )
     if len(mags) == 0:
         log.warning("checkinfer: no injected true stamp with a magnitude in the test frames: efficiency plot empty")
         ax.text(0.5, 0.5, "no injected true stamp", transform=ax.transAxes, ha="center")
-    ax.set(xlabel="injected magnitude", ylabel="fraction of injected trues kept", ylim=(-0.03, 1.05),
-           title="efficiency of the classifier (test frames)")
+    ax.set(
+        xlabel="injected magnitude",
+        ylabel="fraction of injected trues kept",
+        ylim=(-0.03, 1.05),
+        title="efficiency of the classifier (test frames)",
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     _save(fig, path)
@@ -593,8 +625,14 @@ def _plot_confusion(at: dict[str, np.ndarray], threshold: float, path: Path) -> 
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f"{int(counts[i, j])}\n{100 * frac[i, j]:.1f} %", ha="center", va="center",
-                    color="white" if frac[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j])}\n{100 * frac[i, j]:.1f} %",
+                ha="center",
+                va="center",
+                color="white" if frac[i, j] > 0.5 else "black",
+            )
     ax.set_xticks([0, 1], ["bogus", "real"])
     ax.set_yticks([0, 1], ["false", "true"])
     ax.set(xlabel="predicted", ylabel="label", title=f"confusion at P(real) >= {threshold:.3f}")
@@ -687,10 +725,23 @@ def _fwhm_ratio(
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     ax.hist(ratio[ok], bins=bins, histtype="stepfilled", color="0.8", label=f"all candidates ({ok.sum()})")
-    ax.hist(ratio[ok & (y == 1)], bins=bins, histtype="step", lw=2, color="C0",
-            label=f"simulated (true) ({(ok & (y == 1)).sum()})")
-    ax.hist(ratio[ok & (p >= threshold)], bins=bins, histtype="step", lw=1, ls="--", color="C3",
-            label=f"P(real) >= {threshold:.3f} ({(ok & (p >= threshold)).sum()})")
+    ax.hist(
+        ratio[ok & (y == 1)],
+        bins=bins,
+        histtype="step",
+        lw=2,
+        color="C0",
+        label=f"simulated (true) ({(ok & (y == 1)).sum()})",
+    )
+    ax.hist(
+        ratio[ok & (p >= threshold)],
+        bins=bins,
+        histtype="step",
+        lw=1,
+        ls="--",
+        color="C3",
+        label=f"P(real) >= {threshold:.3f} ({(ok & (p >= threshold)).sum()})",
+    )
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set(xlabel="candidate FWHM / PSF FWHM of its image", ylabel="test candidates", title="FWHM ratio")
     ax.legend(fontsize="small")

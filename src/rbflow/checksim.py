@@ -200,9 +200,7 @@ def frame_limits(
     return {band: float(np.median(mags)) for band, mags in per_band.items()}
 
 
-def expected_snr(
-    subtract_path: str | os.PathLike, x: np.ndarray, y: np.ndarray, flux: np.ndarray
-) -> np.ndarray:
+def expected_snr(subtract_path: str | os.PathLike, x: np.ndarray, y: np.ndarray, flux: np.ndarray) -> np.ndarray:
     """Expected S/N of point sources on a difference image, from its local noise.
 
     The optimal (PSF-weighted) S/N of a source of flux ``f`` in a difference image with PSF

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", type=Path, required=True, help="model.pt (model.json next to it)")
     inf.add_argument("--threshold", type=float, default=None, help="P(real) threshold of the kept list")
     inf.add_argument(
-        "--out", type=Path, default=Path("infer_results.ecsv"),
+        "--out",
+        type=Path,
+        default=Path("infer_results.ecsv"),
         help="output ECSV; FILE.dat (the older tool's infer_results.dat) and FILE_kept.ecsv are written next to it",
     )
     inf.add_argument("--batch-size", type=int, default=1024, help="stamps per forward pass")
@@ -107,14 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             from rbflow.datacube import build_datacube
 
             build_datacube(
-                args.training_dir, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true,
+                args.training_dir,
+                args.out,
+                channels=args.channels,
+                crop=args.crop,
+                frac_true=args.frac_true,
                 seed=args.seed,
             )
         elif args.command == "import":
             from rbflow.legacy import import_cutouts
 
             import_cutouts(
-                args.folder, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true,
+                args.folder,
+                args.out,
+                channels=args.channels,
+                crop=args.crop,
+                frac_true=args.frac_true,
                 seed=args.seed,
             )
         elif args.command == "train":
@@ -127,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
             out = args.out
             infer_cutouts(
-                args.cutout_dir, args.model, out, out_dat=out.with_suffix(".dat"),
-                out_kept=out.with_name(out.stem + "_kept.ecsv"), threshold=args.threshold, batch_size=args.batch_size,
+                args.cutout_dir,
+                args.model,
+                out,
+                out_dat=out.with_suffix(".dat"),
+                out_kept=out.with_name(out.stem + "_kept.ecsv"),
+                threshold=args.threshold,
+                batch_size=args.batch_size,
             )
     except RbflowError as exc:
         log.error("%s", exc)

@@ -179,9 +179,7 @@ def crossmatch(
         by_inj.setdefault(i, []).append((c, d))
         by_cand.setdefault(c, []).append((i, d))
     cand_ids = np.asarray(candidates["id"]).astype(str) if n_cand else np.array([], dtype=str)
-    inj_ids = (
-        np.asarray(injected["id"]).astype(str) if "id" in injected.colnames else np.arange(n_inj).astype(str)
-    )
+    inj_ids = np.asarray(injected["id"]).astype(str) if "id" in injected.colnames else np.arange(n_inj).astype(str)
 
     nearest = {i: min(lst, key=lambda t: t[1]) for i, lst in by_inj.items()}
     chosen_by: dict[int, list[tuple[int, float]]] = {}
@@ -372,8 +370,14 @@ def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
         "(first pixel centre at 0, 0; Xpos = column, Ypos = row); sep in pixels",
     ]
     formats = {
-        "Xpos": "%.3f", "Ypos": "%.3f", "RA": "%.8f", "Dec": "%.8f", "mag": "%.4f", "count_ADU": "%.6g",
-        "mag_meas": "%.4f", "sep": "%.3f",
+        "Xpos": "%.3f",
+        "Ypos": "%.3f",
+        "RA": "%.8f",
+        "Dec": "%.8f",
+        "mag": "%.4f",
+        "count_ADU": "%.6g",
+        "mag_meas": "%.4f",
+        "sep": "%.3f",
     }
     write_table(table, path, format="ascii.commented_header", formats=formats)
 
@@ -493,8 +497,12 @@ def _previous_labels(path: Path) -> dict[str, tuple[str, str]] | None:
     table = read_table(path)
     if "key" not in table.colnames:
         return None
-    return dict(zip(np.asarray(table["id"]).astype(str), zip(np.asarray(table["key"]).astype(str),
-                                                                 np.asarray(table["label_auto"]).astype(str))))
+    return dict(
+        zip(
+            np.asarray(table["id"]).astype(str),
+            zip(np.asarray(table["key"]).astype(str), np.asarray(table["label_auto"]).astype(str)),
+        )
+    )
 
 
 def label_cutouts(

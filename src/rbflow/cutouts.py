@@ -288,9 +288,7 @@ def write_cutouts(
     return manifest
 
 
-def _write_stamps(
-    subtract_path: Path, manifest: Table, folder: Path, *, half: int, png: bool, filter: str
-) -> None:
+def _write_stamps(subtract_path: Path, manifest: Table, folder: Path, *, half: int, png: bool, filter: str) -> None:
     """Cut and write every candidate's stamps (updates flags, xpix0, ypix0 of ``manifest`` in place)."""
     planes, primary, sci_header = _load_mef(subtract_path)
     ny, nx = planes["SCI"].shape

@@ -302,13 +302,25 @@ def build_datacube(
         "rbflow_version": __version__,
     }
     write_datacube(
-        out_npz, X, y_arr, ids=np.asarray(ids, dtype=str)[keep], image=np.asarray(images, dtype=str)[keep],
-        frame=np.asarray(frames, dtype=str)[keep], mag=np.asarray(mags, dtype=np.float64)[keep],
-        snr=np.asarray(snrs, dtype=np.float64)[keep], channels=channels, meta=meta,
+        out_npz,
+        X,
+        y_arr,
+        ids=np.asarray(ids, dtype=str)[keep],
+        image=np.asarray(images, dtype=str)[keep],
+        frame=np.asarray(frames, dtype=str)[keep],
+        mag=np.asarray(mags, dtype=np.float64)[keep],
+        snr=np.asarray(snrs, dtype=np.float64)[keep],
+        channels=channels,
+        meta=meta,
     )
     log.info(
         "datacube %s: %d true, %d false stamps of %s px (%d skipped, %d dropped by balancing)",
-        out_npz, counts["true"], counts["false"], X.shape[1:], counts["skipped"], counts["dropped_by_balance"],
+        out_npz,
+        counts["true"],
+        counts["false"],
+        X.shape[1:],
+        counts["skipped"],
+        counts["dropped_by_balance"],
     )
     return meta
 
@@ -463,7 +475,7 @@ def synthetic_stamps(
     cosmic = np.flatnonzero((~real) & (kind == 2))
     for i in cosmic:
         for _ in range(rng.integers(1, 4)):
-            r, c = (size // 2 + rng.integers(-2, 3, 2))
+            r, c = size // 2 + rng.integers(-2, 3, 2)
             amp = rng.uniform(20, 200)
             X[i, 0, r, c] += amp
             X[i, 2, r, c] += amp

@@ -276,12 +276,18 @@ def detect(
             ok = np.isfinite(flux) and flux > 0
             rows.append(
                 {
-                    "x": float(x), "y": float(y), "flux": flux, "flux_err": err,
+                    "x": float(x),
+                    "y": float(y),
+                    "flux": flux,
+                    "flux_err": err,
                     "mag": -2.5 * math.log10(flux) + info.zeropoint if ok else float("nan"),
                     "mag_err": 1.0857362047581294 * err / flux if ok else float("nan"),
                     "snr": flux / err if np.isfinite(err) and err > 0 else float("nan"),
-                    "scorr_peak": float(sc[ipy, ipx]), "fwhm": fwhm_m, "ellipticity": ell,
-                    "dist_bright_star": dist, "flags": flags,
+                    "scorr_peak": float(sc[ipy, ipx]),
+                    "fwhm": fwhm_m,
+                    "ellipticity": ell,
+                    "dist_bright_star": dist,
+                    "flags": flags,
                 }
             )
     if not rows:
@@ -355,7 +361,11 @@ def run_detect(
             )
         info = frame_info(hdul["SCI"].header, telescope, path=subtract_path)
         table = detect(
-            hdul, PSFModel.read(sci_psf_path), info, telescope["detect"], image_name=image_name,
+            hdul,
+            PSFModel.read(sci_psf_path),
+            info,
+            telescope["detect"],
+            image_name=image_name,
             cutout_size=int(telescope["cutout"]["size"]),
         )
     table.meta["source"] = f"rbflow.detect on {os.path.basename(str(subtract_path))}"

@@ -346,9 +346,7 @@ def infer_cutouts(
         if X.shape[-1] != meta["stamp_size"]:
             X = crop_stamps(X, int(meta["stamp_size"]))
         p_real = predict(model, meta, normalise(X), batch_size=batch_size)
-        table = Table(
-            rows=rows, names=[c for c, _, _ in CANDIDATE_COLUMNS], dtype=[t for _, _, t in CANDIDATE_COLUMNS]
-        )
+        table = Table(rows=rows, names=[c for c, _, _ in CANDIDATE_COLUMNS], dtype=[t for _, _, t in CANDIDATE_COLUMNS])
         manifest_path = cutout_dir / "cutouts.ecsv"
         if manifest_path.exists():
             manifest = read_table(manifest_path)

@@ -276,7 +276,9 @@ def _place(
         log.warning(
             "only %d of %d sources could be placed (usable area, min_separation = %.1f px): "
             "lower 'inject.n' or 'inject.min_separation'",
-            len(xs), n, min_separation,
+            len(xs),
+            n,
+            min_separation,
         )
     return np.array(xs), np.array(ys), np.array(on_host, bool)
 
@@ -363,8 +365,12 @@ def inject_sources(
     bad = ~np.isfinite(data) | (data >= info.saturation)
     hosts = find_hosts(data, fwhm0, bad=bad) if host_fraction > 0 else _no_hosts()
     xs, ys, on_host = _place(
-        rng, n, usable, hosts,
-        host_fraction=host_fraction, host_offset=float(cfg["host_offset"]),
+        rng,
+        n,
+        usable,
+        hosts,
+        host_fraction=host_fraction,
+        host_offset=float(cfg["host_offset"]),
         min_separation=float(cfg["min_separation"]),
     )
     mags = draw_magnitudes(cfg, xs.size, rng)
@@ -417,8 +423,12 @@ def inject_sources(
     )
     log.info(
         "image '%s': injected %d sources (%d on hosts), mag %.2f-%.2f, ZP %.3f",
-        image_name, xs.size, int(on_host.sum()), mags.min() if mags.size else np.nan,
-        mags.max() if mags.size else np.nan, info.zeropoint,
+        image_name,
+        xs.size,
+        int(on_host.sum()),
+        mags.min() if mags.size else np.nan,
+        mags.max() if mags.size else np.nan,
+        info.zeropoint,
     )
     return out, truth
 
@@ -502,8 +512,16 @@ def run_inject(
         reference.require_wcs()
         ref_saturation = frame_info(reference.header, telescope, path=reference_path).saturation
     data, truth = inject_sources(
-        image, psf, info, cfg, cutout_size=int(telescope["cutout"]["size"]), seed=seed, frame=frame,
-        image_name=name, reference=reference, ref_saturation=ref_saturation,
+        image,
+        psf,
+        info,
+        cfg,
+        cutout_size=int(telescope["cutout"]["size"]),
+        seed=seed,
+        frame=frame,
+        image_name=name,
+        reference=reference,
+        ref_saturation=ref_saturation,
     )
     header = image.header.copy()
     for key in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "BSCALE", "BZERO", "BLANK"):

@@ -338,7 +338,8 @@ def import_cutouts(
         log.warning(
             "%d stamps of '%s' name no image (header IMAGE, FILE or FRAME): each is its own frame, so the "
             "train/validation/test split is per stamp for them, not per frame",
-            own_frame, folder,
+            own_frame,
+            folder,
         )
     y_arr = np.asarray(y, dtype=np.int64)
     for label, sub in ((1, "true"), (0, "false")):
@@ -376,15 +377,28 @@ def import_cutouts(
         "rbflow_version": __version__,
     }
     write_datacube(
-        out_npz, X[: len(y_arr)][keep], y_arr[keep], ids=np.asarray(ids, dtype=str)[keep],
-        image=np.asarray(images, dtype=str)[keep], frame=np.asarray(frames, dtype=str)[keep],
-        mag=np.asarray(mags, dtype=np.float64)[keep], snr=np.asarray(snrs, dtype=np.float64)[keep],
-        channels=channels, meta=meta,
+        out_npz,
+        X[: len(y_arr)][keep],
+        y_arr[keep],
+        ids=np.asarray(ids, dtype=str)[keep],
+        image=np.asarray(images, dtype=str)[keep],
+        frame=np.asarray(frames, dtype=str)[keep],
+        mag=np.asarray(mags, dtype=np.float64)[keep],
+        snr=np.asarray(snrs, dtype=np.float64)[keep],
+        channels=channels,
+        meta=meta,
     )
     log.info(
         "imported %s (%s): %d true, %d false stamps of %s, %d px (%d skipped, %d dropped by balancing) -> %s",
-        folder, fmt, counts["true"], counts["false"], channels, size, counts["skipped"],
-        counts["dropped_by_balance"], out_npz,
+        folder,
+        fmt,
+        counts["true"],
+        counts["false"],
+        channels,
+        size,
+        counts["skipped"],
+        counts["dropped_by_balance"],
+        out_npz,
     )
     return meta
 

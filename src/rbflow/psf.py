@@ -690,9 +690,7 @@ def _solve_epsf(
 
     def design_at(st: _Stars) -> sp.csr_matrix:
         a1 = _design(st, n, oversampling)
-        return sp.hstack(
-            [a1] + [sp.diags(row_terms[:, k]) @ a1[:, inner] for k in range(1, n_terms)], format="csr"
-        )
+        return sp.hstack([a1] + [sp.diags(row_terms[:, k]) @ a1[:, inner] for k in range(1, n_terms)], format="csr")
 
     stars = stars.take(np.arange(len(stars)))  # positions are refined below: work on a copy
     design = design_at(stars)
@@ -863,8 +861,14 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
         )
         cube = np.repeat(moffat_epsf(fallback_fwhm, size=size, oversampling=os_)[None], n_cells, axis=0)
         return PSFModel(
-            cube, oversampling=os_, size=size, shape=(ny, nx), grid=(gx, gy),
-            n_stars=[0] * n_cells, sources=["analytic"] * n_cells, name=name,
+            cube,
+            oversampling=os_,
+            size=size,
+            shape=(ny, nx),
+            grid=(gx, gy),
+            n_stars=[0] * n_cells,
+            sources=["analytic"] * n_cells,
+            name=name,
         )
 
     cx = np.clip((stars.x + 0.5) * gx / nx, 0, gx - 1e-9).astype(int)
@@ -889,8 +893,13 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     var_radius = min(size // 2, _VAR_RADIUS * fwhm_est)
     if n_total >= min_stars:
         coef, used = _solve_epsf(
-            stars.take(chosen), _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
-            size=size, oversampling=os_, gain=info.gain, var_radius=var_radius, name=name,
+            stars.take(chosen),
+            _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
+            size=size,
+            oversampling=os_,
+            gain=info.gain,
+            var_radius=var_radius,
+            name=name,
         )
         log.info("frame '%s': ePSF polynomial of degree %d in (x, y) from %d stars", name, degree, used)
         frame_epsf = None
@@ -906,16 +915,30 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
             else:
                 source = "frame"
                 if frame_epsf is None:
-                    frame_epsf = coef[0] if degree == 0 else _solve_epsf(
-                        stars.take(chosen), np.ones((n_total, 1)),
-                        size=size, oversampling=os_, gain=info.gain, var_radius=var_radius, name=name,
-                    )[0][0]
+                    frame_epsf = (
+                        coef[0]
+                        if degree == 0
+                        else _solve_epsf(
+                            stars.take(chosen),
+                            np.ones((n_total, 1)),
+                            size=size,
+                            oversampling=os_,
+                            gain=info.gain,
+                            var_radius=var_radius,
+                            name=name,
+                        )[0][0]
+                    )
                 epsf = frame_epsf
                 n_used.append(used)
             if source != "cell":
                 log.warning(
                     "frame '%s': PSF cell (%d, %d) has %d stars (< psf.min_stars = %d): using the %s fallback",
-                    name, ix, iy, counts[c], min_stars, source,
+                    name,
+                    ix,
+                    iy,
+                    counts[c],
+                    min_stars,
+                    source,
                 )
             cube.append(_normalise(epsf, os_))
             sources.append(source)
@@ -924,18 +947,32 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
         log.warning(
             "frame '%s': only %d PSF stars (< psf.min_stars = %d): every cell uses a Moffat fitted to them "
             "(FWHM %.2f px, beta %.2f)",
-            name, len(stars), min_stars, fw, beta,
+            name,
+            len(stars),
+            min_stars,
+            fw,
+            beta,
         )
         cube = [moffat_epsf(fw, size=size, oversampling=os_, beta=beta)] * n_cells
         n_used = [len(stars)] * n_cells
         sources = ["moffat"] * n_cells
     model = PSFModel(
-        np.array(cube), oversampling=os_, size=size, shape=(ny, nx), grid=(gx, gy),
-        n_stars=n_used, sources=sources, name=name,
+        np.array(cube),
+        oversampling=os_,
+        size=size,
+        shape=(ny, nx),
+        grid=(gx, gy),
+        n_stars=n_used,
+        sources=sources,
+        name=name,
     )
     log.info(
         "frame '%s': PSF model from %d stars, cell FWHM %.2f-%.2f px, %d fallback cells",
-        name, len(stars), model.cell_fwhm.min(), model.cell_fwhm.max(), sum(s != "cell" for s in sources),
+        name,
+        len(stars),
+        model.cell_fwhm.min(),
+        model.cell_fwhm.max(),
+        sum(s != "cell" for s in sources),
     )
     return model
 

@@ -28,8 +28,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -162,9 +163,14 @@ def stack_reference(
     for k in range(1, n):
         im, info = images[k], infos[k]
         aligned, mask, ainfo = align(
-            first, im, refine=refine,
-            saturation_sci=info0.saturation, saturation_ref=info.saturation,
-            fwhm_sci=fwhm0, fwhm_ref=info.fwhm_guess or fwhm0, grow=1,
+            first,
+            im,
+            refine=refine,
+            saturation_sci=info0.saturation,
+            saturation_ref=info.saturation,
+            fwhm_sci=fwhm0,
+            fwhm_ref=info.fwhm_guess or fwhm0,
+            grow=1,
         )
         data[k] = aligned
         sat[k] = (mask & MASK_BITS["SATURATED"]) > 0
@@ -190,7 +196,10 @@ def stack_reference(
         scales[k] = measured if math.isfinite(measured) else zp_ratio
         log.info(
             "stack: frame '%s': offset %.2f ADU, flux scale %.4f (%s), alignment rms %.3f px",
-            images[k].path, offsets[k], scales[k], f"{used} stars" if math.isfinite(measured) else "zeropoints",
+            images[k].path,
+            offsets[k],
+            scales[k],
+            f"{used} stars" if math.isfinite(measured) else "zeropoints",
             rms[k],
         )
     data *= scales[:, None, None].astype(np.float32)
@@ -263,7 +272,13 @@ def stack_reference(
     write_fits(fits.HDUList([primary, fits.ImageHDU(ncomb.astype(np.uint8), name="NCOMB")]), out_path)
     log.info(
         "stack: %d frames -> '%s' (%s): gain %.2f e-/ADU, read noise %.1f e-, saturation %.0f ADU, sky rms %.2f ADU",
-        n, out_path, combine, gain, rn, saturation, sky_sigma,
+        n,
+        out_path,
+        combine,
+        gain,
+        rn,
+        saturation,
+        sky_sigma,
     )
     return {
         "n": n,
@@ -335,6 +350,11 @@ def run_reference(
     """
     frames = _usable_frames(list(frames), telescope, out_fits) if skip_bad else list(frames)
     return stack_reference(
-        frames, out_fits, telescope,
-        combine=stack["combine"], clip=stack["clip"], refine=stack["refine_astrometry"], scale=stack["scale"],
+        frames,
+        out_fits,
+        telescope,
+        combine=stack["combine"],
+        clip=stack["clip"],
+        refine=stack["refine_astrometry"],
+        scale=stack["scale"],
     )

@@ -27,8 +27,9 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -118,8 +119,15 @@ def _kernel_sq_sum(fwhm_broad: float, fwhm_narrow: float) -> float:
 
 
 def _run_packet(
-    cp: Callable[..., Any], set_threads: Callable[[int], None], conv: np.ndarray, other: np.ndarray,
-    *, conv_side: str, kerhw: int, kpo: int, bpo: int,
+    cp: Callable[..., Any],
+    set_threads: Callable[[int], None],
+    conv: np.ndarray,
+    other: np.ndarray,
+    *,
+    conv_side: str,
+    kerhw: int,
+    kpo: int,
+    bpo: int,
 ) -> np.ndarray:
     """One ``Customized_Packet`` subtraction of a NaN-free pair; returns sfft's difference:
     ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is."""
@@ -137,9 +145,19 @@ def _run_packet(
             with contextlib.redirect_stdout(out), warnings.catch_warnings():
                 warnings.simplefilter("ignore", numba.NumbaWarning)
                 _, diff = cp(
-                    str(paths["ref"]), str(paths["sci"]), str(paths["ref"]), str(paths["sci"]), conv_side, kerhw,
-                    KerPolyOrder=kpo, BGPolyOrder=bpo, ConstPhotRatio=True, BACKEND_4SUBTRACT="Numpy",
-                    NUM_CPU_THREADS_4SUBTRACT=_WORKERS, NUMBA_CACHE=True, VERBOSE_LEVEL=0,
+                    str(paths["ref"]),
+                    str(paths["sci"]),
+                    str(paths["ref"]),
+                    str(paths["sci"]),
+                    conv_side,
+                    kerhw,
+                    KerPolyOrder=kpo,
+                    BGPolyOrder=bpo,
+                    ConstPhotRatio=True,
+                    BACKEND_4SUBTRACT="Numpy",
+                    NUM_CPU_THREADS_4SUBTRACT=_WORKERS,
+                    NUMBA_CACHE=True,
+                    VERBOSE_LEVEL=0,
                 )
         finally:
             numba.set_num_threads = set_threads  # sfft 1.7.3 assigns an int to it
@@ -211,8 +229,14 @@ def sfft_difference(pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: d
             win = (slice(wy0, wy1), slice(wx0, wx1))
             conv, other = (pp.R[win], pp.N[win]) if conv_side == "REF" else (pp.N[win], pp.R[win])
             diff = _run_packet(
-                cp, set_threads, conv, other, conv_side=conv_side, kerhw=kerhw,
-                kpo=int(scfg["kernel_poly_order"]), bpo=int(scfg["bg_poly_order"]),
+                cp,
+                set_threads,
+                conv,
+                other,
+                conv_side=conv_side,
+                kerhw=kerhw,
+                kpo=int(scfg["kernel_poly_order"]),
+                bpo=int(scfg["bg_poly_order"]),
             )
             D[cy0:cy1, cx0:cx1] = diff[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
             tx, ty = (cx0 + cx1 - 1) // 2, (cy0 + cy1 - 1) // 2

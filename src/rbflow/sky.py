@@ -27,7 +27,8 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,7 +60,15 @@ log = logging.getLogger(__name__)
 
 #: Values of the ``kind`` column of a frame's truth table.
 TRUTH_KINDS = (
-    "star", "galaxy", "variable", "transient", "cosmic_ray", "hot_pixel", "bad_column", "satellite", "bleed",
+    "star",
+    "galaxy",
+    "variable",
+    "transient",
+    "cosmic_ray",
+    "hot_pixel",
+    "bad_column",
+    "satellite",
+    "bleed",
 )
 
 #: Densities in the ``sky`` block (stars, galaxies, cosmic rays, hot pixels) are per this many pixels.
@@ -122,8 +131,7 @@ def _filter_value(telescope: dict[str, Any], key: str, band: str) -> float:
     table = telescope["sky"][key]
     if band not in table:
         raise ConfigError(
-            f"{_tel_source(telescope)}: key 'sky.{key}' has no entry for filter {band!r}; "
-            f"add '{band}: <value>' to it"
+            f"{_tel_source(telescope)}: key 'sky.{key}' has no entry for filter {band!r}; add '{band}: <value>' to it"
         )
     return float(table[band])
 
@@ -792,8 +800,15 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     # Sky PA (east of north) to pixel angle from +x: north is +y and east is -x when the rotation is 0.
     pa_px = np.radians(np.asarray(obj["pa"][gal]) + 90.0 - rot)
     _render_galaxies(
-        expected, x[gal], y[gal], flux[gal], np.asarray(obj["r_eff"][gal]) / scale,
-        np.asarray(obj["sersic_n"][gal]), np.asarray(obj["q"][gal]), pa_px, cond,
+        expected,
+        x[gal],
+        y[gal],
+        flux[gal],
+        np.asarray(obj["r_eff"][gal]) / scale,
+        np.asarray(obj["sersic_n"][gal]),
+        np.asarray(obj["q"][gal]),
+        pa_px,
+        cond,
     )
 
     detector = _detector(telescope, cond.shape, seed)
@@ -837,8 +852,12 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     for k in np.flatnonzero(bad["hot"]):
         data[bad["y0"][k] : bad["y1"][k], bad["x"][k]] += bad["level"][k] * dark
     artefacts += [
-        ("bad_column", bad["x"][k], 0.5 * (bad["y0"][k] + bad["y1"][k] - 1),
-         bad["level"][k] * dark if bad["hot"][k] else 0.0)
+        (
+            "bad_column",
+            bad["x"][k],
+            0.5 * (bad["y0"][k] + bad["y1"][k] - 1),
+            bad["level"][k] * dark if bad["hot"][k] else 0.0,
+        )
         for k in range(len(bad["x"]))
     ]
     hot = detector["hot"]
@@ -890,8 +909,16 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
             "host": np.concatenate([np.asarray(obj["host"][idx], dtype=str), np.full(n_a, "", dtype=str)]),
         }
     )
-    for col, unit in (("x", "pix"), ("y", "pix"), ("ra", "deg"), ("dec", "deg"), ("mag", "mag"),
-                      ("flux", "adu"), ("fwhm", "pix"), ("r_eff", "pix")):
+    for col, unit in (
+        ("x", "pix"),
+        ("y", "pix"),
+        ("ra", "deg"),
+        ("dec", "deg"),
+        ("mag", "mag"),
+        ("flux", "adu"),
+        ("fwhm", "pix"),
+        ("r_eff", "pix"),
+    ):
         table[col].unit = unit
     table.meta.update(
         {
@@ -912,7 +939,13 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     hdu = fits.PrimaryHDU(data.astype(np.float32), header=header)
     log.info(
         "%s: %d objects, %d artefacts, seeing %.2f px, MAGZP %.3f, sky %.1f ADU, %d saturated pixels",
-        frame, len(idx), len(table) - len(idx), cond.seeing, cond.zeropoint, cond.sky, int(sat_mask.sum()),
+        frame,
+        len(idx),
+        len(table) - len(idx),
+        cond.seeing,
+        cond.zeropoint,
+        cond.sky,
+        int(sat_mask.sum()),
     )
     return hdu, table
 
@@ -1013,8 +1046,16 @@ def variables_catalogue(telescope: dict[str, Any], *, seed: int) -> Table:
     for fld in sorted({s.field for s in frames_of(telescope)}):
         scene = field_scene(telescope, fld, seed=seed)
         o = scene.objects[np.isin(scene.objects["kind"], ["variable", "transient"])]
-        t = Table({"id": o["id"], "field": np.full(len(o), fld), "kind": o["kind"], "ra": o["ra"], "dec": o["dec"],
-                   "host": o["host"]})
+        t = Table(
+            {
+                "id": o["id"],
+                "field": np.full(len(o), fld),
+                "kind": o["kind"],
+                "ra": o["ra"],
+                "dec": o["dec"],
+                "host": o["host"],
+            }
+        )
         for e in range(n_ep + 1):
             t[f"mag_{'ref' if e == 0 else f'e{e}'}"] = np.asarray(o["mags"][:, e], float)
         parts.append(t)

@@ -25,10 +25,11 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.fft as sfft
@@ -38,8 +39,8 @@ from scipy import ndimage
 from scipy.interpolate import BSpline, RectBivariateSpline
 from scipy.spatial import cKDTree
 
-from rbflow.frames import FrameInfo, frame_info
 from rbflow.errors import ConfigError, InputError
+from rbflow.frames import FrameInfo, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.psf import PSFModel
 
@@ -141,7 +142,13 @@ class ZogyKernels:
 
 
 def _kernel_spectra(
-    Pn: np.ndarray, Pr: np.ndarray, sn: float, sr: float, fr: float, fn: float, shape: tuple[int, int],
+    Pn: np.ndarray,
+    Pr: np.ndarray,
+    sn: float,
+    sr: float,
+    fr: float,
+    fn: float,
+    shape: tuple[int, int],
     workers: int,
 ) -> tuple[np.ndarray, float]:
     """Transforms (complex64) of kdn, kdr, kn, kr and P_D on a periodic grid of ``shape``, and F_D.
@@ -168,8 +175,15 @@ def _kernel_spectra(
 
 
 def zogy_kernels(
-    Pn: np.ndarray, Pr: np.ndarray, sn: float, sr: float, fr: float, fn: float, shape: tuple[int, int],
-    *, workers: int = _WORKERS,
+    Pn: np.ndarray,
+    Pr: np.ndarray,
+    sn: float,
+    sr: float,
+    fr: float,
+    fn: float,
+    shape: tuple[int, int],
+    *,
+    workers: int = _WORKERS,
 ) -> ZogyKernels:
     """ZOGY kernels of one PSF pair on a periodic grid of ``shape`` (see :func:`zogy` for the symbols).
 
@@ -189,8 +203,14 @@ def zogy_kernels(
     sq = np.fft.fftshift(real[[2, 3, 0, 1]] ** 2, axes=(1, 2))  # kn², kr², kdn², kdr², centred
     sq_hat = _stamp_rfft2(sq.astype(np.float32), shape, workers)
     return ZogyKernels(
-        shape=shape, kdn=spectra[0], kdr=spectra[1], kn=spectra[2], kr=spectra[3], sq=sq_hat,
-        pd=(pd / pd.sum()).astype(np.float32), f_d=f_d,
+        shape=shape,
+        kdn=spectra[0],
+        kdr=spectra[1],
+        kn=spectra[2],
+        kr=spectra[3],
+        sq=sq_hat,
+        pd=(pd / pd.sum()).astype(np.float32),
+        f_d=f_d,
     )
 
 
@@ -227,8 +247,10 @@ def zogy_apply(
     with_var = var_n is not None or var_r is not None
     inputs = [N, R]
     if with_var:
-        inputs += [np.full(N.shape, sn**2, np.float32) if var_n is None else var_n,
-                   np.full(N.shape, sr**2, np.float32) if var_r is None else var_r]
+        inputs += [
+            np.full(N.shape, sn**2, np.float32) if var_n is None else var_n,
+            np.full(N.shape, sr**2, np.float32) if var_r is None else var_r,
+        ]
     hats = sfft.rfft2(np.stack(inputs).astype(np.float32, copy=False), s=k.shape, axes=(1, 2), workers=workers)
     spec = np.empty((5 if with_var else 3, *hats.shape[1:]), np.complex64)
     np.multiply(k.kdn, hats[0], out=spec[0])
@@ -742,7 +764,9 @@ def align(
     if n_match < 3:
         log.warning(
             "align: only %d stars matched between '%s' and '%s'; alignment relies on the WCS alone",
-            n_match, sci.path, ref.path,
+            n_match,
+            sci.path,
+            ref.path,
         )
     refined = False
     if refine and n_match >= 3:
@@ -759,7 +783,13 @@ def align(
         off = {"rms": float("nan"), "dx": float("nan"), "dy": float("nan"), "sigma_x": 0.0, "sigma_y": 0.0}
     log.info(
         "align %s -> %s: %d stars, refined=%s, offset (%.3f, %.3f) px, rms %.3f px",
-        ref.path, sci.path, n_match, refined, off["dx"], off["dy"], off["rms"],
+        ref.path,
+        sci.path,
+        n_match,
+        refined,
+        off["dx"],
+        off["dy"],
+        off["rms"],
     )
     mask = np.zeros(shape, np.uint8)
     mask[bad] |= MASK_BITS["REF_BAD"]
@@ -821,8 +851,16 @@ def _psf_flux(data: np.ndarray, bad: np.ndarray, x: float, y: float, psf: np.nda
 
 
 def _flux_ratio(
-    N: np.ndarray, R: np.ndarray, bad: np.ndarray, stars: dict, psf_sci: PSFLike, psf_ref: PSFLike,
-    to_ref: Callable, size: int, radius: float, max_stars: int = 100,
+    N: np.ndarray,
+    R: np.ndarray,
+    bad: np.ndarray,
+    stars: dict,
+    psf_sci: PSFLike,
+    psf_ref: PSFLike,
+    to_ref: Callable,
+    size: int,
+    radius: float,
+    max_stars: int = 100,
 ) -> tuple[float, float, int]:
     """Robust ratio F_r/F_n of PSF-fit fluxes of matched stars; returns (ratio, error, n)."""
     ratios = []
@@ -881,8 +919,16 @@ def _tiles(n: int, tile: int) -> list[tuple[int, int, int, np.ndarray]]:
 
 
 def _tile_zogy(
-    planes: list[np.ndarray], pn: np.ndarray, pr: np.ndarray, win: tuple[slice, slice], core: tuple[slice, slice],
-    sn: float, sr: float, fr: float, dx: float, dy: float,
+    planes: list[np.ndarray],
+    pn: np.ndarray,
+    pr: np.ndarray,
+    win: tuple[slice, slice],
+    core: tuple[slice, slice],
+    sn: float,
+    sr: float,
+    fr: float,
+    dx: float,
+    dy: float,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """ZOGY on one tile window of the padded N, R, var_n, var_r; results on the core, and P_D."""
     n, r, vn, vr = (p[win] for p in planes)
@@ -891,8 +937,22 @@ def _tile_zogy(
 
 
 def _zogy_tiled(
-    N: np.ndarray, R: np.ndarray, var_n: np.ndarray, var_r: np.ndarray, psf_sci: PSFLike, psf_ref: PSFLike,
-    to_ref: Callable, *, sn: float, sr: float, fr: float, dx: float, dy: float, size: int, tile: int, margin: int,
+    N: np.ndarray,
+    R: np.ndarray,
+    var_n: np.ndarray,
+    var_r: np.ndarray,
+    psf_sci: PSFLike,
+    psf_ref: PSFLike,
+    to_ref: Callable,
+    *,
+    sn: float,
+    sr: float,
+    fr: float,
+    dx: float,
+    dy: float,
+    size: int,
+    tile: int,
+    margin: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
     """ZOGY on overlapping tiles (PSFs of each tile's centre) blended with interpolation weights.
 
@@ -983,7 +1043,12 @@ class Difference:
 
 
 def prepare_pair(
-    sci: Image, ref: Image, psf_sci: PSFLike, psf_ref: PSFLike, info_sci: FrameInfo, info_ref: FrameInfo,
+    sci: Image,
+    ref: Image,
+    psf_sci: PSFLike,
+    psf_ref: PSFLike,
+    info_sci: FrameInfo,
+    info_ref: FrameInfo,
     cfg: dict[str, Any],
 ) -> PreparedPair:
     """Align, mask, subtract the backgrounds and fit the flux ratio (see :func:`subtract_images`)."""
@@ -992,8 +1057,12 @@ def prepare_pair(
     fwhm_s = float(psf_sci.fwhm(cx, cy))
     fwhm_r_native = float(psf_ref.fwhm((ref.data.shape[1] - 1) / 2.0, (ref.data.shape[0] - 1) / 2.0))
     aligned, mask, ainfo = align(
-        sci, ref, refine=bool(cfg.get("refine_astrometry", True)),
-        saturation_sci=info_sci.saturation, saturation_ref=info_ref.saturation, fwhm_sci=fwhm_s,
+        sci,
+        ref,
+        refine=bool(cfg.get("refine_astrometry", True)),
+        saturation_sci=info_sci.saturation,
+        saturation_ref=info_ref.saturation,
+        fwhm_sci=fwhm_s,
         fwhm_ref=fwhm_r_native,
     )
     to_ref = ainfo["to_ref"]
@@ -1022,15 +1091,28 @@ def prepare_pair(
             "needs at least 3 unsaturated isolated stars in common with S/N > 30: check the overlap of "
             "the frames, their WCS and the saturation level in the telescope file"
         ) from exc
-    log.info(
-        "flux ratio F_r/F_n = %.4f +- %.4f (%d stars); sigma_n %.3f, sigma_r %.3f", fr, fr_err, n_flux, sn, sr
-    )
+    log.info("flux ratio F_r/F_n = %.4f +- %.4f (%d stars); sigma_n %.3f, sigma_r %.3f", fr, fr_err, n_flux, sn, sr)
     var_n = (sn**2 + np.maximum(N, 0) / info_sci.gain).astype(np.float32)
     var_r = (sr**2 + np.maximum(R, 0) / info_ref.gain).astype(np.float32)
     return PreparedPair(
-        N=N, R=R, var_n=var_n, var_r=var_r, mask=mask, bad_sci=bad_sci, nbkg=nbkg, sn=sn, sr=sr, fr=fr,
-        fr_err=fr_err, n_flux=n_flux, fwhm_s=fwhm_s, fwhm_r=fwhm_r, size=size, ainfo=ainfo,
-        gain_n=info_sci.gain, gain_r=info_ref.gain,
+        N=N,
+        R=R,
+        var_n=var_n,
+        var_r=var_r,
+        mask=mask,
+        bad_sci=bad_sci,
+        nbkg=nbkg,
+        sn=sn,
+        sr=sr,
+        fr=fr,
+        fr_err=fr_err,
+        n_flux=n_flux,
+        fwhm_s=fwhm_s,
+        fwhm_r=fwhm_r,
+        size=size,
+        ainfo=ainfo,
+        gain_n=info_sci.gain,
+        gain_r=info_ref.gain,
     )
 
 
@@ -1039,8 +1121,21 @@ def _zogy_difference(pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: 
     margin = max(int(cfg.get("overlap", 32)), pp.size)
     tile = int(cfg.get("tile", 512))
     D, V, SC, psfd, centres = _zogy_tiled(
-        pp.N, pp.R, pp.var_n, pp.var_r, psf_sci, psf_ref, pp.ainfo["to_ref"], sn=pp.sn, sr=pp.sr, fr=pp.fr,
-        dx=pp.ainfo["sigma_x"], dy=pp.ainfo["sigma_y"], size=pp.size, tile=tile, margin=margin,
+        pp.N,
+        pp.R,
+        pp.var_n,
+        pp.var_r,
+        psf_sci,
+        psf_ref,
+        pp.ainfo["to_ref"],
+        sn=pp.sn,
+        sr=pp.sr,
+        fr=pp.fr,
+        dx=pp.ainfo["sigma_x"],
+        dy=pp.ainfo["sigma_y"],
+        size=pp.size,
+        tile=tile,
+        margin=margin,
     )
     cards = [
         ("METHOD", "zogy", "Zackay, Ofek & Gal-Yam 2016"),
@@ -1193,8 +1288,23 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference) -> fits.HDUList:
         h[key] = (value, comment)
 
     sci_hdr = sci.header.copy()
-    for key in ("SIMPLE", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "BITPIX", "NAXIS", "NAXIS1",
-                "NAXIS2", "BSCALE", "BZERO", "BLANK", "CHECKSUM", "DATASUM"):
+    for key in (
+        "SIMPLE",
+        "EXTEND",
+        "XTENSION",
+        "PCOUNT",
+        "GCOUNT",
+        "EXTNAME",
+        "BITPIX",
+        "NAXIS",
+        "NAXIS1",
+        "NAXIS2",
+        "BSCALE",
+        "BZERO",
+        "BLANK",
+        "CHECKSUM",
+        "DATASUM",
+    ):
         sci_hdr.remove(key, ignore_missing=True, remove_all=True)
     sci_hdr["BUNIT"] = "adu"
 
@@ -1254,7 +1364,12 @@ def run_subtract(
     info_sci = frame_info(sci.header, telescope, path=sci_path)
     info_ref = frame_info(ref.header, telescope, path=ref_path)
     hdul = subtract_images(
-        sci, ref, PSFModel.read(sci_psf_path), PSFModel.read(ref_psf_path), info_sci, info_ref,
+        sci,
+        ref,
+        PSFModel.read(sci_psf_path),
+        PSFModel.read(ref_psf_path),
+        info_sci,
+        info_ref,
         telescope["subtract"],
     )
     hdul[0].header["SCIFILE"] = (Path(sci_path).name, "science frame")

@@ -127,7 +127,7 @@ def split_frames(
     if n_test + n_val >= len(names):
         n_test, n_val = 1, 1
     rng = np.random.default_rng(seed)
-    for attempt in range(100):
+    for _attempt in range(100):
         order = rng.permutation(names)
         sets = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
         if all(len(np.unique(y[np.isin(frames, f)])) == 2 for f in sets.values()):
@@ -257,7 +257,7 @@ def binary_metrics(
     for k, v in point.items():
         b = np.asarray(boots[k], dtype=float)
         b = b[np.isfinite(b)]
-        lo, hi = (np.quantile(b, [0.025, 0.975]) if len(b) else (math.nan, math.nan))
+        lo, hi = np.quantile(b, [0.025, 0.975]) if len(b) else (math.nan, math.nan)
         out[k] = {"value": v, "lo": float(lo), "hi": float(hi)}
     out["counts"] = {"n": int(len(y)), "n_true": int((y == 1).sum())}
     return out
@@ -554,8 +554,15 @@ def train(
             bad += 1
         log.info(
             "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e | %.1f s%s",
-            row["epoch"], cfg["epochs"], row["train_loss"], row["train_acc"], val_loss, row["val_acc"], row["lr"],
-            seconds, " *" if bad == 0 else "",
+            row["epoch"],
+            cfg["epochs"],
+            row["train_loss"],
+            row["train_acc"],
+            val_loss,
+            row["val_acc"],
+            row["lr"],
+            seconds,
+            " *" if bad == 0 else "",
         )
         _save_checkpoint(
             {

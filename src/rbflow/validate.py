@@ -38,8 +38,9 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -111,7 +112,8 @@ def _check_saturation(image: Image, saturation: float) -> None:
     frac = float(np.count_nonzero(image.data[finite] >= saturation)) / max(int(finite.sum()), 1)
     if frac > MAX_SATURATED:
         raise FrameCheckError(
-            "saturation", image.path,
+            "saturation",
+            image.path,
             f"image '{image.path}': {frac:.0%} of its pixels are at or above the saturation level {saturation:g} ADU: "
             "the exposure is saturated, remove the frame (or fix 'saturation' in the telescope file)",
         )
@@ -128,13 +130,15 @@ def _check_wcs(image: Image, pixel_scale: float | None) -> WCS:
     scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
     if not np.all(np.isfinite(corners)) or not np.isfinite(scale) or scale <= 0:
         raise FrameCheckError(
-            "wcs", image.path,
+            "wcs",
+            image.path,
             f"image '{image.path}': its WCS does not map the frame onto the sky (non-finite positions): "
             "solve its astrometry again (e.g. astrometry.net or SCAMP)",
         )
     if pixel_scale is not None and not 1 / MAX_SCALE_RATIO <= scale / pixel_scale <= MAX_SCALE_RATIO:
         raise FrameCheckError(
-            "wcs", image.path,
+            "wcs",
+            image.path,
             f"image '{image.path}': its WCS pixel scale is {scale:.4g} arcsec/px but the telescope's 'pixel_scale' "
             f"is {pixel_scale:g}: the WCS is wrong, solve its astrometry again (or fix 'pixel_scale')",
         )
@@ -150,7 +154,8 @@ def _check_psf_stars(image: Image, info: FrameInfo, telescope: dict[str, Any], n
     stars, fwhm = _select_stars(image, info, cfg, fwhm_guess=guess, name=name)
     if len(stars) == 0 and not cfg["analytic_fallback"]:
         raise FrameCheckError(
-            "psf stars", image.path,
+            "psf stars",
+            image.path,
             f"image '{image.path}': no usable PSF star (isolated, unsaturated, S/N >= {cfg['snr_min']}): check the "
             "frame, lower 'psf.snr_min' or set 'psf.analytic_fallback: true' in the telescope file",
         )
@@ -198,14 +203,13 @@ def _matched(sky: np.ndarray, ref_sky: np.ndarray, radius_deg: float) -> int:
     return int(np.count_nonzero(dist <= np.deg2rad(radius_deg)))  # chord = angle at these scales
 
 
-def _check_against_reference(
-    image: Image, wcs: WCS, sky: np.ndarray, fwhm: float, reference: dict[str, Any]
-) -> None:
+def _check_against_reference(image: Image, wcs: WCS, sky: np.ndarray, fwhm: float, reference: dict[str, Any]) -> None:
     """Raise when the reference is bad, does not overlap the frame, or shares too few stars with it."""
     ref_file = reference["file"]
     if not reference["ok"]:
         raise FrameCheckError(
-            "reference", ref_file,
+            "reference",
+            ref_file,
             f"image '{image.path}': its reference '{ref_file}' is bad ({reference['message']})",
         )
     with warnings.catch_warnings():
@@ -214,7 +218,8 @@ def _check_against_reference(
     frac = _overlap(wcs, image.data.shape, ref_wcs, tuple(reference["shape"]))
     if frac < MIN_OVERLAP:
         raise FrameCheckError(
-            "overlap", image.path,
+            "overlap",
+            image.path,
             f"image '{image.path}': only {frac:.0%} of it lies on its reference '{ref_file}' (at least "
             f"{MIN_OVERLAP:.0%} needed): check that the frame belongs to the reference's field and that both WCS "
             "are right",
@@ -223,7 +228,8 @@ def _check_against_reference(
     n = _matched(sky, np.asarray(reference["stars"], float).reshape(-1, 2), MATCH_RADIUS * fwhm * scale)
     if n < MIN_MATCHED:
         raise FrameCheckError(
-            "matched stars", image.path,
+            "matched stars",
+            image.path,
             f"image '{image.path}': only {n} of its stars have a star of its reference '{ref_file}' within "
             f"{MATCH_RADIUS:g} FWHM (the flux ratio needs {MIN_MATCHED}): check both WCS and the saturation level "
             "in the telescope file, or remove the frame",

@@ -21,8 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 TINY = [
-    "--configfile", str(REPO / "tests/data/config.test.yaml"),
-    "--config", f"telescope_dir={REPO}/tests/data/telescopes",
+    "--configfile",
+    str(REPO / "tests/data/config.test.yaml"),
+    "--config",
+    f"telescope_dir={REPO}/tests/data/telescopes",
 ]
 #: The command a user runs, and runs again after an interruption (README: "Interrupted runs").
 TINY_RUN = [*SNAKEMAKE, "--cores", "2", *TINY]

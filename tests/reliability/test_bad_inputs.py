@@ -9,8 +9,8 @@ Zero-row candidate tables must give typed empty outputs at every downstream stag
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -67,8 +67,9 @@ def psf_file(tmp_path_factory) -> Path:
     """A Moffat PSF model of a tiny frame (what the psf stage writes)."""
     path = tmp_path_factory.mktemp("psf") / "psf.fits"
     cube = moffat_epsf(2.8, size=25, oversampling=3)[None]
-    PSFModel(cube, oversampling=3, size=25, shape=(256, 256), grid=(1, 1), n_stars=[10], sources=["cell"],
-             name="psf").write(path)
+    PSFModel(
+        cube, oversampling=3, size=25, shape=(256, 256), grid=(1, 1), n_stars=[10], sources=["cell"], name="psf"
+    ).write(path)
     return path
 
 
@@ -87,9 +88,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def fails_cleanly(
-    call: Callable[[], object], error: type[Exception], names: str, fix: str, folder: Path
-) -> Exception:
+def fails_cleanly(call: Callable[[], object], error: type[Exception], names: str, fix: str, folder: Path) -> Exception:
     """Run ``call``; check the error type, that the message names ``names`` and says ``fix``, and that
     ``folder`` is unchanged (no output, no temporary file)."""
     before = snapshot(folder)
@@ -184,9 +183,7 @@ BAD_FRAMES = [
 def test_bad_frame_fails_the_psf_stage_cleanly(maker, problem, fix, frames, tiny, tmp_path, out):
     bad = tmp_path / "bad.fits"
     maker(frames["fld00_r_e1"], bad)
-    exc = fails_cleanly(
-        lambda: run_psf(bad, out / "bad.fits", out / "bad.png", tiny), InputError, f"'{bad}'", fix, out
-    )
+    exc = fails_cleanly(lambda: run_psf(bad, out / "bad.fits", out / "bad.png", tiny), InputError, f"'{bad}'", fix, out)
     assert problem in str(exc)
 
 
@@ -202,8 +199,13 @@ def test_bad_frame_fails_the_read_check(maker, problem, fix, frames, tiny, tmp_p
 
 def test_missing_frame_names_the_path_and_the_config(tiny, tmp_path, out):
     missing = tmp_path / "nosuch.fits"
-    fails_cleanly(lambda: run_psf(missing, out / "x.fits", out / "x.png", tiny), InputError,
-                  f"'{missing}' does not exist", "check the frame paths in the telescope file", out)
+    fails_cleanly(
+        lambda: run_psf(missing, out / "x.fits", out / "x.png", tiny),
+        InputError,
+        f"'{missing}' does not exist",
+        "check the frame paths in the telescope file",
+        out,
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint8, np.float64])
@@ -218,8 +220,9 @@ def test_a_table_hdu_asked_for_as_image_is_refused(tmp_path):
     """Wrong dtype: the named HDU holds a table (records), not pixels."""
     path = tmp_path / "f.fits"
     col = fits.Column("flux", "E", array=np.arange(5, dtype=np.float32))
-    fits.HDUList([fits.PrimaryHDU(np.ones((4, 4), np.float32)), fits.BinTableHDU.from_columns([col], name="CAT")]
-                 ).writeto(path)
+    fits.HDUList(
+        [fits.PrimaryHDU(np.ones((4, 4), np.float32)), fits.BinTableHDU.from_columns([col], name="CAT")]
+    ).writeto(path)
     with pytest.raises(InputError, match=r"'.*f\.fits' has no 2-D image HDU named 'CAT': give the file"):
         read_image(path, hdu="CAT")
 
@@ -238,8 +241,13 @@ def _with_header(good: Path, path: Path, **cards: float) -> Path:
 def test_no_wcs_fails_the_subtraction_naming_the_frame(frames, tiny, psf_file, tmp_path, out):
     good = frames["fld00_r_e1"]
     sci = write_image(tmp_path / "nowcs.fits", fits.getdata(good), header_of(good, wcs=False))
-    fails_cleanly(lambda: run_subtract(sci, frames["fld00_r_ref"], psf_file, psf_file, out / "d.fits", tiny),
-                  InputError, f"'{sci}' has no celestial WCS", "solve its astrometry first", out)
+    fails_cleanly(
+        lambda: run_subtract(sci, frames["fld00_r_ref"], psf_file, psf_file, out / "d.fits", tiny),
+        InputError,
+        f"'{sci}' has no celestial WCS",
+        "solve its astrometry first",
+        out,
+    )
     with pytest.raises(FrameCheckError, match="has no celestial WCS") as info:
         check_frame(sci, tiny)
     assert info.value.check == "wcs"
@@ -247,8 +255,13 @@ def test_no_wcs_fails_the_subtraction_naming_the_frame(frames, tiny, psf_file, t
 
 def test_unparsable_wcs_fails_on_reading(frames, tiny, psf_file, tmp_path, out):
     sci = _with_header(frames["fld00_r_e1"], tmp_path / "cd0.fits", CD1_1=0.0, CD1_2=0.0, CD2_1=0.0, CD2_2=0.0)
-    fails_cleanly(lambda: run_subtract(sci, frames["fld00_r_ref"], psf_file, psf_file, out / "d.fits", tiny),
-                  InputError, f"'{sci}' has a WCS that astropy cannot parse", "fix its header", out)
+    fails_cleanly(
+        lambda: run_subtract(sci, frames["fld00_r_ref"], psf_file, psf_file, out / "d.fits", tiny),
+        InputError,
+        f"'{sci}' has a WCS that astropy cannot parse",
+        "fix its header",
+        out,
+    )
 
 
 def test_wcs_with_a_wrong_pixel_scale_fails_the_wcs_check(frames, tiny, tmp_path):
@@ -270,15 +283,25 @@ def test_reference_not_overlapping_fails_the_overlap_check(frames, tiny, tmp_pat
 
 def test_reference_not_overlapping_fails_the_subtraction_naming_both_files(frames, tiny, psf_file, out):
     sci, ref = frames["fld00_r_e1"], frames["fld01_g_ref"]
-    exc = fails_cleanly(lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
-                        InputError, f"'{sci}'", "check that the frames are of one field", out)
+    exc = fails_cleanly(
+        lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
+        InputError,
+        f"'{sci}'",
+        "check that the frames are of one field",
+        out,
+    )
     assert f"'{ref}'" in str(exc)
 
 
 def test_reference_not_overlapping_is_reported_as_such_without_warnings(frames, tiny, psf_file, out):
     sci, ref = frames["fld00_r_e1"], frames["fld01_g_ref"]
-    fails_cleanly(lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
-                  InputError, f"'{sci}' does not overlap reference '{ref}'", "of one field", out)
+    fails_cleanly(
+        lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
+        InputError,
+        f"'{sci}' does not overlap reference '{ref}'",
+        "of one field",
+        out,
+    )
 
 
 def test_bad_frame_of_a_stacked_reference_stops_or_is_left_out(frames, tiny, tmp_path, out):
@@ -288,22 +311,34 @@ def test_bad_frame_of_a_stacked_reference_stops_or_is_left_out(frames, tiny, tmp
     _truncated_data(frames["fld00_r_ref"], broken)
     epoch = [str(frames["fld00_r_ref"]), str(broken), str(frames["fld00_r_e1"])]
     stack = {"combine": "mean", "clip": 5.0, "refine_astrometry": True, "scale": True}
-    fails_cleanly(lambda: run_reference(frames=epoch, out_fits=str(out / "ref.fits"), telescope=tiny, stack=stack),
-                  InputError, f"'{broken}' is not a readable FITS file", "copy it again from the source", out)
+    fails_cleanly(
+        lambda: run_reference(frames=epoch, out_fits=str(out / "ref.fits"), telescope=tiny, stack=stack),
+        InputError,
+        f"'{broken}' is not a readable FITS file",
+        "copy it again from the source",
+        out,
+    )
     result = run_reference(frames=epoch, out_fits=str(out / "ref.fits"), telescope=tiny, stack=stack, skip_bad=True)
     assert result["n"] == 2
     header = fits.getheader(out / "ref.fits")
     assert [header["IMCMB001"], header["IMCMB002"]] == ["fld00_r_ref.fits", "fld00_r_e1.fits"]
     all_bad = [str(broken), str(broken)]
-    fails_cleanly(lambda: run_reference(frames=all_bad, out_fits=str(out / "ref2.fits"), telescope=tiny, stack=stack,
-                                        skip_bad=True),
-                  InputError, "every frame of the reference epoch is bad", "fix or replace the files", out)
+    fails_cleanly(
+        lambda: run_reference(
+            frames=all_bad, out_fits=str(out / "ref2.fits"), telescope=tiny, stack=stack, skip_bad=True
+        ),
+        InputError,
+        "every frame of the reference epoch is bad",
+        "fix or replace the files",
+        out,
+    )
 
 
 def test_a_good_pair_passes_every_check(frames, tiny, tmp_path):
     ref = run_validate(frames["fld00_r_ref"], tmp_path / "ref.json", tiny, frame="fld00_r_ref")
-    sci = run_validate(frames["fld00_r_e1"], tmp_path / "sci.json", tiny, frame="fld00_r_e1",
-                       reference_status=tmp_path / "ref.json")
+    sci = run_validate(
+        frames["fld00_r_e1"], tmp_path / "sci.json", tiny, frame="fld00_r_e1", reference_status=tmp_path / "ref.json"
+    )
     assert ref["ok"] and sci["ok"] and len(sci["stars"]) >= 3
     assert len(write_bad_frames([tmp_path / "ref.json", tmp_path / "sci.json"], tmp_path / "bad.ecsv")) == 0
 
@@ -320,8 +355,13 @@ def _noise_frame(good: Path, path: Path, level: float = 100.0) -> Path:
 
 def test_frame_without_stars_fails_the_psf_stage(frames, tiny, tmp_path, out):
     bad = _noise_frame(frames["fld00_r_e1"], tmp_path / "nostar.fits")
-    fails_cleanly(lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny), InputError,
-                  f"'{bad}': no usable PSF star", "set 'psf.analytic_fallback: true'", out)
+    fails_cleanly(
+        lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny),
+        InputError,
+        f"'{bad}': no usable PSF star",
+        "set 'psf.analytic_fallback: true'",
+        out,
+    )
     with pytest.raises(FrameCheckError, match="no usable PSF star") as info:
         check_frame(bad, tiny)
     assert info.value.check == "psf stars"
@@ -329,8 +369,13 @@ def test_frame_without_stars_fails_the_psf_stage(frames, tiny, tmp_path, out):
 
 def test_saturated_frame_fails_the_psf_stage_and_the_saturation_check(frames, tiny, tmp_path, out):
     bad = _noise_frame(frames["fld00_r_e1"], tmp_path / "saturated.fits", level=60000.0)
-    fails_cleanly(lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny), InputError,
-                  f"'{bad}': every pixel is saturated", "remove the frame, or fix 'saturation'", out)
+    fails_cleanly(
+        lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny),
+        InputError,
+        f"'{bad}': every pixel is saturated",
+        "remove the frame, or fix 'saturation'",
+        out,
+    )
     with pytest.raises(FrameCheckError, match=r"100% of its pixels are at or above the saturation level") as info:
         check_frame(bad, tiny)
     assert info.value.check == "saturation" and "remove the frame" in str(info.value)
@@ -339,8 +384,13 @@ def test_saturated_frame_fails_the_psf_stage_and_the_saturation_check(frames, ti
 def test_too_few_matched_stars_fail_the_flux_ratio(frames, tiny, psf_file, tmp_path, out):
     ref = _noise_frame(frames["fld00_r_ref"], tmp_path / "starless_ref.fits")
     sci = frames["fld00_r_e1"]
-    exc = fails_cleanly(lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
-                        InputError, "cannot fit the flux ratio", "needs at least 3 unsaturated isolated stars", out)
+    exc = fails_cleanly(
+        lambda: run_subtract(sci, ref, psf_file, psf_file, out / "d.fits", tiny),
+        InputError,
+        "cannot fit the flux ratio",
+        "needs at least 3 unsaturated isolated stars",
+        out,
+    )
     assert f"'{sci}'" in str(exc) and f"'{ref}'" in str(exc)
 
 
@@ -356,8 +406,9 @@ def test_bad_reference_makes_its_science_frames_bad(frames, tiny, tmp_path):
     broken = tmp_path / "ref.fits"
     _truncated_data(frames["fld00_r_ref"], broken)
     ref = run_validate(broken, tmp_path / "ref.json", tiny, frame="fld00_r_ref")
-    sci = run_validate(frames["fld00_r_e1"], tmp_path / "sci.json", tiny, frame="fld00_r_e1",
-                       reference_status=tmp_path / "ref.json")
+    sci = run_validate(
+        frames["fld00_r_e1"], tmp_path / "sci.json", tiny, frame="fld00_r_e1", reference_status=tmp_path / "ref.json"
+    )
     assert not ref["ok"] and not sci["ok"] and sci["check"] == "reference" and sci["file"] == str(broken)
     table = write_bad_frames([tmp_path / "ref.json", tmp_path / "sci.json"], tmp_path / "bad.ecsv")
     assert list(table["frame"]) == ["fld00_r_ref", "fld00_r_e1"]
@@ -398,8 +449,14 @@ def test_no_candidate_gives_an_empty_cutout_folder_with_a_typed_listing(no_candi
 def test_no_candidate_crossmatches_as_every_source_missed(no_candidates, tmp_path):
     injected = Table({"id": [0, 1], "x": [10.0, 50.0], "y": [20.0, 60.0], "mag": [18.0, 19.0]})
     write_table(injected, tmp_path / "inject.ecsv")
-    per, labels = run_crossmatch(no_candidates, tmp_path / "inject.ecsv", tmp_path / "x.ecsv", tmp_path / "x.dat",
-                                 tmp_path / "x.labels.ecsv", radius=2.0)
+    per, labels = run_crossmatch(
+        no_candidates,
+        tmp_path / "inject.ecsv",
+        tmp_path / "x.ecsv",
+        tmp_path / "x.dat",
+        tmp_path / "x.labels.ecsv",
+        radius=2.0,
+    )
     assert len(per) == 2 and len(labels) == 0
     assert Table.read(tmp_path / "x.labels.ecsv").colnames == labels.colnames
     assert (tmp_path / "x.dat").exists()
@@ -412,15 +469,25 @@ def test_zero_candidates_flow_through_every_stage(no_candidates, model, tmp_path
     folder = tmp_path / "cutouts" / "img_sim0"
     write_cutouts(tmp_path / "unused.fits", no_candidates, folder, size=SIZE, png=True)
     write_table(Table({"id": [0], "x": [10.0], "y": [20.0], "mag": [18.0]}), tmp_path / "inject.ecsv")
-    run_crossmatch(no_candidates, tmp_path / "inject.ecsv", tmp_path / "x.ecsv", tmp_path / "x.dat",
-                   tmp_path / "x.labels.ecsv", radius=2.0)
+    run_crossmatch(
+        no_candidates,
+        tmp_path / "inject.ecsv",
+        tmp_path / "x.ecsv",
+        tmp_path / "x.dat",
+        tmp_path / "x.labels.ecsv",
+        radius=2.0,
+    )
     training = tmp_path / "training"
     labels = label_cutouts([tmp_path / "x.labels.ecsv"], [folder], training)
     assert len(labels) == 0 and len(Table.read(training / "labels.ecsv")) == 0
     fails_cleanly(
-        lambda: build_datacube(training, out / "datacube.npz", channels=["SCI", "REF", "DIFF"], crop=None,
-                               frac_true=None, seed=1),
-        InputError, f"training folder '{training / 'true'}' has no cutout", "label some candidates real", out,
+        lambda: build_datacube(
+            training, out / "datacube.npz", channels=["SCI", "REF", "DIFF"], crop=None, frac_true=None, seed=1
+        ),
+        InputError,
+        f"training folder '{training / 'true'}' has no cutout",
+        "label some candidates real",
+        out,
     )
     table = infer_cutouts(folder, model, out / "img.ecsv", out_kept=out / "img_kept.ecsv")
     assert len(table) == 0 and len(Table.read(out / "img_kept.ecsv")) == 0
@@ -433,9 +500,13 @@ def test_datacube_with_an_empty_class_is_a_clear_error(tmp_path, out):
         write_cutout(training / "true" / f"img_sim0_{i}.fits", stamp, cid=f"img_sim0_{i}", image="img_sim0")
     (training / "false").mkdir()
     fails_cleanly(
-        lambda: build_datacube(training, out / "datacube.npz", channels=["SCI", "REF", "DIFF"], crop=None,
-                               frac_true=None, seed=1),
-        InputError, f"training folder '{training / 'false'}' has no cutout", "label some candidates bogus", out,
+        lambda: build_datacube(
+            training, out / "datacube.npz", channels=["SCI", "REF", "DIFF"], crop=None, frac_true=None, seed=1
+        ),
+        InputError,
+        f"training folder '{training / 'false'}' has no cutout",
+        "label some candidates bogus",
+        out,
     )
 
 
@@ -506,17 +577,26 @@ def test_missing_reference_file_names_the_path(tiny, tmp_path, frames, out):
     (tmp_path / "sci1.fits").write_bytes(frames["fld00_r_e1"].read_bytes())
     tel = _real_telescope(tmp_path)
     ref = next(f for f in frames_of(tel) if f.reference is None)
-    fails_cleanly(lambda: run_psf(ref.path, out / "p.fits", out / "p.png", tel), InputError,
-                  f"'{tmp_path / 'ref.fits'}' does not exist", "check the frame paths in the telescope file", out)
+    fails_cleanly(
+        lambda: run_psf(ref.path, out / "p.fits", out / "p.png", tel),
+        InputError,
+        f"'{tmp_path / 'ref.fits'}' does not exist",
+        "check the frame paths in the telescope file",
+        out,
+    )
 
 
 def test_zeropoint_neither_in_telescope_file_nor_header(frames, tiny, tmp_path, out):
     header = header_of(frames["fld00_r_e1"])
     del header["MAGZP"]
     bad = write_image(tmp_path / "nozp.fits", fits.getdata(frames["fld00_r_e1"]), header)
-    fails_cleanly(lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny), InputError,
-                  f"'{bad}': no zeropoint for filter 'r'", "add 'zeropoints: {r: ...}' to telescope file 'tiny.yaml'",
-                  out)
+    fails_cleanly(
+        lambda: run_psf(bad, out / "p.fits", out / "p.png", tiny),
+        InputError,
+        f"'{bad}': no zeropoint for filter 'r'",
+        "add 'zeropoints: {r: ...}' to telescope file 'tiny.yaml'",
+        out,
+    )
     with pytest.raises(FrameCheckError, match="no zeropoint") as info:
         check_frame(bad, tiny)
     assert info.value.check == "frame facts"
@@ -541,8 +621,15 @@ def write_model(folder: Path, *, channels: list[str], stamp_size: int, in_channe
     cfg = ModelConfig(in_channels=in_channels or len(channels), stamp_size=stamp_size, widths=[4, 8])
     torch.manual_seed(0)
     torch.save(build_model(cfg).state_dict(), folder / "model.pt")
-    meta = {"model": cfg.to_dict(), "channels": channels, "stamp_size": stamp_size, "cutout_size": stamp_size,
-            "normalisation": NORMALISATION, "threshold": 0.5, "temperature": 1.0}
+    meta = {
+        "model": cfg.to_dict(),
+        "channels": channels,
+        "stamp_size": stamp_size,
+        "cutout_size": stamp_size,
+        "normalisation": NORMALISATION,
+        "threshold": 0.5,
+        "temperature": 1.0,
+    }
     (folder / "model.json").write_text(json.dumps(meta))
     return folder / "model.pt"
 
@@ -563,8 +650,13 @@ def cutout_folder(tmp_path) -> Path:
 
 def test_corrupt_model_file_is_refused(model, cutout_folder, out):
     model.write_bytes(model.read_bytes()[:300])
-    fails_cleanly(lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError,
-                  f"'{model}' cannot be loaded as plain weights", "use the model.pt written by 'rbflow train'", out)
+    fails_cleanly(
+        lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"),
+        InputError,
+        f"'{model}' cannot be loaded as plain weights",
+        "use the model.pt written by 'rbflow train'",
+        out,
+    )
 
 
 class _Payload:
@@ -580,22 +672,33 @@ class _Payload:
 def test_pickle_bearing_model_file_is_refused_without_running_it(model, cutout_folder, tmp_path, out):
     marker = tmp_path / "pwned"
     torch.save({"weights": torch.zeros(2), "payload": _Payload(marker)}, model)
-    fails_cleanly(lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError,
-                  f"'{model}'", "holds pickled Python objects, which rbflow refuses to run", out)
+    fails_cleanly(
+        lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"),
+        InputError,
+        f"'{model}'",
+        "holds pickled Python objects, which rbflow refuses to run",
+        out,
+    )
     assert not marker.exists()
 
 
 def test_model_trained_on_another_stamp_size_is_refused(tmp_path, cutout_folder, out):
     model = write_model(tmp_path / "m21", channels=["SCI", "REF", "DIFF"], stamp_size=21)
-    exc = fails_cleanly(lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError,
-                        "expects stamps of 21 px", "remake the cutouts with size 21 or retrain", out)
+    exc = fails_cleanly(
+        lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"),
+        InputError,
+        "expects stamps of 21 px",
+        "remake the cutouts with size 21 or retrain",
+        out,
+    )
     assert str(cutout_folder) in str(exc)  # names the first cutout checked
 
 
 def test_model_trained_on_a_channel_the_cutouts_lack_is_refused(tmp_path, cutout_folder, out):
     model = write_model(tmp_path / "mvar", channels=["SCI", "REF", "VAR"], stamp_size=SIZE)
-    fails_cleanly(lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError,
-                  "has no VAR HDU", "remake it", out)
+    fails_cleanly(
+        lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError, "has no VAR HDU", "remake it", out
+    )
 
 
 def test_model_whose_weights_do_not_fit_its_channel_set_is_refused(tmp_path, cutout_folder, out):
@@ -603,8 +706,13 @@ def test_model_whose_weights_do_not_fit_its_channel_set_is_refused(tmp_path, cut
     meta = json.loads(model.with_suffix(".json").read_text())
     meta["model"]["in_channels"] = 3
     model.with_suffix(".json").write_text(json.dumps(meta))
-    fails_cleanly(lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"), InputError,
-                  f"'{model}' does not match the architecture", "keep the two files of one training together", out)
+    fails_cleanly(
+        lambda: infer_cutouts(cutout_folder, model, out / "i.ecsv"),
+        InputError,
+        f"'{model}' does not match the architecture",
+        "keep the two files of one training together",
+        out,
+    )
 
 
 def test_a_good_model_loads(model):
@@ -621,7 +729,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     path = tmp_path / "t.ecsv"
     write_table(Table({"a": [1, 2]}), path)
     before = path.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever astropy raises, the old file must survive
         write_table(Table({"a": np.array([object(), object()], dtype=object)}), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.ecsv"]

@@ -21,8 +21,15 @@ def test_training_twice_writes_identical_bytes(tmp_path):
     cfg = {"widths": [4, 8, 8], "epochs": 2, "batch_size": 64, "patience": 3, "device": "cpu"}
     for run in ("a", "b"):
         train(cube, tmp_path / run / "model", cfg, seed=3, checkpoint_dir=tmp_path / run / "ckpt")
-    names = ["model/model.pt", "model/model.json", "model/model.onnx", "model/history.ecsv", "model/metrics.json",
-             "model/training.png", "ckpt/checkpoint.pt"]
+    names = [
+        "model/model.pt",
+        "model/model.json",
+        "model/model.onnx",
+        "model/history.ecsv",
+        "model/metrics.json",
+        "model/training.png",
+        "ckpt/checkpoint.pt",
+    ]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 

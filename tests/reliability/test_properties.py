@@ -245,7 +245,7 @@ def test_crossmatch_is_symmetric_and_matches_each_candidate_once(a_xy, b_xy, rad
     A, B = _points("a", a_xy), _points("b", b_xy)
     per_ab, lab_ab = crossmatch(B, A, radius=radius)  # A injected, B candidates
     per_ba, lab_ba = crossmatch(A, B, radius=radius)  # and the other way round
-    for per, lab, inj, cand in ((per_ab, lab_ab, A, B), (per_ba, lab_ba, B, A)):
+    for per, lab, _inj, cand in ((per_ab, lab_ab, A, B), (per_ba, lab_ba, B, A)):
         # every candidate has exactly one label; separations within the radius; same image only
         assert sorted(lab["id"]) == sorted(cand["id"])
         matched = per[per["detected"]]

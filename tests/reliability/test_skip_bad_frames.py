@@ -24,8 +24,12 @@ pytestmark = pytest.mark.workflow
 # As tests/conftest.py (not imported: `conftest` may name tests/reliability/conftest.py here).
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-TINY = ["--configfile", str(REPO / "tests/data/config.test.yaml"),
-        "--config", f"telescope_dir={REPO}/tests/data/telescopes"]
+TINY = [
+    "--configfile",
+    str(REPO / "tests/data/config.test.yaml"),
+    "--config",
+    f"telescope_dir={REPO}/tests/data/telescopes",
+]
 
 SEED = 20261124  # config/config.yaml's seed: the frames are those the sky_frame rule would write
 BAD = "fld00_r_e2"  # truncated: the read check fails
@@ -49,8 +53,22 @@ def _workdir(tmp_path: Path, broken: dict[str, str]) -> Path:
             path.write_bytes(path.read_bytes()[:4000])
         elif how == "no_wcs":
             with fits.open(path, mode="update") as hdul:
-                for key in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1",
-                            "CD2_2", "CUNIT1", "CUNIT2", "WCSAXES", "RADESYS"):
+                for key in (
+                    "CTYPE1",
+                    "CTYPE2",
+                    "CRVAL1",
+                    "CRVAL2",
+                    "CRPIX1",
+                    "CRPIX2",
+                    "CD1_1",
+                    "CD1_2",
+                    "CD2_1",
+                    "CD2_2",
+                    "CUNIT1",
+                    "CUNIT2",
+                    "WCSAXES",
+                    "RADESYS",
+                ):
                     hdul[0].header.remove(key, ignore_missing=True)
     return work
 

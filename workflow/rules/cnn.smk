@@ -7,20 +7,20 @@ rule datacube:
         labels="results/{telescope}/training/labels.ecsv",
     output:
         "results/{telescope}/training/datacube.npz",
-    params:
-        convert=config["convert"],
-        seed=config["seed"],
-        relabelled=relabel_digest,
     log:
         "logs/{telescope}/training/convert.log",
     benchmark:
         "benchmarks/{telescope}/training/convert.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        convert=config["convert"],
+        seed=config["seed"],
+        relabelled=relabel_digest,
     script:
         "../../scripts/convert.py"
 
@@ -41,20 +41,20 @@ rule train_model:
             category="Training",
             labels={"telescope": "{telescope}", "figure": "learning curves"},
         ),
-    params:
-        train=config["train"],
-        seed=config["seed"],
-        checkpoint_dir="results/{telescope}/checkpoints",
     log:
         "logs/{telescope}/model/train.log",
     benchmark:
         "benchmarks/{telescope}/model/train.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        train=config["train"],
+        seed=config["seed"],
+        checkpoint_dir="results/{telescope}/checkpoints",
     script:
         "../../scripts/train.py"
 
@@ -68,16 +68,16 @@ rule infer_image:
         table="results/{telescope}/{mode}/infer/{image}.ecsv",
         compat="results/{telescope}/{mode}/infer/{image}.dat",
         kept="results/{telescope}/{mode}/infer/{image}_kept.ecsv",
-    params:
-        threshold=config["infer"]["threshold"],
     log:
         "logs/{telescope}/{mode}/infer/{image}.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        threshold=config["infer"]["threshold"],
     script:
         "../../scripts/infer.py"
 
@@ -89,28 +89,68 @@ rule checkinfer_plots:
     output:
         summary="results/{telescope}/plots/checkinfer/summary.json",
         predictions="results/{telescope}/plots/checkinfer/test_predictions.ecsv",
-        p_real=report("results/{telescope}/plots/checkinfer/p_real_hist.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        roc=report("results/{telescope}/plots/checkinfer/roc.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        det=report("results/{telescope}/plots/checkinfer/det.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        rates=report("results/{telescope}/plots/checkinfer/error_rates.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        metrics=report("results/{telescope}/plots/checkinfer/metrics_vs_threshold.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        efficiency=report("results/{telescope}/plots/checkinfer/efficiency_mag.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        reliability=report("results/{telescope}/plots/checkinfer/reliability.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        confusion=report("results/{telescope}/plots/checkinfer/confusion.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        worst_fp=report("results/{telescope}/plots/checkinfer/worst_false_positives.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-        worst_fn=report("results/{telescope}/plots/checkinfer/worst_false_negatives.png", caption="../report/checkinfer.rst", category="Threshold choice"),
-    params:
-        threshold=config["infer"]["threshold"],
-        thresholds=config["checkinfer"]["thresholds"],
-        seed=config["seed"],
+        p_real=report(
+            "results/{telescope}/plots/checkinfer/p_real_hist.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        roc=report(
+            "results/{telescope}/plots/checkinfer/roc.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        det=report(
+            "results/{telescope}/plots/checkinfer/det.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        rates=report(
+            "results/{telescope}/plots/checkinfer/error_rates.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        metrics=report(
+            "results/{telescope}/plots/checkinfer/metrics_vs_threshold.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        efficiency=report(
+            "results/{telescope}/plots/checkinfer/efficiency_mag.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        reliability=report(
+            "results/{telescope}/plots/checkinfer/reliability.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        confusion=report(
+            "results/{telescope}/plots/checkinfer/confusion.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        worst_fp=report(
+            "results/{telescope}/plots/checkinfer/worst_false_positives.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        worst_fn=report(
+            "results/{telescope}/plots/checkinfer/worst_false_negatives.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
     log:
         "logs/{telescope}/plots/checkinfer.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        threshold=config["infer"]["threshold"],
+        thresholds=config["checkinfer"]["thresholds"],
+        seed=config["seed"],
     script:
         "../../scripts/checkinfer.py"
 
@@ -127,16 +167,16 @@ rule apply_summary:
             category="Apply path",
             labels={"telescope": "{telescope}", "figure": "candidates kept"},
         ),
-    params:
-        radius_arcsec=match_radius_arcsec,
-        radius_px=match_radius_px,
     log:
         "logs/{telescope}/plots/apply.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        radius_arcsec=match_radius_arcsec,
+        radius_px=match_radius_px,
     script:
         "../../scripts/apply_summary.py"

@@ -19,6 +19,7 @@ _INSTRUMENT_KEYS = ("name", "pixel_scale", "gain", "read_noise", "saturation", "
 
 _name = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 
+
 wildcard_constraints:
     telescope=_name,
     frame=_name,
@@ -124,12 +125,7 @@ def sci_psf_of(wildcards):
 def sim_images(telescope):
     """Every injection realization image of every science frame of a telescope."""
     n = TELESCOPES[telescope]["inject"]["realizations"]
-    return [
-        image_name(f.name, k)
-        for f in FRAMES[telescope].values()
-        if f.reference is not None
-        for k in range(n)
-    ]
+    return [image_name(f.name, k) for f in FRAMES[telescope].values() if f.reference is not None for k in range(n)]
 
 
 def obs_images(telescope):

@@ -11,16 +11,16 @@ rule crossmatch:
         table="results/{telescope}/sim/crossmatch/{image}.ecsv",
         compat="results/{telescope}/sim/crossmatch/{image}.dat",
         labels="results/{telescope}/sim/crossmatch/{image}.labels.ecsv",
-    params:
-        crossmatch=stage_block("crossmatch"),
     log:
         "logs/{telescope}/sim/crossmatch/{image}.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        crossmatch=stage_block("crossmatch"),
     script:
         "../../scripts/crossmatch.py"
 
@@ -33,12 +33,12 @@ rule label:
         "results/{telescope}/training/labels.ecsv",
     log:
         "logs/{telescope}/training/label.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=15,
-    conda:
-        "../../envs/rbflow.yaml"
     script:
         "../../scripts/label.py"
 
@@ -72,11 +72,11 @@ rule checksim_plots:
         table="results/{telescope}/plots/checksim/efficiency.ecsv",
     log:
         "logs/{telescope}/plots/checksim.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
     script:
         "../../scripts/checksim.py"

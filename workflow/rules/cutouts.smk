@@ -8,17 +8,17 @@ rule cutouts_image:
         candidates="results/{telescope}/{mode}/detect/{image}.ecsv",
     output:
         directory("results/{telescope}/{mode}/cutouts/{image}"),
-    params:
-        cutout=stage_block("cutout"),
     log:
         "logs/{telescope}/{mode}/cutouts/{image}.log",
     benchmark:
         "benchmarks/{telescope}/{mode}/cutouts/{image}.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        cutout=stage_block("cutout"),
     script:
         "../../scripts/cutouts.py"

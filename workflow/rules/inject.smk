@@ -11,18 +11,18 @@ rule inject:
         fits="results/{telescope}/sim/inject/{frame}_sim{realization}.fits",
         table="results/{telescope}/sim/inject/{frame}_sim{realization}.ecsv",
         compat="results/{telescope}/sim/inject/{frame}_sim{realization}.list",
-    params:
-        telescope=telescope_block("inject", "cutout"),
-        seed=seed_of("inject"),
     log:
         "logs/{telescope}/inject/{frame}_sim{realization}.log",
     benchmark:
         "benchmarks/{telescope}/inject/{frame}_sim{realization}.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1500,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block("inject", "cutout"),
+        seed=seed_of("inject"),
     script:
         "../../scripts/inject.py"

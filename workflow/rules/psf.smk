@@ -13,17 +13,17 @@ rule psf:
             category="PSF models",
             labels={"telescope": "{telescope}", "frame": "{frame}"},
         ),
-    params:
-        telescope=telescope_block("psf"),
     log:
         "logs/{telescope}/psf/{frame}.log",
     benchmark:
         "benchmarks/{telescope}/psf/{frame}.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block("psf"),
     script:
         "../../scripts/psf.py"

@@ -7,18 +7,18 @@ rule reference:
         frames=reference_inputs,
     output:
         "resources/{telescope}/reference/{frame}.fits",
-    params:
-        telescope=telescope_block(),
-        stack=stack_settings,
     log:
         "logs/{telescope}/reference/{frame}.log",
     benchmark:
         "benchmarks/{telescope}/reference/{frame}.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=15,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block(),
+        stack=stack_settings,
     script:
         "../../scripts/reference.py"

@@ -6,21 +6,21 @@ rule sky_frame:
     output:
         fits="resources/{telescope}/frames/{frame}.fits",
         truth="resources/{telescope}/truth/{frame}.ecsv",
-    params:
-        telescope=telescope_block("sky"),
-        seed=config["seed"],
     log:
         "logs/{telescope}/sky/{frame}.log",
     benchmark:
         "benchmarks/{telescope}/sky/{frame}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1500,
-        runtime=10,
     wildcard_constraints:
         telescope="|".join(SKY_TELESCOPES) or "^$",
     conda:
         "../../envs/rbflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    params:
+        telescope=telescope_block("sky"),
+        seed=config["seed"],
     script:
         "../../scripts/sky_frame.py"
 
@@ -29,18 +29,18 @@ rule sky_variables:
     """Catalogue of the real (not injected) variables and transients of the synthetic sky."""
     output:
         "resources/{telescope}/catalogues/variables.ecsv",
-    params:
-        telescope=telescope_block("sky"),
-        seed=config["seed"],
     log:
         "logs/{telescope}/sky/variables.log",
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
     wildcard_constraints:
         telescope="|".join(SKY_TELESCOPES) or "^$",
     conda:
         "../../envs/rbflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        telescope=telescope_block("sky"),
+        seed=config["seed"],
     script:
         "../../scripts/sky_variables.py"

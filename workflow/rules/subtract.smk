@@ -7,18 +7,18 @@ rule subtract:
         unpack(subtract_inputs),
     output:
         "results/{telescope}/{mode}/subtract/{image}.fits",
-    params:
-        telescope=telescope_block("subtract"),
     log:
         "logs/{telescope}/{mode}/subtract/{image}.log",
     benchmark:
         "benchmarks/{telescope}/{mode}/subtract/{image}.tsv"
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 2
     resources:
         mem_mb=subtract_mem_mb,
         runtime=20,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block("subtract"),
     script:
         "../../scripts/subtract.py"
 
@@ -30,15 +30,15 @@ rule detect:
         psf=sci_psf_of,
     output:
         "results/{telescope}/{mode}/detect/{image}.ecsv",
-    params:
-        telescope=telescope_block("detect", "cutout"),
     log:
         "logs/{telescope}/{mode}/detect/{image}.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1500,
         runtime=10,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block("detect", "cutout"),
     script:
         "../../scripts/detect.py"

@@ -4,10 +4,14 @@
 rule sim:
     """gmadet-sim: PSF models of every frame and injected point sources (all realizations)."""
     input:
-        lambda wildcards: [path for p in (
-            "results/{telescope}/sim/inject/{image}.fits",
-            "results/{telescope}/sim/inject/{image}.ecsv",
-        ) for path in per_image(p, "sim")],
+        lambda wildcards: [
+            path
+            for p in (
+                "results/{telescope}/sim/inject/{image}.fits",
+                "results/{telescope}/sim/inject/{image}.ecsv",
+            )
+            for path in per_image(p, "sim")
+        ],
 
 
 rule run:

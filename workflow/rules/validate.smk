@@ -10,16 +10,16 @@ rule validate_frame:
         unpack(validate_inputs),
     output:
         "results/{telescope}/validate/{frame}.json",
-    params:
-        telescope=telescope_block("psf"),
     log:
         "logs/{telescope}/validate/{frame}.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=1500,
         runtime=5,
-    conda:
-        "../../envs/rbflow.yaml"
+    params:
+        telescope=telescope_block("psf"),
     script:
         "../../scripts/validate.py"
 
@@ -32,11 +32,11 @@ checkpoint bad_frames:
         "results/{telescope}/bad_frames.ecsv",
     log:
         "logs/{telescope}/validate/bad_frames.log",
+    conda:
+        "../../envs/rbflow.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        "../../envs/rbflow.yaml"
     script:
         "../../scripts/bad_frames.py"
