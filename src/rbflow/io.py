@@ -12,13 +12,17 @@ Conventions used throughout rbflow
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
@@ -28,8 +32,16 @@ from astropy.wcs import WCS, FITSFixedWarning
 from rbflow import __version__
 from rbflow.errors import InputError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
     "atomic_path",
+    "made_by",
+    "jsonable",
+    "write_json",
+    "write_figure",
+    "file_sha256",
     "write_fits",
     "write_table",
     "read_table",
@@ -69,6 +81,102 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def made_by(qualname: str) -> str:
+    """Provenance stamp of an artefact: the function that made it and the rbflow version.
+
+    Parameters
+    ----------
+    qualname : str
+        Dotted name of the making function, e.g. ``"rbflow.detect.run_detect"``.
+
+    Returns
+    -------
+    str
+        ``"<qualname> <rbflow version>"``, the value of every ``made_by`` entry rbflow writes.
+    """
+    return f"{qualname} {__version__}"
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert ``obj`` to what strict JSON can hold.
+
+    Non-finite floats become ``None`` (``null``), numpy scalars and arrays become Python
+    numbers and lists, tuples become lists; dict keys are kept.
+
+    Parameters
+    ----------
+    obj : object
+        Nested dicts, lists, tuples, numbers, strings, numpy scalars or arrays.
+
+    Returns
+    -------
+    object
+        The same structure with only JSON types.
+    """
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as strict JSON (indent 2, NaN as ``null``), atomically.
+
+    Parameters
+    ----------
+    obj : object
+        Anything :func:`jsonable` accepts.
+    path : path-like
+        Destination.
+    """
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG, atomically.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure. The caller closes it.
+    path : path-like
+        Destination (``.png``).
+    dpi : int, optional
+        Resolution in dots per inch.
+    """
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 digest of a file's bytes, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+
+    Returns
+    -------
+    str
+        Hexadecimal digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_fits(hdul: fits.HDUList | fits.PrimaryHDU, path: str | os.PathLike) -> None:
