@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "config" / "README.md"
-MARKER = "<!-- generated from workflow/schemas by docs/config_reference.py: do not edit below -->"
+MARKER = "<!-- generated from src/rbflow/schemas by docs/config_reference.py: do not edit below -->"
 SECTIONS = [
     ("telescope", "Telescope file (`config/telescopes/<name>.yaml`)"),
     ("sky", "Synthetic sky (`sky:` block of a demo telescope)"),
@@ -33,7 +33,7 @@ def tables() -> str:
     """The generated part of config/README.md."""
     parts = [MARKER]
     for name, title in SECTIONS:
-        schema = yaml.safe_load((REPO / "workflow" / "schemas" / f"{name}.schema.yaml").read_text())
+        schema = yaml.safe_load((REPO / "src" / "rbflow" / "schemas" / f"{name}.schema.yaml").read_text())
         parts.append(f"\n## {title}\n\n| key | type | meaning (unit) | default |\n|---|---|---|---|")
         parts.extend(_rows(schema))
     return "\n".join(parts) + "\n"

@@ -43,7 +43,7 @@ SHIPPED = sorted(TEL_DIR.glob("*.yaml"))
 #: Header keys an ordinary FITS card can hold (8 characters of A-Z, 0-9, '-' and '_').
 FITS_KEY = re.compile(r"[A-Z0-9_-]{1,8}")
 #: The part of config/README.md written by hand (the generated reference follows the marker).
-MARKER = "<!-- generated from workflow/schemas by docs/config_reference.py: do not edit below -->"
+MARKER = "<!-- generated from src/rbflow/schemas by docs/config_reference.py: do not edit below -->"
 
 
 def _load(name: str) -> dict:

@@ -1,6 +1,6 @@
 """Loading and validating rbflow's run configuration and telescope files.
 
-The JSON schemas in ``workflow/schemas/`` are the single source of truth: they carry each key's
+The JSON schemas shipped in the package (``rbflow/schemas/``) are the single source of truth: they carry each key's
 description, type, unit and default. Validation fills in defaults and, on failure, raises a
 :class:`~rbflow.errors.ConfigError` naming the file, the key and what is allowed.
 """
@@ -8,8 +8,10 @@ description, type, unit and default. Validation fills in defaults and, on failur
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,58 @@ import yaml
 
 from rbflow.errors import ConfigError
 
-__all__ = ["SCHEMA_DIR", "validate", "load_yaml", "load_telescope", "load_config"]
+__all__ = ["SCHEMA_DIR", "schema", "schema_defaults", "validate", "load_yaml", "load_telescope", "load_config"]
 
 log = logging.getLogger(__name__)
 
-#: Folder of the JSON schemas (``workflow/schemas`` of the repository).
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+#: Folder of the JSON schemas, package data of rbflow (so an installed rbflow validates configs).
+SCHEMA_DIR = resources.files("rbflow") / "schemas"
+
+
+@functools.cache
+def _schema_text(schema_name: str) -> str:
+    return (SCHEMA_DIR / schema_name).read_text()
+
+
+def schema(schema_name: str) -> dict[str, Any]:
+    """One of rbflow's JSON schemas, parsed (a fresh copy each call).
+
+    Parameters
+    ----------
+    schema_name : str
+        File name in ``SCHEMA_DIR``: ``"config.schema.yaml"``, ``"telescope.schema.yaml"`` or
+        ``"sky.schema.yaml"``.
+
+    Returns
+    -------
+    dict
+    """
+    return yaml.safe_load(_schema_text(schema_name))
+
+
+def schema_defaults(schema_name: str, *block: str) -> dict[str, Any]:
+    """The defaults a schema gives to the keys of one of its blocks: the one source of defaults.
+
+    Parameters
+    ----------
+    schema_name : str
+        File name in ``SCHEMA_DIR`` (e.g. ``"config.schema.yaml"``).
+    *block : str
+        Path of property names to the block, e.g. ``("train",)``; none for the top level.
+
+    Returns
+    -------
+    dict
+        What validating an empty block fills in: every key that has a default, with it (nested
+        blocks too); keys without a default are absent.
+    """
+    sub = schema(schema_name)
+    for name in block:
+        sub = sub["properties"][name]
+    data: dict[str, Any] = {}
+    for _ in _Validator(sub).iter_errors(data):  # filling happens during the walk; required keys stay absent
+        pass
+    return data
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -115,8 +163,7 @@ def validate(data: dict[str, Any], schema_name: str, source: str) -> dict[str, A
     ConfigError
         Listing every problem found, each with its key.
     """
-    schema = yaml.safe_load((SCHEMA_DIR / schema_name).read_text())
-    errors = sorted(_Validator(schema).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(_Validator(schema(schema_name)).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in errors))
     return data

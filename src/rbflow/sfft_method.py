@@ -42,7 +42,7 @@ __all__ = ["DEFAULTS", "numba_cache_dir", "require_sfft", "sfft_difference"]
 
 log = logging.getLogger(__name__)
 
-#: Defaults of the telescope's ``subtract.sfft`` block (see workflow/schemas/telescope.schema.yaml).
+#: Defaults of the telescope's ``subtract.sfft`` block (see src/rbflow/schemas/telescope.schema.yaml).
 DEFAULTS: dict[str, Any] = {
     "kernel_half_width": None,
     "kernel_poly_order": 2,

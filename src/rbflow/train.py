@@ -61,7 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Defaults of the ``train`` config block (as in workflow/schemas/config.schema.yaml).
+#: Defaults of the ``train`` config block (as in src/rbflow/schemas/config.schema.yaml).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "architecture": "compact",
     "widths": [16, 32, 64],
