@@ -8,6 +8,7 @@ run(
     sm,
     summarise_apply,
     infer_paths=list(sm.input.infer),
+    kept_paths=list(sm.input.kept),
     out_json=sm.output.summary,
     out_png=sm.output.plot,
     catalogues=list(sm.input.catalogues),

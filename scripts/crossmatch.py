@@ -12,7 +12,7 @@ run(
     injected_path=sm.input.injected,
     out_table=sm.output.table,
     out_dat=sm.output.compat,
-    out_labels=sm.output.labels,
+    out_per_candidate=sm.output.per_candidate,
     radius=cfg["radius"],
     catalogues=list(sm.input.catalogues),
     label_unmatched=cfg["label_unmatched"],

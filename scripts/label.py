@@ -9,7 +9,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 run(
     sm,
     label_cutouts,
-    labels_paths=list(sm.input.labels),
+    per_candidate_paths=list(sm.input.per_candidate),
     cutout_dirs=list(sm.input.cutouts),
     training_dir=Path(sm.output[0]).parent,
 )

@@ -10,7 +10,7 @@ rule crossmatch:
     output:
         table="results/{telescope}/sim/crossmatch/{image}.ecsv",
         compat="results/{telescope}/sim/crossmatch/{image}.dat",
-        labels="results/{telescope}/sim/crossmatch/{image}.labels.ecsv",
+        per_candidate="results/{telescope}/sim/crossmatch/{image}.per_candidate.ecsv",
     log:
         "logs/{telescope}/sim/crossmatch/{image}.log",
     conda:
@@ -28,7 +28,7 @@ rule crossmatch:
 rule label:
     """Sort every injected image's cutouts into training/true, false (and unsorted) folders."""
     input:
-        unpack(labels_inputs),
+        unpack(label_inputs),
     output:
         "results/{telescope}/training/labels.ecsv",
     log:
