@@ -1,11 +1,11 @@
 """Snakemake script of rule crossmatch: candidates of one image vs its injected sources and known variables."""
 
 from rbflow.crossmatch import run_crossmatch
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 cfg = sm.params.crossmatch
-run(
+call_in_job(
     sm,
     run_crossmatch,
     candidates_path=sm.input.candidates,

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from rbflow.crossmatch import label_cutouts
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     label_cutouts,
     per_candidate_paths=list(sm.input.per_candidate),

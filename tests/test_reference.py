@@ -172,8 +172,7 @@ def test_reference_script_wiring(tmp_path):
     sm = SimpleNamespace(
         input=SimpleNamespace(frames=[str(p) for p in paths[:2]]),
         output=[str(out)],
-        params=SimpleNamespace(telescope=tel, stack=tel["frames"]["stack"]),
-        config={"on_bad_frame": "stop"},
+        params=SimpleNamespace(telescope=tel, stack=tel["frames"]["stack"], skip_bad=False),
         log=[str(tmp_path / "ref.log")],
         rule="reference",
         wildcards={"telescope": "synth", "frame": "synth_ref"},
