@@ -12,9 +12,9 @@ rule datacube:
     output:
         "results/{telescope}/training/datacube.npz",
     log:
-        "logs/{telescope}/training/convert.log",
+        "logs/{telescope}/training/datacube.log",
     benchmark:
-        "benchmarks/{telescope}/training/convert.tsv"
+        "benchmarks/{telescope}/training/datacube.tsv"
     conda:
         "../../envs/rbflow.yaml"
     threads: 1
@@ -27,6 +27,10 @@ rule datacube:
         relabelled=relabel_digest,
     script:
         "../../scripts/datacube.py"
+
+
+# Resume state (results/{telescope}/checkpoints/) is a param, not an output: Snakemake deletes a job's
+# outputs before it runs and after it fails, and a killed training resumes from it.
 
 
 rule train_model:
