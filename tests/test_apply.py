@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import runpy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,3 +79,20 @@ def test_one_kept_list_per_table(tmp_path):
     with pytest.raises(ConfigError, match="1 inference tables but 0 kept lists"):
         summarise_apply([tmp_path / "a.ecsv"], [], tmp_path / "s.json", tmp_path / "s.png", radius_arcsec=2.0)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_apply_summary_script_wiring(tmp_path, repo):
+    # the rule's declared inputs reach summarise_apply: kept lists come from input.kept, not from beside each table
+    _infer(tmp_path / "a.ecsv", [1.0, 2.0], [0.0, 0.0], [0.9, 0.1])
+    Table({"id": ["c0", "c1"], "ra": [1.0, 2.0], "dec": [0.0, 0.0], "label1": [0.9, 0.1]}).write(tmp_path / "k.ecsv")
+    sm = SimpleNamespace(
+        input=SimpleNamespace(infer=[str(tmp_path / "a.ecsv")], kept=[str(tmp_path / "k.ecsv")], catalogues=[]),
+        output=SimpleNamespace(summary=str(tmp_path / "s.json"), plot=str(tmp_path / "s.png")),
+        params=SimpleNamespace(radius_arcsec=2.0, radius_px=None),
+        log=[str(tmp_path / "apply.log")],
+        rule="apply_summary",
+        wildcards={"telescope": "t"},
+    )
+    runpy.run_path(str(repo / "scripts" / "apply_summary.py"), init_globals={"snakemake": sm})
+    assert json.loads((tmp_path / "s.json").read_text())["frames"]["a"]["n_kept"] == 2
+    assert "rule apply_summary" in (tmp_path / "apply.log").read_text()
