@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from rbflow.config import schema
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "config" / "README.md"
@@ -33,9 +33,8 @@ def tables() -> str:
     """The generated part of config/README.md."""
     parts = [MARKER]
     for name, title in SECTIONS:
-        schema = yaml.safe_load((REPO / "src" / "rbflow" / "schemas" / f"{name}.schema.yaml").read_text())
         parts.append(f"\n## {title}\n\n| key | type | meaning (unit) | default |\n|---|---|---|---|")
-        parts.extend(_rows(schema))
+        parts.extend(_rows(schema(f"{name}.schema.yaml")))
     return "\n".join(parts) + "\n"
 
 

@@ -1,10 +1,10 @@
 """Snakemake script of rule detect: candidates of one difference image."""
 
 from rbflow.detect import run_detect
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     run_detect,
     subtract_path=sm.input.diff,

@@ -1,10 +1,10 @@
 """Snakemake script of rule inject: one injection realization of one frame."""
 
 from rbflow.inject import run_inject
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     run_inject,
     frame_path=sm.input.frame,

@@ -1,10 +1,10 @@
 """Snakemake script of rule sky_frame: one frame of the synthetic sky."""
 
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 from rbflow.sky import write_frame
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     write_frame,
     telescope=sm.params.telescope,

@@ -1,10 +1,10 @@
 """Snakemake script of rule subtract: ZOGY subtraction of one image."""
 
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 from rbflow.subtract import run_subtract
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     run_subtract,
     sci_path=sm.input.sci,

@@ -121,13 +121,13 @@ def test_run_crossmatch_outputs(tmp_path, unmatched):
         tmp_path / "inj.ecsv",
         out / "img_sim0.ecsv",
         out / "img_sim0.dat",
-        out / "img_sim0_labels.ecsv",
+        out / "img_sim0.per_candidate.ecsv",
         radius=RADIUS,
         catalogues=[str(tmp_path / "known.csv")],
         label_unmatched=unmatched,
     )
     assert list(labels["label"]) == ["true", "true", "true", "unsorted", unmatched, "true", unmatched]
-    back = Table.read(out / "img_sim0_labels.ecsv")
+    back = Table.read(out / "img_sim0.per_candidate.ecsv")
     assert list(back["label"]) == list(labels["label"])
     assert Table.read(out / "img_sim0.ecsv")["detected"].sum() == 4
     # the older tool's crossmatch.dat (columns checked in test_legacy.py)

@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from test_subtract import CFG, DET, INFO, GaussPSF, make_pair, subtract
 
 from rbflow import detect as det
-from rbflow.config import validate
+from rbflow.config import check_schema
 from rbflow.errors import InputError
 from rbflow.io import read_table
 from rbflow.psf import PSFModel
@@ -153,7 +153,7 @@ def _telescope():
         "detect": DET,
         "subtract": CFG,
     }
-    return validate(tel, "telescope.schema.yaml", "test telescope")
+    return check_schema(tel, "telescope.schema.yaml", "test telescope")
 
 
 def test_run_subtract_and_run_detect_write_their_files(tmp_path, stub_psf_read):

@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.special import erf
 
-from rbflow.config import validate
+from rbflow.config import check_schema
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import frames_of
 from rbflow.reference import stack_reference
@@ -30,7 +30,7 @@ def _telescope(**frames) -> dict:
     tel = {"name": "synth", "pixel_scale": 1.0, "filters": ["r"], "zeropoints": {"r": 25.0}}
     if frames:
         tel["frames"] = frames
-    return validate(tel, "telescope.schema.yaml", "test telescope")
+    return check_schema(tel, "telescope.schema.yaml", "test telescope")
 
 
 def _stars(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +172,7 @@ def test_reference_script_wiring(tmp_path):
     sm = SimpleNamespace(
         input=SimpleNamespace(frames=[str(p) for p in paths[:2]]),
         output=[str(out)],
-        params=SimpleNamespace(telescope=tel, stack=tel["frames"]["stack"]),
-        config={"on_bad_frame": "stop"},
+        params=SimpleNamespace(telescope=tel, stack=tel["frames"]["stack"], skip_bad=False),
         log=[str(tmp_path / "ref.log")],
         rule="reference",
         wildcards={"telescope": "synth", "frame": "synth_ref"},

@@ -13,7 +13,7 @@ from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import ndimage, optimize
 
 from rbflow import sky
-from rbflow.config import load_telescope, validate
+from rbflow.config import check_schema, load_telescope
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import frames_of
 from rbflow.io import read_image, read_table
@@ -38,7 +38,7 @@ def telescope(**sky_block) -> dict:
     """The demo telescope with a small sky (1 field, 2 epochs, 256^2) and the given overrides."""
     tel = load_telescope(DEMO)
     tel["sky"] = {"fields": 1, "epochs": 2, "size": [256, 256], **sky_block}
-    validate(tel["sky"], "sky.schema.yaml", "test sky block")
+    check_schema(tel["sky"], "sky.schema.yaml", "test sky block")
     return tel
 
 

@@ -181,7 +181,7 @@ def test_every_clear_injection_with_snr_above_10_ends_in_true(tiny_run):
     folder = dict(zip(labels["id"], labels["label_folder"]))
     checked, confused, missed = 0, [], []
     for path in sorted((res / "sim" / "crossmatch").glob("*_sim*.ecsv")):
-        if path.name.endswith(".labels.ecsv"):
+        if path.name.endswith(".per_candidate.ecsv"):
             continue
         table = Table.read(path)
         if not len(table):

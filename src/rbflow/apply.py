@@ -9,7 +9,6 @@ rather than artefacts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,10 +19,9 @@ import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.table import Table, vstack
 
-from rbflow import __version__
 from rbflow.crossmatch import read_catalogue, table_pixel_scale
 from rbflow.errors import ConfigError
-from rbflow.io import atomic_path, read_table
+from rbflow.io import made_by, read_table, write_figure, write_json
 
 __all__ = ["summarise_apply"]
 
@@ -42,6 +40,7 @@ def _near(cands: Table, sources: SkyCoord, radius: u.Quantity) -> tuple[np.ndarr
 
 def summarise_apply(
     infer_paths: Sequence[str | os.PathLike],
+    kept_paths: Sequence[str | os.PathLike],
     out_json: str | os.PathLike,
     out_png: str | os.PathLike,
     *,
@@ -54,8 +53,9 @@ def summarise_apply(
     Parameters
     ----------
     infer_paths : sequence of path-like
-        ``infer/{image}.ecsv`` tables (columns id, ra, dec, label1); the kept list of each is the
-        sibling ``{image}_kept.ecsv``.
+        ``infer/{image}.ecsv`` tables (columns id, ra, dec, label1).
+    kept_paths : sequence of path-like
+        The kept list of each (``infer/{image}_kept.ecsv``), in the order of ``infer_paths``.
     out_json, out_png : path-like
         Summary (JSON) and bar chart (PNG).
     catalogues : sequence of path-like, optional
@@ -76,10 +76,15 @@ def summarise_apply(
     sources = SkyCoord(np.asarray(known["ra"], float) * u.deg, np.asarray(known["dec"], float) * u.deg)
     if radius_arcsec is None and radius_px is None:
         raise ConfigError("summarise_apply needs radius_arcsec or radius_px")
+    if len(kept_paths) != len(infer_paths):
+        raise ConfigError(
+            f"summarise_apply got {len(infer_paths)} inference tables but {len(kept_paths)} kept lists: "
+            "give one kept list per table, in the same order"
+        )
     frames = {}
-    for path in infer_paths:
+    for path, kept_path in zip(infer_paths, kept_paths, strict=True):
         path = Path(path)
-        cands, kept = read_table(path), read_table(path.with_name(f"{path.stem}_kept.ecsv"))
+        cands, kept = read_table(path), read_table(kept_path)
         if radius_arcsec is not None:
             radius = radius_arcsec * u.arcsec
         else:
@@ -104,7 +109,7 @@ def summarise_apply(
     total["known_kept_of_detected"] = total["known_kept"] / total["known_detected"] if total["known_detected"] else None
     total["survivors_known_fraction"] = total["kept_known"] / total["n_kept"] if total["n_kept"] else None
     summary = {
-        "made_by": f"rbflow.apply.summarise_apply {__version__}",
+        "made_by": made_by("rbflow.apply.summarise_apply"),
         "catalogues": [str(p) for p in catalogues],
         "radius_arcsec": radius_arcsec,
         "radius_px": radius_px,
@@ -123,8 +128,7 @@ def summarise_apply(
         total["kept_known"],
         total["n_kept"],
     )
-    with atomic_path(out_json) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_json(summary, out_json)
     _plot(frames, Path(out_png))
     return summary
 
@@ -149,5 +153,4 @@ def _plot(frames: dict[str, dict], path: Path) -> None:
     ax.set_xticks(pos, names, rotation=45, ha="right")
     ax.set_ylabel("candidates per frame")
     ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    write_figure(fig, path, dpi=100)

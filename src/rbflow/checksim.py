@@ -9,23 +9,22 @@ Figures are made with :class:`matplotlib.figure.Figure` (Agg canvas), never with
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.table import Table, vstack
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from scipy.optimize import minimize
-from scipy.special import expit
 
-from rbflow import __version__
 from rbflow.errors import InputError
-from rbflow.io import atomic_path, read_table, write_table
+from rbflow.io import jsonable, made_by, read_table, write_figure, write_json, write_table
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["efficiency", "expected_snr", "fit_logistic", "logistic", "limiting_mag", "frame_limits", "run_checksim"]
 
@@ -39,6 +38,8 @@ _COLUMNS = ("mag", "detected", "mag_meas", "snr")
 
 def logistic(mag: np.ndarray | float, m50: float, width: float) -> np.ndarray:
     """Efficiency model ``1 / (1 + exp((mag - m50) / width))``."""
+    from scipy.special import expit
+
     return expit(-(np.asarray(mag, dtype=float) - m50) / width)
 
 
@@ -114,6 +115,8 @@ def fit_logistic(mags: np.ndarray, detected: np.ndarray) -> tuple[float, float]:
             int(detected.sum()),
         )
         return float("nan"), float("nan")
+    from scipy.optimize import minimize
+
     y = detected.astype(float)
     scale = max(float(np.std(mags)), 1e-3)
 
@@ -270,12 +273,7 @@ def _legend(ax: Axes) -> None:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if not np.isfinite(value) else float(value)
+    write_figure(fig, path, dpi=110)
 
 
 def run_checksim(
@@ -342,7 +340,7 @@ def run_checksim(
     groups = [("all", np.ones(len(data), dtype=bool))] + [(b, band == b) for b in bands]
     bins = _bins(mag)
 
-    summary: dict = {"made_by": f"rbflow.checksim.run_checksim {__version__}", "bands": {}}
+    summary: dict = {"made_by": made_by("rbflow.checksim.run_checksim"), "bands": {}}
     eff_tables = []
     fitted: dict[str, tuple[float, float]] = {}
     for name, sel in groups:
@@ -354,21 +352,18 @@ def run_checksim(
         summary["bands"][name] = {
             "n_injected": int(sel.sum()),
             "n_detected": int(det[sel].sum()),
-            "m50": _nan_to_none(m50),
-            "m90": _nan_to_none(m50 - width * math.log(9.0)),
-            "width": _nan_to_none(width),
-            "limiting_mag": _nan_to_none(limiting.get(name, float("nan"))),
-            "bias": [
-                {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in row.items()}
-                for row in _bias(mag[sel & det], meas[sel & det] - mag[sel & det], bins)
-            ],
+            "m50": m50,
+            "m90": m50 - width * math.log(9.0),
+            "width": width,
+            "limiting_mag": limiting.get(name, float("nan")),
+            "bias": _bias(mag[sel & det], meas[sel & det] - mag[sel & det], bins),
         }
+    summary = jsonable(summary)  # NaN (no fit, no limit, empty bin) as None, in the file and the result
     eff_all = vstack(eff_tables)
     eff_all.meta.update({"made_by": summary["made_by"], "interval": "Wilson score, 68.3 %"})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(eff_all, out_dir / "efficiency.ecsv")
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_json(summary, out_dir / "summary.json")
 
     _plot_hist(mag, det, groups, bins, out_dir / "hist_mag.png")
     _plot_efficiency(eff_all, groups, fitted, limiting, bins, out_dir / "efficiency.png")
@@ -379,6 +374,8 @@ def run_checksim(
 
 
 def _plot_hist(mag: np.ndarray, det: np.ndarray, groups: list, bins: np.ndarray, path: Path) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.0 * len(groups), 3.4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (name, sel) in zip(axes, groups):
@@ -392,6 +389,8 @@ def _plot_hist(mag: np.ndarray, det: np.ndarray, groups: list, bins: np.ndarray,
 def _plot_efficiency(
     eff: Table, groups: list, fitted: dict, limiting: dict[str, float], bins: np.ndarray, path: Path
 ) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     grid = np.linspace(bins[0], bins[-1], 300)
@@ -425,6 +424,8 @@ def _plot_efficiency(
 def _plot_bias(
     mag: np.ndarray, meas: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], bins: np.ndarray, path: Path
 ) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     delta = meas - mag
@@ -449,6 +450,8 @@ def _plot_bias(
 def _plot_snr(
     mag: np.ndarray, snr: np.ndarray, det: np.ndarray, band: np.ndarray, bands: list[str], path: Path
 ) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     for k, b in enumerate(bands, start=1):

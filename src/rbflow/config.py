@@ -1,8 +1,12 @@
-"""Loading and validating rbflow's run configuration and telescope files.
+"""Loading rbflow's run configuration and telescope files and checking them against their schemas.
 
 The JSON schemas shipped in the package (``rbflow/schemas/``) are the single source of truth: they carry each key's
-description, type, unit and default. Validation fills in defaults and, on failure, raises a
-:class:`~rbflow.errors.ConfigError` naming the file, the key and what is allowed.
+description, type, unit and default. :func:`check_schema` fills in defaults and, on failure, raises a
+:class:`~rbflow.errors.ConfigError` naming the file, the key and what is allowed. (In rbflow "validate" names the
+per-frame checks of :mod:`rbflow.validate`, not this.)
+
+``jsonschema`` and ``yaml`` are imported by the functions that use them: a job that only needs
+:func:`schema_defaults` of a small block still pays for them, but importing this module does not.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import jsonschema
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from rbflow.errors import ConfigError
 
-__all__ = ["SCHEMA_DIR", "schema", "schema_defaults", "validate", "load_yaml", "load_telescope", "load_config"]
+if TYPE_CHECKING:
+    import jsonschema
+
+__all__ = ["SCHEMA_DIR", "schema", "schema_defaults", "check_schema", "load_yaml", "load_telescope", "load_config"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ def schema(schema_name: str) -> dict[str, Any]:
     -------
     dict
     """
+    import yaml
+
     return yaml.safe_load(_schema_text(schema_name))
 
 
@@ -69,13 +75,17 @@ def schema_defaults(schema_name: str, *block: str) -> dict[str, Any]:
     for name in block:
         sub = sub["properties"][name]
     data: dict[str, Any] = {}
-    for _ in _Validator(sub).iter_errors(data):  # filling happens during the walk; required keys stay absent
+    for _ in _validator_class()(sub).iter_errors(data):  # filling happens during the walk; required keys stay absent
         pass
     return data
 
 
-def _with_defaults(validator_class: type) -> type:
-    """Extend a jsonschema validator class so that validation fills in ``default`` values."""
+@functools.cache
+def _validator_class() -> type:
+    """Draft 7 jsonschema validator class extended so that validation fills in ``default`` values."""
+    import jsonschema
+
+    validator_class = jsonschema.Draft7Validator
     validate_properties = validator_class.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, schema):  # noqa: ANN001 - jsonschema hook
@@ -86,9 +96,6 @@ def _with_defaults(validator_class: type) -> type:
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
-
-
-_Validator = _with_defaults(jsonschema.Draft7Validator)
 
 
 def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
@@ -110,6 +117,8 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     ConfigError
         Missing file, YAML syntax error, or a top level that is not a mapping.
     """
+    import yaml
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{what} '{path}' does not exist")
@@ -141,8 +150,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return msg
 
 
-def validate(data: dict[str, Any], schema_name: str, source: str) -> dict[str, Any]:
-    """Validate ``data`` in place against a schema of ``SCHEMA_DIR`` and fill in defaults.
+def check_schema(data: dict[str, Any], schema_name: str, source: str) -> dict[str, Any]:
+    """Check ``data`` in place against a schema of ``SCHEMA_DIR`` and fill in defaults.
 
     Parameters
     ----------
@@ -163,14 +172,16 @@ def validate(data: dict[str, Any], schema_name: str, source: str) -> dict[str, A
     ConfigError
         Listing every problem found, each with its key.
     """
-    errors = sorted(_Validator(schema(schema_name)).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(
+        _validator_class()(schema(schema_name)).iter_errors(data), key=lambda e: list(map(str, e.absolute_path))
+    )
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in errors))
     return data
 
 
 def load_telescope(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate one telescope file (and its ``sky`` block, for synthetic telescopes).
+    """Load one telescope file and check it (and its ``sky`` block, for synthetic telescopes) against its schema.
 
     Parameters
     ----------
@@ -189,11 +200,11 @@ def load_telescope(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     source = f"telescope file '{path}'"
-    tel = validate(load_yaml(path, "telescope file"), "telescope.schema.yaml", source)
+    tel = check_schema(load_yaml(path, "telescope file"), "telescope.schema.yaml", source)
     if tel["name"] != path.stem:
         raise ConfigError(f"{source}: key 'name' is {tel['name']!r} but must equal the file name {path.stem!r}")
     if "sky" in tel:
-        validate(tel["sky"], "sky.schema.yaml", f"{source} (block 'sky')")
+        check_schema(tel["sky"], "sky.schema.yaml", f"{source} (block 'sky')")
         if tel["pixel_scale"] is None:
             raise ConfigError(f"{source}: the embedded sky needs 'pixel_scale' in arcsec/pixel, not null")
     elif "frames" not in tel:
@@ -202,7 +213,7 @@ def load_telescope(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(config: dict[str, Any], *, source: str = "config/config.yaml") -> dict[str, Any]:
-    """Validate the run configuration and load every telescope file it names.
+    """Check the run configuration against its schema and load every telescope file it names.
 
     Parameters
     ----------
@@ -214,9 +225,9 @@ def load_config(config: dict[str, Any], *, source: str = "config/config.yaml") -
     Returns
     -------
     dict
-        ``config`` with defaults and a ``_telescopes`` mapping of name to validated telescope dict.
+        ``config`` with defaults and a ``_telescopes`` mapping of name to checked telescope dict.
     """
-    validate(config, "config.schema.yaml", f"config '{source}'")
+    check_schema(config, "config.schema.yaml", f"config '{source}'")
     tel_dir = Path(config["telescope_dir"])
     config["_telescopes"] = {}
     for name in config["telescopes"]:

@@ -22,18 +22,19 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
-from astropy.wcs import WCS
-from scipy.spatial import cKDTree
 
 from rbflow import __version__
 from rbflow.cutouts import MANIFEST
 from rbflow.errors import InputError
-from rbflow.io import read_table, write_table
+from rbflow.io import made_by, read_table, write_table
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 __all__ = [
     "LABELS",
@@ -87,6 +88,8 @@ def _catalogue_matches(
     ra = np.concatenate([np.asarray(c["ra"], dtype=float) for c in cats])
     dec = np.concatenate([np.asarray(c["dec"], dtype=float) for c in cats])
     if wcs is not None:
+        from scipy.spatial import cKDTree
+
         cxy = np.column_stack(wcs.world_to_pixel_values(ra, dec))
         cxy = cxy[np.all(np.isfinite(cxy), axis=1)]  # sources behind the tangent plane have no pixel
         if len(cxy) == 0:
@@ -111,6 +114,8 @@ def _pairs(candidates: Table, injected: Table, radius: float) -> list[tuple[int,
     """All (injected index, candidate index, separation px) within ``radius``, same image only."""
     if len(candidates) == 0 or len(injected) == 0:
         return []
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(_xy(candidates))
     same_image = "image" in candidates.colnames and "image" in injected.colnames
     cimg = np.asarray(candidates["image"]).astype(str) if same_image else None
@@ -264,7 +269,7 @@ def crossmatch(
         }
     )
     labels["sep"].unit = "pix"
-    meta = {"made_by": f"rbflow.crossmatch.crossmatch {__version__}", "radius_px": float(radius)}
+    meta = {"made_by": made_by("rbflow.crossmatch.crossmatch"), "radius_px": float(radius)}
     per.meta.update(meta)
     labels.meta.update(meta)
     log.info(
@@ -387,7 +392,7 @@ def run_crossmatch(
     injected_path: str | os.PathLike,
     out_table: str | os.PathLike,
     out_dat: str | os.PathLike,
-    out_labels: str | os.PathLike,
+    out_per_candidate: str | os.PathLike,
     *,
     radius: float,
     catalogues: Sequence[str] = (),
@@ -405,8 +410,8 @@ def run_crossmatch(
         Per-injected-source ECSV (see :func:`crossmatch`).
     out_dat : path-like
         ``crossmatch.dat`` compatibility file (see :func:`write_dat`).
-    out_labels : path-like
-        Per-candidate labels ECSV.
+    out_per_candidate : path-like
+        Per-candidate ECSV (match and automatic label of each candidate; ``{image}.per_candidate.ecsv``).
     radius : float
         Match radius (pixels).
     catalogues : sequence of str, optional
@@ -459,7 +464,7 @@ def run_crossmatch(
     labels.meta["label_unmatched"] = label_unmatched
     write_table(per, out_table)
     write_dat(per, out_dat)
-    write_table(labels, out_labels)
+    write_table(labels, out_per_candidate)
     return per, labels
 
 
@@ -506,7 +511,7 @@ def _previous_labels(path: Path) -> dict[str, tuple[str, str]] | None:
 
 
 def label_cutouts(
-    labels_paths: Sequence[str | os.PathLike],
+    per_candidate_paths: Sequence[str | os.PathLike],
     cutout_dirs: Sequence[str | os.PathLike],
     training_dir: str | os.PathLike,
 ) -> Table:
@@ -529,8 +534,8 @@ def label_cutouts(
 
     Parameters
     ----------
-    labels_paths : sequence of path-like
-        Label ECSV tables of :func:`run_crossmatch` (columns id, label).
+    per_candidate_paths : sequence of path-like
+        Per-candidate ECSV tables of :func:`run_crossmatch` (columns id, label).
     cutout_dirs : sequence of path-like
         Cutout folders of :func:`rbflow.cutouts.write_cutouts` (each with its manifest).
     training_dir : path-like
@@ -550,10 +555,10 @@ def label_cutouts(
     """
     training_dir = Path(training_dir)
     auto: dict[str, str] = {}
-    for path in labels_paths:
+    for path in per_candidate_paths:
         table = read_table(path)
         if not {"id", "label"} <= set(table.colnames):
-            raise InputError(f"label table '{path}' lacks columns id/label: rerun the crossmatch stage")
+            raise InputError(f"per-candidate table '{path}' lacks columns id/label: rerun the crossmatch stage")
         auto.update(zip(np.asarray(table["id"]).astype(str), np.asarray(table["label"]).astype(str)))
     folders = {lab: training_dir / lab for lab in LABELS}
     for folder in folders.values():
@@ -607,12 +612,12 @@ def label_cutouts(
             voided,
         )
     if unlabelled:
-        log.warning("%d cutouts have no label in the given label tables and were not placed", unlabelled)
+        log.warning("%d cutouts have no label in the given per-candidate tables and were not placed", unlabelled)
     out = Table(
         rows=rows or None,
         names=("id", "key", "label_auto", "label_folder", "action", "refreshed"),
         dtype=[str, str, str, str, str, bool],
-        meta={"made_by": f"rbflow.crossmatch.label_cutouts {__version__}", "training_dir": str(training_dir)},
+        meta={"made_by": made_by("rbflow.crossmatch.label_cutouts"), "training_dir": str(training_dir)},
     )
     if not rows:
         log.warning("no labelled cutout found for training folder '%s'", training_dir)

@@ -25,12 +25,11 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
-from PIL import Image as PILImage
 
 from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.frames import parse_image
-from rbflow.io import read_table
+from rbflow.io import made_by, read_table
 
 __all__ = ["CHANNELS", "EDGE", "MANIFEST", "write_cutouts", "read_cutout", "preview"]
 
@@ -187,6 +186,8 @@ def preview(stamps: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     # Row 0 of a FITS image is at the bottom: flip so that the preview looks like ds9.
     img = (np.hstack(parts)[::-1] * 255.0 + 0.5).astype(np.uint8)
     img = np.repeat(np.repeat(img, _PNG_ZOOM, axis=0), _PNG_ZOOM, axis=1)
+    from PIL import Image as PILImage
+
     PILImage.fromarray(img).save(path, format="PNG", compress_level=1)
 
 
@@ -263,7 +264,7 @@ def write_cutouts(
     manifest["file"] = np.array([f"{i}.fits" for i in cands["id"]], dtype=str) if len(cands) else np.array([], "U1")
     manifest.meta.update(
         {
-            "made_by": f"rbflow.cutouts.write_cutouts {__version__}",
+            "made_by": made_by("rbflow.cutouts.write_cutouts"),
             "subtraction": str(subtract_path),
             "candidates": str(candidates_path),
             "size": size,

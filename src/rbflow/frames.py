@@ -11,12 +11,14 @@ import glob
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from astropy.io import fits
 
 from rbflow.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from astropy.io import fits
 
 __all__ = [
     "FrameSpec",

@@ -23,20 +23,22 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
-from scipy import interpolate, ndimage
 
 from rbflow import __version__
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_info, image_name
-from rbflow.io import Image, read_image, write_fits, write_table
-from rbflow.psf import PSFModel
+from rbflow.io import Image, made_by, read_image, write_fits, write_table
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
+
+    from rbflow.psf import PSFModel
 
 __all__ = ["draw_magnitudes", "find_hosts", "inject_sources", "reference_footprint", "run_inject"]
 
@@ -152,12 +154,14 @@ def find_hosts(data: np.ndarray, psf_fwhm: float, *, bad: np.ndarray) -> Table:
 
 def _usable(data: np.ndarray, saturation: float, *, border: int, clearance: float) -> np.ndarray:
     """Pixels where a source may be centred: inside the border, ``clearance`` px from invalid pixels."""
+    from scipy.ndimage import distance_transform_edt
+
     bad = ~np.isfinite(data) | (data >= saturation)
     ok = np.zeros(data.shape, bool)
     ny, nx = data.shape
     ok[border : ny - border, border : nx - border] = True
     if bad.any():
-        ok &= ndimage.distance_transform_edt(~bad) > clearance
+        ok &= distance_transform_edt(~bad) > clearance
     return ok
 
 
@@ -168,6 +172,8 @@ def _frame_to_reference(sci_wcs: WCS, ref_wcs: WCS, shape: tuple[int, int]) -> t
     row/column) and interpolated bilinearly in between: the mapping is smooth (TAN, SIP, TPV),
     so the interpolation error is far below a pixel while the cost stays a few milliseconds.
     """
+    from scipy.interpolate import RegularGridInterpolator
+
     ny, nx = shape
     gy = np.unique(np.r_[np.arange(0, ny, _GRID_STEP), ny - 1]).astype(float)
     gx = np.unique(np.r_[np.arange(0, nx, _GRID_STEP), nx - 1]).astype(float)
@@ -176,8 +182,8 @@ def _frame_to_reference(sci_wcs: WCS, ref_wcs: WCS, shape: tuple[int, int]) -> t
     rx, ry = (c.reshape(xx.shape) for c in ref_wcs.all_world2pix(ra, dec, 0))
     py, px = np.mgrid[0:ny, 0:nx]
     points = np.column_stack([py.ravel(), px.ravel()])
-    fx = interpolate.RegularGridInterpolator((gy, gx), rx)(points).reshape(shape)
-    fy = interpolate.RegularGridInterpolator((gy, gx), ry)(points).reshape(shape)
+    fx = RegularGridInterpolator((gy, gx), rx)(points).reshape(shape)
+    fy = RegularGridInterpolator((gy, gx), ry)(points).reshape(shape)
     return fx, fy
 
 
@@ -411,8 +417,7 @@ def inject_sources(
     truth.meta.update(
         {
             "table": "simulated_objects",
-            "made_by": "rbflow.inject.inject_sources",
-            "rbflow_version": __version__,
+            "made_by": made_by("rbflow.inject.inject_sources"),
             "frame": frame,
             "image": image_name,
             "seed": int(seed),
@@ -503,6 +508,8 @@ def run_inject(
     image = read_image(frame_path)
     image.require_wcs()
     info = frame_info(image.header, telescope, path=frame_path)
+    from rbflow.psf import PSFModel
+
     psf = PSFModel.read(psf_path)
     name = image_name(frame, realization)
     cfg = telescope["inject"]

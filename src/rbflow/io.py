@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from rbflow import __version__
 from rbflow.errors import InputError
 
 if TYPE_CHECKING:
+    from astropy.table import Table
     from matplotlib.figure import Figure
 
 __all__ = [
@@ -234,6 +234,8 @@ def read_table(path: str | os.PathLike) -> Table:
     InputError
         The file is missing or not a readable ECSV table.
     """
+    from astropy.table import Table
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"table '{path}' does not exist: run the stage that makes it first")

@@ -1,6 +1,6 @@
 """Glue between Snakemake's ``snakemake`` object and rbflow functions.
 
-Scripts under ``scripts/`` call :func:`run` so that logging and tracebacks of every job end up in
+Scripts under ``scripts/`` call :func:`call_in_job` so that logging and tracebacks of every job end up in
 the rule's ``log:`` file, and rbflow's own errors are shown as one clear line.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from rbflow import __version__
 from rbflow.errors import RbflowError
 
-__all__ = ["run", "job_logging"]
+__all__ = ["call_in_job", "job_logging"]
 
 
 @contextmanager
@@ -55,8 +55,11 @@ def job_logging(log_path: str | None, *, level: int = logging.INFO) -> Iterator[
         logger.setLevel(old_level)
 
 
-def run(snakemake: Any, func: Callable[..., Any], /, **kwargs: Any) -> Any:
+def call_in_job(snakemake: Any, func: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Call ``func(**kwargs)`` inside the job's logging context.
+
+    (In rbflow "run" names the ``run`` target and the stage entries ``run_*``; this is the glue every
+    script calls.)
 
     Parameters
     ----------

@@ -454,11 +454,11 @@ def test_no_candidate_crossmatches_as_every_source_missed(no_candidates, tmp_pat
         tmp_path / "inject.ecsv",
         tmp_path / "x.ecsv",
         tmp_path / "x.dat",
-        tmp_path / "x.labels.ecsv",
+        tmp_path / "x.per_candidate.ecsv",
         radius=2.0,
     )
     assert len(per) == 2 and len(labels) == 0
-    assert Table.read(tmp_path / "x.labels.ecsv").colnames == labels.colnames
+    assert Table.read(tmp_path / "x.per_candidate.ecsv").colnames == labels.colnames
     assert (tmp_path / "x.dat").exists()
 
 
@@ -474,11 +474,11 @@ def test_zero_candidates_flow_through_every_stage(no_candidates, model, tmp_path
         tmp_path / "inject.ecsv",
         tmp_path / "x.ecsv",
         tmp_path / "x.dat",
-        tmp_path / "x.labels.ecsv",
+        tmp_path / "x.per_candidate.ecsv",
         radius=2.0,
     )
     training = tmp_path / "training"
-    labels = label_cutouts([tmp_path / "x.labels.ecsv"], [folder], training)
+    labels = label_cutouts([tmp_path / "x.per_candidate.ecsv"], [folder], training)
     assert len(labels) == 0 and len(Table.read(training / "labels.ecsv")) == 0
     fails_cleanly(
         lambda: build_datacube(

@@ -1,6 +1,10 @@
 # Datacube, CNN training and inference (the older tool's cnn_convert, cnn_train, cnn_infer).
 
 
+# The datacube reads the label folders training/{true,false}/ next to labels.ecsv (see the label rule
+# for why they are not declared); the `relabelled` parameter reruns it when a person moves a file.
+
+
 rule datacube:
     """Build the normalised datacube (.npz) from the labelled cutout folders true/ and false/."""
     input:
@@ -8,9 +12,9 @@ rule datacube:
     output:
         "results/{telescope}/training/datacube.npz",
     log:
-        "logs/{telescope}/training/convert.log",
+        "logs/{telescope}/training/datacube.log",
     benchmark:
-        "benchmarks/{telescope}/training/convert.tsv"
+        "benchmarks/{telescope}/training/datacube.tsv"
     conda:
         "../../envs/rbflow.yaml"
     threads: 1
@@ -22,7 +26,11 @@ rule datacube:
         seed=config["seed"],
         relabelled=relabel_digest,
     script:
-        "../../scripts/convert.py"
+        "../../scripts/datacube.py"
+
+
+# Resume state (results/{telescope}/checkpoints/) is a param, not an output: Snakemake deletes a job's
+# outputs before it runs and after it fails, and a killed training resumes from it.
 
 
 rule train_model:
@@ -56,7 +64,7 @@ rule train_model:
         seed=config["seed"],
         checkpoint_dir="results/{telescope}/checkpoints",
     script:
-        "../../scripts/train.py"
+        "../../scripts/train_model.py"
 
 
 rule infer_image:
@@ -64,6 +72,7 @@ rule infer_image:
     input:
         cutouts="results/{telescope}/{mode}/cutouts/{image}",
         model="results/{telescope}/model/model.pt",
+        meta="results/{telescope}/model/model.json",  # read by rbflow.infer next to model.pt
     output:
         table="results/{telescope}/{mode}/infer/{image}.ecsv",
         compat="results/{telescope}/{mode}/infer/{image}.dat",
@@ -79,7 +88,7 @@ rule infer_image:
     params:
         threshold=config["infer"]["threshold"],
     script:
-        "../../scripts/infer.py"
+        "../../scripts/infer_image.py"
 
 
 rule checkinfer_plots:
@@ -152,7 +161,7 @@ rule checkinfer_plots:
         thresholds=config["checkinfer"]["thresholds"],
         seed=config["seed"],
     script:
-        "../../scripts/checkinfer.py"
+        "../../scripts/checkinfer_plots.py"
 
 
 rule apply_summary:

@@ -165,10 +165,12 @@ def catalogues_of(wildcards):
     return TELESCOPES[wildcards.telescope]["crossmatch"]["catalogues"]
 
 
-def labels_inputs(wildcards):
-    """Per-image labels and cutout folders of every injected image of a telescope."""
+def label_inputs(wildcards):
+    """Per-candidate tables and cutout folders of every injected image of a telescope (same order)."""
     return {
-        "labels": per_image("results/{telescope}/sim/crossmatch/{image}.labels.ecsv", "sim", [wildcards.telescope]),
+        "per_candidate": per_image(
+            "results/{telescope}/sim/crossmatch/{image}.per_candidate.ecsv", "sim", [wildcards.telescope]
+        ),
         "cutouts": per_image("results/{telescope}/sim/cutouts/{image}", "sim", [wildcards.telescope]),
     }
 
@@ -221,9 +223,10 @@ def stack_settings(wildcards):
 
 
 def apply_inputs(wildcards):
-    """Inference tables of every observed image and the catalogues of known reals."""
+    """Inference tables and kept lists of every observed image (same order) and the catalogues of known reals."""
     return {
         "infer": per_image("results/{telescope}/{mode}/infer/{image}.ecsv", "obs", [wildcards.telescope]),
+        "kept": per_image("results/{telescope}/{mode}/infer/{image}_kept.ecsv", "obs", [wildcards.telescope]),
         "catalogues": catalogues_of(wildcards),
     }
 

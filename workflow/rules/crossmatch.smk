@@ -10,7 +10,7 @@ rule crossmatch:
     output:
         table="results/{telescope}/sim/crossmatch/{image}.ecsv",
         compat="results/{telescope}/sim/crossmatch/{image}.dat",
-        labels="results/{telescope}/sim/crossmatch/{image}.labels.ecsv",
+        per_candidate="results/{telescope}/sim/crossmatch/{image}.per_candidate.ecsv",
     log:
         "logs/{telescope}/sim/crossmatch/{image}.log",
     conda:
@@ -25,12 +25,18 @@ rule crossmatch:
         "../../scripts/crossmatch.py"
 
 
+# The label folders training/{true,false,unsorted}/ are not declared outputs on purpose: Snakemake
+# deletes a job's outputs before it runs, and these folders hold a person's relabelling (moved files).
+# labels.ecsv stands for them (it records where every file was put), and it is flagged `update`
+# because label_cutouts reads the previous placement to tell a person's move from its own.
+
+
 rule label:
     """Sort every injected image's cutouts into training/true, false (and unsorted) folders."""
     input:
-        unpack(labels_inputs),
+        unpack(label_inputs),
     output:
-        "results/{telescope}/training/labels.ecsv",
+        update("results/{telescope}/training/labels.ecsv"),
     log:
         "logs/{telescope}/training/label.log",
     conda:
@@ -79,4 +85,4 @@ rule checksim_plots:
         mem_mb=1000,
         runtime=10,
     script:
-        "../../scripts/checksim.py"
+        "../../scripts/checksim_plots.py"

@@ -21,4 +21,4 @@ rule cutouts_image:
     params:
         cutout=stage_block("cutout"),
     script:
-        "../../scripts/cutouts.py"
+        "../../scripts/cutouts_image.py"

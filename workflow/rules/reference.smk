@@ -20,5 +20,6 @@ rule reference:
     params:
         telescope=telescope_block(),
         stack=stack_settings,
+        skip_bad=ON_BAD_FRAME == "skip",
     script:
         "../../scripts/reference.py"

@@ -21,7 +21,7 @@ rule validate_frame:
     params:
         telescope=telescope_block("psf"),
     script:
-        "../../scripts/validate.py"
+        "../../scripts/validate_frame.py"
 
 
 checkpoint bad_frames:

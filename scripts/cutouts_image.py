@@ -1,10 +1,10 @@
 """Snakemake script of rule cutouts: stamps of every candidate of one image."""
 
 from rbflow.cutouts import write_cutouts
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     write_cutouts,
     subtract_path=sm.input.diff,

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 from rbflow.train import train
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     train,
     datacube_path=sm.input[0],

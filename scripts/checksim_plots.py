@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from rbflow.checksim import run_checksim
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     run_checksim,
     crossmatch_paths=list(sm.input.crossmatch),

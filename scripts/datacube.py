@@ -3,11 +3,11 @@
 from pathlib import Path
 
 from rbflow.datacube import build_datacube
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 cfg = sm.params.convert
-run(
+call_in_job(
     sm,
     build_datacube,
     training_dir=Path(sm.input.labels).parent,

@@ -1,10 +1,10 @@
 """Snakemake script of rule infer_image: P(real) of every candidate of one image."""
 
 from rbflow.infer import infer_cutouts
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     infer_cutouts,
     cutout_dir=sm.input.cutouts,

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 from rbflow.checkinfer import run_checkinfer
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 training_dir = Path(sm.input.labels).parent
-run(
+call_in_job(
     sm,
     run_checkinfer,
     datacube_path=sm.input.datacube,

@@ -1,10 +1,10 @@
 """Snakemake script of rule validate_frame: check one frame and write its status."""
 
-from rbflow.runner import run
+from rbflow.runner import call_in_job
 from rbflow.validate import run_validate
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-run(
+call_in_job(
     sm,
     run_validate,
     frame_path=sm.input.frame,
