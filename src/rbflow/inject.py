@@ -34,7 +34,7 @@ from scipy import interpolate, ndimage
 
 from rbflow import __version__
 from rbflow.errors import ConfigError, InputError
-from rbflow.frames import FrameInfo, frame_info, image_name
+from rbflow.frames import FrameInfo, frame_hdu, frame_info, image_name
 from rbflow.io import Image, read_image, write_fits, write_table
 from rbflow.psf import PSFModel
 
@@ -500,7 +500,7 @@ def run_inject(
     astropy.table.Table
         The truth table.
     """
-    image = read_image(frame_path)
+    image = read_image(frame_path, hdu=frame_hdu(telescope))
     image.require_wcs()
     info = frame_info(image.header, telescope, path=frame_path)
     psf = PSFModel.read(psf_path)
@@ -508,7 +508,7 @@ def run_inject(
     cfg = telescope["inject"]
     reference, ref_saturation = None, np.inf
     if reference_path is not None:
-        reference = read_image(reference_path)
+        reference = read_image(reference_path, hdu=frame_hdu(telescope))
         reference.require_wcs()
         ref_saturation = frame_info(reference.header, telescope, path=reference_path).saturation
     data, truth = inject_sources(
