@@ -25,9 +25,13 @@ and the bench prints, per pair and method:
 ``blobs``
     connected regions of the 3x3-box-smoothed DIFF beyond +-5 times its own robust std, 16 px
     border cut (positive / negative).
-``bright``
-    stars of the science frame brighter than 100 sigma (aperture of radius 1 FWHM, background
-    noise only) with a >= 5 sigma pixel of the smoothed DIFF within 2 FWHM, over such stars.
+``bright``, ``peak``
+    stars of the science frame (16 px border cut) brighter than 100 sigma (aperture of radius 1 FWHM, background
+    noise only) with a >= 5 sigma pixel of the smoothed DIFF within 2 FWHM, over such stars;
+    sigma is the smoothed DIFF's robust std scaled by the square root of the local variance
+    (rbflow's ``VAR`` plane, with the stars' own photon noise) over its median, so a star's
+    photon noise alone is not a residual; ``peak`` is the median of the largest
+    |significance| within 2 FWHM of these stars.
 ``cands``
     candidates of ``rbflow.detect.run_detect`` on the DIFF file (rbflow methods only: the
     direct call makes no score image).
@@ -100,7 +104,8 @@ def blobs(diff: np.ndarray) -> tuple[int, int]:
 
 
 def bright_stars(sci: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Peaks of the science frame whose aperture flux (radius 1 FWHM) exceeds 100 sigma of the background."""
+    """Peaks of the science frame (16 px border cut) whose aperture flux (radius 1 FWHM) exceeds 100 sigma
+    of the background."""
     sigma = robust_std(sci)
     work = np.where(np.isfinite(sci), sci, 0.0)
     sm = ndimage.gaussian_filter(work, fwhm / 2.3548)
@@ -111,23 +116,29 @@ def bright_stars(sci: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     noise = sigma * math.sqrt(disk.sum())
     xs, ys = [], []
     for y, x in zip(*np.nonzero(peaks)):
-        if h <= y < sci.shape[0] - h and h <= x < sci.shape[1] - h:
+        if BORDER <= y < sci.shape[0] - BORDER and BORDER <= x < sci.shape[1] - BORDER:
             if work[y - h : y + h + 1, x - h : x + h + 1][disk].sum() > BRIGHT_SNR * noise:
                 xs.append(x)
                 ys.append(y)
     return np.asarray(xs, float), np.asarray(ys, float)
 
 
-def bright_residuals(diff: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float) -> int:
-    """How many of the stars at (xs, ys) have a >= 5 sigma pixel of the smoothed DIFF within 2 FWHM."""
+def bright_residuals(
+    diff: np.ndarray, var: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float
+) -> tuple[int, float]:
+    """How many of the stars at (xs, ys) have a >= 5 sigma pixel of the smoothed DIFF within 2 FWHM,
+    and the median over the stars of the largest |significance| there.
+
+    sigma: the robust std of the smoothed DIFF times sqrt(local variance / its median).
+    """
     s = smoothed(diff)
-    s = np.abs(s / robust_std(s))
+    local = np.sqrt(np.maximum(smoothed(var), 0) / np.nanmedian(var))
+    s = np.abs(s / (robust_std(s) * local))
     yy, xx = np.indices(diff.shape)
-    hit = 0
-    for x, y in zip(xs, ys):
-        near = (xx - x) ** 2 + (yy - y) ** 2 <= (2 * fwhm) ** 2
-        hit += bool(np.nanmax(np.where(near, s, 0.0)) >= BLOB_SIGMA)
-    return hit
+    peaks = np.array(
+        [np.nanmax(np.where((xx - x) ** 2 + (yy - y) ** 2 <= (2 * fwhm) ** 2, s, 0.0)) for x, y in zip(xs, ys)]
+    )
+    return int((peaks >= BLOB_SIGMA).sum()), float(np.median(peaks)) if len(peaks) else float("nan")
 
 
 def sfft_direct(sci: np.ndarray, ref: np.ndarray, fwhm_s: float, fwhm_r: float) -> tuple[np.ndarray, float]:
@@ -171,15 +182,17 @@ def sfft_direct(sci: np.ndarray, ref: np.ndarray, fwhm_s: float, fwhm_r: float) 
     return diff, seconds
 
 
-def measure(diff: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float) -> dict[str, float]:
+def measure(diff: np.ndarray, var: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float) -> dict[str, float]:
     """The bench's numbers of one DIFF."""
     finite = diff[np.isfinite(diff)]
     pos, neg = blobs(diff)
+    hit, peak = bright_residuals(diff, var, xs, ys, fwhm)
     return {
         "noise": float(np.std(finite)) / robust_std(diff),
         "blobs_pos": pos,
         "blobs_neg": neg,
-        "bright_hit": bright_residuals(diff, xs, ys, fwhm),
+        "bright_hit": hit,
+        "bright_peak": peak,
         "bright_n": len(xs),
     }
 
@@ -187,6 +200,9 @@ def measure(diff: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the DECam cut-outs")
+    parser.add_argument(
+        "--keep", type=Path, help="write the stacks, PSF models and subtractions here (else a temporary folder)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "rbflow" / "numba"))
@@ -197,7 +213,8 @@ def main() -> None:
     if len(epoch_a) != 5 or len(epoch_b) != 5:
         raise SystemExit(f"expected 5 DEC-OBS04 and 5 DEC-OBS18 frames in {args.data}")
     with tempfile.TemporaryDirectory(prefix="realpair-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         stack = telescope["frames"]["stack"]
         run_reference(frames=epoch_a, out_fits=str(work / "stackA.fits"), telescope=telescope, stack=stack)
         run_reference(frames=epoch_b, out_fits=str(work / "stackB.fits"), telescope=telescope, stack=stack)
@@ -219,26 +236,30 @@ def main() -> None:
                 run_detect(out, work / f"{sci}.psf.fits", work / f"{sci}-{method}.ecsv", tel, image_name=sci)
                 with fits.open(out) as hdul:
                     diff = hdul["DIFF"].data.astype(np.float64)
+                    var = hdul["VAR"].data.astype(np.float64)
                     sci_plane = hdul["SCI"].data.astype(np.float64)
                     ref_plane = hdul["REF"].data.astype(np.float64)
                     fwhm_s, fwhm_r = float(hdul[0].header["FWHMSCI"]), float(hdul[0].header["FWHMREF"])
                 cands = len(Table.read(work / f"{sci}-{method}.ecsv", format="ascii.ecsv"))
                 xs, ys = bright_stars(sci_plane, fwhm_s)
                 rows[f"rbflow {method}"].append(
-                    {"pair": f"{sci}-{ref}", **measure(diff, xs, ys, fwhm_s), "cands": cands, "time": seconds}
+                    {"pair": f"{sci}-{ref}", **measure(diff, var, xs, ys, fwhm_s), "cands": cands, "time": seconds}
                 )
                 if method == "zogy":
                     direct, seconds = sfft_direct(sci_plane, ref_plane, fwhm_s, fwhm_r)
                     rows["sfft direct"].append(
-                        {"pair": f"{sci}-{ref}", **measure(direct, xs, ys, fwhm_s), "cands": None, "time": seconds}
+                        {"pair": f"{sci}-{ref}", **measure(direct, var, xs, ys, fwhm_s), "cands": None, "time": seconds}
                     )
                     print(f"{sci} against {ref}: FWHM science {fwhm_s:.2f} px, reference {fwhm_r:.2f} px", flush=True)
     report(rows)
 
 
 def report(rows: dict[str, list[dict[str, float]]]) -> None:
-    """Print one table per pair kind: every pair, then totals over the single frames."""
-    head = f"{'pair':<24s} {'method':<12s} {'noise':>6s} {'blobs +/-':>10s} {'bright':>8s} {'cands':>6s} {'time s':>7s}"
+    """Print every pair, then totals over the single frames."""
+    head = (
+        f"{'pair':<20s} {'method':<12s} {'noise':>6s} {'blobs +/-':>10s} {'bright':>7s} {'peak':>6s} "
+        f"{'cands':>6s} {'time s':>7s}"
+    )
     print(head)
     print("-" * len(head))
     n_pairs = len(next(iter(rows.values())))
@@ -247,8 +268,8 @@ def report(rows: dict[str, list[dict[str, float]]]) -> None:
             r = rs[i]
             cands = "-" if r["cands"] is None else str(r["cands"])
             print(
-                f"{r['pair']:<24s} {method:<12s} {r['noise']:6.2f} {r['blobs_pos']:>4d}/{r['blobs_neg']:<4d}"
-                f"  {r['bright_hit']:>3d}/{r['bright_n']:<3d} {cands:>6s} {r['time']:7.1f}"
+                f"{r['pair']:<20s} {method:<12s} {r['noise']:6.2f} {r['blobs_pos']:>4d}/{r['blobs_neg']:<4d}"
+                f"  {r['bright_hit']:>3d}/{r['bright_n']:<3d} {r['bright_peak']:6.1f} {cands:>6s} {r['time']:7.1f}"
             )
     print("-" * len(head))
     for method, rs in rows.items():
@@ -256,12 +277,14 @@ def report(rows: dict[str, list[dict[str, float]]]) -> None:
         cands = "-" if single[0]["cands"] is None else str(sum(r["cands"] for r in single))
         hit, n = sum(r["bright_hit"] for r in single), sum(r["bright_n"] for r in single)
         print(
-            f"{'5 single frames':<24s} {method:<12s} {np.mean([r['noise'] for r in single]):6.2f} "
+            f"{'5 single frames':<20s} {method:<12s} {np.mean([r['noise'] for r in single]):6.2f} "
             f"{sum(r['blobs_pos'] for r in single):>4d}/{sum(r['blobs_neg'] for r in single):<4d}"
-            f"  {hit:>3d}/{n:<3d} {cands:>6s} {np.mean([r['time'] for r in single]):7.1f}"
+            f"  {hit:>3d}/{n:<3d} {np.median([r['bright_peak'] for r in single]):6.1f} {cands:>6s} "
+            f"{np.mean([r['time'] for r in single]):7.1f}"
         )
     print(
-        "(noise: mean over the frames; bright: stars > 100 sigma with a >= 5 sigma residual within 2 FWHM; time: mean)"
+        "noise: std/robust std (mean over the frames); blobs: +/- regions beyond 5 sigma; bright: stars > 100 sigma "
+        "with a >= 5 sigma residual within 2 FWHM; peak: median of their largest |residual| (sigma); time: mean"
     )
 
 
