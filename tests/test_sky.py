@@ -506,3 +506,130 @@ def test_empty_variables_catalogue_is_typed_and_logged(caplog):
         cat = sky.variables_catalogue(tel, seed=SEED)
     assert len(cat) == 0 and {"id", "ra", "dec", "mag_ref", "mag_e2"} <= set(cat.colnames)
     assert "no variables or transients" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# the real PSF's hard parts (halo, coma, undersampling, small-scale change, few stars)
+# ------------------------------------------------------------------------------------------------
+REALPSF = Path(__file__).resolve().parent / "data" / "telescopes" / "realpsf.yaml"
+#: A round PSF that does not change across the frame, to compare with the analytic profiles.
+ROUND = dict(CLEAN, psf_variation=0.0, psf_ellipticity=0.0)
+
+
+def alpha_of(fwhm, beta):
+    return fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+
+
+def outside(stamp, r):
+    """Fraction of a centred stamp's light beyond radius r (exact circular aperture)."""
+    c = stamp.shape[0] // 2
+    return 1 - aperture_photometry(stamp, CircularAperture((c, c), r), method="exact")["aperture_sum"][0]
+
+
+@pytest.mark.parametrize("seeing", [1.6, 2.4, 4.0])  # arcsec = 1.6-4 px at 1.01"/px: undersampled to well sampled
+def test_psf_core_has_the_stated_fwhm(seeing):
+    tel = telescope(**ROUND, seeing=[seeing, seeing])
+    cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)
+    c = 127.0
+    stamp = sky.psf_stamp(cond, c + 0.3, c - 0.2, half=15)
+    assert_allclose(stamp.sum(), 1.0, rtol=1e-12)
+    # A pixel-integrated Moffat fit (5x5 sub-pixels, the frame's beta) recovers the configured FWHM.
+    # The model is the one that made the stamp (noise-free): 1 % covers the fit's sub-pixel sampling.
+    x0, y0, fwhm = fit_moffat(stamp, 15 + 0.3, 15 - 0.2, cond.beta, half=10)
+    assert_allclose(fwhm, seeing / tel["pixel_scale"], rtol=0.01)
+    assert_allclose([x0, y0], [15.3, 14.8], atol=0.01)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3])
+def test_psf_halo_holds_the_stated_wing_fraction(fraction):
+    tel = telescope(**ROUND, seeing=[2.5, 2.5], psf_halo_fraction=fraction, psf_halo_fwhm=3.0, psf_halo_beta=2.0)
+    cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)
+    stamp = sky.psf_stamp(cond, 127.0, 127.0, half=128)
+    assert_allclose(stamp.sum(), 1.0, rtol=1e-12)
+    fwhm = cond.seeing
+    a_core, a_halo = alpha_of(fwhm, cond.beta), alpha_of(3 * fwhm, 2.0)
+    for r in (1.5 * fwhm, 3 * fwhm, 6 * fwhm, 12 * fwhm):
+        expect = (1 - fraction) * (1 + (r / a_core) ** 2) ** (1 - cond.beta) + fraction * (1 + (r / a_halo) ** 2) ** -1
+        # Pixel integration (0.3 % at 1.5 FWHM, less beyond) and the renormalisation of the light
+        # beyond the 257-px stamp (< 0.2 % of the halo's) move the fractions by < 0.005.
+        assert abs(outside(stamp, r) - expect) < 0.005, r
+    if fraction:  # the wings hold far more light than the Moffat alone: 3x at 6 FWHM for 10 %
+        plain = sky.psf_stamp(
+            sky.frame_conditions(telescope(**ROUND, seeing=[2.5, 2.5]), "fld00_r_e1", seed=SEED), 127.0, 127.0, half=128
+        )
+        assert outside(stamp, 6 * fwhm) > 3 * outside(plain, 6 * fwhm)
+
+
+def test_coma_is_asymmetric_keeps_the_centroid_and_grows_outwards():
+    tel = telescope(**ROUND, seeing=[3.0, 3.0], psf_coma=0.2)
+    cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)
+    half = 20
+    g = np.arange(-half, half + 1)
+    skews = []
+    for x, y in ((127.0, 127.0), (191.0, 191.0), (255.0, 255.0)):  # centre, half-way, corner
+        stamp = sky.psf_stamp(cond, x, y, half=half)
+        # Centroid on the source (the offsets balance; stamp truncation moves it < 0.01 px).
+        cx, cy = (stamp.sum(axis=0) * g).sum(), (stamp.sum(axis=1) * g).sum()
+        assert_allclose([cx, cy], [0.0, 0.0], atol=0.01)
+        # Third moment along the major axis (the coma direction): zero for a symmetric PSF.
+        theta = float(cond.psf_at(x, y)[2])
+        u = (g[None, :] - cx) * np.cos(theta) + (g[:, None] - cy) * np.sin(theta)
+        skews.append(float((stamp * u**3).sum() / (stamp * u**2).sum() ** 1.5))
+    assert abs(skews[0]) < 0.01
+    # Coma fraction 0.1 half-way, 0.2 at the corner: skewness c(1-c)(1-2c) d^3 / sigma^3 grows with it.
+    assert 0.05 < skews[1] < skews[2]
+    assert_allclose(cond.coma_at(np.array([127.5, 255.0]), np.array([127.5, 255.0])), [0.0, 0.2])
+
+
+def test_psf_ripple_changes_the_fwhm_on_small_scales():
+    tel = telescope(**ROUND, psf_ripple=0.1)
+    cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)
+    yy, xx = np.mgrid[0:256:4, 0:256:4]
+    ratio = cond.psf_at(xx.ravel(), yy.ravel())[0] / cond.seeing
+    assert 0.9 - 1e-9 <= ratio.min() < 0.92 and 1.08 < ratio.max() <= 1.1 + 1e-9
+    # 2-4 cycles per frame: the FWHM changes by > 10 % within 128 px, where a 2x2 PSF grid has one cell.
+    amp, kx, ky, _ = cond.ripple
+    assert 2 <= abs(kx) <= 4 and 2 <= abs(ky) <= 4 and amp == 0.1
+
+
+def test_real_psf_frame_keeps_the_truth_flux_of_isolated_stars():
+    """Few stars, undersampled cores with halo, coma and ripple: the light in an aperture is the truth flux."""
+    tel = load_telescope(REALPSF)
+    tel["sky"].update(CLEAN, star_mags=[13.5, 15.5], stars=100)
+    validate(tel["sky"], "sky.schema.yaml", "realpsf test sky")
+    hdu, truth = sky.simulate_frame(tel, "fld00_r_e1", seed=SEED)
+    h = hdu.header
+    assert h["PSFHALO"] == 0.2 and h["SEEING"] < 2.0  # the switches are on and recorded
+    cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)
+    r = 25.0  # px: ~ 5 halo FWHM
+    # Neighbours within 60 px are fainter than 5 % of the star: their light beyond 35 px (< 1 %
+    # of theirs) adds < 0.05 % to its aperture.
+    stars = isolated(truth[~truth["saturated"]], radius=60, ratio=0.05)
+    stars = stars[(stars["x"] > r) & (stars["x"] < 255 - r) & (stars["y"] > r) & (stars["y"] < 255 - r)]
+    assert len(stars) >= 2
+    gain, rn = h["GAIN"], h["RDNOISE"]
+    for s in stars:
+        ap = CircularAperture((s["x"], s["y"]), r)
+        total = aperture_photometry(hdu.data.astype(float), ap, method="exact")["aperture_sum"][0]
+        flux = total - h["SKYLEVEL"] * ap.area
+        # The light beyond r, from the analytic halo and core at this star's FWHM (coma and ripple
+        # move light by about one FWHM, well inside r).
+        a_core, a_halo = alpha_of(s["fwhm"], cond.beta), alpha_of(3 * s["fwhm"], 2.0)
+        lost = 0.8 * (1 + (r / a_core) ** 2) ** (1 - cond.beta) + 0.2 * (1 + (r / a_halo) ** 2) ** -1
+        sigma = np.sqrt(ap.area * (h["SKYLEVEL"] * gain + rn**2) + s["flux"] * gain) / gain
+        assert abs(flux - s["flux"] * (1 - lost)) < 4 * sigma, (s["id"], flux, s["flux"], sigma)
+        assert sigma < 0.02 * s["flux"]  # the test has teeth: a 2 % flux error would fail it
+
+
+def test_real_psf_switches_are_deterministic_and_off_by_default(tmp_path):
+    tel = load_telescope(REALPSF)
+    paths = [(tmp_path / f"{k}.fits", tmp_path / f"{k}.ecsv") for k in "ab"]
+    for fits_path, table_path in paths:
+        sky.write_frame(tel, "fld00_r_e1", fits_path, table_path, seed=SEED)
+    assert paths[0][0].read_bytes() == paths[1][0].read_bytes()
+    assert paths[0][1].read_bytes() == paths[1][1].read_bytes()
+    # Off (the defaults): no card, and the same pixels as switches explicitly at zero.
+    plain = sky.simulate_frame(telescope(size=[128, 128]), "fld00_r_e1", seed=SEED)[0]
+    zero = telescope(size=[128, 128], psf_halo_fraction=0.0, psf_coma=0.0, psf_ripple=0.0)
+    assert "PSFHALO" not in plain.header
+    assert sky.simulate_frame(zero, "fld00_r_e1", seed=SEED)[0].data.tobytes() == plain.data.tobytes()

@@ -30,6 +30,7 @@ __all__ = [
     "parse_image",
     "frame_info",
     "pixel_scale_of",
+    "frame_hdu",
     "RESOURCES",
 ]
 
@@ -149,6 +150,22 @@ def science_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
 def reference_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     """Frames that serve as references."""
     return [f for f in frames_of(telescope) if f.reference is None]
+
+
+def frame_hdu(telescope: dict[str, Any]) -> int | str | None:
+    """The HDU holding a frame's pixels in the telescope's files (``frames.hdu``), for :func:`rbflow.io.read_image`.
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated telescope configuration, or the part of it a stage gets.
+
+    Returns
+    -------
+    int, str or None
+        HDU index or EXTNAME; None (first 2-D image HDU) for the demo telescope or when unset.
+    """
+    return (telescope.get("frames") or {}).get("hdu")
 
 
 def image_name(frame: str, realization: int | None) -> str:

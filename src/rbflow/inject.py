@@ -32,7 +32,7 @@ from astropy.table import Table
 
 from rbflow import __version__
 from rbflow.errors import ConfigError, InputError
-from rbflow.frames import FrameInfo, frame_info, image_name
+from rbflow.frames import FrameInfo, frame_hdu, frame_info, image_name
 from rbflow.io import Image, made_by, read_image, write_fits, write_table
 
 if TYPE_CHECKING:
@@ -505,7 +505,7 @@ def run_inject(
     astropy.table.Table
         The truth table.
     """
-    image = read_image(frame_path)
+    image = read_image(frame_path, hdu=frame_hdu(telescope))
     image.require_wcs()
     info = frame_info(image.header, telescope, path=frame_path)
     from rbflow.psf import PSFModel
@@ -515,7 +515,7 @@ def run_inject(
     cfg = telescope["inject"]
     reference, ref_saturation = None, np.inf
     if reference_path is not None:
-        reference = read_image(reference_path)
+        reference = read_image(reference_path, hdu=frame_hdu(telescope))
         reference.require_wcs()
         ref_saturation = frame_info(reference.header, telescope, path=reference_path).saturation
     data, truth = inject_sources(

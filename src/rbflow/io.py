@@ -11,11 +11,14 @@ Conventions used throughout rbflow
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import tempfile
@@ -285,15 +288,64 @@ class Image:
         return self.wcs
 
 
+#: Leading bytes of the whole-file compressions a frame may come in, and how to undo them.
+_COMPRESSIONS = ((b"\x1f\x8b", gzip), (b"BZh", bz2), (b"\xfd7zXZ\x00", lzma))
+
+#: Primary-header cards an extension does not inherit (structure, checksums, commentary).
+_NOT_INHERITED = frozenset(
+    ("SIMPLE", "BITPIX", "EXTEND", "NEXTEND", "INHERIT", "CHECKSUM", "DATASUM", "COMMENT", "HISTORY", "")
+)
+
+
+def _decompressed(raw: bytes) -> bytes:
+    """The FITS bytes of a whole file compressed with gzip, bzip2 or xz (found by its leading bytes)."""
+    for magic, module in _COMPRESSIONS:
+        if raw.startswith(magic):
+            return module.decompress(raw)
+    return raw
+
+
+def _hdu_list(hdul: fits.HDUList) -> str:
+    """The HDUs of a file as ``index 'NAME' (shape)``, for messages."""
+    return ", ".join(
+        f"{i} {h.name!r} ({'x'.join(map(str, h.data.shape)) if getattr(h, 'data', None) is not None else 'no data'})"
+        for i, h in enumerate(hdul)
+    )
+
+
+def _choose_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> Any:
+    """The HDU holding the frame; see :func:`read_image` for the rules."""
+    if hdu is not None and "RBFLOWV" in hdul[0].header and getattr(hdul[0].data, "ndim", 0) == 2:
+        return hdul[0]  # a file rbflow wrote (stacked reference, injected image) holds its image there
+    if hdu is None:
+        return next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2), None)
+    try:
+        return hdul[hdu]
+    except (KeyError, IndexError) as exc:
+        raise InputError(
+            f"image '{path}' has no HDU {hdu!r} (set by 'frames.hdu' in the telescope file); its HDUs are: "
+            f"{_hdu_list(hdul)}: set 'frames.hdu' to the index or EXTNAME of the one holding the pixels"
+        ) from exc
+
+
 def read_image(path: str | os.PathLike, *, hdu: int | str | None = None) -> Image:
     """Read a 2-D image from a FITS file with checks that name the file and the fix.
+
+    The file may be plain FITS, FITS compressed as a whole with gzip (``.fits.gz``), bzip2
+    (``.fits.bz2``) or xz (recognised by their leading bytes, whatever the file name), or hold
+    tile-compressed image HDUs (``.fits.fz``, fpack, in any extension). When the image comes from
+    an extension whose header says ``INHERIT = T``, the primary header's cards that the
+    extension lacks are added to its header (the FITS inheritance convention).
 
     Parameters
     ----------
     path : path-like
         FITS file.
     hdu : int or str, optional
-        HDU index or EXTNAME. By default, the first HDU holding a 2-D image.
+        HDU index or EXTNAME of the frame in files the telescope lists (``frames.hdu``). By
+        default, the first HDU holding a 2-D image. A file rbflow wrote (``RBFLOWV`` card in the
+        primary header: a stacked reference, an injected image) always holds its image in the
+        primary HDU, which is read whatever ``hdu`` says.
 
     Returns
     -------
@@ -303,27 +355,34 @@ def read_image(path: str | os.PathLike, *, hdu: int | str | None = None) -> Imag
     Raises
     ------
     InputError
-        Missing or corrupt file, no 2-D image HDU, or all pixels non-finite or constant.
+        Missing or corrupt file, no such HDU (the message lists the file's HDUs), no 2-D image
+        HDU, or all pixels non-finite or constant.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"image '{path}' does not exist: check the frame paths in the telescope file")
     try:
         # read the bytes first: astropy leaves the file handle open when a truncated file fails to parse
-        with fits.open(io.BytesIO(path.read_bytes()), memmap=False) as hdul:
+        with fits.open(io.BytesIO(_decompressed(path.read_bytes())), memmap=False) as hdul:
             hdul.verify("silentfix")
-            if hdu is None:
-                chosen = next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2), None)
-            else:
-                chosen = hdul[hdu]
+            chosen = _choose_hdu(hdul, hdu, path)
             if chosen is None or chosen.data is None or chosen.data.ndim != 2:
                 raise InputError(
                     f"image '{path}' has no 2-D image HDU"
                     + (f" named {hdu!r}" if hdu is not None else "")
-                    + ": give the file holding the frame's pixels"
+                    + f" (its HDUs: {_hdu_list(hdul)}): give the file holding the frame's pixels"
+                    + (
+                        ", or set 'frames.hdu' in the telescope file to the HDU that holds them"
+                        if hdu is not None
+                        else ""
+                    )
                 )
             data = np.asarray(chosen.data, dtype=np.float32)
             header = chosen.header.copy()
+            if chosen is not hdul[0] and header.get("INHERIT") is True:
+                for card in hdul[0].header.cards:
+                    if card.keyword not in _NOT_INHERITED and card.keyword not in header:
+                        header.append(card)
     except InputError:
         raise
     except Exception as exc:

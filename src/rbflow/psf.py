@@ -57,7 +57,7 @@ from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
 from rbflow.errors import InputError
-from rbflow.frames import FrameInfo, pixel_scale_of
+from rbflow.frames import FrameInfo, frame_hdu, pixel_scale_of
 from rbflow.io import Image, atomic_path, read_image, write_fits
 
 __all__ = ["PSFModel", "build_psf", "run_psf", "moffat_epsf", "FALLBACKS"]
@@ -1020,7 +1020,7 @@ def run_psf(
     """
     from rbflow.frames import frame_info
 
-    image = read_image(frame_path)
+    image = read_image(frame_path, hdu=frame_hdu(telescope))
     info = frame_info(image.header, telescope, path=frame_path)
     name = Path(frame_path).name.split(".fits")[0]
     scale = pixel_scale_of(telescope, image.wcs, path=frame_path)

@@ -38,7 +38,7 @@ from astropy.stats import sigma_clipped_stats
 from astropy.utils.exceptions import AstropyUserWarning
 
 from rbflow.errors import InputError
-from rbflow.frames import FrameInfo, frame_info
+from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.subtract import MASK_BITS, align
 
@@ -143,7 +143,7 @@ def stack_reference(
         raise InputError(f"reference '{out_path}': no frame to stack; list the epoch's files in 'frames.reference'")
     if combine not in COMBINE:
         raise InputError(f"reference '{out_path}': combine {combine!r} is not one of {', '.join(COMBINE)}")
-    images: list[Image] = [read_image(p) for p in paths]
+    images: list[Image] = [read_image(p, hdu=frame_hdu(telescope)) for p in paths]
     infos: list[FrameInfo] = [frame_info(im.header, telescope, path=im.path) for im in images]
     first, info0 = images[0], infos[0]
     shape = first.data.shape
@@ -299,7 +299,7 @@ def _usable_frames(paths: Sequence[str], telescope: dict[str, Any], out_fits: st
     usable = []
     for path in paths:
         try:
-            image = read_image(path)
+            image = read_image(path, hdu=frame_hdu(telescope))
             frame_info(image.header, telescope, path=path)
             image.require_wcs()
         except InputError as exc:

@@ -5,8 +5,9 @@ Each *field* holds a fixed astrophysical scene drawn from ``derive(seed, field)`
 (stars with dN/dm ∝ 10^(0.3 m), Sérsic galaxies, variable stars, supernova-like and fast transients).
 Each *frame* of the field (one deep reference ``{field}_{band}_ref`` and science epochs
 ``{field}_{band}_e{n}``) observes that scene under its own conditions drawn from
-``derive(seed, frame, ...)``: pointing offset and rotation, seeing, a spatially varying Moffat PSF,
-transparency (zeropoint), sky with a gradient, flat-field residuals, Poisson and read noise,
+``derive(seed, frame, ...)``: pointing offset and rotation, seeing, a spatially varying Moffat PSF
+(optionally with what real PSFs add: a broad halo, coma-like asymmetry growing outwards, and
+small-scale changes across the frame; see :func:`psf_stamp`), transparency (zeropoint), sky with a gradient, flat-field residuals, Poisson and read noise,
 saturation with bleed trails, cosmic rays, satellite trails, and the detector's hot pixels and bad
 columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame).
 
@@ -51,6 +52,7 @@ __all__ = [
     "frame_conditions",
     "simulate_frame",
     "write_frame",
+    "psf_stamp",
     "variables_catalogue",
     "write_variables_catalogue",
     "TRUTH_KINDS",
@@ -369,6 +371,18 @@ class FrameConditions:
         Shift (pixels) of the header WCS reference pixel from the truth.
     distortion : numpy.ndarray
         Shape (2, 4): per axis, amplitude (px), wave numbers along x and y (cycles per frame), phase.
+    halo_fraction : float
+        Fraction of a point source's light in a round Moffat halo (0: the PSF is the core alone).
+    halo_fwhm : float
+        Halo FWHM over the core FWHM.
+    halo_beta : float
+        Moffat beta of the halo.
+    coma : float
+        Coma-like asymmetry at the corners: fraction of the core's light in a copy of the core one
+        FWHM away along the PSF's major axis (linear in the distance from the centre, 0 there).
+    ripple : numpy.ndarray
+        Small-scale PSF change across the frame: fractional FWHM amplitude, wave numbers along x
+        and y (cycles per frame), phase (all 0: none).
     """
 
     frame: str
@@ -390,6 +404,11 @@ class FrameConditions:
     header_wcs_cards: fits.Header = dc_field(repr=False)
     wcs_shift: tuple[float, float] = (0.0, 0.0)
     distortion: np.ndarray = dc_field(default_factory=lambda: np.zeros((2, 4)), repr=False)
+    halo_fraction: float = 0.0
+    halo_fwhm: float = 3.0
+    halo_beta: float = 2.0
+    coma: float = 0.0
+    ripple: np.ndarray = dc_field(default_factory=lambda: np.zeros(4), repr=False)
 
     @property
     def header_wcs(self) -> WCS:
@@ -434,7 +453,7 @@ class FrameConditions:
         Returns
         -------
         fwhm : numpy.ndarray
-            FWHM (pixels), geometric mean of the major and minor axes.
+            FWHM (pixels) of the Moffat core, geometric mean of the major and minor axes.
         ellipticity : numpy.ndarray
             ``1 - b/a``.
         theta : numpy.ndarray
@@ -445,7 +464,22 @@ class FrameConditions:
         dx, dy = np.asarray(x, float) - xc, np.asarray(y, float) - yc
         rho2 = (dx**2 + dy**2) / (xc**2 + yc**2)
         fwhm = self.seeing * (1 + self.psf_variation * rho2)
+        if self.ripple[0]:
+            amp, kx, ky, ph = self.ripple
+            fwhm = fwhm * (1 + amp * np.sin(2 * np.pi * (kx * (xc + dx) / nx + ky * (yc + dy) / ny) + ph))
         return fwhm, self.psf_ellipticity * rho2, np.arctan2(dy, dx) + self.psf_angle
+
+    def coma_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Coma fraction at pixel positions: ``coma`` times the distance from the centre over the corner's."""
+        ny, nx = self.shape
+        xc, yc = (nx - 1) / 2, (ny - 1) / 2
+        rho2 = ((np.asarray(x, float) - xc) ** 2 + (np.asarray(y, float) - yc) ** 2) / (xc**2 + yc**2)
+        return self.coma * np.sqrt(rho2)
+
+    @property
+    def plain_moffat(self) -> bool:
+        """True when the PSF is the Moffat core alone (no halo, no coma)."""
+        return self.halo_fraction == 0 and self.coma == 0
 
     def sky_map(self) -> np.ndarray:
         """Sky level (ADU per pixel) with its gradient, before flat-field residuals (float64)."""
@@ -528,6 +562,12 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
     ang = rng("sky").uniform(0, 2 * np.pi)
     slope = (sky["sky_gradient"] * math.cos(ang), sky["sky_gradient"] * math.sin(ang))
     mjd = _MJD0 - _REF_LEAD if epoch == 0 else _MJD0 + _CADENCE * (epoch - 1)
+    ripple = np.zeros(4)
+    if sky["psf_ripple"] > 0:
+        g = rng("psf_ripple")
+        ripple = np.array(
+            [sky["psf_ripple"], *(g.uniform(2.0, 4.0, 2) * g.choice([-1, 1], 2)), g.uniform(0, 2 * np.pi)]
+        )
     return FrameConditions(
         frame=frame,
         field=spec.field,
@@ -548,6 +588,11 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
         header_wcs_cards=header_cards,
         wcs_shift=(float(shift[0]), float(shift[1])),
         distortion=distortion,
+        halo_fraction=float(sky["psf_halo_fraction"]),
+        halo_fwhm=float(sky["psf_halo_fwhm"]),
+        halo_beta=float(sky["psf_halo_beta"]),
+        coma=float(sky["psf_coma"]),
+        ripple=ripple,
     )
 
 
@@ -593,6 +638,54 @@ def _psf_stamps(dx, dy, fwhm, ell, theta, beta: float, half: int) -> np.ndarray:
     return stamps / stamps.sum(axis=(1, 2), keepdims=True)
 
 
+def _point_stamps(dx, dy, fwhm, ell, theta, coma, cond: FrameConditions, half: int) -> np.ndarray:
+    """Unit-sum stamps (K, 2h+1, 2h+1) of the frame's full PSF for sources offset by (dx, dy) from the centre pixel.
+
+    The PSF is ``(1 - f) [(1 - c) M(-c d) + c M((1 - c) d)] + f H``: the Moffat core ``M`` and its
+    coma copy (fraction ``c``, at ``d`` = one FWHM along the major axis; the offsets keep the
+    light's centroid on the source), plus the round Moffat halo ``H`` (fraction ``f``). Each term
+    has unit sum over the stamp, so the stamp holds exactly the source's flux.
+    """
+    if cond.plain_moffat:
+        return _psf_stamps(dx, dy, fwhm, ell, theta, cond.beta, half)
+    f = cond.halo_fraction
+    c = np.asarray(coma, float)
+    sx, sy = fwhm * np.cos(theta), fwhm * np.sin(theta)
+    core = _psf_stamps(dx - c * sx, dy - c * sy, fwhm, ell, theta, cond.beta, half)
+    if cond.coma:
+        copy = _psf_stamps(dx + (1 - c) * sx, dy + (1 - c) * sy, fwhm, ell, theta, cond.beta, half)
+        core = (1 - c)[:, None, None] * core + c[:, None, None] * copy
+    if f == 0:
+        return core
+    halo = _psf_stamps(dx, dy, fwhm * cond.halo_fwhm, np.zeros_like(ell), theta, cond.halo_beta, half)
+    return (1 - f) * core + f * halo
+
+
+def psf_stamp(cond: FrameConditions, x: float, y: float, *, half: int) -> np.ndarray:
+    """The PSF a point source at (x, y) gets in this frame, as rendered: unit sum, centred on the nearest pixel.
+
+    Parameters
+    ----------
+    cond : FrameConditions
+        The frame (:func:`frame_conditions`).
+    x, y : float
+        Source position (0-based pixels).
+    half : int
+        Stamp half size (pixels): the stamp is ``2 half + 1`` pixels square, its centre pixel
+        ``(round(x), round(y))``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Pixel-integrated PSF, float64, summing to 1 over the stamp (the light beyond it is
+        dropped and the rest rescaled, as in the frames).
+    """
+    xs, ys = np.atleast_1d(float(x)), np.atleast_1d(float(y))
+    fwhm, ell, theta = cond.psf_at(xs, ys)
+    dx, dy = xs - np.rint(xs), ys - np.rint(ys)
+    return _point_stamps(dx, dy, fwhm, ell, theta, cond.coma_at(xs, ys), cond, int(half))[0]
+
+
 def _splat(image: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
     """Add stamps (K, S, S) centred on integer pixels (ix, iy) into ``image`` in place."""
     ny, nx = image.shape
@@ -605,12 +698,19 @@ def _splat(image: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray
     image += np.bincount(flat, weights=stamps[ok], minlength=nx * ny).reshape(ny, nx)
 
 
-def _half_size(flux, fwhm, ell, beta: float, noise: float) -> np.ndarray:
+def _half_size(flux, fwhm, ell, cond: FrameConditions, noise: float) -> np.ndarray:
     """Stamp half-size: the light left outside is < noise/2 ADU in total (at least 2.5 FWHM, at most 128 px)."""
+    beta = cond.beta
     aa, _ = _moffat_alphas(fwhm, ell, beta)
     frac = np.clip(0.5 * noise / np.maximum(flux, 1e-9), 1e-12, 1.0)
     need = aa * np.sqrt(np.maximum(frac ** (1 / (1 - beta)) - 1, 0))
     need = np.maximum(need, 2.5 * fwhm)
+    if not cond.plain_moffat:
+        need = need + fwhm  # the coma copy sits up to one FWHM off
+        if cond.halo_fraction:
+            ah, _ = _moffat_alphas(fwhm * cond.halo_fwhm, np.zeros_like(ell), cond.halo_beta)
+            fh = np.clip(frac / cond.halo_fraction, 1e-12, 1.0)
+            need = np.maximum(need, ah * np.sqrt(np.maximum(fh ** (1 / (1 - cond.halo_beta)) - 1, 0)))
     idx = np.minimum(np.searchsorted(_HALF_SIZES, need), len(_HALF_SIZES) - 1)
     return _HALF_SIZES[idx]
 
@@ -620,7 +720,8 @@ def _render_points(image, x, y, flux, cond: FrameConditions, noise: float) -> No
     if len(x) == 0:
         return
     fwhm, ell, theta = cond.psf_at(x, y)
-    halves = _half_size(flux, fwhm, ell, cond.beta, noise)
+    coma = cond.coma_at(x, y)
+    halves = _half_size(flux, fwhm, ell, cond, noise)
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     for half in np.unique(halves):
         sel = np.flatnonzero(halves == half)
@@ -628,7 +729,7 @@ def _render_points(image, x, y, flux, cond: FrameConditions, noise: float) -> No
         step = max(1, int(2e6 // (2 * half + 1) ** 2))
         for s in range(0, len(sel), step):
             i = sel[s : s + step]
-            st = _psf_stamps(x[i] - ix[i], y[i] - iy[i], fwhm[i], ell[i], theta[i], cond.beta, int(half))
+            st = _point_stamps(x[i] - ix[i], y[i] - iy[i], fwhm[i], ell[i], theta[i], coma[i], cond, int(half))
             _splat(image, st * flux[i, None, None], ix[i], iy[i])
 
 
@@ -642,6 +743,8 @@ def _render_galaxies(image, x, y, flux, r_eff_px, n, q, pa_px, cond: FrameCondit
     if len(x) == 0:
         return
     fwhm, ell, theta = cond.psf_at(x, y)
+    coma = cond.coma_at(x, y)
+    reach = fwhm * max(1.0, cond.halo_fwhm if cond.halo_fraction else 1.0)  # of the PSF's light
     halves = np.clip(np.ceil(3 * r_eff_px * np.sqrt(n) + 3 * fwhm), 8, 64).astype(int)
     halves = _HALF_SIZES[np.searchsorted(_HALF_SIZES, halves)]
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
@@ -661,8 +764,8 @@ def _render_galaxies(image, x, y, flux, r_eff_px, n, q, pa_px, cond: FrameCondit
         nn = n[i].reshape(shp)
         prof = np.exp(-_sersic_b(nn) * (np.maximum(r, 1e-3) ** (1 / nn) - 1))
         prof = prof.reshape(k, s, os_, s, os_).mean(axis=(2, 4))
-        ph = int(min(half, np.ceil(2.5 * fwhm[i].max())))
-        psf = _psf_stamps(np.zeros(k), np.zeros(k), fwhm[i], ell[i], theta[i], cond.beta, ph)
+        ph = int(min(half, np.ceil(2.5 * reach[i].max())))
+        psf = _point_stamps(np.zeros(k), np.zeros(k), fwhm[i], ell[i], theta[i], coma[i], cond, ph)
         conv = signal.fftconvolve(prof, psf, mode="same", axes=(1, 2))
         conv = np.clip(conv, 0, None)
         conv /= conv.sum(axis=(1, 2), keepdims=True)
@@ -993,6 +1096,15 @@ def _frame_header(
         ("RBFLOWV", __version__, "rbflow version that wrote this file"),
     ):
         h[key] = (value, comment)
+    if not cond.plain_moffat or cond.ripple[0]:  # the real-PSF switches, when on
+        for key, value, comment in (
+            ("PSFHALO", cond.halo_fraction, "fraction of the light in the PSF halo"),
+            ("PSFHALOW", cond.halo_fwhm, "halo FWHM / core FWHM"),
+            ("PSFHALOB", cond.halo_beta, "Moffat beta of the halo"),
+            ("PSFCOMA", cond.coma, "coma fraction at the corners"),
+            ("PSFRIPL", float(cond.ripple[0]), "small-scale FWHM ripple (fraction)"),
+        ):
+            h.insert("RBFLOWV", (key, value, comment))
     return h
 
 

@@ -40,7 +40,7 @@ from scipy.interpolate import BSpline, RectBivariateSpline
 from scipy.spatial import cKDTree
 
 from rbflow.errors import ConfigError, InputError
-from rbflow.frames import FrameInfo, frame_info
+from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.psf import PSFModel
 
@@ -1359,8 +1359,8 @@ def run_subtract(
     InputError
         Missing/unreadable inputs, missing WCS or frame facts.
     """
-    sci = read_image(sci_path)
-    ref = read_image(ref_path)
+    sci = read_image(sci_path, hdu=frame_hdu(telescope))
+    ref = read_image(ref_path, hdu=frame_hdu(telescope))
     info_sci = frame_info(sci.header, telescope, path=sci_path)
     info_ref = frame_info(ref.header, telescope, path=ref_path)
     hdul = subtract_images(

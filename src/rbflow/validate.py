@@ -50,7 +50,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from rbflow import __version__
 from rbflow.errors import InputError
-from rbflow.frames import FrameInfo, frame_info, pixel_scale_of
+from rbflow.frames import FrameInfo, frame_hdu, frame_info, pixel_scale_of
 from rbflow.io import Image, atomic_path, read_image, read_table, write_table
 
 __all__ = [
@@ -263,7 +263,7 @@ def check_frame(
     """
     frame_path = Path(frame_path)
     try:
-        image = read_image(frame_path)
+        image = read_image(frame_path, hdu=frame_hdu(telescope))
     except InputError as exc:
         raise FrameCheckError("read", frame_path, str(exc)) from None
     try:

@@ -1,7 +1,7 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
-from rbflow.frames import frames_of, image_name, parse_image
+from rbflow.frames import frame_hdu, frames_of, image_name, parse_image
 
 try:
     load_config(config)
@@ -34,6 +34,8 @@ def telescope_block(*blocks):
     def block(wildcards):
         tel = TELESCOPES[wildcards.telescope]
         out = {k: tel[k] for k in _INSTRUMENT_KEYS}
+        if frame_hdu(tel) is not None:  # where the pixels are in multi-extension frame files
+            out["frames"] = {"hdu": frame_hdu(tel)}
         out.update({b: tel[b] for b in blocks})
         return out
 
