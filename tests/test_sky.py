@@ -596,7 +596,7 @@ def test_real_psf_frame_keeps_the_truth_flux_of_isolated_stars():
     """Few stars, undersampled cores with halo, coma and ripple: the light in an aperture is the truth flux."""
     tel = load_telescope(REALPSF)
     tel["sky"].update(CLEAN, star_mags=[13.5, 15.5], stars=100)
-    validate(tel["sky"], "sky.schema.yaml", "realpsf test sky")
+    check_schema(tel["sky"], "sky.schema.yaml", "realpsf test sky")
     hdu, truth = sky.simulate_frame(tel, "fld00_r_e1", seed=SEED)
     h = hdu.header
     assert h["PSFHALO"] == 0.2 and h["SEEING"] < 2.0  # the switches are on and recorded
