@@ -7,8 +7,12 @@ astropy's ``SigmaClip``, computed on rows sorted once); meshes with too few vali
 far from their neighbours, are replaced by the median of their neighbours, and a bicubic spline
 through the mesh centres gives the background of every pixel. The spline follows a sky
 gradient to the frame edges, where photutils' ``Background2D`` (median filter of the meshes,
-then a spline) flattens it: on the demo sky (frames with a 5 % ramp) this estimator's error is
-a fraction of photutils' at the edges (see the numbers in ``bench/background.py``).
+then a spline) flattens it. Measured by ``bench/background.py`` against the true sky of demo
+frames (sky gradient, no flat residual; mean of 6 frames, errors in units of the sky noise):
+256 px frames, rms 0.11 (edges 0.11, max 0.24) against photutils' 0.26 (edges 0.33, max 0.71);
+1024 px frames, rms 0.073 (edges 0.077) against 0.072 (edges 0.100); 5-14 times less CPU. On
+the ten real DECam frames of ``shared/data/decam-sfft`` (no truth: empty-sky medians of 32 px
+boxes after subtraction) both leave 0.07-0.11 sigma, equal within their noise.
 
 The noise is one number per frame (the median of the meshes' clipped std, ADU): the frames'
 noise varies little across a frame, and one number is what the subtraction's noise model uses.

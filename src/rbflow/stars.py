@@ -55,7 +55,13 @@ def _stamps(data: np.ndarray, x: np.ndarray, y: np.ndarray, r: int) -> tuple[np.
 
 
 def windowed_centroids(
-    data: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_w: float, *, niter: int = 10
+    data: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    sigma_w: float,
+    *,
+    niter: int = 10,
+    sky: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-windowed centroids (SExtractor's ``XWIN_IMAGE``), iterated from (x, y).
 
@@ -75,6 +81,9 @@ def windowed_centroids(
         Window standard deviation (px); the PSF's (``FWHM * FWHM_TO_SIGMA``) is optimal.
     niter : int, optional
         Maximum number of steps.
+    sky : numpy.ndarray, optional
+        Local sky of each source (ADU), subtracted from its pixels (a constant offset does not
+        move the fixed point of the symmetric window, only slows the iteration).
 
     Returns
     -------
@@ -87,6 +96,8 @@ def windowed_centroids(
         return x, y
     r = int(math.ceil(4 * sigma_w)) + 1
     st, xx, yy = _stamps(data, x, y, r)
+    if sky is not None:
+        st = st - np.asarray(sky, float)[:, None, None]
     for _ in range(niter):
         dxg = xx - x[:, None, None]
         dyg = yy - y[:, None, None]
