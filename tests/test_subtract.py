@@ -214,6 +214,16 @@ def test_subtraction_outputs_and_header(pair, hdul):
     assert np.nansum(hdul["REF"].data[box]) == pytest.approx(np.nansum(hdul["SCI"].data[box]), rel=0.02)
 
 
+def test_threads_do_not_change_the_result(pair):
+    # the tiles, backgrounds and FFTs split independent work: any thread count gives the same bytes
+    cfg = {**CFG, "tile": 128}  # 4 tiles, so that the tile pool has work to share
+    one = sub.subtract_images(pair["sci"], pair["ref"], pair["psf_sci"], pair["psf_ref"], INFO, INFO, cfg)
+    three = sub.subtract_images(pair["sci"], pair["ref"], pair["psf_sci"], pair["psf_ref"], INFO, INFO, cfg, threads=3)
+    for a, b in zip(one, three):
+        assert (a.data is None and b.data is None) or np.array_equal(a.data, b.data, equal_nan=True)
+    assert one[0].header == three[0].header
+
+
 def _bright_star_residuals(hdul, pair):
     xs, ys, fl = pair["stars"]
     psf = pair["psf_sci"]

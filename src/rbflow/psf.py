@@ -2,15 +2,19 @@
 
 Method
 ------
-1. The sky is estimated with photutils ``Background2D`` (sigma-clipped medians in boxes) and
-   sources are found with ``DAOStarFinder`` on the S/N image (``IRAFStarFinder`` is avoided: it
-   finds nothing for FWHM 4.5-4.7 px in photutils 3.0).
+1. The sky is estimated with :func:`rbflow.background.background` (the estimator every stage
+   uses) and sources are found with photutils' ``DAOStarFinder`` on the S/N image: its sharpness
+   and roundness cuts reject cosmic rays and hot pixels, which the matched filter of
+   :func:`rbflow.stars.find_stars` does not (with it, the PSF FWHM of demo frames with cosmic
+   rays and hot pixels came out 55-75 % too small). ``IRAFStarFinder`` is avoided: it finds
+   nothing for FWHM 4.5-4.7 px in photutils 3.0.
 2. PSF stars are the isolated (no source within 3 FWHM, no source brighter than 2 % of the
    star within the stamp), round, unsaturated (no saturated pixel, core below 80 % of
    saturation) sources with S/N >= ``snr_min`` whose stamp lies inside the frame and holds no
    NaN pixel. Each stamp gets a local sky (median of its corners: box backgrounds are biased
    high by star wings, which would make the ePSF too sharp); faint neighbours are masked.
-   Centres are Gaussian-windowed centroids (unbiased for symmetric profiles).
+   Centres are Gaussian-windowed centroids (:func:`rbflow.stars.windowed_centroids`, unbiased
+   for symmetric profiles).
 3. The *effective PSF* (ePSF, Anderson & King 2000) is the pixel-integrated PSF sampled on a
    grid ``oversampling`` times finer than the pixels. As in PSFEx, every node is a polynomial
    in (x, y) across the frame (degree 2 for a grid of 3 or more cells along an axis, 1 for 2,
