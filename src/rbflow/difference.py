@@ -41,7 +41,7 @@ class PreparedPair:
     ``N``, ``R`` are the background-subtracted science and aligned reference (float32, masked
     pixels set to 0, R in reference flux units), ``var_n``, ``var_r`` their variance maps (ADU²,
     sky plus source Poisson noise), ``mask`` the :data:`rbflow.align.MASK_BITS` (``bad = mask != 0``),
-    ``nbkg`` the science background; ``sn``, ``sr`` the background noises (ADU), ``fr`` the flux
+    ``bad_sci`` the science's own invalid (non-finite) pixels, ``nbkg`` the science background; ``sn``, ``sr`` the background noises (ADU), ``fr`` the flux
     ratio F_r/F_n with its error ``fr_err`` from ``n_flux`` stars; ``fwhm_s``, ``fwhm_r`` the
     FWHMs (science pixels) at the frame centre; ``size`` the PSF stamp size; ``ainfo`` the
     alignment information of :func:`rbflow.align.align`; ``gain_n``, ``gain_r`` the gains (e-/ADU).
