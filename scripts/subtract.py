@@ -1,4 +1,4 @@
-"""Snakemake script of rule subtract: ZOGY subtraction of one image."""
+"""Snakemake script of rule subtract: ZOGY (or sfft) subtraction of one image."""
 
 from rbflow.runner import call_in_job
 from rbflow.subtract import run_subtract
@@ -13,4 +13,5 @@ call_in_job(
     ref_psf_path=sm.input.ref_psf,
     out_path=sm.output[0],
     telescope=sm.params.telescope,
+    threads=sm.threads,
 )

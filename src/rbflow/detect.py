@@ -21,14 +21,12 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_info
 from rbflow.io import write_table
 from rbflow.psf import PSFModel
-from rbflow.subtract import _window_centroids
+from rbflow.stars import FWHM_TO_SIGMA, windowed_centroids
 
 __all__ = ["FLAGS", "COLUMNS", "empty_table", "detect", "run_detect"]
 
@@ -57,7 +55,6 @@ COLUMNS: list[tuple[str, str, u.UnitBase | None, str]] = [
     ("flags", "i4", None, "bitmask of rbflow.detect.FLAGS"),
 ]
 
-_FWHM2SIG = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: Peak of a bright star, in units of the science background noise.
 _BRIGHT_PEAK_SIGMA = 50.0
 
@@ -85,6 +82,8 @@ def empty_table(image_name: str = "") -> Table:
 
 def _peaks(sc: np.ndarray, thr: float, min_pixels: int, sep: int) -> tuple[np.ndarray, np.ndarray]:
     """Local maxima of ``sc`` above ``thr`` in regions of >= min_pixels pixels, >= sep px apart."""
+    from scipy import ndimage
+
     above = sc > thr
     lab, n = ndimage.label(above, structure=np.ones((3, 3)))
     if n == 0:
@@ -121,6 +120,8 @@ def _forced_flux(
 ) -> tuple[float, float]:
     """Least-squares flux of the unit-sum ``psf`` shifted to (x, y), fitted with a constant local
     background within ``radius``; the error propagates the per-pixel variance ``V`` (white noise)."""
+    from scipy import ndimage
+
     h = psf.shape[0] // 2
     ix, iy = int(round(x)), int(round(y))
     shifted = ndimage.shift(psf.astype(np.float64), (y - iy, x - ix), order=3, mode="constant", cval=0.0)
@@ -170,6 +171,8 @@ def _shape(D: np.ndarray, x: float, y: float, sigma_w: float, sign: float) -> tu
 
 def _bright_stars(ref: np.ndarray, sigma_n: float) -> np.ndarray:
     """Positions (x, y) of bright stars: local maxima of REF (science flux units) above 50 sigma_n."""
+    from scipy import ndimage
+
     r = np.nan_to_num(ref)
     peak = (r == ndimage.maximum_filter(r, size=5)) & (r > _BRIGHT_PEAK_SIGMA * sigma_n)
     py, px = np.nonzero(peak)
@@ -211,6 +214,8 @@ def detect(
         Columns :data:`COLUMNS`, sorted by decreasing snr; typed and empty (with a logged warning)
         when nothing is found.
     """
+    from scipy.spatial import cKDTree
+
     sc = hdul["SCORR"].data.astype(np.float64)
     D = hdul["DIFF"].data.astype(np.float64)
     V = hdul["VAR"].data.astype(np.float64)
@@ -248,7 +253,7 @@ def detect(
         xs, ys = _subpixel(sign * sc0, px, py)
         # the SCORR peak is flattened and pushed away from bright stars by the source-noise term:
         # refine on DIFF itself
-        xw, yw = _window_centroids(sign * d0, xs, ys, fwhm0 * _FWHM2SIG)
+        xw, yw = windowed_centroids(sign * d0, xs, ys, fwhm0 * FWHM_TO_SIGMA)
         moved = np.hypot(xw - xs, yw - ys)
         keep = np.isfinite(moved) & (moved < 0.6 * fwhm0)
         xs, ys = np.where(keep, xw, xs), np.where(keep, yw, ys)
@@ -272,7 +277,7 @@ def detect(
             dist = float(tree.query([x, y])[0]) if tree is not None else float("nan")
             if np.isfinite(dist) and dist <= 3.0 * fw:
                 flags |= FLAGS["NEAR_BRIGHT"]
-            fwhm_m, ell = _shape(D, x, y, fw * _FWHM2SIG, sign)
+            fwhm_m, ell = _shape(D, x, y, fw * FWHM_TO_SIGMA, sign)
             ok = np.isfinite(flux) and flux > 0
             rows.append(
                 {

@@ -2,15 +2,19 @@
 
 Method
 ------
-1. The sky is estimated with photutils ``Background2D`` (sigma-clipped medians in boxes) and
-   sources are found with ``DAOStarFinder`` on the S/N image (``IRAFStarFinder`` is avoided: it
-   finds nothing for FWHM 4.5-4.7 px in photutils 3.0).
+1. The sky is estimated with :func:`rbflow.background.background` (the estimator every stage
+   uses) and sources are found with photutils' ``DAOStarFinder`` on the S/N image: its sharpness
+   and roundness cuts reject cosmic rays and hot pixels, which the matched filter of
+   :func:`rbflow.stars.find_stars` does not (with it, the PSF FWHM of demo frames with cosmic
+   rays and hot pixels came out 55-75 % too small). ``IRAFStarFinder`` is avoided: it finds
+   nothing for FWHM 4.5-4.7 px in photutils 3.0.
 2. PSF stars are the isolated (no source within 3 FWHM, no source brighter than 2 % of the
    star within the stamp), round, unsaturated (no saturated pixel, core below 80 % of
    saturation) sources with S/N >= ``snr_min`` whose stamp lies inside the frame and holds no
    NaN pixel. Each stamp gets a local sky (median of its corners: box backgrounds are biased
    high by star wings, which would make the ePSF too sharp); faint neighbours are masked.
-   Centres are Gaussian-windowed centroids (unbiased for symmetric profiles).
+   Centres are Gaussian-windowed centroids (:func:`rbflow.stars.windowed_centroids`, unbiased
+   for symmetric profiles).
 3. The *effective PSF* (ePSF, Anderson & King 2000) is the pixel-integrated PSF sampled on a
    grid ``oversampling`` times finer than the pixels. As in PSFEx, every node is a polynomial
    in (x, y) across the frame (degree 2 for a grid of 3 or more cells along an axis, 1 for 2,
@@ -46,21 +50,22 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 from astropy.io import fits
-from astropy.table import Table
-from scipy.optimize import least_squares
-from scipy.sparse.linalg import spsolve
-from scipy.spatial import cKDTree
 
+from rbflow.background import background
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_hdu, pixel_scale_of
-from rbflow.io import Image, atomic_path, read_image, write_fits
+from rbflow.io import Image, read_image, write_figure, write_fits
+from rbflow.stars import FWHM_TO_SIGMA, windowed_centroids
 
-__all__ = ["PSFModel", "build_psf", "run_psf", "moffat_epsf", "FALLBACKS"]
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+    from astropy.table import Table
+
+__all__ = ["PSFModel", "PSFStars", "build_psf", "run_psf", "moffat_epsf", "select_psf_stars", "FALLBACKS"]
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +155,7 @@ def _native_sum(epsf: np.ndarray, oversampling: int) -> float:
     return float(epsf[first::oversampling, first::oversampling].sum())
 
 
-def _normalise(epsf: np.ndarray, oversampling: int) -> np.ndarray:
+def _unit_native_sum(epsf: np.ndarray, oversampling: int) -> np.ndarray:
     """Scale an ePSF so that its centred native-pixel stamp sums to 1."""
     return epsf / _native_sum(epsf, oversampling)
 
@@ -193,7 +198,7 @@ def moffat_epsf(fwhm: float, *, size: int, oversampling: int, beta: float = _MOF
     n = oversampling * (size - 1) + 1 + 2 * _MARGIN
     off = (np.arange(n) - (n - 1) / 2) / oversampling
     epsf = _moffat_pixels(off[None, :] + 0 * off[:, None], off[:, None] + 0 * off[None, :], fwhm, beta)
-    return _normalise(epsf, oversampling)
+    return _unit_native_sum(epsf, oversampling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +337,9 @@ class PSFModel:
 
     def cells_table(self) -> Table:
         """Per-cell summary: grid indices, centre, stars used, FWHM and source."""
+
+        from astropy.table import Table
+
         gx, gy = self.grid
         xc, yc = self.cell_centres
         iy, ix = np.divmod(np.arange(gx * gy), gx)
@@ -398,6 +406,9 @@ class PSFModel:
         InputError
             Missing file, or a FITS file that is not an rbflow PSF model.
         """
+
+        from astropy.table import Table
+
         path = Path(path)
         if not path.exists():
             raise InputError(f"PSF model '{path}' does not exist: run the psf stage for this frame first")
@@ -435,8 +446,8 @@ class PSFModel:
 
 
 @dataclass
-class _Stars:
-    """PSF stars of a frame: positions, stamps (sky subtracted) and per-pixel weights."""
+class PSFStars:
+    """PSF stars of a frame (see :func:`select_psf_stars`): positions, stamps (sky subtracted), weights."""
 
     x: np.ndarray  # windowed centroid (frame pixels)
     y: np.ndarray
@@ -448,68 +459,22 @@ class _Stars:
     y0: np.ndarray
     sky_var: np.ndarray  # (n, size, size) sky variance (ADU^2)
 
-    def take(self, idx: np.ndarray) -> _Stars:
+    def take(self, idx: np.ndarray) -> PSFStars:
         """The stars at indices ``idx``."""
-        return _Stars(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return PSFStars(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
         return self.x.size
 
 
-def _background(data: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sky and sky RMS maps: photutils Background2D (sigma-clipped medians in boxes), or one
-    sigma-clipped value for the whole frame when too few boxes hold enough sky pixels."""
-    from astropy.stats import SigmaClip, sigma_clipped_stats
-    from photutils.background import Background2D, MedianBackground, StdBackgroundRMS
-
-    box = int(max(16, min(64, min(data.shape) // 4)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # photutils and astropy warn about heavily masked boxes
-        try:
-            bkg = Background2D(
-                data,
-                box,
-                mask=bad,
-                filter_size=3,
-                exclude_percentile=50.0,
-                sigma_clip=SigmaClip(sigma=3.0, maxiters=5),
-                bkg_estimator=MedianBackground(),
-                bkg_rms_estimator=StdBackgroundRMS(),
-            )
-            return np.asarray(bkg.background, dtype=float), np.asarray(bkg.background_rms, dtype=float)
-        except ValueError:
-            _, median, std = sigma_clipped_stats(data, mask=bad, sigma=3.0, maxiters=10)
-    return np.full(data.shape, float(median)), np.full(data.shape, float(std))
-
-
 def _find(snr_image: np.ndarray, bad: np.ndarray, fwhm: float, threshold: float) -> Table | None:
+    """Round point sources (DAOStarFinder) of an S/N image above ``threshold``; None when none."""
     from photutils.detection import DAOStarFinder
 
     finder = DAOStarFinder(threshold, fwhm, exclude_border=True, roundness_range=(-0.5, 0.5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NoDetectionsWarning; we check for None ourselves
         return finder(snr_image, mask=bad)
-
-
-def _windowed_centroids(stamps: np.ndarray, fwhm: float, *, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-windowed centroids (SExtractor XWIN) of stamps, relative to their centre pixel."""
-    n, s, _ = stamps.shape
-    half = s // 2
-    coord = np.arange(s) - half
-    sig2 = (fwhm / 2.3548) ** 2
-    xc = np.zeros(n)
-    yc = np.zeros(n)
-    for _ in range(iterations):
-        gx = np.exp(-((coord[None, :] - xc[:, None]) ** 2) / (2 * sig2))
-        gy = np.exp(-((coord[None, :] - yc[:, None]) ** 2) / (2 * sig2))
-        w = stamps * gy[:, :, None] * gx[:, None, :]
-        tot = w.sum(axis=(1, 2))
-        tot = np.where(tot > 0, tot, np.inf)
-        dx = (w * (coord[None, None, :] - xc[:, None, None])).sum(axis=(1, 2)) / tot
-        dy = (w * (coord[None, :, None] - yc[:, None, None])).sum(axis=(1, 2)) / tot
-        xc = np.clip(xc + 2 * dx, -2.0, 2.0)
-        yc = np.clip(yc + 2 * dy, -2.0, 2.0)
-    return xc, yc
 
 
 def _estimate_fwhm(snr_image: np.ndarray, sources: Table) -> float | None:
@@ -525,17 +490,41 @@ def _estimate_fwhm(snr_image: np.ndarray, sources: Table) -> float | None:
     return float(np.median(sizes)) if sizes else None
 
 
-def _select_stars(
+def select_psf_stars(
     image: Image, info: FrameInfo, cfg: dict[str, Any], *, fwhm_guess: float, name: str
-) -> tuple[_Stars, float]:
-    """Find, vet and cut out PSF stars; return them and the measured FWHM guess (px)."""
+) -> tuple[PSFStars, float]:
+    """Find, vet and cut out the PSF stars of a frame (step 2 of the module's method).
+
+    Parameters
+    ----------
+    image : rbflow.io.Image
+        The frame (NaN = invalid).
+    info : rbflow.frames.FrameInfo
+        Frame facts (gain, saturation).
+    cfg : dict
+        The telescope's validated ``psf`` block (``size``, ``snr_min`` are used).
+    fwhm_guess : float
+        First guess of the FWHM (px); replaced by the measured one when they differ by > 20 %.
+    name : str
+        Frame name, for messages.
+
+    Returns
+    -------
+    stars : PSFStars
+        The PSF stars, by decreasing S/N (empty when none is usable).
+    fwhm : float
+        The FWHM (px) the stars were found with.
+    """
+
+    from scipy.spatial import cKDTree
+
     data = image.data.astype(float)
     size = int(cfg["size"])
     half = size // 2
     ny, nx = data.shape
     bad = ~np.isfinite(data) | (data >= info.saturation)
-    sky, rms = _background(np.where(np.isfinite(data), data, 0.0), bad)
-    rms = np.where(rms > 0, rms, np.nanmedian(rms[rms > 0]) if np.any(rms > 0) else 1.0)
+    sky, noise = background(data, bad)
+    rms = np.full(data.shape, noise if noise > 0 else 1.0)
     sub = np.where(np.isfinite(data), data - sky, 0.0)
     snr_img = sub / rms
 
@@ -547,7 +536,7 @@ def _select_stars(
             log.info("frame '%s': FWHM guess %.2f px, measured %.2f px; finding stars again", name, fwhm, measured)
             fwhm = measured
             found = _find(snr_img, bad, fwhm, 5.0)
-    empty = _Stars(*(np.zeros((0,) * k) for k in (1, 1, 1, 1, 3, 3, 1, 1, 3)))
+    empty = PSFStars(*(np.zeros((0,) * k) for k in (1, 1, 1, 1, 3, 3, 1, 1, 3)))
     if found is None or len(found) == 0:
         return empty, fwhm
 
@@ -598,10 +587,12 @@ def _select_stars(
     # is < 0.1 % of its peak. Box backgrounds are biased by star wings, which would sharpen the ePSF.
     border = np.broadcast_to(rr2 >= (half + 0.5) ** 2, weights.shape) & (weights > 0)
     local = np.array([np.median(st[b]) if b.any() else 0.0 for st, b in zip(stamps[sel], border)])
-    xc, yc = _windowed_centroids(stamps[sel] - local[:, None, None], fwhm)
-    stars = _Stars(
-        x=x0[sel] + xc,
-        y=y0[sel] + yc,
+    # centred on the frame with the local sky removed around each star (a constant offset does not
+    # move the fixed point of a symmetric window, only slows the iteration: 20 steps leave < 1e-3 px)
+    xc, yc = windowed_centroids(sub, x0[sel], y0[sel], fwhm * FWHM_TO_SIGMA, niter=20, sky=local)
+    stars = PSFStars(
+        x=xc,
+        y=yc,
         flux=flux[sel],
         snr=snr[sel],
         stamps=stamps[sel] - local[:, None, None],
@@ -622,13 +613,19 @@ def _select_stars(
 
 def _second_differences(n: int) -> sp.csr_matrix:
     """Second differences along both axes of an n x n node grid (rows: differences, columns: nodes)."""
+
+    import scipy.sparse as sp
+
     d2 = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n))
     eye = sp.identity(n)
     return sp.vstack([sp.kron(eye, d2), sp.kron(d2, eye)]).tocsr()
 
 
-def _design(stars: _Stars, n: int, oversampling: int) -> sp.csr_matrix:
+def _design(stars: PSFStars, n: int, oversampling: int) -> sp.csr_matrix:
     """Sparse matrix mapping ePSF nodes to every star pixel (cubic convolution at sub-pixel offsets)."""
+
+    import scipy.sparse as sp
+
     ns, s, _ = stars.stamps.shape
     half = s // 2
     pix = np.arange(-half, half + 1, dtype=float)
@@ -649,7 +646,7 @@ def _design(stars: _Stars, n: int, oversampling: int) -> sp.csr_matrix:
 
 
 def _solve_epsf(
-    stars: _Stars,
+    stars: PSFStars,
     terms: np.ndarray,
     *,
     size: int,
@@ -666,7 +663,7 @@ def _solve_epsf(
 
     Parameters
     ----------
-    stars : _Stars
+    stars : PSFStars
         PSF stars.
     terms : numpy.ndarray
         ``(n_stars, n_terms)`` values of the polynomial terms at each star (first column 1).
@@ -680,6 +677,10 @@ def _solve_epsf(
     used : int
         Stars kept after outlier rejection.
     """
+
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import spsolve
+
     n = oversampling * (size - 1) + 1 + 2 * _MARGIN
     n_terms = terms.shape[1]
     n_nodes = n * n
@@ -688,7 +689,7 @@ def _solve_epsf(
     inner = np.flatnonzero(np.hypot(node_x - centre, node_y - centre) <= var_radius * oversampling)
     row_terms = np.repeat(terms, size * size, axis=0)  # (n_stars * npix, n_terms)
 
-    def design_at(st: _Stars) -> sp.csr_matrix:
+    def design_at(st: PSFStars) -> sp.csr_matrix:
         a1 = _design(st, n, oversampling)
         return sp.hstack([a1] + [sp.diags(row_terms[:, k]) @ a1[:, inner] for k in range(1, n_terms)], format="csr")
 
@@ -782,8 +783,11 @@ def _poly_terms(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], degree: in
     return np.column_stack(cols)
 
 
-def _fit_moffat(stars: _Stars, *, fwhm_guess: float, gain: float) -> tuple[float, float]:
+def _fit_moffat(stars: PSFStars, *, fwhm_guess: float, gain: float) -> tuple[float, float]:
     """Fit one circular Moffat (FWHM px, beta) to the stars, each with its own flux."""
+
+    from scipy.optimize import least_squares
+
     s = stars.stamps.shape[1]
     half = s // 2
     pix = np.arange(-half, half + 1, dtype=float)
@@ -842,7 +846,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
             f"frame '{image.path or name}': every pixel is saturated (>= {info.saturation:g} ADU) or invalid, so "
             "no PSF star is usable: remove the frame, or fix 'saturation' in the telescope file"
         )
-    stars, fwhm_est = _select_stars(image, info, cfg, fwhm_guess=guess, name=name)
+    stars, fwhm_est = select_psf_stars(image, info, cfg, fwhm_guess=guess, name=name)
     n_cells = gx * gy
     if len(stars) == 0:
         if not cfg["analytic_fallback"]:
@@ -940,7 +944,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                     min_stars,
                     source,
                 )
-            cube.append(_normalise(epsf, os_))
+            cube.append(_unit_native_sum(epsf, os_))
             sources.append(source)
     else:
         fw, beta = _fit_moffat(stars, fwhm_guess=fwhm_est, gain=info.gain)
@@ -995,8 +999,7 @@ def _plot(model: PSFModel, path: str | os.PathLike) -> None:
         ax.set_yticks([])
     fig.suptitle(f"PSF {model.name}", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+    write_figure(fig, path, dpi=80)
     plt.close(fig)
 
 

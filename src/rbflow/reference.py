@@ -2,7 +2,7 @@
 
 Every frame is resampled onto the pixel grid of the first one through the WCSs (astropy evaluates
 any distortion, e.g. DECam's TPV polynomials), refined on matched stars
-(:func:`rbflow.subtract.align`), background-matched (constant offset: the clipped median of its
+(:func:`rbflow.align.align`), background-matched (constant offset: the clipped median of its
 difference with the first frame), flux-scaled to the first frame (median flux ratio of the
 alignment stars; the zeropoint ratio when fewer than 3 stars are matched) and combined by an
 inverse-variance weighted mean (or a median), with a per-pixel rejection of outliers (cosmic
@@ -37,10 +37,10 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 from astropy.utils.exceptions import AstropyUserWarning
 
+from rbflow.align import MASK_BITS, align
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
-from rbflow.subtract import MASK_BITS, align
 
 __all__ = ["COMBINE", "stack_reference", "run_reference"]
 

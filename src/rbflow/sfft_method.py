@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from scipy.signal import fftconvolve
 
+from rbflow.difference import Difference, PreparedPair, PSFLike, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError
-from rbflow.subtract import _FWHM2SIG, _WORKERS, Difference, PreparedPair, PSFLike, _ref_psf_on_sci_grid
+from rbflow.stars import FWHM_TO_SIGMA
 
 __all__ = ["DEFAULTS", "numba_cache_dir", "require_sfft", "sfft_difference"]
 
@@ -114,7 +114,7 @@ def _kernel_half_width(scfg: dict[str, Any], fwhm_s: float, fwhm_r: float) -> in
 
 def _kernel_sq_sum(fwhm_broad: float, fwhm_narrow: float) -> float:
     """Sum of squares of the unit-sum kernel matching two Gaussian PSFs (1 for equal PSFs)."""
-    var = max(fwhm_broad**2 - fwhm_narrow**2, 0.0) * _FWHM2SIG**2
+    var = max(fwhm_broad**2 - fwhm_narrow**2, 0.0) * FWHM_TO_SIGMA**2
     return 1.0 if var <= 0 else min(1.0, 1.0 / (4 * math.pi * var))
 
 
@@ -128,6 +128,7 @@ def _run_packet(
     kerhw: int,
     kpo: int,
     bpo: int,
+    threads: int,
 ) -> np.ndarray:
     """One ``Customized_Packet`` subtraction of a NaN-free pair; returns sfft's difference:
     ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is."""
@@ -140,7 +141,7 @@ def _run_packet(
             paths[name] = Path(tmp) / f"{name}.fits"
             fits.PrimaryHDU(np.ascontiguousarray(data, np.float32)).writeto(paths[name])
         out = io.StringIO()
-        set_threads(_WORKERS)
+        set_threads(threads)
         try:
             with contextlib.redirect_stdout(out), warnings.catch_warnings():
                 warnings.simplefilter("ignore", numba.NumbaWarning)
@@ -155,7 +156,7 @@ def _run_packet(
                     BGPolyOrder=bpo,
                     ConstPhotRatio=True,
                     BACKEND_4SUBTRACT="Numpy",
-                    NUM_CPU_THREADS_4SUBTRACT=_WORKERS,
+                    NUM_CPU_THREADS_4SUBTRACT=threads,
                     NUMBA_CACHE=True,
                     VERBOSE_LEVEL=0,
                 )
@@ -173,6 +174,8 @@ def _score(
     ``boxes`` holds each tile's window and core (y, x slices); the filter runs on the window and
     fills the core.
     """
+    from scipy.signal import fftconvolve
+
     SC = np.zeros_like(D)
     for pd, (wy, wx, cy, cx) in zip(psfs, boxes):
         flip = pd[::-1, ::-1]
@@ -183,12 +186,14 @@ def _score(
     return SC
 
 
-def sfft_difference(pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> Difference:
+def sfft_difference(
+    pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any], *, threads: int = 1
+) -> Difference:
     """Difference of a prepared pair by sfft's ``Customized_Packet`` (numpy backend) on tiles.
 
     Parameters
     ----------
-    pp : rbflow.subtract.PreparedPair
+    pp : rbflow.difference.PreparedPair
         Aligned, masked, background-subtracted pair (masked pixels are 0 in both, so they do not
         weigh in the kernel fit).
     psf_sci, psf_ref : PSFLike
@@ -200,10 +205,12 @@ def sfft_difference(pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: d
         (polynomial degrees, 0-3, of the kernel's and the differential background's variation
         over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile) and
         ``overlap`` (px, common margin of neighbouring tiles).
+    threads : int, optional
+        Threads of sfft's numpy backend and of numba.
 
     Returns
     -------
-    rbflow.subtract.Difference
+    rbflow.difference.Difference
         D in science flux units, its variance (science and reference Poisson plus sky noise, the
         reference term smoothed by the kernel, approximated as Gaussian), the raw score map, the
         PSF of D at the centre of each tile's core and the header cards.
@@ -237,13 +244,14 @@ def sfft_difference(pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: d
                 kerhw=kerhw,
                 kpo=int(scfg["kernel_poly_order"]),
                 bpo=int(scfg["bg_poly_order"]),
+                threads=threads,
             )
             D[cy0:cy1, cx0:cx1] = diff[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
             tx, ty = (cx0 + cx1 - 1) // 2, (cy0 + cy1 - 1) // 2
             if conv_side == "REF":
                 psfs.append(psf_sci.stamp(tx, ty, pp.size, centred=True))
             else:
-                psfs.append(_ref_psf_on_sci_grid(psf_ref, pp.ainfo["to_ref"], tx, ty, pp.size))
+                psfs.append(ref_psf_on_sci_grid(psf_ref, pp.ainfo["to_ref"], tx, ty, pp.size))
             boxes.append((*win, slice(cy0, cy1), slice(cx0, cx1)))
             centres.append((tx, ty))
     if conv_side == "REF":  # D = N - K * R, science units

@@ -24,8 +24,8 @@ frame (rule ``validate_frame``) and :func:`write_bad_frames` on a telescope's st
 ``overlap``
     (science frames) At least :data:`MIN_OVERLAP` of the frame lies on the reference.
 ``matched stars``
-    (science frames) At least :data:`MIN_MATCHED` of its stars (peaks of S/N >= :data:`STAR_SNR`, the
-    300 brightest) have a star of the reference within :data:`MATCH_RADIUS` FWHM on the sky, as the
+    (science frames) At least :data:`MIN_MATCHED` of its stars (isolated stars of S/N >= :data:`STAR_SNR`
+    found by :func:`rbflow.stars.find_stars`, the 300 brightest) have a star of the reference within :data:`MATCH_RADIUS` FWHM on the sky, as the
     flux ratio of the subtraction needs (a proxy: the subtraction selects its own stars).
 
 A frame's status is a small JSON file. Passing frames record their WCS, shape and the sky positions
@@ -51,7 +51,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info, pixel_scale_of
-from rbflow.io import Image, atomic_path, read_image, read_table, write_table
+from rbflow.io import Image, made_by, read_image, read_table, write_json, write_table
 
 __all__ = [
     "CHECKS",
@@ -147,11 +147,11 @@ def _check_wcs(image: Image, pixel_scale: float | None) -> WCS:
 
 def _check_psf_stars(image: Image, info: FrameInfo, telescope: dict[str, Any], name: str) -> float:
     """Raise when the PSF stage would find no usable star; return the FWHM (px) it measures."""
-    from rbflow.psf import _select_stars
+    from rbflow.psf import select_psf_stars
 
     cfg = telescope["psf"]
     guess = info.fwhm_guess or float(cfg["fallback_fwhm"]) / pixel_scale_of(telescope, image.wcs, path=image.path)
-    stars, fwhm = _select_stars(image, info, cfg, fwhm_guess=guess, name=name)
+    stars, fwhm = select_psf_stars(image, info, cfg, fwhm_guess=guess, name=name)
     if len(stars) == 0 and not cfg["analytic_fallback"]:
         raise FrameCheckError(
             "psf stars",
@@ -163,18 +163,21 @@ def _check_psf_stars(image: Image, info: FrameInfo, telescope: dict[str, Any], n
 
 
 def _sky_stars(image: Image, wcs: WCS, saturation: float, fwhm: float) -> np.ndarray:
-    """Sky positions (ra, dec; brightest first, at most 300) of the peaks of S/N >= STAR_SNR."""
-    from rbflow.psf import _background, _find
+    """Sky positions (ra, dec; brightest first, at most 300) of the isolated stars of S/N >= STAR_SNR.
 
-    data = image.data.astype(float)
+    They are found as the subtraction finds its alignment and flux-ratio stars
+    (:func:`rbflow.stars.find_stars`).
+    """
+    from rbflow.background import background
+    from rbflow.stars import find_stars
+
+    data = image.data.astype(np.float32)
     bad = ~np.isfinite(data) | (data >= saturation)
-    sky, rms = _background(np.where(bad, 0.0, data), bad)
-    snr = np.where(bad, 0.0, data - sky) / np.where(rms > 0, rms, np.inf)
-    found = _find(snr, bad, fwhm, STAR_SNR)
-    if found is None or len(found) == 0:
+    sky, rms = background(data, bad)
+    found = find_stars(np.where(bad, 0.0, data - sky), rms, bad, fwhm=fwhm, snr_min=STAR_SNR, max_stars=_MAX_STARS)
+    if found["x"].size == 0:
         return np.zeros((0, 2))
-    found = found[np.argsort(-np.asarray(found["flux"]))][:_MAX_STARS]
-    return np.c_[wcs.pixel_to_world_values(np.asarray(found["x_centroid"]), np.asarray(found["y_centroid"]))]
+    return np.c_[wcs.pixel_to_world_values(found["x"], found["y"])]
 
 
 def _overlap(wcs: WCS, shape: tuple[int, int], ref_wcs: WCS, ref_shape: tuple[int, int]) -> float:
@@ -321,8 +324,7 @@ def run_validate(
     except FrameCheckError as exc:
         status.update(ok=False, check=exc.check, file=exc.path, message=str(exc))
         log.warning("frame '%s' is bad (%s check): %s", frame, exc.check, exc)
-    with atomic_path(out_status) as tmp:
-        tmp.write_text(json.dumps(status) + "\n")
+    write_json(status, out_status)
     return status
 
 
@@ -348,7 +350,7 @@ def bad_frames_table(statuses: Sequence[dict[str, Any]]) -> Table:
             "message": np.array([s["message"] for s in bad], dtype="U1024"),
         },
         meta={
-            "made_by": "rbflow.validate.write_bad_frames",
+            "made_by": made_by("rbflow.validate.write_bad_frames"),
             "description": "frames skipped (on_bad_frame: skip): the check that failed, the file at fault and why",
         },
     )

@@ -2,7 +2,7 @@
 
 
 rule subtract:
-    """Align the reference to the science frame, PSF-match and subtract (ZOGY): D, S_corr, variance."""
+    """Align the reference to the science frame, PSF-match and subtract (ZOGY or sfft, on `threads` threads): D, S_corr, variance."""
     input:
         unpack(subtract_inputs),
     output:
