@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -167,3 +169,30 @@ def test_errors(trained, tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(bad))
     with pytest.raises(InputError, match="no test frames"):
         evaluate_test_split(root / "cube.npz", tmp_path / "m" / "model.pt")
+
+
+def test_checkinfer_script_wiring(trained, tmp_path):
+    """scripts/checkinfer.py passes every file the rule declares to run_checkinfer."""
+    root, _, _, _ = trained
+    out = tmp_path / "plots" / "checkinfer"
+    sm = SimpleNamespace(
+        input=SimpleNamespace(
+            datacube=str(root / "cube.npz"),
+            model=str(root / "model" / "model.pt"),
+            cutouts=[str(root / "training" / "true"), str(root / "training" / "false")],
+            truth=[str(p) for p in sorted((root / "sim" / "inject").glob("*.ecsv"))],
+            crossmatch=[str(root / "crossmatch.ecsv")],
+        ),
+        output=SimpleNamespace(summary=str(out / "summary.json")),
+        params=SimpleNamespace(threshold=0.4, thresholds=[0.5], seed=1),
+        log=[str(tmp_path / "checkinfer.log")],
+        rule="checkinfer_plots",
+        wildcards={"telescope": "t"},
+    )
+    runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "scripts" / "checkinfer.py"), init_globals={"snakemake": sm}
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["value"] == 0.4 and list(summary["efficiency"]) == ["0.5"]
+    assert summary["counts"]["n_fwhm_ratio"] == summary["counts"]["n"]
+    assert "checkinfer:" in (tmp_path / "checkinfer.log").read_text()
