@@ -6,7 +6,6 @@ from rbflow.checkinfer import run_checkinfer
 from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-training_dir = Path(sm.input.labels).parent
 call_in_job(
     sm,
     run_checkinfer,
@@ -15,8 +14,8 @@ call_in_job(
     out_dir=Path(sm.output.summary).parent,
     threshold=sm.params.threshold,
     thresholds=tuple(sm.params.thresholds),
-    training_dir=training_dir,
-    inject_dir=training_dir.parent / "sim" / "inject",
+    cutout_dirs=list(sm.input.cutouts),
+    truth_paths=list(sm.input.truth),
     crossmatch_paths=list(sm.input.crossmatch),
     seed=sm.params.seed,
 )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 from astropy.io import fits
 from astropy.table import Table
 
-from rbflow.checkinfer import FILES, confusion_counts, evaluate_test_split, operating_points, run_checkinfer
+from rbflow.checkinfer import FILES, evaluate_test_split, run_checkinfer
 from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
 from rbflow.errors import InputError
 from rbflow.train import train
@@ -101,7 +103,8 @@ def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
         root / "cube.npz",
         root / "model" / "model.pt",
         out,
-        training_dir=root / "training",
+        cutout_dirs=[root / "training" / "true", root / "training" / "false"],
+        truth_paths=sorted((root / "sim" / "inject").glob("*.ecsv")),
         crossmatch_paths=[root / "crossmatch.ecsv"],
     )
     for name in FILES.values():
@@ -116,7 +119,7 @@ def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
     assert at["tp"] + at["fn"] == summary["counts"]["n_true"] == yt.sum()
     assert math.isclose(at["fnr"], np.mean(p[yt == 1] < t)) and math.isclose(at["fpr"], np.mean(p[yt == 0] >= t))
     assert math.isclose(at["accuracy"], np.mean((p >= t) == yt))
-    # the vectorised MCC and accuracy equal rbflow.train's (bootstrap block holds the same point values)
+    # the MCC and accuracy at the threshold equal the bootstrap block's point values
     assert math.isclose(at["mcc"], summary["bootstrap"]["mcc"]["value"], abs_tol=1e-12)
     assert math.isclose(at["accuracy"], summary["bootstrap"]["accuracy"]["value"])
     # the FNR-1 % threshold is the largest with at most 1 % of trues below it
@@ -127,6 +130,8 @@ def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
     eff = summary["efficiency"]["0.5"]
     assert eff["n_kept"] == np.sum((yt == 1) & (p >= 0.5)) and eff["n_injected"] == yt.sum()
     assert "fwhm_ratio.png" in summary["files"]
+    # every test candidate has a cutout (FWHM in its header) and a truth table of its image
+    assert summary["counts"]["n_fwhm_ratio"] == summary["counts"]["n"]
 
 
 def test_threshold_argument_and_skipped_fwhm(trained, tmp_path, caplog):
@@ -134,23 +139,11 @@ def test_threshold_argument_and_skipped_fwhm(trained, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="rbflow.checkinfer"):
         summary = run_checkinfer(root / "cube.npz", root / "model" / "model.pt", tmp_path, threshold=0.3)
     assert summary["threshold"] == {"value": 0.3, "source": "argument"}
-    assert not (tmp_path / FILES["fwhm_ratio"]).exists() and FILES["fwhm_ratio"] not in summary["files"]
-    assert "FWHM ratio plot skipped" in caplog.text
-
-
-def test_operating_points_known_set():
-    y = np.array([0] * 5 + [1] * 5)
-    p = np.array([0.05, 0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9, 0.95])
-    c = confusion_counts(y, p, np.array([0.5, 0.35]))
-    # t = 0.5: trues below are 0.4 (fn = 1); falses at or above are 0.6 (fp = 1)
-    assert list(c["fn"]) == [1, 0] and list(c["fp"]) == [1, 1] and list(c["tp"]) == [4, 5] and list(c["tn"]) == [4, 4]
-    pts = operating_points(y, p)
-    # 1 % of 5 trues is 0 stamps: the largest threshold with no true below is the lowest true score
-    assert pts["fnr_target"] == {"threshold": 0.4, "fnr": 0.0, "fpr": 0.2}
-    # no false at or above: just above the highest false score 0.6
-    assert pts["fpr_target"]["threshold"] == np.nextafter(0.6, 1) and pts["fpr_target"]["fnr"] == 0.2
-    # at t = 0.4 FNR = 0, FPR = 0.2; at t = 0.6 FNR = FPR = 0.2 (equal); at 0.7 FNR 0.2, FPR 0
-    assert pts["equal_error"] == {"threshold": 0.6, "fnr": 0.2, "fpr": 0.2, "rate": 0.2}
+    # without cutouts and truth tables the FWHM-ratio plot is still written (it is a declared output), empty
+    assert (tmp_path / FILES["fwhm_ratio"]).stat().st_size > 0 and summary["counts"]["n_fwhm_ratio"] == 0
+    assert "FWHM ratio plot empty" in caplog.text
+    with pytest.raises(InputError, match="cutout folder .*nowhere.* does not exist"):
+        run_checkinfer(root / "cube.npz", root / "model" / "model.pt", tmp_path, cutout_dirs=[root / "nowhere"])
 
 
 def test_errors(trained, tmp_path):
@@ -176,3 +169,30 @@ def test_errors(trained, tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(bad))
     with pytest.raises(InputError, match="no test frames"):
         evaluate_test_split(root / "cube.npz", tmp_path / "m" / "model.pt")
+
+
+def test_checkinfer_script_wiring(trained, tmp_path):
+    """scripts/checkinfer.py passes every file the rule declares to run_checkinfer."""
+    root, _, _, _ = trained
+    out = tmp_path / "plots" / "checkinfer"
+    sm = SimpleNamespace(
+        input=SimpleNamespace(
+            datacube=str(root / "cube.npz"),
+            model=str(root / "model" / "model.pt"),
+            cutouts=[str(root / "training" / "true"), str(root / "training" / "false")],
+            truth=[str(p) for p in sorted((root / "sim" / "inject").glob("*.ecsv"))],
+            crossmatch=[str(root / "crossmatch.ecsv")],
+        ),
+        output=SimpleNamespace(summary=str(out / "summary.json")),
+        params=SimpleNamespace(threshold=0.4, thresholds=[0.5], seed=1),
+        log=[str(tmp_path / "checkinfer.log")],
+        rule="checkinfer_plots",
+        wildcards={"telescope": "t"},
+    )
+    runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "scripts" / "checkinfer.py"), init_globals={"snakemake": sm}
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["value"] == 0.4 and list(summary["efficiency"]) == ["0.5"]
+    assert summary["counts"]["n_fwhm_ratio"] == summary["counts"]["n"]
+    assert "checkinfer:" in (tmp_path / "checkinfer.log").read_text()

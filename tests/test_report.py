@@ -52,6 +52,7 @@ EXPECTED = {
             "confusion",
             "worst_false_positives",
             "worst_false_negatives",
+            "fwhm_ratio",
         ]
     },
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,12 @@ import torch
 from astropy.table import Table
 
 import rbflow.train as rtrain
+from rbflow.cli import main
+from rbflow.config import schema_defaults
 from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
 from rbflow.errors import InputError
-from rbflow.train import binary_metrics, dihedral, roc_auc, split_frames, train
+from rbflow.infer import load_model
+from rbflow.train import dihedral, split_frames, train, train_config
 
 torch.set_num_threads(2)
 
@@ -86,16 +91,16 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    saved = rtrain._save_checkpoint
+    saved = rtrain.save_checkpoint
     calls = []
 
-    def save_then_die(state, path):
-        saved(state, path)
+    def save_then_die(path, **state):
+        saved(path, **state)
         calls.append(1)
         if len(calls) == 1:
             raise Killed
 
-    monkeypatch.setattr(rtrain, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(rtrain, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train(cube, tmp_path / "resumed", cfg, seed=1, checkpoint_dir=tmp_path / "ck_res")
     assert not (tmp_path / "resumed" / "model.pt").exists()
@@ -129,11 +134,91 @@ def test_dihedral_group():
     assert len({tuple(o.flatten().tolist()) for o in out}) == 8
 
 
-def test_metrics_known_values():
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    assert roc_auc(y, np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])) == 1.0
-    assert roc_auc(y, np.array([0.6, 0.7, 0.8, 0.9, 0.1, 0.2, 0.3, 0.4])) == 0.0
-    assert roc_auc(y, np.full(8, 0.5)) == 0.5
-    m = binary_metrics(y, np.array([0.1, 0.2, 0.3, 0.7, 0.6, 0.7, 0.8, 0.9]), threshold=0.5, seed=0, n_boot=50)
-    assert m["accuracy"]["value"] == 7 / 8
-    assert m["roc_auc"]["value"] == pytest.approx(14.5 / 16)  # the 0.7 vs 0.7 pair counts half
+def test_config_defaults_are_the_schema_s():
+    assert train_config({}) == schema_defaults("config.schema.yaml", "train")
+    assert train_config({"epochs": 2})["epochs"] == 2
+    with pytest.raises(InputError, match=r"unknown keys \['epoch'\]"):
+        train_config({"epoch": 2})
+
+
+def test_fine_tune_starts_from_init(trained, tmp_path):
+    root, _ = trained
+    init_pt = root / "model" / "model.pt"
+    cube = make_cube(tmp_path / "cube2.npz", 300, seed=5, n_frames=6)
+    meta = train(
+        cube, tmp_path / "ft", {**CFG, "epochs": 1}, seed=2, checkpoint_dir=tmp_path / "ck", init=root / "model"
+    )
+    init = meta["init"]
+    assert init["path"] == str(init_pt) and init["sha256"] == hashlib.sha256(init_pt.read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["init"] == init
+    # the validation loss before fine-tuning is the init model's class-weighted loss on the new validation frames
+    model, _ = load_model(init_pt)
+    data = np.load(cube)
+    y, frames = data["y"], data["frame"]
+    val, trn = np.isin(frames, meta["split"]["val"]), np.isin(frames, meta["split"]["train"])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data["X"][val]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.from_numpy(y[val]).float(), reduction="none"
+    ).numpy()
+    n_pos = y[trn].sum()
+    w = np.where(y[val] == 1, trn.sum() / (2 * n_pos), trn.sum() / (2 * (trn.sum() - n_pos)))
+    # float32 convolutions in batches of another size: agreement to ~1e-6 relative
+    assert init["val_loss_before"] == pytest.approx((bce * w).sum() / w.sum(), rel=1e-5)
+    # a model trained on the same kind of stamps starts far below a fresh model's loss (~ln 2 = 0.69)
+    assert init["val_loss_before"] < 0.3
+    # a fresh training records no init
+    assert json.loads((root / "model" / "model.json").read_text())["init"] is None
+
+
+def _variant(cube: Path, path: Path, *, channels: list[int] | None = None, size: int | None = None) -> Path:
+    """Copy of a datacube with a subset of its channels or stamps cropped to ``size`` pixels."""
+    data = dict(np.load(cube))
+    meta = json.loads(str(data["meta"]))
+    if channels is not None:
+        data["X"] = data["X"][:, channels]
+        data["channels"] = data["channels"][channels]
+        meta["channels"] = [str(c) for c in data["channels"]]
+    if size is not None:
+        cut = (data["X"].shape[-1] - size) // 2
+        data["X"] = np.ascontiguousarray(data["X"][..., cut : cut + size, cut : cut + size])
+        meta["stamp_size"] = size
+    data["meta"] = np.asarray(json.dumps(meta))
+    np.savez(path, **data)
+    return path
+
+
+def test_fine_tune_refuses_a_mismatch(trained, tmp_path):
+    root, _ = trained
+    cube = make_cube(tmp_path / "cube.npz", 60, seed=1, n_frames=6)
+    kw = {"seed": 0, "checkpoint_dir": tmp_path / "ck", "init": root / "model"}
+    json_name = re.escape(str(root / "model" / "model.json"))
+    with pytest.raises(InputError, match=rf"'{json_name}' does not fit.*widths \[8, 16, 32\] \(key 'train.widths'"):
+        train(cube, tmp_path / "out", {**CFG, "widths": [16, 32, 64]}, **kw)
+    with pytest.raises(InputError, match=r"architecture 'compact' \(key 'train.architecture' is 'vgg'\)"):
+        train(cube, tmp_path / "out", {**CFG, "architecture": "vgg"}, **kw)
+    two = _variant(cube, tmp_path / "two.npz", channels=[0, 2])
+    with pytest.raises(InputError, match=r"channels \['SCI', 'REF', 'DIFF'\] \(the datacube's are \['SCI', 'DIFF'\]\)"):
+        train(two, tmp_path / "out", CFG, **kw)
+    small = _variant(cube, tmp_path / "small.npz", size=21)
+    with pytest.raises(InputError, match=r"stamp size 31 px \(the datacube's is 21 px\)"):
+        train(small, tmp_path / "out", CFG, **kw)
+    with pytest.raises(InputError, match="does not exist"):
+        train(cube, tmp_path / "out", CFG, **{**kw, "init": tmp_path / "none" / "model.pt"})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+def test_cli_train_options(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rtrain, "train", lambda *a, **k: calls.append((a, k)))
+    assert main(["train", "c.npz", str(tmp_path / "out"), "--init", "m"]) == 0
+    (cube, out, cfg), kw = calls[-1]
+    # the CLI's seed default is the workflow's (the schema's)
+    assert kw["seed"] == schema_defaults("config.schema.yaml")["seed"] and kw["init"] == Path("m") and cfg == {}
+    assert kw["checkpoint_dir"] == tmp_path / "out.checkpoint"
+    (tmp_path / "run.yaml").write_text("seed: 5\ntrain:\n  epochs: 2\n  lr: 0.01\n")
+    assert main(["train", "c.npz", "o", "--config", str(tmp_path / "run.yaml"), "--epochs", "3"]) == 0
+    (_, _, cfg), kw = calls[-1]
+    assert kw["seed"] == 5 and cfg == {"epochs": 3, "lr": 0.01} and kw["init"] is None
+    assert main(["train", "c.npz", "o", "--config", str(tmp_path / "run.yaml"), "--seed", "9"]) == 0
+    assert calls[-1][1]["seed"] == 9

@@ -16,38 +16,40 @@ A candidate is kept (called real) when ``P(real) >= t``. FNR is the fraction of 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from matplotlib.figure import Figure
-from scipy.stats import norm
 
-from rbflow import __version__
-from rbflow.checksim import efficiency
 from rbflow.datacube import crop_stamps, load_datacube, normalise
 from rbflow.errors import InputError
 from rbflow.frames import parse_image
 from rbflow.infer import check_compatible, load_model, predict
-from rbflow.io import atomic_path, read_table, write_table
+from rbflow.io import file_sha256, jsonable, made_by, read_table, write_figure, write_json, write_table
+from rbflow.metrics import (
+    ECE_BINS,
+    binary_metrics,
+    confusion_counts,
+    confusion_rates,
+    efficiency,
+    expected_calibration_error,
+    operating_points,
+    reliability,
+    roc_auc,
+    roc_curve,
+)
 from rbflow.seeds import derive
-from rbflow.train import binary_metrics, expected_calibration_error, roc_auc
 
-__all__ = [
-    "FILES",
-    "evaluate_test_split",
-    "confusion_counts",
-    "operating_points",
-    "run_checkinfer",
-]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FILES", "evaluate_test_split", "run_checkinfer"]
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +72,10 @@ FILES: dict[str, str] = {
 
 #: Target error rate of the FNR and FPR operating points.
 _TARGET_RATE = 0.01
-#: Reliability-diagram bins (equal width in P(real)); the ECE uses the same bins.
-_CAL_BINS = 15
 #: Stamps per gallery of worst mistakes.
 _GALLERY = 16
 #: Display range of normalised stamps (robust sigma units).
 _VMIN, _VMAX = -4.0, 12.0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.PathLike) -> Table:
@@ -117,7 +109,7 @@ def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.P
             f"model '{model_path}': model.json has no test frames (key 'split.test'): retrain it with this rbflow"
         )
     trained_on = meta.get("datacube", {}).get("sha256")
-    if trained_on and trained_on != _sha256(datacube_path):
+    if trained_on and trained_on != file_sha256(datacube_path):
         log.warning(
             "datacube '%s' is not the one model '%s' was trained on: the test frames are still never trained on, "
             "but the stamps may differ",
@@ -153,7 +145,7 @@ def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.P
     )
     table.meta.update(
         {
-            "made_by": f"rbflow.checkinfer.evaluate_test_split {__version__}",
+            "made_by": made_by("rbflow.checkinfer.evaluate_test_split"),
             "datacube": str(datacube_path),
             "model": str(model_path),
             "test_frames": test_frames,
@@ -165,106 +157,15 @@ def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.P
     return table
 
 
-def confusion_counts(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | float) -> dict[str, np.ndarray]:
-    """Confusion counts when candidates with ``P(real) >= t`` are called real, for each threshold.
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib figure on the Agg canvas with constrained layout (matplotlib imported here, when plotting)."""
+    from matplotlib.figure import Figure
 
-    Parameters
-    ----------
-    y : numpy.ndarray
-        Labels (1 = real).
-    p : numpy.ndarray
-        P(real).
-    thresholds : float or numpy.ndarray
-        Threshold(s) ``t``.
-
-    Returns
-    -------
-    dict
-        ``tp``, ``fp``, ``tn``, ``fn`` as int64 arrays shaped like ``thresholds``.
-    """
-    y = np.asarray(y)
-    p = np.asarray(p, dtype=float)
-    t = np.asarray(thresholds, dtype=float)
-    pos = np.sort(p[y == 1])
-    neg = np.sort(p[y == 0])
-    fn = np.searchsorted(pos, t, side="left").astype(np.int64)
-    tn = np.searchsorted(neg, t, side="left").astype(np.int64)
-    return {"tp": len(pos) - fn, "fp": len(neg) - tn, "tn": tn, "fn": fn}
-
-
-def _rates(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rates and scores from confusion counts (NaN where undefined; MCC 0 when a margin is empty)."""
-    tp, fp, tn, fn = (c[k].astype(float) for k in ("tp", "fp", "tn", "fn"))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = tp / (tp + fp)
-        recall = tp / (tp + fn)
-        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        out = {
-            "accuracy": (tp + tn) / (tp + fp + tn + fn),
-            "precision": precision,
-            "recall": recall,
-            "f1": 2 * tp / (2 * tp + fp + fn),
-            "mcc": np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0),
-            "fpr": fp / (fp + tn),
-            "fnr": fn / (tp + fn),
-        }
-    return out
-
-
-def operating_points(y: np.ndarray, p: np.ndarray, *, rate: float = _TARGET_RATE) -> dict[str, dict[str, float]]:
-    """Thresholds reaching a target FNR and FPR, and the equal-error threshold.
-
-    Parameters
-    ----------
-    y : numpy.ndarray
-        Labels (1 = real); both classes must be present.
-    p : numpy.ndarray
-        P(real).
-    rate : float, optional
-        Target error rate (0.01 = 1 %).
-
-    Returns
-    -------
-    dict
-        ``fnr_target``: the largest threshold with FNR <= ``rate`` (at most ``floor(rate * n_true)``
-        trues below it); ``fpr_target``: the smallest threshold with FPR <= ``rate`` (just above the
-        ``floor(rate * n_false) + 1``-th highest false score; above 1 when that score is 1);
-        ``equal_error``: the score threshold where ``|FNR - FPR|`` is smallest, with
-        ``rate = (FNR + FPR) / 2``. Each holds ``threshold``, ``fnr`` and ``fpr``.
-    """
-    y = np.asarray(y)
-    p = np.asarray(p, dtype=float)
-    pos = np.sort(p[y == 1])
-    neg_desc = np.sort(p[y == 0])[::-1]
-    t_fnr = float(pos[math.floor(rate * len(pos))])
-    t_fpr = float(np.nextafter(neg_desc[math.floor(rate * len(neg_desc))], np.inf))
-    grid = np.unique(p)
-    r = _rates(confusion_counts(y, p, grid))
-    k = int(np.argmin(np.abs(r["fnr"] - r["fpr"])))
-    out: dict[str, dict[str, float]] = {}
-    for name, t in (("fnr_target", t_fnr), ("fpr_target", t_fpr), ("equal_error", float(grid[k]))):
-        rt = _rates(confusion_counts(y, p, np.array([t])))
-        out[name] = {"threshold": t, "fnr": float(rt["fnr"][0]), "fpr": float(rt["fpr"][0])}
-    out["equal_error"]["rate"] = 0.5 * (out["equal_error"]["fnr"] + out["equal_error"]["fpr"])
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN/inf floats -> None, numpy scalars -> Python, so that the JSON is strict."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer, np.floating)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    write_figure(fig, path, dpi=110)
 
 
 def run_checkinfer(
@@ -274,8 +175,8 @@ def run_checkinfer(
     *,
     threshold: float | None = None,
     thresholds: Sequence[float] = (0.1, 0.5, 0.7),
-    training_dir: str | os.PathLike | None = None,
-    inject_dir: str | os.PathLike | None = None,
+    cutout_dirs: Sequence[str | os.PathLike] = (),
+    truth_paths: Sequence[str | os.PathLike] = (),
     crossmatch_paths: Sequence[str | os.PathLike] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -294,10 +195,10 @@ def run_checkinfer(
     * ``confusion.png``: confusion matrix at the chosen threshold;
     * ``worst_false_positives.png``, ``worst_false_negatives.png``: the 16 false stamps with the
       highest P(real) and the 16 true stamps with the lowest, titled with P(real) and id (stamps of
-      the cutout files in ``training_dir`` when given, else of the datacube; normalised);
+      the cutout files in ``cutout_dirs`` when found there, else of the datacube; normalised);
     * ``fwhm_ratio.png``: candidate FWHM (cutout header) / PSF FWHM of its image (median
-      ``psf_fwhm`` of the injection truth table) for the true and all test candidates; only with
-      ``training_dir`` and existing truth tables, else skipped with a warning;
+      ``psf_fwhm`` of the injection truth table) for the true and all test candidates; it says so
+      (and a warning is logged) when no candidate has both FWHMs;
     * ``summary.json`` (the returned dict) and ``test_predictions.ecsv`` (:func:`evaluate_test_split`).
 
     Parameters
@@ -312,11 +213,13 @@ def run_checkinfer(
         Threshold of the confusion matrix and point metrics; default: model.json's suggested threshold.
     thresholds : sequence of float, optional
         Thresholds of the efficiency plot.
-    training_dir : path-like, optional
-        Folder with ``true/`` and ``false/`` cutout files (``{id}.fits``): gallery stamps and FWHMs.
-    inject_dir : path-like, optional
-        Folder of the injection truth tables ``{image}.ecsv`` (column ``psf_fwhm``, pixels); default:
-        ``training_dir/../sim/inject`` (the workflow's layout).
+    cutout_dirs : sequence of path-like, optional
+        Folders of cutout files ``{id}.fits`` (e.g. the per-image cutout folders, or ``true/`` and
+        ``false/`` of the training folder): gallery stamps and candidate FWHMs (header ``FWHM``,
+        pixels). The first file of an id wins.
+    truth_paths : sequence of path-like, optional
+        Injection truth tables ``{image}.ecsv`` (the file name gives the image; column ``psf_fwhm``,
+        pixels).
     crossmatch_paths : sequence of path-like, optional
         Per-injected-source crossmatch tables (columns mag, detected; ``image`` or the file name
         gives the image); only rows of test frames are used.
@@ -330,7 +233,8 @@ def run_checkinfer(
         points of :func:`operating_points` (``fnr_1pct``, ``fpr_1pct``, ``equal_error``),
         ``at_threshold`` (accuracy, precision, recall, f1, mcc, fpr, fnr, ece and the confusion
         counts tp, fp, tn, fn), ``bootstrap`` (95 % intervals of auc, accuracy, mcc, ece),
-        ``efficiency`` (per threshold: injected trues with ``P >= t``), ``counts`` and ``files``.
+        ``efficiency`` (per threshold: injected trues with ``P >= t``), ``counts`` (with
+        ``n_fwhm_ratio``, the candidates of the FWHM-ratio plot) and ``files``.
 
     Raises
     ------
@@ -352,15 +256,15 @@ def run_checkinfer(
     threshold = float(table.meta["model_threshold"] if threshold is None else threshold)
     thresholds = [float(t) for t in thresholds]
 
-    points = operating_points(y, p)
+    points = operating_points(y, p, rate=_TARGET_RATE)
     at = confusion_counts(y, p, np.array([threshold]))
-    at_rates = {k: float(v[0]) for k, v in _rates(at).items()}
+    at_rates = {k: float(v[0]) for k, v in confusion_rates(at).items()}
     boot = binary_metrics(y, p, threshold=threshold, seed=derive(seed, "checkinfer", "bootstrap"))
-    ece = expected_calibration_error(y, p, bins=_CAL_BINS)
+    ece = expected_calibration_error(y, p, bins=ECE_BINS)
     auc = roc_auc(y, p)
     injected = (y == 1) & np.isfinite(np.asarray(table["mag"], dtype=float))
     summary: dict[str, Any] = {
-        "made_by": f"rbflow.checkinfer.run_checkinfer {__version__}",
+        "made_by": made_by("rbflow.checkinfer.run_checkinfer"),
         "datacube": str(datacube_path),
         "model": str(model_path),
         "convention": "real when P(real) >= threshold; FNR = trues below, FPR = falses at or above",
@@ -388,6 +292,7 @@ def run_checkinfer(
         },
     }
 
+    cutouts = _cutout_index(cutout_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.meta["threshold"] = threshold
     write_table(table, out_dir / FILES["predictions"])
@@ -402,21 +307,12 @@ def run_checkinfer(
     )
     _plot_reliability(y, p, ece, out_dir / FILES["reliability"])
     _plot_confusion(at, threshold, out_dir / FILES["confusion"])
-    X, channels = _gallery_source(datacube_path, table)
-    fp_idx = np.flatnonzero(y == 0)[np.argsort(-p[y == 0], kind="stable")][:_GALLERY]
-    fn_idx = np.flatnonzero(y == 1)[np.argsort(p[y == 1], kind="stable")][:_GALLERY]
-    for key, idx, what in (
-        ("false_positives", fp_idx, f"false stamps with the highest P(real) ({at['fp'][0]} at P >= {threshold:.3f})"),
-        ("false_negatives", fn_idx, f"true stamps with the lowest P(real) ({at['fn'][0]} at P < {threshold:.3f})"),
-    ):
-        stamps = [_stamp(training_dir, table, i, X[i], channels) for i in idx]
-        _plot_gallery(stamps, [f"P={p[i]:.3f}\n{table['id'][i]}" for i in idx], channels, what, out_dir / FILES[key])
-    files = [v for k, v in FILES.items() if k != "fwhm_ratio"]
-    if _fwhm_ratio(table, training_dir, inject_dir, threshold, out_dir / FILES["fwhm_ratio"]):
-        files.append(FILES["fwhm_ratio"])
-    summary["files"] = sorted(files)
-    with atomic_path(out_dir / FILES["summary"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    _plot_galleries(datacube_path, table, cutouts, at, threshold, out_dir)
+    summary["counts"]["n_fwhm_ratio"] = _fwhm_ratio(
+        table, cutouts, truth_paths, threshold, out_dir / FILES["fwhm_ratio"]
+    )
+    summary["files"] = sorted(FILES.values())
+    write_json(summary, out_dir / FILES["summary"])
     log.info(
         "checkinfer: %d test stamps (%d true), AUC %.4f; at t=%.3f FNR %.3f FPR %.3f; equal error %.3f at t=%.3f",
         len(y),
@@ -428,11 +324,11 @@ def run_checkinfer(
         points["equal_error"]["rate"],
         points["equal_error"]["threshold"],
     )
-    return _jsonable(summary)
+    return jsonable(summary)
 
 
 def _plot_histograms(y: np.ndarray, p: np.ndarray, threshold: float, path: Path) -> None:
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = _figure((6.4, 4.4))
     ax = fig.subplots()
     bins = np.linspace(0.0, 1.0, 51)
     ax.hist(p[y == 1], bins=bins, histtype="stepfilled", alpha=0.5, color="C0", label=f"true ({(y == 1).sum()})")
@@ -444,16 +340,9 @@ def _plot_histograms(y: np.ndarray, p: np.ndarray, threshold: float, path: Path)
     _save(fig, path)
 
 
-def _roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and TPR at every score threshold, from (1, 1) down to (0, 0)."""
-    grid = np.r_[-np.inf, np.unique(p), np.inf]
-    r = _rates(confusion_counts(y, p, grid))
-    return r["fpr"], 1.0 - r["fnr"]
-
-
 def _plot_roc(y: np.ndarray, p: np.ndarray, auc: float, path: Path) -> None:
-    fpr, tpr = _roc_points(y, p)
-    fig = Figure(figsize=(5.0, 4.6), layout="constrained")
+    fpr, tpr = roc_curve(y, p)
+    fig = _figure((5.0, 4.6))
     ax = fig.subplots()
     ax.plot(fpr, tpr, color="C0", label=f"AUC = {auc:.4f}")
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
@@ -469,7 +358,9 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, auc: float, path: Path) -> None:
 
 
 def _plot_det(y: np.ndarray, p: np.ndarray, points: dict, path: Path) -> None:
-    fpr, tpr = _roc_points(y, p)
+    from scipy.stats import norm
+
+    fpr, tpr = roc_curve(y, p)
     fnr = 1.0 - tpr
     # probit axes; rates of 0 or 1 are drawn at half a stamp from the edge
     lo = 0.5 / max(len(y), 1)
@@ -477,7 +368,7 @@ def _plot_det(y: np.ndarray, p: np.ndarray, points: dict, path: Path) -> None:
     def z(rate: np.ndarray | float) -> np.ndarray:
         return norm.ppf(np.clip(rate, lo, 1 - lo))
 
-    fig = Figure(figsize=(5.0, 4.6), layout="constrained")
+    fig = _figure((5.0, 4.6))
     ax = fig.subplots()
     ax.plot(z(fpr), z(fnr), color="C0")
     ee = points["equal_error"]
@@ -499,8 +390,8 @@ def _plot_det(y: np.ndarray, p: np.ndarray, points: dict, path: Path) -> None:
 
 def _plot_error_rates(y: np.ndarray, p: np.ndarray, points: dict, threshold: float, path: Path) -> None:
     t = np.linspace(0.0, 1.0, 1001)
-    r = _rates(confusion_counts(y, p, t))
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    r = confusion_rates(confusion_counts(y, p, t))
+    fig = _figure((6.4, 4.4))
     ax = fig.subplots()
     ax.plot(t, r["fnr"], color="C0", label="FNR (trues below t)")
     ax.plot(t, r["fpr"], color="C3", label="FPR (falses at or above t)")
@@ -524,8 +415,8 @@ def _plot_error_rates(y: np.ndarray, p: np.ndarray, points: dict, threshold: flo
 
 def _plot_metrics(y: np.ndarray, p: np.ndarray, threshold: float, path: Path) -> None:
     t = np.linspace(0.0, 1.0, 1001)
-    r = _rates(confusion_counts(y, p, t))
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    r = confusion_rates(confusion_counts(y, p, t))
+    fig = _figure((6.4, 4.4))
     ax = fig.subplots()
     for k, name in enumerate(("precision", "recall", "f1", "mcc")):
         ax.plot(t, r[name], color=f"C{k}", label=name)
@@ -563,7 +454,7 @@ def _plain_efficiency(paths: Sequence[str | os.PathLike], test_frames: set[str])
 def _plot_efficiency(
     mags: np.ndarray, p: np.ndarray, thresholds: list[float], plain: tuple[np.ndarray, np.ndarray] | None, path: Path
 ) -> None:
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = _figure((6.4, 4.4))
     ax = fig.subplots()
     all_mags = mags if plain is None else np.concatenate([mags, plain[0][np.isfinite(plain[0])]])
     bins = _mag_bins(all_mags)
@@ -599,19 +490,15 @@ def _plot_efficiency(
 
 
 def _plot_reliability(y: np.ndarray, p: np.ndarray, ece: float, path: Path) -> None:
-    edges = np.linspace(0.0, 1.0, _CAL_BINS + 1)
-    idx = np.minimum((p * _CAL_BINS).astype(int), _CAL_BINS - 1)
-    n = np.bincount(idx, minlength=_CAL_BINS)
-    ok = n > 0
-    mean_p = np.bincount(idx, weights=p, minlength=_CAL_BINS)[ok] / n[ok]
-    frac = np.bincount(idx, weights=y.astype(float), minlength=_CAL_BINS)[ok] / n[ok]
-    fig = Figure(figsize=(5.0, 5.6), layout="constrained")
+    rel = reliability(y, p, bins=ECE_BINS)
+    edges = rel["edges"]
+    fig = _figure((5.0, 5.6))
     ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
-    ax.plot(mean_p, frac, "o-", color="C0", label=f"ECE = {ece:.4f}")
+    ax.plot(rel["mean_p"], rel["frac_real"], "o-", color="C0", label=f"ECE = {ece:.4f}")
     ax.set(ylabel="fraction of true stamps", title="reliability (test frames)", ylim=(-0.03, 1.03))
     ax.legend(loc="upper left")
-    ax_n.bar(0.5 * (edges[:-1] + edges[1:]), n, width=1.0 / _CAL_BINS, color="0.6")
+    ax_n.bar(0.5 * (edges[:-1] + edges[1:]), rel["n"], width=1.0 / ECE_BINS, color="0.6")
     ax_n.set_yscale("log")
     ax_n.set(xlabel="mean P(real) in bin", ylabel="stamps", xlim=(0, 1))
     _save(fig, path)
@@ -620,7 +507,7 @@ def _plot_reliability(y: np.ndarray, p: np.ndarray, ece: float, path: Path) -> N
 def _plot_confusion(at: dict[str, np.ndarray], threshold: float, path: Path) -> None:
     counts = np.array([[at["tn"][0], at["fp"][0]], [at["fn"][0], at["tp"][0]]], dtype=float)
     frac = counts / counts.sum(axis=1, keepdims=True)
-    fig = Figure(figsize=(4.6, 4.0), layout="constrained")
+    fig = _figure((4.6, 4.0))
     ax = fig.subplots()
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
@@ -639,32 +526,57 @@ def _plot_confusion(at: dict[str, np.ndarray], threshold: float, path: Path) -> 
     _save(fig, path)
 
 
-def _gallery_source(datacube_path: str | os.PathLike, table: Table) -> tuple[np.ndarray, list[str]]:
-    """Normalised datacube stamps of the table's rows (in table order) and the channel names."""
-    cube = load_datacube(datacube_path)
-    sel = np.flatnonzero(np.isin(cube["frame"].astype(str), list(table.meta["test_frames"])))
-    return cube["X"][sel], [str(c) for c in cube["channels"]]
+def _cutout_index(cutout_dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """Candidate id -> its cutout file ``{id}.fits``, over the folders (the first folder holding an id wins)."""
+    index: dict[str, Path] = {}
+    for folder in map(Path, cutout_dirs):
+        if not folder.is_dir():
+            raise InputError(f"cutout folder '{folder}' does not exist: run the cutouts stage or fix the path")
+        for path in sorted(folder.glob("*.fits")):
+            if not path.name.startswith("."):
+                index.setdefault(path.stem, path)
+    return index
 
 
-def _stamp(
-    training_dir: str | os.PathLike | None, table: Table, i: int, fallback: np.ndarray, channels: list[str]
-) -> np.ndarray:
-    """Normalised stamp of row ``i``: its cutout file in ``training_dir`` when found, else the datacube's."""
-    if training_dir is not None:
-        for sub in ("true", "false"):
-            path = Path(training_dir) / sub / f"{table['id'][i]}.fits"
-            if path.exists():
-                with fits.open(path, memmap=False) as hdul:
-                    names = [h.name for h in hdul]
-                    if all(c in names for c in channels):
-                        return normalise(np.stack([np.asarray(hdul[c].data, dtype=np.float32) for c in channels]))
+def _stamp(cutouts: dict[str, Path], cand_id: str, fallback: np.ndarray, channels: list[str]) -> np.ndarray:
+    """Normalised stamp of a candidate: of its cutout file when indexed and holding the channels, else ``fallback``."""
+    path = cutouts.get(cand_id)
+    if path is not None:
+        with fits.open(path, memmap=False) as hdul:
+            names = [h.name for h in hdul]
+            if all(c in names for c in channels):
+                return normalise(np.stack([np.asarray(hdul[c].data, dtype=np.float32) for c in channels]))
     return fallback
+
+
+def _plot_galleries(
+    datacube_path: str | os.PathLike,
+    table: Table,
+    cutouts: dict[str, Path],
+    at: dict[str, np.ndarray],
+    threshold: float,
+    out_dir: Path,
+) -> None:
+    """The galleries of the worst false positives and false negatives (stamps of ``cutouts``, else the datacube's)."""
+    cube = load_datacube(datacube_path)
+    X = cube["X"][np.flatnonzero(np.isin(cube["frame"].astype(str), list(table.meta["test_frames"])))]
+    channels = [str(c) for c in cube["channels"]]
+    y = np.asarray(table["y"])
+    p = np.asarray(table["label1"], dtype=float)
+    fp_idx = np.flatnonzero(y == 0)[np.argsort(-p[y == 0], kind="stable")][:_GALLERY]
+    fn_idx = np.flatnonzero(y == 1)[np.argsort(p[y == 1], kind="stable")][:_GALLERY]
+    for key, idx, what in (
+        ("false_positives", fp_idx, f"false stamps with the highest P(real) ({at['fp'][0]} at P >= {threshold:.3f})"),
+        ("false_negatives", fn_idx, f"true stamps with the lowest P(real) ({at['fn'][0]} at P < {threshold:.3f})"),
+    ):
+        stamps = [_stamp(cutouts, str(table["id"][i]), X[i], channels) for i in idx]
+        _plot_gallery(stamps, [f"P={p[i]:.3f}\n{table['id'][i]}" for i in idx], channels, what, out_dir / FILES[key])
 
 
 def _plot_gallery(stamps: list[np.ndarray], titles: list[str], channels: list[str], what: str, path: Path) -> None:
     ncol = 4
     nrow = max(1, math.ceil(len(stamps) / ncol))
-    fig = Figure(figsize=(3.2 * ncol, 1.7 * nrow + 0.6), layout="constrained")
+    fig = _figure((3.2 * ncol, 1.7 * nrow + 0.6))
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
@@ -681,69 +593,60 @@ def _plot_gallery(stamps: list[np.ndarray], titles: list[str], channels: list[st
 
 def _fwhm_ratio(
     table: Table,
-    training_dir: str | os.PathLike | None,
-    inject_dir: str | os.PathLike | None,
+    cutouts: dict[str, Path],
+    truth_paths: Sequence[str | os.PathLike],
     threshold: float,
     path: Path,
-) -> bool:
-    """Draw the FWHM ratio histogram; False (with a warning) when the FWHMs are not available."""
-    if training_dir is None:
-        log.warning("checkinfer: no training_dir given: FWHM ratio plot skipped (the FWHMs are in the cutout headers)")
-        return False
-    inject_dir = Path(training_dir).parent / "sim" / "inject" if inject_dir is None else Path(inject_dir)
+) -> int:
+    """Draw the FWHM ratio histogram; return the number of candidates in it (0: the plot says why, with a warning)."""
     psf_fwhm: dict[str, float] = {}
-    for image in sorted(set(table["image"])):
-        truth = inject_dir / f"{image}.ecsv"
-        if truth.exists():
-            t = read_table(truth)
-            if "psf_fwhm" in t.colnames and len(t):
-                psf_fwhm[image] = float(np.nanmedian(np.asarray(t["psf_fwhm"], dtype=float)))
+    for truth in map(Path, truth_paths):
+        t = read_table(truth)
+        if "psf_fwhm" in t.colnames and len(t):
+            psf_fwhm[truth.stem] = float(np.nanmedian(np.asarray(t["psf_fwhm"], dtype=float)))
     ratio = np.full(len(table), np.nan)
     for i, (cid, image) in enumerate(zip(table["id"], table["image"])):
-        if image not in psf_fwhm:
-            continue
-        for sub in ("true", "false"):
-            cutout = Path(training_dir) / sub / f"{cid}.fits"
-            if cutout.exists():
-                value = fits.getheader(cutout, 0).get("FWHM")
-                if isinstance(value, (int, float)):
-                    ratio[i] = float(value) / psf_fwhm[image]
-                break
+        cutout = cutouts.get(str(cid))
+        if image in psf_fwhm and cutout is not None:
+            value = fits.getheader(cutout, 0).get("FWHM")
+            if isinstance(value, (int, float)):
+                ratio[i] = float(value) / psf_fwhm[image]
     ok = np.isfinite(ratio)
-    if not ok.any():
-        log.warning(
-            "checkinfer: no test candidate has both a cutout FWHM in '%s' and a psf_fwhm in '%s': FWHM ratio "
-            "plot skipped",
-            training_dir,
-            inject_dir,
-        )
-        return False
     y = np.asarray(table["y"])
     p = np.asarray(table["label1"], dtype=float)
-    hi = max(3.0, float(np.nanpercentile(ratio[ok], 99)))
-    bins = np.linspace(0.0, hi, 61)
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = _figure((6.4, 4.4))
     ax = fig.subplots()
-    ax.hist(ratio[ok], bins=bins, histtype="stepfilled", color="0.8", label=f"all candidates ({ok.sum()})")
-    ax.hist(
-        ratio[ok & (y == 1)],
-        bins=bins,
-        histtype="step",
-        lw=2,
-        color="C0",
-        label=f"simulated (true) ({(ok & (y == 1)).sum()})",
-    )
-    ax.hist(
-        ratio[ok & (p >= threshold)],
-        bins=bins,
-        histtype="step",
-        lw=1,
-        ls="--",
-        color="C3",
-        label=f"P(real) >= {threshold:.3f} ({(ok & (p >= threshold)).sum()})",
-    )
-    ax.axvline(1.0, color="k", lw=0.8)
+    if ok.any():
+        hi = max(3.0, float(np.nanpercentile(ratio[ok], 99)))
+        bins = np.linspace(0.0, hi, 61)
+        ax.hist(ratio[ok], bins=bins, histtype="stepfilled", color="0.8", label=f"all candidates ({ok.sum()})")
+        ax.hist(
+            ratio[ok & (y == 1)],
+            bins=bins,
+            histtype="step",
+            lw=2,
+            color="C0",
+            label=f"simulated (true) ({(ok & (y == 1)).sum()})",
+        )
+        ax.hist(
+            ratio[ok & (p >= threshold)],
+            bins=bins,
+            histtype="step",
+            lw=1,
+            ls="--",
+            color="C3",
+            label=f"P(real) >= {threshold:.3f} ({(ok & (p >= threshold)).sum()})",
+        )
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.legend(fontsize="small")
+    else:
+        log.warning(
+            "checkinfer: no test candidate has both a cutout FWHM (%d cutout files given) and a psf_fwhm (%d truth "
+            "tables given): FWHM ratio plot empty",
+            len(cutouts),
+            len(truth_paths),
+        )
+        ax.text(0.5, 0.5, "no candidate with a cutout FWHM and a PSF FWHM", transform=ax.transAxes, ha="center")
     ax.set(xlabel="candidate FWHM / PSF FWHM of its image", ylabel="test candidates", title="FWHM ratio")
-    ax.legend(fontsize="small")
     _save(fig, path)
-    return True
+    return int(ok.sum())

@@ -21,6 +21,7 @@ from astropy.table import Table, vstack
 
 from rbflow.errors import InputError
 from rbflow.io import jsonable, made_by, read_table, write_figure, write_json, write_table
+from rbflow.metrics import efficiency
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -41,50 +42,6 @@ def logistic(mag: np.ndarray | float, m50: float, width: float) -> np.ndarray:
     from scipy.special import expit
 
     return expit(-(np.asarray(mag, dtype=float) - m50) / width)
-
-
-def efficiency(mags: np.ndarray, detected: np.ndarray, bins: np.ndarray) -> Table:
-    """Detection efficiency per magnitude bin with Wilson-score 68 % intervals.
-
-    Parameters
-    ----------
-    mags : array-like
-        Injected magnitudes.
-    detected : array-like of bool
-        Whether each source was detected.
-    bins : array-like
-        Bin edges (mag, increasing); sources outside are ignored.
-
-    Returns
-    -------
-    astropy.table.Table
-        mag_lo, mag_hi, mag_mid, n, n_det, eff, eff_lo, eff_hi (NaN for empty bins).
-    """
-    mags = np.asarray(mags, dtype=float)
-    detected = np.asarray(detected, dtype=bool)
-    bins = np.asarray(bins, dtype=float)
-    n = np.histogram(mags, bins=bins)[0]
-    k = np.histogram(mags[detected], bins=bins)[0]
-    z = 1.0  # 68.3 % two-sided interval
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-        half = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    empty = n == 0
-    p, lo, hi = (np.where(empty, np.nan, a) for a in (p, centre - half, centre + half))
-    return Table(
-        {
-            "mag_lo": bins[:-1],
-            "mag_hi": bins[1:],
-            "mag_mid": 0.5 * (bins[:-1] + bins[1:]),
-            "n": n.astype(np.int64),
-            "n_det": k.astype(np.int64),
-            "eff": p,
-            # The Wilson interval contains p; min/max only remove rounding at p = 0 or 1.
-            "eff_lo": np.clip(np.fmin(lo, p), 0.0, 1.0),
-            "eff_hi": np.clip(np.fmax(hi, p), 0.0, 1.0),
-        }
-    )
 
 
 def fit_logistic(mags: np.ndarray, detected: np.ndarray) -> tuple[float, float]:

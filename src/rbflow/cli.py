@@ -4,6 +4,10 @@ The commands call the same library functions as the workflow's rules, so a model
 workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn_infer``)::
 
     rbflow infer results/demo/obs/cutouts/fld00_r_e1 --model results/demo/model/model.pt
+
+Defaults come from ``config.schema.yaml`` (:func:`rbflow.config.schema_defaults`), as in the workflow.
+Each command is a subparser made by an ``_add_<command>`` function, whose ``func`` default is the
+function that runs it; heavy modules (torch, matplotlib) are imported only there.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from rbflow import __version__
 from rbflow.errors import RbflowError
@@ -21,21 +26,30 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``rbflow`` command."""
-    parser = argparse.ArgumentParser(prog="rbflow", description="Real/bogus CNN for image-subtraction candidates.")
-    parser.add_argument("--version", action="version", version=f"rbflow {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_convert(sub: Any, defaults: dict[str, Any]) -> None:
     conv = sub.add_parser("convert", help="build a datacube from labelled cutouts (true/, false/)")
     conv.add_argument("training_dir", type=Path, help="folder holding true/ and false/ cutouts")
     conv.add_argument("out", type=Path, help="datacube to write (.npz)")
-    conv.add_argument("--channels", nargs="+", default=["SCI", "REF", "DIFF"], help="channels, in order")
-    conv.add_argument("--crop", type=int, default=None, help="odd stamp size to crop to (pixels)")
-    conv.add_argument("--frac-true", type=float, default=None, help="fraction of trues after class balancing")
-    conv.add_argument("--seed", type=int, default=0, help="seed of the class balancing")
+    conv.add_argument("--channels", nargs="+", default=defaults["convert"]["channels"], help="channels, in order")
+    conv.add_argument(
+        "--crop", type=int, default=defaults["convert"]["crop"], help="odd stamp size to crop to (pixels)"
+    )
+    conv.add_argument(
+        "--frac-true", type=float, default=defaults["convert"]["frac_true"], help="fraction of trues after balancing"
+    )
+    conv.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the class balancing")
+    conv.set_defaults(func=_run_convert)
 
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from rbflow.datacube import build_datacube
+
+    build_datacube(
+        args.training_dir, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true, seed=args.seed
+    )
+
+
+def _add_import(sub: Any, defaults: dict[str, Any]) -> None:
     imp = sub.add_parser(
         "import", help="build a datacube from the older tool's or O'TRAIN's labelled stamps (true/, false/)"
     )
@@ -43,28 +57,85 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out", type=Path, help="datacube to write (.npz)")
     imp.add_argument("--channels", nargs="+", default=None, help="channels, in order (default: those all stamps have)")
     imp.add_argument("--crop", type=int, default=None, help="odd stamp size to crop to (default: largest odd shared)")
-    imp.add_argument("--frac-true", type=float, default=None, help="fraction of trues after class balancing")
-    imp.add_argument("--seed", type=int, default=0, help="seed of the class balancing")
+    imp.add_argument(
+        "--frac-true", type=float, default=defaults["convert"]["frac_true"], help="fraction of trues after balancing"
+    )
+    imp.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the class balancing")
+    imp.set_defaults(func=_run_import)
 
-    tr = sub.add_parser("train", help="train, calibrate and evaluate a model on a datacube")
+
+def _run_import(args: argparse.Namespace) -> None:
+    from rbflow.legacy import import_cutouts
+
+    import_cutouts(
+        args.folder, args.out, channels=args.channels, crop=args.crop, frac_true=args.frac_true, seed=args.seed
+    )
+
+
+def _add_train(sub: Any, defaults: dict[str, Any]) -> None:
+    tr = sub.add_parser("train", help="train (or fine-tune), calibrate and evaluate a model on a datacube")
     tr.add_argument("cube", type=Path, help="datacube (.npz) from 'rbflow convert' or 'rbflow import'")
     tr.add_argument("outdir", type=Path, help="folder for model.pt, model.json, model.onnx, metrics, plots")
-    tr.add_argument("--config", type=Path, default=None, help="YAML run config; its 'train' block is used")
-    tr.add_argument("--architecture", default=None, help="model architecture (overrides the config)")
-    tr.add_argument("--epochs", type=int, default=None, help="maximum epochs (overrides the config)")
-    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="device (overrides the config)")
-    tr.add_argument("--seed", type=int, default=0, help="global seed")
+    tr.add_argument("--config", type=Path, default=None, help="YAML run config; its 'train' block and 'seed' are used")
+    tr.add_argument(
+        "--architecture", default=None, help=f"model architecture (default {defaults['train']['architecture']!r})"
+    )
+    tr.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {defaults['train']['epochs']})")
+    tr.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help=f"device (default {defaults['train']['device']!r})",
+    )
+    tr.add_argument(
+        "--seed", type=int, default=None, help=f"global seed (default: the config's 'seed', else {defaults['seed']})"
+    )
+    tr.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="MODEL",
+        help="fine-tune: start from this model (folder or model.pt, with model.json beside it)",
+    )
     tr.add_argument(
         "--checkpoint-dir",
         type=Path,
         default=None,
         help="resume checkpoints (default: OUTDIR.checkpoint next to OUTDIR)",
     )
+    tr.set_defaults(func=_run_train)
 
+
+def _run_train(args: argparse.Namespace) -> None:
+    from rbflow.config import schema_defaults
+    from rbflow.train import train
+
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        from rbflow.config import load_yaml
+
+        config = load_yaml(args.config, "run config")
+    cfg = dict(config.get("train", {}))
+    for key in ("architecture", "epochs", "device"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    seed = (
+        args.seed if args.seed is not None else int(config.get("seed", schema_defaults("config.schema.yaml")["seed"]))
+    )
+    ckpt = args.checkpoint_dir or args.outdir.with_name(args.outdir.name + ".checkpoint")
+    train(args.cube, args.outdir, cfg, seed=seed, checkpoint_dir=ckpt, init=args.init)
+
+
+def _add_infer(sub: Any, defaults: dict[str, Any]) -> None:
     inf = sub.add_parser("infer", help="classify a folder of cutouts (the older tool's cnn_infer)")
     inf.add_argument("cutout_dir", type=Path, help="folder of {id}.fits cutouts")
     inf.add_argument("--model", type=Path, required=True, help="model.pt (model.json next to it)")
-    inf.add_argument("--threshold", type=float, default=None, help="P(real) threshold of the kept list")
+    inf.add_argument(
+        "--threshold",
+        type=float,
+        default=defaults["infer"]["threshold"],
+        help="P(real) threshold of the kept list (default: the model's)",
+    )
     inf.add_argument(
         "--out",
         type=Path,
@@ -72,19 +143,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="output ECSV; FILE.dat (the older tool's infer_results.dat) and FILE_kept.ecsv are written next to it",
     )
     inf.add_argument("--batch-size", type=int, default=1024, help="stamps per forward pass")
+    inf.set_defaults(func=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> None:
+    from rbflow.infer import infer_cutouts
+
+    out = args.out
+    infer_cutouts(
+        args.cutout_dir,
+        args.model,
+        out,
+        out_dat=out.with_suffix(".dat"),
+        out_kept=out.with_name(out.stem + "_kept.ecsv"),
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rbflow`` command (defaults from ``config.schema.yaml``).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Each subcommand sets ``func``, the function that runs it with the parsed arguments.
+    """
+    from rbflow.config import schema_defaults
+
+    defaults = schema_defaults("config.schema.yaml")
+    parser = argparse.ArgumentParser(prog="rbflow", description="Real/bogus CNN for image-subtraction candidates.")
+    parser.add_argument("--version", action="version", version=f"rbflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_convert, _add_import, _add_train, _add_infer):
+        add(sub, defaults)
     return parser
-
-
-def _train_cfg(args: argparse.Namespace) -> dict:
-    cfg: dict = {}
-    if args.config is not None:
-        from rbflow.config import load_yaml
-
-        cfg = dict(load_yaml(args.config, "run config").get("train", {}))
-    for key in ("architecture", "epochs", "device"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,46 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "convert":
-            from rbflow.datacube import build_datacube
-
-            build_datacube(
-                args.training_dir,
-                args.out,
-                channels=args.channels,
-                crop=args.crop,
-                frac_true=args.frac_true,
-                seed=args.seed,
-            )
-        elif args.command == "import":
-            from rbflow.legacy import import_cutouts
-
-            import_cutouts(
-                args.folder,
-                args.out,
-                channels=args.channels,
-                crop=args.crop,
-                frac_true=args.frac_true,
-                seed=args.seed,
-            )
-        elif args.command == "train":
-            from rbflow.train import train
-
-            ckpt = args.checkpoint_dir or args.outdir.with_name(args.outdir.name + ".checkpoint")
-            train(args.cube, args.outdir, _train_cfg(args), seed=args.seed, checkpoint_dir=ckpt)
-        else:
-            from rbflow.infer import infer_cutouts
-
-            out = args.out
-            infer_cutouts(
-                args.cutout_dir,
-                args.model,
-                out,
-                out_dat=out.with_suffix(".dat"),
-                out_kept=out.with_name(out.stem + "_kept.ecsv"),
-                threshold=args.threshold,
-                batch_size=args.batch_size,
-            )
+        args.func(args)
     except RbflowError as exc:
         log.error("%s", exc)
         return 2

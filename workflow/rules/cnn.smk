@@ -95,6 +95,7 @@ rule checkinfer_plots:
     """Threshold diagnostics of the model on its held-out test frames (ROC, DET, error rates, galleries)."""
     input:
         unpack(checkinfer_inputs),
+        unpack(checkinfer_sources),
     output:
         summary="results/{telescope}/plots/checkinfer/summary.json",
         predictions="results/{telescope}/plots/checkinfer/test_predictions.ecsv",
@@ -145,6 +146,11 @@ rule checkinfer_plots:
         ),
         worst_fn=report(
             "results/{telescope}/plots/checkinfer/worst_false_negatives.png",
+            caption="../report/checkinfer.rst",
+            category="Threshold choice",
+        ),
+        fwhm_ratio=report(
+            "results/{telescope}/plots/checkinfer/fwhm_ratio.png",
             caption="../report/checkinfer.rst",
             category="Threshold choice",
         ),

@@ -257,3 +257,11 @@ def frame_statuses(wildcards):
     """Status files of every frame of a telescope (rule validate_frame)."""
     tel = wildcards.telescope
     return expand("results/{telescope}/validate/{frame}.json", telescope=tel, frame=FRAMES[tel])
+
+
+def checkinfer_sources(wildcards):
+    """Injection truth tables and cutout folders of every injected image of a telescope (FWHMs, gallery stamps)."""
+    return {
+        "truth": per_image("results/{telescope}/sim/inject/{image}.ecsv", "sim", [wildcards.telescope]),
+        "cutouts": per_image("results/{telescope}/sim/cutouts/{image}", "sim", [wildcards.telescope]),
+    }
