@@ -172,7 +172,7 @@ def test_errors(trained, tmp_path):
 
 
 def test_checkinfer_script_wiring(trained, tmp_path):
-    """scripts/checkinfer.py passes every file the rule declares to run_checkinfer."""
+    """scripts/checkinfer_plots.py passes every file the rule declares to run_checkinfer."""
     root, _, _, _ = trained
     out = tmp_path / "plots" / "checkinfer"
     sm = SimpleNamespace(
@@ -190,7 +190,7 @@ def test_checkinfer_script_wiring(trained, tmp_path):
         wildcards={"telescope": "t"},
     )
     runpy.run_path(
-        str(Path(__file__).resolve().parents[1] / "scripts" / "checkinfer.py"), init_globals={"snakemake": sm}
+        str(Path(__file__).resolve().parents[1] / "scripts" / "checkinfer_plots.py"), init_globals={"snakemake": sm}
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"]["value"] == 0.4 and list(summary["efficiency"]) == ["0.5"]
