@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rbflow import __version__
 from rbflow.errors import RbflowError
+from rbflow.scancli import add_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output ECSV; FILE.dat (the older tool's infer_results.dat) and FILE_kept.ecsv are written next to it",
     )
     inf.add_argument("--batch-size", type=int, default=1024, help="stamps per forward pass")
+    add_commands(sub)
     return parser
 
 
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "convert":
+        if hasattr(args, "handler"):
+            args.handler(args)
+        elif args.command == "convert":
             from rbflow.datacube import build_datacube
 
             build_datacube(
