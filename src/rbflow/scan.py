@@ -616,7 +616,7 @@ def _model_scores(store: ScanStore, model_path: Path, *, seed: int) -> dict[str,
     """P(real), MC-dropout spread and OOD score of the training candidates with the run's model."""
     from rbflow.datacube import crop_stamps, normalise, read_stamp
     from rbflow.infer import check_compatible, load_model, predict
-    from rbflow.uncertainty import mc_dropout, penultimate_features, reference_ood
+    from rbflow.uncertainty import mc_dropout, network_features, reference_ood
 
     model, meta = load_model(model_path)
     channels, ids, stamps = list(meta["channels"]), [], []
@@ -637,7 +637,7 @@ def _model_scores(store: ScanStore, model_path: Path, *, seed: int) -> dict[str,
     cube = store.training / "datacube.npz"
     if cube.is_file():
         reference = reference_ood(model, cube, seed=seed)
-        out["ood_score"] = reference.score(penultimate_features(model, X))
+        out["ood_score"] = reference.score(network_features(model, X))
         out["ood_quantile"] = reference.quantile(out["ood_score"])
     return {cid: {k: float(v[i]) for k, v in out.items()} for i, cid in enumerate(ids)}
 
