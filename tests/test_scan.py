@@ -426,7 +426,8 @@ class _Chrome:
 
     def key(self, key: str) -> None:
         for kind in ("keyDown", "keyUp"):
-            self.send("Input.dispatchKeyEvent", type=kind, key=key, text=key if kind == "keyDown" else "")
+            text = key if kind == "keyDown" and len(key) == 1 else ""  # named keys (ArrowLeft) type nothing
+            self.send("Input.dispatchKeyEvent", type=kind, key=key, text=text)
 
     def close(self) -> None:
         self.proc.kill()

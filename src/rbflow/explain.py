@@ -1,6 +1,7 @@
 """Where the network looks: one explanation map per stamp.
 
-Two methods, both on the logit of P(real):
+Two methods, both on the evidence for the predicted class (the logit of P(real) when it is
+positive, minus the logit otherwise, so that a bogus stamp shows what made it bogus):
 
 - ``"gradcam"`` (Selvaraju et al. 2017): the activations of the last convolution block weighted by
   the spatial mean of their gradients, rectified, upsampled (bilinear) to the stamp size;
@@ -63,7 +64,8 @@ def explanation_maps(model: Any, X: np.ndarray, *, method: str = "gradcam", batc
     for i in range(0, len(X), batch_size):
         xb = torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32).requires_grad_(True)
         if method == "saliency":
-            model(xb).sum().backward()
+            logits = model(xb)
+            (logits * torch.sign(logits.detach())).sum().backward()
             maps = xb.grad.abs().amax(dim=1)
         else:
             acts: list[torch.Tensor] = []
@@ -72,7 +74,7 @@ def explanation_maps(model: Any, X: np.ndarray, *, method: str = "gradcam", batc
                 logits = model(xb)
             finally:
                 hook.remove()
-            (grads,) = torch.autograd.grad(logits.sum(), acts[0])
+            (grads,) = torch.autograd.grad((logits * torch.sign(logits.detach())).sum(), acts[0])
             cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts[0]).sum(dim=1, keepdim=True))
             maps = F.interpolate(cam, size=X.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         maps = maps.detach().double().numpy()

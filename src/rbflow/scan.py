@@ -518,7 +518,7 @@ def _score_key(queue: str, row: dict[str, Any]) -> tuple[float, str] | None:
     p, std = row.get("p_real"), row.get("p_real_std")
     if queue == "uncertain":
         if std is not None and p is not None:
-            return -std, f"P(real) {p:.2f} ± {std:.2f} (MC dropout): the model is unsure"
+            return -std, f"MC-dropout spread ± {std:.3f} around P(real) {p:.2f} (larger spread: less sure)"
         if p is not None:
             return abs(p - 0.5), f"P(real) {p:.2f} is near 0.5"
         return None
@@ -719,7 +719,7 @@ def create_app(
         return jsonify(
             candidates=listed,
             frames=frames,
-            queues=QUEUES,
+            queues=list(QUEUES.items()),  # a list: JSON objects lose their order
             user=store.user,
             explain=model is not None,
             history=[d.__dict__ for d in history[-10:]],
