@@ -31,6 +31,7 @@ def results_folder(root: Path, n: int = 8, *, seed: int = 3) -> tuple[Path, Tabl
 
     Reals are Gaussian blobs in SCI and DIFF; bogus are single hot pixels; the last one is left unsorted.
     """
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     ny = nx = 200
     xy = [(40.0 + 40 * (i % 4), 40.0 + 40 * (i // 4)) for i in range(n)]
