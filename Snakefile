@@ -45,6 +45,7 @@ include: "workflow/rules/cutouts.smk"
 include: "workflow/rules/crossmatch.smk"
 include: "workflow/rules/cnn.smk"
 include: "workflow/rules/targets.smk"
+include: "workflow/rules/scan.smk"
 
 
 rule all:

@@ -120,7 +120,8 @@ def test_manifest_columns(model_dir, cutouts, tmp_path):
     ids = [f"img0_{i}" for i in range(40)]
     Table({"id": ids, "scorr_peak": np.arange(40.0)}).write(local / "cutouts.ecsv")
     table = infer_cutouts(local, model_dir / "model.pt", tmp_path / "r.ecsv")
-    assert list(table.colnames) == ["id", "scorr_peak", "label0", "label1"]
+    uncertainty = ["p_real_mc", "p_real_std", "ood_score", "ood_quantile"]  # rbflow.uncertainty
+    assert list(table.colnames) == ["id", "scorr_peak", "label0", "label1", *uncertainty]
     assert all(float(s) == float(i.split("_")[1]) for i, s in zip(table["id"], table["scorr_peak"]))
 
 

@@ -15,12 +15,14 @@ workflow rebuilds the datacube when a file is moved.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import filecmp
 import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "write_dat",
     "label_cutouts",
     "relabel_digest",
+    "training_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -510,6 +513,28 @@ def _previous_labels(path: Path) -> dict[str, tuple[str, str]] | None:
     )
 
 
+@contextlib.contextmanager
+def training_lock(training_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of a training folder (``training_dir/.lock``, ``flock``) for a block.
+
+    :func:`label_cutouts` and the scanning page (:mod:`rbflow.scan`) move files and rewrite
+    ``labels.ecsv`` only while holding it, so neither sees the other's work half done.
+
+    Parameters
+    ----------
+    training_dir : path-like
+        Training folder (created if missing).
+    """
+    training_dir = Path(training_dir)
+    training_dir.mkdir(parents=True, exist_ok=True)
+    with open(training_dir / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def label_cutouts(
     per_candidate_paths: Sequence[str | os.PathLike],
     cutout_dirs: Sequence[str | os.PathLike],
@@ -553,7 +578,14 @@ def label_cutouts(
     InputError
         A label table or cutout manifest is missing or malformed.
     """
-    training_dir = Path(training_dir)
+    with training_lock(training_dir):
+        return _label_cutouts(per_candidate_paths, cutout_dirs, Path(training_dir))
+
+
+def _label_cutouts(
+    per_candidate_paths: Sequence[str | os.PathLike], cutout_dirs: Sequence[str | os.PathLike], training_dir: Path
+) -> Table:
+    """:func:`label_cutouts` under the training folder's lock."""
     auto: dict[str, str] = {}
     for path in per_candidate_paths:
         table = read_table(path)

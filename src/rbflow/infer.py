@@ -23,6 +23,7 @@ from rbflow.datacube import NORMALISATION, crop_stamps, normalise, read_stamp
 from rbflow.errors import ConfigError, InputError
 from rbflow.io import read_table, write_table
 from rbflow.model import ModelConfig, build_model
+from rbflow.uncertainty import UNCERTAINTY_COLUMNS, mc_dropout, network_features, reference_ood
 
 __all__ = [
     "load_model",
@@ -208,10 +209,31 @@ def predict_onnx(onnx_path: str | os.PathLike, X: np.ndarray) -> np.ndarray:
 
 
 def _empty_candidates() -> Table:
+    extra = ["label0", "label1", *(name for name, _ in UNCERTAINTY_COLUMNS)]
     return Table(
-        names=[c for c, _, _ in CANDIDATE_COLUMNS] + ["label0", "label1"],
-        dtype=[t for _, _, t in CANDIDATE_COLUMNS] + [float, float],
+        names=[c for c, _, _ in CANDIDATE_COLUMNS] + extra,
+        dtype=[t for _, _, t in CANDIDATE_COLUMNS] + [float] * len(extra),
     )
+
+
+def _uncertainty(
+    model: nn.Module, meta: dict[str, Any], X: np.ndarray, *, mc_passes: int, seed: int, cube: Any
+) -> dict[str, np.ndarray]:
+    """The :data:`UNCERTAINTY_COLUMNS` of normalised stamps ``X``."""
+    mean, std = mc_dropout(model, meta, X, passes=mc_passes, seed=seed)
+    cube = cube if cube is not None else meta.get("datacube", {}).get("path")
+    if cube is None or not Path(cube).exists():
+        log.warning(
+            "no OOD reference datacube (model.json names %r): ood_score and ood_quantile are NaN; give "
+            "reference_cube=the training datacube",
+            cube,
+        )
+        ood = quantile = np.full(len(X), np.nan)
+    else:
+        reference = reference_ood(model, cube, seed=seed)
+        ood = reference.score(network_features(model, X))
+        quantile = reference.quantile(ood)
+    return {"p_real_mc": mean, "p_real_std": std, "ood_score": ood, "ood_quantile": quantile}
 
 
 def _header_row(header: Any, stem: str) -> list[Any]:
@@ -288,8 +310,11 @@ def infer_cutouts(
     out_kept: str | os.PathLike | None = None,
     threshold: float | None = None,
     batch_size: int = 1024,
+    mc_passes: int = 20,
+    seed: int = 0,
+    reference_cube: str | os.PathLike | None = None,
 ) -> Table:
-    """Classify every ``{id}.fits`` cutout of a folder.
+    """Classify every ``{id}.fits`` cutout of a folder, with its uncertainty and OOD score.
 
     Parameters
     ----------
@@ -299,7 +324,11 @@ def infer_cutouts(
     model_path : path-like
         ``model.pt`` (with ``model.json`` next to it).
     out_table : path-like
-        ECSV: candidate columns + ``label0`` (P(bogus)) and ``label1`` (P(real)), one row per cutout.
+        ECSV: candidate columns + ``label0`` (P(bogus)) and ``label1`` (P(real)), one row per cutout,
+        then the columns of :data:`rbflow.uncertainty.UNCERTAINTY_COLUMNS` (``p_real_mc``,
+        ``p_real_std``: MC-dropout mean and spread; ``ood_score``, ``ood_quantile``: Mahalanobis
+        distance of the network features to the training stamps, NaN when no reference
+        datacube is found).
     out_dat : path-like, optional
         The older tool's ``infer_results.dat`` (see :func:`write_infer_dat`).
     out_kept : path-like, optional
@@ -308,6 +337,13 @@ def infer_cutouts(
         Threshold of the kept list; default: model.json's suggested threshold.
     batch_size : int, optional
         Stamps per forward pass.
+    mc_passes : int, optional
+        MC-dropout passes (>= 2) of ``p_real_mc`` and ``p_real_std``.
+    seed : int, optional
+        Seed of the dropout masks and of the OOD reference subsample (same seed, same columns).
+    reference_cube : path-like, optional
+        Datacube of the OOD reference; default: the training datacube named in model.json
+        (``datacube.path``), when it exists.
 
     Returns
     -------
@@ -345,7 +381,8 @@ def infer_cutouts(
         X = np.stack(stamps)
         if X.shape[-1] != meta["stamp_size"]:
             X = crop_stamps(X, int(meta["stamp_size"]))
-        p_real = predict(model, meta, normalise(X), batch_size=batch_size)
+        X = normalise(X)
+        p_real = predict(model, meta, X, batch_size=batch_size)
         table = Table(rows=rows, names=[c for c, _, _ in CANDIDATE_COLUMNS], dtype=[t for _, _, t in CANDIDATE_COLUMNS])
         manifest_path = cutout_dir / "cutouts.ecsv"
         if manifest_path.exists():
@@ -359,6 +396,8 @@ def infer_cutouts(
             table.remove_column("_row")
         table["label0"] = 1.0 - p_real
         table["label1"] = p_real
+        for name, values in _uncertainty(model, meta, X, mc_passes=mc_passes, seed=seed, cube=reference_cube).items():
+            table[name] = values
         names = [str(p) for p in files]
     table.meta.update(
         {
@@ -367,7 +406,10 @@ def infer_cutouts(
             "model": str(model_path),
             "temperature": meta.get("temperature", 1.0),
             "threshold": threshold,
-            "columns": "label0 = P(bogus), label1 = P(real), calibrated",
+            "columns": "label0 = P(bogus), label1 = P(real), calibrated; "
+            + "; ".join(f"{name} = {text}" for name, text in UNCERTAINTY_COLUMNS),
+            "mc_passes": mc_passes,
+            "seed": seed,
             "rbflow_version": __version__,
         }
     )
