@@ -1,17 +1,18 @@
-"""Shared fixtures: paths of the repository and a validated demo telescope."""
+"""Shared fixtures: the repository, a validated demo telescope, one run of the tiny workflow.
+
+Helpers that are not fixtures (synthetic data, the tiny workflow's command) live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, SNAKEMAKE, TINY, make_workdir
 
 from rbflow.config import load_telescope
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -29,23 +30,6 @@ def _demo_telescope() -> dict:
 def demo_telescope(_demo_telescope) -> dict:
     """A fresh copy of the validated demo telescope configuration."""
     return copy.deepcopy(_demo_telescope)
-
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-#: Arguments that select the tiny test telescope (tests/data/telescopes/tiny.yaml).
-TINY = [
-    "--configfile",
-    str(REPO / "tests/data/config.test.yaml"),
-    "--config",
-    f"telescope_dir={REPO}/tests/data/telescopes",
-]
-
-
-def make_workdir(path: Path) -> Path:
-    """A fresh Snakemake working directory that sees the repository's config/."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config").symlink_to(REPO / "config")
-    return path
 
 
 @pytest.fixture(scope="session")

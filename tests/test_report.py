@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SNAKEMAKE, TINY
+from helpers import SNAKEMAKE, TINY
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.workflow

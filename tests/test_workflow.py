@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
-from conftest import SNAKEMAKE, make_workdir
+from helpers import SNAKEMAKE, make_workdir
 
 
 def _workdir(tmp_path: Path) -> Path:
@@ -111,7 +111,7 @@ def test_rule_cli_and_onnx_give_the_same_probabilities(tiny_run, tmp_path):
 def test_moving_a_cutout_to_true_rebuilds_the_datacube_with_that_label(tiny_run, tmp_path):
     import shutil
 
-    from conftest import TINY
+    from helpers import TINY
 
     work = tmp_path / "work"
     shutil.copytree(tiny_run, work, symlinks=True)

@@ -31,7 +31,6 @@ __all__ = [
     "load_datacube",
     "crop_stamps",
     "listing_digest",
-    "synthetic_stamps",
 ]
 
 log = logging.getLogger(__name__)
@@ -404,79 +403,3 @@ def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise InputError(f"datacube '{path}' lacks {sorted(missing)}: rerun the convert stage with this rbflow")
     return cube
-
-
-def synthetic_stamps(
-    n: int,
-    *,
-    size: int = 31,
-    fwhm: float = 3.0,
-    frac_true: float = 0.5,
-    snr: tuple[float, float] = (5.0, 60.0),
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw SCI, REF, DIFF stamps of a known real/bogus problem, for tests and benchmarks.
-
-    Reals are a Gaussian PSF (S/N uniform in ``snr``) in SCI and DIFF, on a faint host in SCI and REF half of the
-    time. Bogus stamps are, in equal parts, pure noise, a subtraction dipole of a star present in
-    SCI and REF, and a cosmic ray (one to three hot pixels in SCI and DIFF). Noise sigma is 1 (ADU)
-    around a sky of 100 (SCI, REF) or 0 (DIFF).
-
-    Parameters
-    ----------
-    n : int
-        Number of stamps.
-    size : int, optional
-        Stamp side (pixels, odd).
-    fwhm : float, optional
-        PSF FWHM (pixels).
-    frac_true : float, optional
-        Fraction of reals.
-    snr : tuple of float, optional
-        Range of the reals' S/N (the dipoles and cosmic rays scale with it too).
-    seed : int
-        Seed of everything random.
-
-    Returns
-    -------
-    X : numpy.ndarray
-        float32 ``(n, 3, size, size)`` raw stamps (channels SCI, REF, DIFF).
-    y : numpy.ndarray
-        int64 ``(n,)`` labels, 1 = real.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    sigma = fwhm / 2.3548
-
-    def blob(dx: np.ndarray, dy: np.ndarray, s: float = sigma) -> np.ndarray:
-        g = np.exp(-((xx - dx[:, None, None]) ** 2 + (yy - dy[:, None, None]) ** 2) / (2 * s**2))
-        return g / g.sum(axis=(1, 2), keepdims=True)
-
-    y = (rng.random(n) < frac_true).astype(np.int64)
-    X = rng.normal(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
-    X[:, :2] += 100.0
-    # a source of total flux F in a Gaussian PSF has S/N ~ F / (sqrt(4 pi) sigma) on unit noise
-    flux = rng.uniform(*snr, n) * np.sqrt(4 * np.pi) * sigma
-    dx, dy = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
-    psf = blob(dx, dy)
-    host = blob(dx + rng.normal(0, 2, n), dy + rng.normal(0, 2, n), 3 * sigma) * (rng.random(n) < 0.5)[:, None, None]
-    host = host * rng.uniform(50, 400, n)[:, None, None]
-    kind = rng.integers(0, 3, n)
-    real = y == 1
-    X[real, 0] += (flux[:, None, None] * psf + host)[real]
-    X[real, 1] += host[real]
-    X[real, 2] += (flux[:, None, None] * psf)[real]
-    dipole = (~real) & (kind == 1)
-    shift = rng.uniform(0.5, 1.5, n) * np.sign(rng.normal(size=n))
-    star = 5 * flux[:, None, None] * psf
-    X[dipole, 0] += star[dipole]
-    X[dipole, 1] += star[dipole]
-    X[dipole, 2] += (star - 5 * flux[:, None, None] * blob(dx + shift, dy))[dipole]
-    cosmic = np.flatnonzero((~real) & (kind == 2))
-    for i in cosmic:
-        for _ in range(rng.integers(1, 4)):
-            r, c = size // 2 + rng.integers(-2, 3, 2)
-            amp = rng.uniform(20, 200)
-            X[i, 0, r, c] += amp
-            X[i, 2, r, c] += amp
-    return X, y
