@@ -31,6 +31,8 @@ __all__ = [
     "load_datacube",
     "crop_stamps",
     "listing_digest",
+    "labelled_files",
+    "balance_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,23 @@ def _header_float(header: fits.Header, key: str) -> float:
         return float("nan")
 
 
-def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices (sorted) keeping a random subset of the majority class so that trues make ``frac_true``."""
+def balance_classes(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping a random subset of the majority class so that the reals make ``frac_true``.
+
+    Parameters
+    ----------
+    y : numpy.ndarray
+        Labels, 1 = real, 0 = bogus (both classes present).
+    frac_true : float
+        Wanted fraction of reals, in (0, 1).
+    rng : numpy.random.Generator
+        Draws the subset (seeded by the caller).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted indices into ``y``: every stamp of the minority class, a random subset of the other.
+    """
     t = np.flatnonzero(y == 1)
     f = np.flatnonzero(y == 0)
     if len(t) / len(y) > frac_true:
@@ -157,8 +174,19 @@ def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.nd
     return np.sort(np.concatenate([t, f]))
 
 
-def _labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
-    """``(label, path)`` of ``true/*.fits`` (label 1) then ``false/*.fits`` (label 0), sorted by name."""
+def labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
+    """The labelled cutout files of a training folder: ``true/*.fits`` then ``false/*.fits``, sorted by name.
+
+    Parameters
+    ----------
+    training_dir : pathlib.Path
+        Folder holding ``true/`` and ``false/`` (a missing one counts as empty).
+
+    Returns
+    -------
+    list of (int, pathlib.Path)
+        ``(label, path)`` pairs, label 1 for ``true/``, 0 for ``false/``.
+    """
     files: list[tuple[int, Path]] = []
     for label, sub in ((1, "true"), (0, "false")):
         folder = training_dir / sub
@@ -182,7 +210,7 @@ def listing_digest(training_dir: str | os.PathLike) -> str:
     str
         Hexadecimal digest (stored as ``file_list_sha256`` in the datacube's meta).
     """
-    files = _labelled_files(Path(training_dir))
+    files = labelled_files(Path(training_dir))
     return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
 
 
@@ -228,7 +256,7 @@ def build_datacube(
     """
     training_dir = Path(training_dir)
     channels = [str(c) for c in channels]
-    files = _labelled_files(training_dir)
+    files = labelled_files(training_dir)
     for label, sub in ((1, "true"), (0, "false")):
         if not any(lab == label for lab, _ in files):
             raise InputError(
@@ -277,7 +305,7 @@ def build_datacube(
             )
     keep = np.arange(len(y_arr))
     if frac_true is not None:
-        keep = _balance(y_arr, frac_true, np.random.default_rng(seed))
+        keep = balance_classes(y_arr, frac_true, np.random.default_rng(seed))
     X = X[keep] if frac_true is not None else X[: len(y_arr)]
     y_arr = y_arr[keep]
     counts = {
