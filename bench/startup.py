@@ -7,8 +7,9 @@ script calls, before any work. For each module this measures, in fresh processes
 * ``import``: the import time of ``rbflow`` and the module as ``python -X importtime -c "import rbflow.X"``
   reports it (sum of the cumulative times of the top-level ``rbflow`` entries), with ``--detail`` the
   heaviest packages it pulls in;
-* ``process``: the wall time of ``python -c "import rbflow.runner, rbflow.X"``, interpreter start-up included
-  (what a job pays before its work).
+* ``process`` and ``CPU``: the wall and the CPU (user + system) time of ``python -c "import rbflow.runner,
+  rbflow.X"``, interpreter start-up included (what a job pays before its work; on a loaded machine the
+  CPU time is the steadier figure).
 
 ``--compare DIR`` measures another source tree (a ``src`` folder, e.g. a checkout of the code before a
 change) in the same run, interleaved with this one so that both see the same machine load, and prints
@@ -29,6 +30,7 @@ import argparse
 import ast
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,11 +79,18 @@ def import_time(python: str, src: Path, module: str) -> tuple[float, dict[str, f
     return total, packages
 
 
-def process_time(python: str, src: Path, module: str) -> float:
-    """Wall time (s) of a fresh process importing the glue and ``module`` (interpreter start-up included)."""
+def process_time(python: str, src: Path, module: str) -> tuple[float, float]:
+    """Wall and CPU (user + system) time (s) of a fresh process importing the glue and ``module``.
+
+    Interpreter start-up included: what a job pays before its work. The CPU time is what the process
+    costs the machine, and is less disturbed by other load than the wall time.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([python, "-c", f"import {GLUE}, {module}"], env=_env(src), check=True)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def script_modules(repo: Path) -> dict[str, str]:
@@ -125,10 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     rule_modules = {name: script_modules(src.parent) for name, src in trees.items()}
     modules = args.modules or sorted({*rule_modules["this"].values(), GLUE, "rbflow.cli"})
     print(f"python {args.python}; trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()))
-    print(f"median of {args.repeats} fresh processes (after one warm-up), seconds\n")
+    print(f"median of {args.repeats} fresh processes (after one warm-up), seconds; import and process are wall times")
+    print(
+        f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; load average {os.getloadavg()}\n"
+    )
 
     imp: dict[tuple[str, str], float] = {}
     proc: dict[tuple[str, str], float] = {}
+    cpu: dict[tuple[str, str], float] = {}
     heavy: dict[tuple[str, str], dict[str, float]] = {}
     for module in modules:
         present = {name: src for name, src in trees.items() if exists(src, module)}
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in present:
             times = [t for t, _ in runs[name]]
             imp[name, module] = statistics.median(times)
-            proc[name, module] = statistics.median(walls[name])
+            proc[name, module] = statistics.median(w for w, _ in walls[name])
+            cpu[name, module] = statistics.median(c for _, c in walls[name])
             heavy[name, module] = runs[name][times.index(sorted(times)[len(times) // 2])][1]
 
     def cell(name: str, module: str, table: dict) -> str:
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     head = f"{'module':22} {'import':>8}" + (f" {'compare':>8} {'ratio':>6}" if args.compare else "")
     head += f" {'process':>8}" + (f" {'compare':>8} {'ratio':>6}" if args.compare else "")
+    head += f" {'CPU':>8}" + (f" {'compare':>8} {'ratio':>6}" if args.compare else "")
     print(head)
     for module in modules:
         row = f"{module:22} {cell('this', module, imp)}"
@@ -164,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         row += f" {cell('this', module, proc)}"
         if args.compare:
             row += f" {cell('compare', module, proc)} {ratio(module, proc)}"
-        print(row)
+        row += f" {cell('this', module, cpu)}"
+        if args.compare:
+            row += f" {cell('compare', module, cpu)} {ratio(module, cpu)}"
+        print(row, flush=True)
     if args.detail:
         print("\nheaviest packages pulled in (import s spent in their own modules, median run)")
         for module in modules:
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [args.python, "-m", "snakemake", "--snakefile", str(HERE / "Snakefile"), "-n", "--quiet", "rules"]
             text = subprocess.run(cmd, cwd=args.dry_run, capture_output=True, text=True, check=True).stdout
         counts = job_stats(text)
-        print(f"\nper-job overhead over the job mix ({sum(counts.values())} jobs), process seconds")
+        print(f"\nper-job overhead over the job mix ({sum(counts.values())} jobs): CPU seconds of the job processes")
         print(f"{'rule':18} {'jobs':>5} {'module':20} " + " ".join(f"{name:>9}" for name in trees))
         totals = dict.fromkeys(trees, 0.0)
         for rule, n in counts.items():
@@ -189,16 +207,17 @@ def main(argv: list[str] | None = None) -> None:
             shown = next((rule_modules[name][rule] for name in trees if rule in rule_modules[name]), None)
             for name in trees:
                 module = rule_modules[name].get(rule, shown)
-                if module and (name, module) not in proc and exists(trees[name], module):
-                    proc[name, module] = statistics.median(
-                        process_time(args.python, trees[name], module) for _ in range(args.repeats)
+                if module and (name, module) not in cpu and exists(trees[name], module):
+                    cpu[name, module] = statistics.median(
+                        process_time(args.python, trees[name], module)[1] for _ in range(args.repeats)
                     )
-                cost = n * proc[name, module] if module and (name, module) in proc else 0.0
+                cost = n * cpu[name, module] if module and (name, module) in cpu else 0.0
                 totals[name] += cost
                 cells.append(f"{cost:9.1f}" if module else f"{'no script':>9}")
             print(f"{rule:18} {n:5d} {shown or '-':20} " + " ".join(cells))
         line = " ".join(f"{t:9.1f}" for t in totals.values())
         print(f"{'total':18} {sum(counts.values()):5d} {'':20} {line}  (CPU-s)")
+        print(f"load average at the end {os.getloadavg()}")
         if args.compare and totals["compare"]:
             print(f"ratio this/compare: {totals['this'] / totals['compare']:.2f}")
 
