@@ -13,7 +13,7 @@ script calls, before any work. For each module this measures, in fresh processes
 
 ``--compare DIR`` measures another source tree (a ``src`` folder, e.g. a checkout of the code before a
 change) in the same run, interleaved with this one so that both see the same machine load, and prints
-the ratios. The per-job overhead multiplies each rule's process time by its job count: from a
+the ratios. The per-job overhead multiplies each rule's process CPU time by its job count: from a
 Snakemake log or ``snakemake -n`` output holding the "Job stats" table (``--job-stats FILE``), or from a
 dry run in a working directory (``--dry-run DIR``). Rules map to modules through their ``script:``
 directives and the scripts' imports (each tree's own ``workflow/rules``).

@@ -3,7 +3,7 @@
 The scripts are found from the ``script:`` directives of ``workflow/rules/*.smk``, the rbflow function a
 script calls from the script's own code (``ast``): nothing here names a rule, a script or a function.
 Each script runs (``runpy``) with a stand-in ``snakemake`` object built from its rule's declarations
-(the names of ``unpack(f)`` inputs are read from the dict that ``f`` returns in ``common.smk``), the
+(the names of ``unpack(f)`` inputs are read from the dict that ``f`` returns in the .smk files), the
 glue of ``rbflow.runner`` wrapped and the stage function replaced by a recorder. The test asserts:
 
 * the script routes through the glue, which calls the stage function and writes the rule's log;
@@ -76,12 +76,13 @@ def _path_of(node: ast.AST) -> str | None:
 
 
 def _input_functions() -> dict[str, ast.FunctionDef]:
-    """The top-level functions of common.smk (plain Python between Snakemake directives)."""
-    text = (RULES_DIR / "common.smk").read_text()
+    """The top-level functions of the .smk files (plain Python between Snakemake directives)."""
     out = {}
-    for block in re.findall(r"^def \w+\(.*?(?=^\S)", text + "\nEND\n", flags=re.MULTILINE | re.DOTALL):
-        fn = ast.parse(block).body[0]
-        out[fn.name] = fn
+    for smk in sorted(RULES_DIR.glob("*.smk")):
+        text = smk.read_text() + "\nEND\n"
+        for block in re.findall(r"^def \w+\(.*?(?=^\S)", text, flags=re.MULTILINE | re.DOTALL):
+            fn = ast.parse(block).body[0]
+            out[fn.name] = fn
     return out
 
 
