@@ -39,3 +39,19 @@ def tiny_run(tmp_path_factory) -> Path:
     proc = subprocess.run([*SNAKEMAKE, "--cores", "2", *TINY], cwd=work, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep the fast lane (``-m "not workflow and not cluster"``) free of Snakemake runs.
+
+    A test that uses ``tiny_run`` runs the tiny workflow: without the ``workflow`` (or ``cluster``)
+    marker the fast lane would start it.
+    """
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "tiny_run" in getattr(item, "fixturenames", ())
+        and not (item.get_closest_marker("workflow") or item.get_closest_marker("cluster"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using tiny_run without @pytest.mark.workflow (or cluster): {unmarked}")
