@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,10 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
+from rbflow.datacube import NORMALISATION, normalise
 from rbflow.infer import predict, predict_onnx
 from rbflow.model import ARCHITECTURES, ModelConfig, build_model, count_parameters
 from rbflow.train import dihedral, export_onnx, train
+
+# the synthetic real/bogus stamps of the tests (tests/helpers.py; tests/ is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import synthetic_stamps  # noqa: E402
 
 
 def _best_rate(func: Callable[[], object], n: int, repeats: int) -> float:

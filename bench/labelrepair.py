@@ -2,7 +2,7 @@
 
 Usage: ``python bench/labelrepair.py [--n 2000] [--flip 0.05 0.10] [--folds 4] [--epochs 6] [--threads 2]``
 
-For each flip fraction: a datacube of ``--n`` synthetic stamps (rbflow.datacube.synthetic_stamps, reals
+For each flip fraction: a datacube of ``--n`` synthetic stamps (tests/helpers.py synthetic_stamps, reals
 of S/N 3-30, 12 frames) gets that fraction of its labels flipped at random; rbflow.labelrepair finds
 likely label errors out of fold; the script prints the recall and precision of the flipped stamps,
 then the ROC AUC on an independent, correctly labelled test set (4000 stamps) of models trained on
@@ -14,16 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps, write_datacube
+from rbflow.datacube import NORMALISATION, normalise, write_datacube
 from rbflow.infer import load_model, predict
 from rbflow.labelrepair import run_label_repair
 from rbflow.train import train
+
+# the synthetic real/bogus stamps of the tests (tests/helpers.py; tests/ is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import synthetic_stamps  # noqa: E402
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:

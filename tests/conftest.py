@@ -1,17 +1,18 @@
-"""Shared fixtures: paths of the repository and a validated demo telescope."""
+"""Shared fixtures: the repository, a validated demo telescope, one run of the tiny workflow.
+
+Helpers that are not fixtures (synthetic data, the tiny workflow's command) live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, SNAKEMAKE, TINY, make_workdir
 
 from rbflow.config import load_telescope
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,23 +32,6 @@ def demo_telescope(_demo_telescope) -> dict:
     return copy.deepcopy(_demo_telescope)
 
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-#: Arguments that select the tiny test telescope (tests/data/telescopes/tiny.yaml).
-TINY = [
-    "--configfile",
-    str(REPO / "tests/data/config.test.yaml"),
-    "--config",
-    f"telescope_dir={REPO}/tests/data/telescopes",
-]
-
-
-def make_workdir(path: Path) -> Path:
-    """A fresh Snakemake working directory that sees the repository's config/."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config").symlink_to(REPO / "config")
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """Working directory of one complete local run of the tiny workflow (shared by the tests that read it)."""
@@ -55,3 +39,19 @@ def tiny_run(tmp_path_factory) -> Path:
     proc = subprocess.run([*SNAKEMAKE, "--cores", "2", *TINY], cwd=work, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep the fast lane (``-m "not workflow and not cluster"``) free of Snakemake runs.
+
+    A test that uses ``tiny_run`` runs the tiny workflow: without the ``workflow`` (or ``cluster``)
+    marker the fast lane would start it.
+    """
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "tiny_run" in getattr(item, "fixturenames", ())
+        and not (item.get_closest_marker("workflow") or item.get_closest_marker("cluster"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using tiny_run without @pytest.mark.workflow (or cluster): {unmarked}")

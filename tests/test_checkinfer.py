@@ -14,9 +14,10 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.table import Table
+from helpers import synthetic_stamps
 
 from rbflow.checkinfer import FILES, evaluate_test_split, run_checkinfer
-from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
+from rbflow.datacube import NORMALISATION, normalise
 from rbflow.errors import InputError
 from rbflow.train import train
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from conftest import SNAKEMAKE, TINY, make_workdir
+from helpers import SNAKEMAKE, TINY, make_workdir
 
 pytestmark = pytest.mark.cluster
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from helpers import synthetic_stamps, write_cutout, write_training
 from numpy.testing import assert_allclose
 
 from rbflow.datacube import (
@@ -17,54 +17,10 @@ from rbflow.datacube import (
     listing_digest,
     load_datacube,
     normalise,
-    synthetic_stamps,
 )
 from rbflow.errors import InputError
 
 CHANNELS = ["SCI", "REF", "DIFF"]
-
-
-def write_cutout(path: Path, stamp: np.ndarray, *, cid: str, image: str, snr: float = 10.0, mag: float = 20.0) -> None:
-    """Write one cutout file as rbflow.cutouts does (primary header + SCI, REF, DIFF, SCORR HDUs)."""
-    hdr = fits.Header()
-    for key, value in dict(
-        ID=cid,
-        IMAGE=image,
-        FRAME=image.split("_sim")[0],
-        X=15.0,
-        Y=15.0,
-        RA=10.0,
-        DEC=-5.0,
-        MAG=mag,
-        MAGERR=0.1,
-        SNR=snr,
-        FILTER="r",
-        FWHM=3.0,
-        FLAGS=0,
-    ).items():
-        hdr[key] = value
-    hdus = [fits.PrimaryHDU(header=hdr)]
-    for name, plane in zip(["SCI", "REF", "DIFF", "SCORR"], [*stamp, stamp[2]]):
-        hdus.append(fits.ImageHDU(plane.astype(np.float32), name=name))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fits.HDUList(hdus).writeto(path)
-
-
-def write_training(
-    root: Path, n: int, *, seed: int, n_frames: int = 6, size: int = 31
-) -> tuple[np.ndarray, np.ndarray]:
-    """Write ``n`` synthetic labelled cutouts spread over ``n_frames`` frames under ``root/{true,false}``."""
-    X, y = synthetic_stamps(n, size=size, seed=seed)
-    for i, (stamp, label) in enumerate(zip(X, y)):
-        image = f"f{i % n_frames:02d}_sim0"
-        write_cutout(
-            root / ("true" if label else "false") / f"{image}_{i}.fits",
-            stamp,
-            cid=f"{image}_{i}",
-            image=image,
-            snr=5.0 + i % 40,
-        )
-    return X, y
 
 
 def test_normalise_robust_to_nan_and_outliers():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from conftest import REPO, SNAKEMAKE, make_workdir
+from helpers import REPO, SNAKEMAKE, make_workdir
 
 DATA = REPO.parent / "shared" / "data" / "decam-sfft"
 SCIENCE = [f"DEC-OBS18{c}" for c in "abcde"]

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import PAIR_CFG as CFG
+from helpers import PAIR_DET as DET
+from helpers import PAIR_INFO as INFO
+from helpers import GaussPSF, make_pair, subtract_pair
 from scipy.spatial import cKDTree
-from test_subtract import CFG, DET, INFO, GaussPSF, make_pair, subtract
 
 from rbflow import detect as det
 from rbflow.config import check_schema
@@ -36,7 +39,7 @@ def injected():
     for seed in (11, 12, 13, 14):
         tr = _grid_transients(256, seed)
         pair = make_pair(seed=seed, nstars=80, transients=tr)
-        hdul = subtract(pair)
+        hdul = subtract_pair(pair)
         table = det.detect(hdul, pair["psf_sci"], INFO, DET, image_name=f"img{seed}", cutout_size=31)
         runs.append((tr, pair, hdul, table))
     return runs
@@ -106,7 +109,7 @@ def test_measured_fwhm_and_ellipticity_of_bright_transients(injected):
 def test_negative_peaks_only_on_request():
     gone = np.array([[100.0, 120.0, 8000.0]])  # a source in the reference only (it faded)
     pair = make_pair((160, 160), seed=21, nstars=50, ref_only=gone)
-    hdul = subtract(pair)
+    hdul = subtract_pair(pair)
     pos = det.detect(hdul, pair["psf_sci"], INFO, DET, image_name="n", cutout_size=31)
     both = det.detect(hdul, pair["psf_sci"], INFO, DET, image_name="n", cutout_size=31, negative=True)
     near = lambda t: np.hypot(t["x"] - 100, t["y"] - 120) < 1.5  # noqa: E731

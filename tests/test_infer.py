@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from astropy.table import Table
+from helpers import make_cube, synthetic_stamps, write_cutout, write_training
 from numpy.testing import assert_allclose
-from test_datacube import write_cutout
-from test_train import make_cube
 
 from rbflow.cli import main
-from rbflow.datacube import normalise, synthetic_stamps
+from rbflow.datacube import normalise
 from rbflow.errors import InputError
 from rbflow.infer import check_compatible, infer_cutouts, load_model, predict, predict_onnx
 from rbflow.train import train
@@ -160,8 +159,6 @@ def test_cli_errors_and_help(tmp_path, capsys):
 
 
 def test_cli_convert_and_train(tmp_path):
-    from test_datacube import write_training
-
     write_training(tmp_path / "training", 60, seed=8)
     assert main(["convert", str(tmp_path / "training"), str(tmp_path / "cube.npz"), "--crop", "21"]) == 0
     assert main(["train", str(tmp_path / "cube.npz"), str(tmp_path / "model"), "--epochs", "1", "--device", "cpu"]) == 0

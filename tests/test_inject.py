@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import GAIN, star_frame
 from scipy.optimize import least_squares
-from test_psf import GAIN, simulate_frame
 
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo
@@ -34,7 +34,7 @@ CFG = dict(
 
 @pytest.fixture(scope="module")
 def frame():
-    data, hdr, _ = simulate_frame(SHAPE, spacing=60, seed=11, flux_range=(3.0, 4.0))
+    data, hdr, _ = star_frame(SHAPE, spacing=60, seed=11, flux_range=(3.0, 4.0))
     return Image(data, hdr, WCS(hdr))
 
 
@@ -160,7 +160,7 @@ def test_saturation_clips_like_a_real_pixel(frame, psf):
 
 
 def test_sources_on_galaxies(psf):
-    data, hdr, _ = simulate_frame(SHAPE, spacing=80, seed=12, flux_range=(3.0, 3.5), galaxies=6)
+    data, hdr, _ = star_frame(SHAPE, spacing=80, seed=12, flux_range=(3.0, 3.5), galaxies=6)
     image = Image(data, hdr, WCS(hdr))
     hosts = find_hosts(data, 3.5, bad=~np.isfinite(data))
     assert len(hosts) >= 3
@@ -304,7 +304,7 @@ def test_reference_not_overlapping_is_a_clear_error(frame, psf):
 
 
 def test_bad_columns_and_trails_are_not_hosts():
-    data, hdr, _ = simulate_frame(SHAPE, spacing=80, seed=12, flux_range=(3.0, 3.5), galaxies=6)
+    data, hdr, _ = star_frame(SHAPE, spacing=80, seed=12, flux_range=(3.0, 3.5), galaxies=6)
     galaxies = find_hosts(data, 3.5, bad=~np.isfinite(data))
     hot = data.copy()
     hot[:, 40] += 200.0  # a hot column, as in the demo sky and real CCDs

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train import CFG, make_cube
+from helpers import TRAIN_CFG as CFG
+from helpers import make_cube
 
 from rbflow.datacube import load_datacube
 from rbflow.errors import InputError
@@ -82,7 +83,8 @@ def test_out_of_fold_pass_finds_most_flipped_labels(tmp_path):
 def test_cli_label_repair_and_the_scanning_page_queue(tmp_path):
     """`rbflow label-repair CUBE RESULTS/labelrepair` writes the table the page's mislabel queue reads."""
     from astropy.table import Table
-    from scan_helpers import IMAGE, results_folder
+    from helpers import SCAN_IMAGE as IMAGE
+    from helpers import results_folder
 
     from rbflow.cli import main
     from rbflow.io import write_table

@@ -11,12 +11,12 @@ import pytest
 import torch
 from astropy.io import ascii, fits
 from astropy.table import Table
+from helpers import synthetic_stamps, write_cutout
 from numpy.testing import assert_allclose
-from test_datacube import write_cutout
 
 from rbflow.cli import main
 from rbflow.crossmatch import crossmatch, write_dat
-from rbflow.datacube import load_datacube, normalise, synthetic_stamps
+from rbflow.datacube import load_datacube, normalise
 from rbflow.errors import InputError
 from rbflow.infer import infer_cutouts, write_infer_dat
 from rbflow.inject import _write_list

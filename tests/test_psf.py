@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import GAIN, moffat_pixels, star_frame, true_fwhm
+from helpers import STAR_SHAPE as SHAPE
 
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo
 from rbflow.io import Image
 from rbflow.psf import PSFModel, build_psf, moffat_epsf, run_psf
 
-BETA = 3.0
-GAIN = 2.0
-SKY = 200.0  # ADU
-SHAPE = (384, 384)
 CFG = dict(
     grid=[3, 3],
     oversampling=2,
@@ -31,25 +29,6 @@ CFG = dict(
 INFO = FrameInfo(
     gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=28.0, fwhm_guess=3.5
 )
-
-
-def true_fwhm(x, y, shape=SHAPE):
-    """Moffat FWHM (px, before pixel integration): 3.2 px at (0, 0) rising to 4.1 px at the far corner.
-
-    A 28 % change across the frame, like the 4.0-5.0 px gradient measured in the library evaluation.
-    """
-    ny, nx = shape
-    return 3.2 + 0.6 * x / nx + 0.3 * y / ny
-
-
-def moffat_pixels(dx, dy, fwhm, beta=BETA, sub=7):
-    """Unit-flux Moffat integrated over pixels centred at offsets (dx, dy) (7x7 sub-pixel sums)."""
-    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
-    s = (np.arange(sub) + 0.5) / sub - 0.5
-    ux = dx[..., None, None] + s[None, :]
-    uy = dy[..., None, None] + s[:, None]
-    prof = (beta - 1) / (np.pi * alpha**2) * (1 + (ux * ux + uy * uy) / alpha**2) ** (-beta)
-    return prof.mean(axis=(-1, -2))
 
 
 def true_stamp(x, y, size=25, shape=SHAPE):
@@ -70,52 +49,9 @@ def true_epsf_fwhm(x, y, shape=SHAPE):
     return 2 * np.sqrt(np.count_nonzero(fine >= fine.max() / 2) / 64 / np.pi)
 
 
-def simulate_frame(shape=SHAPE, *, spacing=28, seed=1, flux_range=(4.0, 5.5), galaxies=0, stars=None):
-    """Frame with stars on a jittered lattice (or at ``stars`` = (x, y, flux)), sky, Poisson and read noise.
-
-    Returns the float32 data, a header with a TAN WCS and frame facts, and the star truth (x, y, flux).
-    """
-    rng = np.random.default_rng(seed)
-    ny, nx = shape
-    img = np.zeros(shape)
-    if stars is None:
-        gy, gx = np.mgrid[
-            spacing / 2 + 5 : ny - spacing / 2 - 4 : spacing, spacing / 2 + 5 : nx - spacing / 2 - 4 : spacing
-        ]
-        xs = gx.ravel() + rng.uniform(-4, 4, gx.size)
-        ys = gy.ravel() + rng.uniform(-4, 4, gy.size)
-        fl = 10 ** rng.uniform(*flux_range, gx.size)
-    else:
-        xs, ys, fl = (np.asarray(v, float) for v in stars)
-    half = 15
-    g = np.arange(-half, half + 1)
-    for x, y, f in zip(xs, ys, fl):
-        x0, y0 = int(round(x)), int(round(y))
-        st = f * moffat_pixels(
-            g[None, :] + x0 - x + 0 * g[:, None], g[:, None] + y0 - y + 0 * g[None, :], true_fwhm(x, y, shape)
-        )
-        r0, r1, c0, c1 = max(0, y0 - half), min(ny, y0 + half + 1), max(0, x0 - half), min(nx, x0 + half + 1)
-        img[r0:r1, c0:c1] += st[r0 - y0 + half : r1 - y0 + half, c0 - x0 + half : c1 - x0 + half]
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    for _ in range(galaxies):
-        gx_, gy_ = rng.uniform(40, nx - 40), rng.uniform(40, ny - 40)
-        r = np.hypot(xx - gx_, (yy - gy_) * 1.4)
-        img += 30000 * np.exp(-r / 4.0) / (2 * np.pi * 16)
-    electrons = rng.poisson((img + SKY) * GAIN).astype(float) + rng.normal(0, 5.0, shape)
-    data = (electrons / GAIN).astype(np.float32)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = [nx / 2, ny / 2]
-    w.wcs.cdelt = [-1 / 3600, 1 / 3600]
-    hdr = w.to_header()
-    hdr.update(GAIN=GAIN, RDNOISE=5.0, SATURATE=60000.0, FILTER="r", MAGZP=28.0, EXPTIME=30.0, SEEING=3.5)
-    return data, hdr, (xs, ys, fl)
-
-
 @pytest.fixture(scope="module")
 def varying():
-    data, hdr, truth = simulate_frame()
+    data, hdr, truth = star_frame()
     model = build_psf(Image(data, hdr, WCS(hdr)), INFO, CFG, pixel_scale=1.0, name="varying")
     return model, truth
 
@@ -192,7 +128,7 @@ def test_read_rejects_a_fits_that_is_not_a_psf_model(tmp_path):
 
 def test_few_stars_fall_back_to_a_fitted_moffat_and_record_it(tmp_path, caplog):
     xs, ys, fl = [60.0, 190.2, 70.7, 180.4, 128.3], [60.0, 70.5, 190.1, 185.6, 128.8], [1e5] * 5
-    data, hdr, _ = simulate_frame((256, 256), stars=(xs, ys, fl), seed=4)
+    data, hdr, _ = star_frame((256, 256), stars=(xs, ys, fl), seed=4)
     with caplog.at_level(logging.WARNING, logger="rbflow.psf"):
         model = build_psf(Image(data, hdr, None), INFO, CFG, pixel_scale=1.0, name="few")
     assert model.sources == ["moffat"] * 9
@@ -208,7 +144,7 @@ def test_empty_cells_borrow_from_neighbours_or_frame(caplog):
     gy, gx = np.mgrid[20:290:26, 20:190:26]
     rng = np.random.default_rng(5)
     stars = (gx.ravel() + rng.uniform(-3, 3, gx.size), gy.ravel() + rng.uniform(-3, 3, gx.size), np.full(gx.size, 3e4))
-    data, hdr, _ = simulate_frame((300, 300), stars=stars, seed=5)
+    data, hdr, _ = star_frame((300, 300), stars=stars, seed=5)
     with caplog.at_level(logging.WARNING, logger="rbflow.psf"):
         model = build_psf(Image(data, hdr, None), INFO, CFG, pixel_scale=1.0, name="half")
     assert model.sources[0] == "cell"
@@ -217,7 +153,7 @@ def test_empty_cells_borrow_from_neighbours_or_frame(caplog):
 
 
 def test_no_star_raises_or_uses_analytic_fallback(caplog):
-    data, hdr, _ = simulate_frame((128, 128), stars=([], [], []), seed=6)
+    data, hdr, _ = star_frame((128, 128), stars=([], [], []), seed=6)
     image = Image(data, hdr, None)
     with pytest.raises(InputError, match="no usable PSF star"):
         build_psf(image, INFO, CFG, pixel_scale=1.0, name="empty")
@@ -240,7 +176,7 @@ def test_moffat_epsf_is_normalised_and_has_its_fwhm():
 
 
 def test_run_psf_writes_model_and_png(tmp_path, demo_telescope):
-    data, hdr, _ = simulate_frame((256, 256), spacing=28, seed=7)
+    data, hdr, _ = star_frame((256, 256), spacing=28, seed=7)
     frame = tmp_path / "fld00_r_e1.fits"
     fits.PrimaryHDU(data, header=hdr).writeto(frame)
     demo_telescope.update(gain=GAIN, read_noise=5.0, saturation=60000.0)

@@ -15,15 +15,13 @@ import base64
 import html
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SNAKEMAKE, TINY
+from helpers import SNAKEMAKE, TINY, chromium_binary
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.workflow
@@ -78,33 +76,10 @@ window.addEventListener("load", () => setTimeout(() => {
 """
 
 
-def _chromium() -> str:
-    """Path of the chromium binary, installed with apt when missing and running as root."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(
-            "the report test needs a headless browser: as root on Debian run "
-            "`apt-get install -y --no-install-recommends chromium` (the test does it itself when run as root)"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:  # stale package lists: refresh them once
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600)
-        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    found = shutil.which("chromium")
-    if proc.returncode != 0 or found is None:
-        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-        pytest.skip(f"cannot install chromium with apt-get: {lines[-1]}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """The headless browser (installed on first use when root)."""
-    return _chromium()
+    return chromium_binary()
 
 
 @pytest.fixture(scope="module")

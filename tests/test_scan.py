@@ -1,6 +1,6 @@
 """The scanning page (rbflow.scan): decisions through the folder contract, crash safety, security, a real browser.
 
-The results folder is synthetic (tests/scan_helpers.py): real cutout files written by rbflow.cutouts and
+The results folder is synthetic (tests/helpers.py, results_folder): real cutout files written by rbflow.cutouts and
 placed by rbflow.crossmatch.label_cutouts, so the page sees exactly what a run leaves.
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scan_helpers import IMAGE, results_folder
+from helpers import SCAN_IMAGE as IMAGE
+from helpers import chromium_binary, results_folder
 
 from rbflow.crossmatch import label_cutouts, relabel_digest
 from rbflow.datacube import build_datacube, load_datacube
@@ -438,9 +439,7 @@ class _Chrome:
 
 @pytest.fixture
 def chrome(tmp_path):
-    from test_report import _chromium
-
-    browser = _Chrome(_chromium(), tmp_path / "profile")
+    browser = _Chrome(chromium_binary(), tmp_path / "profile")
     yield browser
     browser.close()
 

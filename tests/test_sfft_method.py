@@ -10,9 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import PAIR_CFG as CFG
+from helpers import PAIR_INFO as INFO
+from helpers import make_pair, subtract_pair
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from test_subtract import CFG, INFO, make_pair, subtract
 
 from rbflow import sfft_method
 from rbflow import subtract as sub
@@ -27,7 +29,7 @@ TRANSIENTS = np.array([[x, y, 4000.0] for x in (40.0, 100.0, 160.0, 220.0) for y
 def sfft_run():
     pytest.importorskip("sfft")
     pair = make_pair(seed=11, nstars=160, transients=TRANSIENTS)
-    return pair, subtract(pair, SFFT)
+    return pair, subtract_pair(pair, SFFT)
 
 
 def test_outputs_follow_the_zogy_contract(sfft_run):
@@ -79,7 +81,7 @@ def test_injected_sources_are_recovered_with_their_flux(sfft_run):
 def test_sharper_science_is_convolved_and_d_stays_in_science_units():
     pytest.importorskip("sfft")
     pair = make_pair(seed=12, nstars=160, fwhm_sci=3.0, fwhm_ref=4.0, transients=TRANSIENTS)
-    h = subtract(pair, SFFT)
+    h = subtract_pair(pair, SFFT)
     assert h[0].header["CONVD"] == "SCI"
     cands = detect(h, pair["psf_sci"], INFO, {"threshold": 5.0, "min_pixels": 1}, image_name="c", cutout_size=31)
     dist, idx = cKDTree(np.c_[cands["x"], cands["y"]]).query(TRANSIENTS[:, :2])
@@ -92,7 +94,7 @@ def test_missing_sfft_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sfft.CustomizedPacket", None)
     pair = make_pair((128, 128), seed=7, nstars=60)
     with pytest.raises(ConfigError, match=r'pip install "rbflow\[sfft\]"'):
-        subtract(pair, SFFT)
+        subtract_pair(pair, SFFT)
 
 
 @pytest.mark.parametrize("n, tile, overlap", [(256, 1024, 64), (2048, 1024, 64), (3000, 1024, 100), (1100, 1024, 64)])

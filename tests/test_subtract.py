@@ -1,6 +1,6 @@
 """Tests of rbflow.subtract against known truth: ZOGY noise and flux units, alignment, flux ratio.
 
-The synthetic pairs (``make_pair``) are shared with ``test_detect.py``.
+The synthetic pairs (``helpers.make_pair``) are shared with ``test_detect.py`` and ``test_sfft_method.py``.
 """
 
 from __future__ import annotations
@@ -10,114 +10,17 @@ import math
 import numpy as np
 import pytest
 from astropy.wcs import WCS
+from helpers import PAIR_CFG as CFG
+from helpers import PAIR_DET as DET
+from helpers import PAIR_INFO as INFO
+from helpers import RATIO, GaussPSF, make_pair, render, subtract_pair
 from scipy import ndimage
-from scipy.special import erf
 
 from rbflow import subtract as sub
 from rbflow.detect import FLAGS, detect
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo
 from rbflow.io import Image
-
-GAIN, RN = 2.0, 5.0
-RATIO = 1.6  # true F_r / F_n of every pair
-INFO = FrameInfo(
-    gain=GAIN, read_noise=RN, saturation=1e9, filter="r", exptime=30.0, date="", zeropoint=25.0, fwhm_guess=None
-)
-CFG = {"method": "zogy", "tile": 512, "overlap": 32, "refine_astrometry": True}
-DET = {"threshold": 5.0, "min_pixels": 3}
-
-
-class GaussPSF:
-    """Pixel-integrated circular Gaussian whose FWHM may vary linearly with x (the PSFModel duck type)."""
-
-    def __init__(self, fwhm: float, *, slope: float = 0.0, x0: float = 0.0):
-        self.f0, self.slope, self.x0 = fwhm, slope, x0
-
-    def fwhm(self, x, y):
-        return self.f0 + self.slope * (x - self.x0)
-
-    def stamp(self, x, y, size, *, centred=False):
-        s = self.fwhm(x, y) / 2.3548200450309493 * math.sqrt(2)
-        dx, dy = (0.0, 0.0) if centred else (x - round(x), y - round(y))
-        u = np.arange(-(size // 2), size // 2 + 1, dtype=float)
-        ex = erf((u - dx + 0.5) / s) - erf((u - dx - 0.5) / s)
-        ey = erf((u - dy + 0.5) / s) - erf((u - dy - 0.5) / s)
-        p = np.outer(ey, ex)
-        return p / p.sum()
-
-
-def tan_wcs(shape, shift=(0.0, 0.0)) -> WCS:
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = [shape[1] / 2 + 1 + shift[0], shape[0] / 2 + 1 + shift[1]]
-    w.wcs.cd = np.array([[-1.0, 0.0], [0.0, 1.0]]) / 3600
-    return w
-
-
-def render(shape, xs, ys, fluxes, psf, size=31) -> np.ndarray:
-    img = np.zeros(shape)
-    h = size // 2
-    for x, y, f in zip(xs, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
-        y0, x0 = iy - h, ix - h
-        sy0, sx0 = max(0, -y0), max(0, -x0)
-        sy1, sx1 = size - max(0, y0 + size - shape[0]), size - max(0, x0 + size - shape[1])
-        if sy1 > sy0 and sx1 > sx0:
-            img[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1] += f * psf.stamp(x, y, size)[sy0:sy1, sx0:sx1]
-    return img
-
-
-def make_pair(
-    shape=(256, 256),
-    *,
-    seed=1,
-    nstars=120,
-    fwhm_sci=4.0,
-    fwhm_ref=3.0,
-    slope=0.0,
-    wcs_error=(0.0, 0.0),
-    transients=None,
-    ref_only=None,
-):
-    """Science/reference pair of the same star field with known PSFs, fluxes and noise.
-
-    The reference is offset by (0.37, -0.21) px (so it must be resampled) and its header WCS is
-    further wrong by ``wcs_error`` px. ``transients`` (x, y, flux) are added to the science only,
-    ``ref_only`` (x, y, flux in science units) to the reference only. Sky 300/500 e-... ADU,
-    gain 2 e-/ADU, read noise 5 e-.
-    """
-    rng = np.random.default_rng(seed)
-    wsci = tan_wcs(shape)
-    wref_true = tan_wcs(shape, (0.37, -0.21))
-    wref = tan_wcs(shape, (0.37 + wcs_error[0], -0.21 + wcs_error[1]))
-    xs, ys = rng.uniform(-10, shape[1] + 10, nstars), rng.uniform(-10, shape[0] + 10, nstars)
-    fl = 300.0 * (2e5 / 300.0) ** (rng.uniform(0, 1, nstars) ** 2.5)
-    psf_s = GaussPSF(fwhm_sci, slope=slope, x0=shape[1] / 2)
-    psf_r = GaussPSF(fwhm_ref)
-    ms = render(shape, xs, ys, fl, psf_s)
-    if transients is not None and len(transients):
-        ms += render(shape, transients[:, 0], transients[:, 1], transients[:, 2], psf_s)
-    xr, yr = wref_true.world_to_pixel_values(*wsci.pixel_to_world_values(xs, ys))
-    mr = render(shape, xr, yr, RATIO * fl, psf_r)
-    if ref_only is not None and len(ref_only):
-        xo, yo = wref_true.world_to_pixel_values(*wsci.pixel_to_world_values(ref_only[:, 0], ref_only[:, 1]))
-        mr += render(shape, xo, yo, RATIO * ref_only[:, 2], psf_r)
-
-    def observe(model, sky):
-        var = (model + sky) / GAIN + (RN / GAIN) ** 2
-        return (model + sky + rng.normal(0, 1, shape) * np.sqrt(var)).astype(np.float32)
-
-    hs = wsci.to_header()
-    hs["MAGZP"] = 25.0
-    sci = Image(observe(ms, 300.0), hs, wsci, None)
-    ref = Image(observe(mr, 500.0), wref.to_header(), wref, None)
-    return {"sci": sci, "ref": ref, "psf_sci": psf_s, "psf_ref": psf_r, "stars": (xs, ys, fl)}
-
-
-def subtract(pair, cfg=CFG):
-    return sub.subtract_images(pair["sci"], pair["ref"], pair["psf_sci"], pair["psf_ref"], INFO, INFO, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +30,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def hdul(pair):
-    return subtract(pair)
+    return subtract_pair(pair)
 
 
 def _euler_expectation(pd: np.ndarray, area: float, u: float) -> float:
@@ -236,7 +139,7 @@ def _bright_star_residuals(hdul, pair):
 
 def test_spatially_varying_psf_leaves_no_bright_star_residual():
     pair = make_pair((256, 256), seed=3, nstars=200, slope=1.0 / 256)  # science FWHM 3.5 -> 4.5 px
-    res = _bright_star_residuals(subtract(pair, {**CFG, "tile": 128}), pair)
+    res = _bright_star_residuals(subtract_pair(pair, {**CFG, "tile": 128}), pair)
     assert len(res) >= 20
     # goal: <= 2 % of bright stars with a >= 5 sigma residual; on ~25 stars allow one
     # (one 512-px tile, i.e. a constant PSF, leaves 21 of these 25 stars with residuals)
@@ -246,8 +149,8 @@ def test_spatially_varying_psf_leaves_no_bright_star_residual():
 def test_misaligned_wcs_is_refined_or_reported():
     transients = np.array([[60.0, 60.0, 3000.0], [190.0, 70.0, 5000.0]])
     pair = make_pair(seed=5, nstars=160, wcs_error=(1.5, 0.0), transients=transients)
-    on = subtract(pair)
-    off = subtract(pair, {**CFG, "refine_astrometry": False})
+    on = subtract_pair(pair)
+    off = subtract_pair(pair, {**CFG, "refine_astrometry": False})
     # refinement: bright-star centroids agree to ~0.02 px; 0.1 px is the spec
     assert on[0].header["ALIGNRMS"] < 0.1
     assert abs(off[0].header["ALIGNDX"]) == pytest.approx(1.5, abs=0.1)
@@ -267,12 +170,12 @@ def test_misaligned_wcs_is_refined_or_reported():
 def test_too_few_stars_for_the_flux_ratio():
     pair = make_pair((128, 128), nstars=0)
     with pytest.raises(InputError, match="cannot fit the flux ratio"):
-        subtract(pair)
+        subtract_pair(pair)
 
 
 def test_unknown_method_is_a_config_error(pair):
     with pytest.raises(ConfigError, match="subtract.method"):
-        subtract(pair, {**CFG, "method": "hotpants"})
+        subtract_pair(pair, {**CFG, "method": "hotpants"})
 
 
 def test_saturated_and_missing_pixels_are_masked():

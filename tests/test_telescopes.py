@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from astropy.io import fits
-from conftest import REPO, SNAKEMAKE, make_workdir
+from helpers import REPO, SNAKEMAKE, make_workdir
 
 from rbflow.config import load_telescope
 from rbflow.errors import InputError

@@ -11,44 +11,18 @@ import numpy as np
 import pytest
 import torch
 from astropy.table import Table
+from helpers import TRAIN_CFG as CFG
+from helpers import make_cube
 
 import rbflow.train as rtrain
 from rbflow.cli import main
 from rbflow.config import schema_defaults
-from rbflow.datacube import NORMALISATION, normalise, synthetic_stamps
+from rbflow.datacube import NORMALISATION
 from rbflow.errors import InputError
 from rbflow.infer import load_model
 from rbflow.train import dihedral, split_frames, train, train_config
 
 torch.set_num_threads(2)
-
-CFG = {"widths": [8, 16, 32], "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 3, "device": "cpu"}
-
-
-def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
-    """Write a datacube of ``n`` synthetic stamps (as build_datacube would) over ``n_frames`` frames."""
-    X, y = synthetic_stamps(n, seed=seed)
-    frames = np.array([f"f{i % n_frames:02d}" for i in range(n)])
-    meta = {
-        "cutout_size": 31,
-        "stamp_size": 31,
-        "crop": None,
-        "channels": ["SCI", "REF", "DIFF"],
-        "normalisation": NORMALISATION,
-    }
-    np.savez(
-        path,
-        X=normalise(X),
-        y=y,
-        ids=np.array([f"{f}_{i}" for i, f in enumerate(frames)]),
-        image=frames,
-        frame=frames,
-        mag=np.full(n, np.nan),
-        snr=np.linspace(3, 60, n),
-        channels=np.array(meta["channels"]),
-        meta=np.asarray(json.dumps(meta)),
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

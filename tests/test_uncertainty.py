@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from scan_helpers import IMAGE, results_folder
-from test_train import CFG, make_cube
+from helpers import SCAN_IMAGE as IMAGE
+from helpers import TRAIN_CFG as CFG
+from helpers import make_cube, results_folder, synthetic_stamps
 
-from rbflow.datacube import normalise, synthetic_stamps
+from rbflow.datacube import normalise
 from rbflow.explain import explain_cutouts, explanation_maps
 from rbflow.infer import infer_cutouts, load_model, predict
 from rbflow.train import train

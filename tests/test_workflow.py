@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
-from conftest import SNAKEMAKE, make_workdir
+from helpers import SNAKEMAKE, make_workdir
 
 
 def _workdir(tmp_path: Path) -> Path:
@@ -20,11 +20,13 @@ def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Com
     return subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.workflow
 def test_lint_is_clean(tmp_path):
     proc = _snakemake(["--lint"], _workdir(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.workflow
 def test_dry_run_of_the_demo_plans_every_stage(tmp_path):
     proc = _snakemake(["-n", "--quiet", "rules"], _workdir(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +36,7 @@ def test_dry_run_of_the_demo_plans_every_stage(tmp_path):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), (rule, out[-2000:])
 
 
+@pytest.mark.workflow
 def test_target_rules_are_listed_with_docstrings(tmp_path):
     proc = _snakemake(["--list-target-rules"], _workdir(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -41,6 +44,7 @@ def test_target_rules_are_listed_with_docstrings(tmp_path):
         assert any(line.startswith(f"{target} (") for line in proc.stdout.splitlines()), target
 
 
+@pytest.mark.workflow
 def test_bad_config_stops_before_any_job(tmp_path):
     work = _workdir(tmp_path)
     proc = _snakemake(["-n", "--config", "train={'epoch': 3}"], work)
@@ -111,7 +115,7 @@ def test_rule_cli_and_onnx_give_the_same_probabilities(tiny_run, tmp_path):
 def test_moving_a_cutout_to_true_rebuilds_the_datacube_with_that_label(tiny_run, tmp_path):
     import shutil
 
-    from conftest import TINY
+    from helpers import TINY
 
     work = tmp_path / "work"
     shutil.copytree(tiny_run, work, symlinks=True)

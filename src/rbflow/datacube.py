@@ -31,7 +31,8 @@ __all__ = [
     "load_datacube",
     "crop_stamps",
     "listing_digest",
-    "synthetic_stamps",
+    "labelled_files",
+    "balance_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,23 @@ def _header_float(header: fits.Header, key: str) -> float:
         return float("nan")
 
 
-def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices (sorted) keeping a random subset of the majority class so that trues make ``frac_true``."""
+def balance_classes(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping a random subset of the majority class so that the reals make ``frac_true``.
+
+    Parameters
+    ----------
+    y : numpy.ndarray
+        Labels, 1 = real, 0 = bogus (both classes present).
+    frac_true : float
+        Wanted fraction of reals, in (0, 1).
+    rng : numpy.random.Generator
+        Draws the subset (seeded by the caller).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted indices into ``y``: every stamp of the minority class, a random subset of the other.
+    """
     t = np.flatnonzero(y == 1)
     f = np.flatnonzero(y == 0)
     if len(t) / len(y) > frac_true:
@@ -158,8 +174,19 @@ def _balance(y: np.ndarray, frac_true: float, rng: np.random.Generator) -> np.nd
     return np.sort(np.concatenate([t, f]))
 
 
-def _labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
-    """``(label, path)`` of ``true/*.fits`` (label 1) then ``false/*.fits`` (label 0), sorted by name."""
+def labelled_files(training_dir: Path) -> list[tuple[int, Path]]:
+    """The labelled cutout files of a training folder: ``true/*.fits`` then ``false/*.fits``, sorted by name.
+
+    Parameters
+    ----------
+    training_dir : pathlib.Path
+        Folder holding ``true/`` and ``false/`` (a missing one counts as empty).
+
+    Returns
+    -------
+    list of (int, pathlib.Path)
+        ``(label, path)`` pairs, label 1 for ``true/``, 0 for ``false/``.
+    """
     files: list[tuple[int, Path]] = []
     for label, sub in ((1, "true"), (0, "false")):
         folder = training_dir / sub
@@ -183,7 +210,7 @@ def listing_digest(training_dir: str | os.PathLike) -> str:
     str
         Hexadecimal digest (stored as ``file_list_sha256`` in the datacube's meta).
     """
-    files = _labelled_files(Path(training_dir))
+    files = labelled_files(Path(training_dir))
     return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
 
 
@@ -229,7 +256,7 @@ def build_datacube(
     """
     training_dir = Path(training_dir)
     channels = [str(c) for c in channels]
-    files = _labelled_files(training_dir)
+    files = labelled_files(training_dir)
     for label, sub in ((1, "true"), (0, "false")):
         if not any(lab == label for lab, _ in files):
             raise InputError(
@@ -278,7 +305,7 @@ def build_datacube(
             )
     keep = np.arange(len(y_arr))
     if frac_true is not None:
-        keep = _balance(y_arr, frac_true, np.random.default_rng(seed))
+        keep = balance_classes(y_arr, frac_true, np.random.default_rng(seed))
     X = X[keep] if frac_true is not None else X[: len(y_arr)]
     y_arr = y_arr[keep]
     counts = {
@@ -404,79 +431,3 @@ def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise InputError(f"datacube '{path}' lacks {sorted(missing)}: rerun the convert stage with this rbflow")
     return cube
-
-
-def synthetic_stamps(
-    n: int,
-    *,
-    size: int = 31,
-    fwhm: float = 3.0,
-    frac_true: float = 0.5,
-    snr: tuple[float, float] = (5.0, 60.0),
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw SCI, REF, DIFF stamps of a known real/bogus problem, for tests and benchmarks.
-
-    Reals are a Gaussian PSF (S/N uniform in ``snr``) in SCI and DIFF, on a faint host in SCI and REF half of the
-    time. Bogus stamps are, in equal parts, pure noise, a subtraction dipole of a star present in
-    SCI and REF, and a cosmic ray (one to three hot pixels in SCI and DIFF). Noise sigma is 1 (ADU)
-    around a sky of 100 (SCI, REF) or 0 (DIFF).
-
-    Parameters
-    ----------
-    n : int
-        Number of stamps.
-    size : int, optional
-        Stamp side (pixels, odd).
-    fwhm : float, optional
-        PSF FWHM (pixels).
-    frac_true : float, optional
-        Fraction of reals.
-    snr : tuple of float, optional
-        Range of the reals' S/N (the dipoles and cosmic rays scale with it too).
-    seed : int
-        Seed of everything random.
-
-    Returns
-    -------
-    X : numpy.ndarray
-        float32 ``(n, 3, size, size)`` raw stamps (channels SCI, REF, DIFF).
-    y : numpy.ndarray
-        int64 ``(n,)`` labels, 1 = real.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    sigma = fwhm / 2.3548
-
-    def blob(dx: np.ndarray, dy: np.ndarray, s: float = sigma) -> np.ndarray:
-        g = np.exp(-((xx - dx[:, None, None]) ** 2 + (yy - dy[:, None, None]) ** 2) / (2 * s**2))
-        return g / g.sum(axis=(1, 2), keepdims=True)
-
-    y = (rng.random(n) < frac_true).astype(np.int64)
-    X = rng.normal(0.0, 1.0, (n, 3, size, size)).astype(np.float32)
-    X[:, :2] += 100.0
-    # a source of total flux F in a Gaussian PSF has S/N ~ F / (sqrt(4 pi) sigma) on unit noise
-    flux = rng.uniform(*snr, n) * np.sqrt(4 * np.pi) * sigma
-    dx, dy = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
-    psf = blob(dx, dy)
-    host = blob(dx + rng.normal(0, 2, n), dy + rng.normal(0, 2, n), 3 * sigma) * (rng.random(n) < 0.5)[:, None, None]
-    host = host * rng.uniform(50, 400, n)[:, None, None]
-    kind = rng.integers(0, 3, n)
-    real = y == 1
-    X[real, 0] += (flux[:, None, None] * psf + host)[real]
-    X[real, 1] += host[real]
-    X[real, 2] += (flux[:, None, None] * psf)[real]
-    dipole = (~real) & (kind == 1)
-    shift = rng.uniform(0.5, 1.5, n) * np.sign(rng.normal(size=n))
-    star = 5 * flux[:, None, None] * psf
-    X[dipole, 0] += star[dipole]
-    X[dipole, 1] += star[dipole]
-    X[dipole, 2] += (star - 5 * flux[:, None, None] * blob(dx + shift, dy))[dipole]
-    cosmic = np.flatnonzero((~real) & (kind == 2))
-    for i in cosmic:
-        for _ in range(rng.integers(1, 4)):
-            r, c = size // 2 + rng.integers(-2, 3, 2)
-            amp = rng.uniform(20, 200)
-            X[i, 0, r, c] += amp
-            X[i, 2, r, c] += amp
-    return X, y

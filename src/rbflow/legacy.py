@@ -50,9 +50,9 @@ from rbflow import __version__
 from rbflow.cutouts import CHANNELS
 from rbflow.datacube import (
     NORMALISATION,
-    _balance,
-    _labelled_files,
+    balance_classes,
     crop_stamps,
+    labelled_files,
     listing_digest,
     normalise,
     write_datacube,
@@ -287,7 +287,7 @@ def import_cutouts(
         ``crop``, or no usable stamp in a class.
     """
     folder = Path(folder)
-    files = _labelled_files(folder)
+    files = labelled_files(folder)
     for label, sub in ((1, "true"), (0, "false")):
         if not any(lab == label for lab, _ in files):
             raise InputError(
@@ -348,7 +348,9 @@ def import_cutouts(
                 f"import folder '{folder / sub}' has no usable stamp ({len(skipped)} skipped, see the log): "
                 "fix or replace the stamps"
             )
-    keep = np.arange(len(y_arr)) if frac_true is None else _balance(y_arr, frac_true, np.random.default_rng(seed))
+    keep = (
+        np.arange(len(y_arr)) if frac_true is None else balance_classes(y_arr, frac_true, np.random.default_rng(seed))
+    )
     fmt = "+".join(sorted(formats))
     counts = {
         "true": int(y_arr[keep].sum()),

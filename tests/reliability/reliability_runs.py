@@ -1,7 +1,8 @@
 """Helpers of the reliability tests: run the tiny workflow, interrupt it, and fingerprint its outputs.
 
-Kept out of a ``conftest.py`` on purpose: the tests of ``tests/`` import ``conftest`` by name, and a
-second ``conftest.py`` here would shadow ``tests/conftest.py`` for every module collected after it.
+Kept out of a ``conftest.py`` on purpose: a second ``conftest.py`` here would shadow
+``tests/conftest.py`` for every module collected after it. The repository paths and the tiny
+workflow's command come from ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -11,21 +12,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 
-# As tests/conftest.py (not imported: see the module docstring).
-REPO = Path(__file__).resolve().parents[2]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-TINY = [
-    "--configfile",
-    str(REPO / "tests/data/config.test.yaml"),
-    "--config",
-    f"telescope_dir={REPO}/tests/data/telescopes",
-]
+from helpers import SNAKEMAKE, TINY
+
 #: The command a user runs, and runs again after an interruption (README: "Interrupted runs").
 TINY_RUN = [*SNAKEMAKE, "--cores", "2", *TINY]
 
@@ -36,13 +29,6 @@ COMPARED = ("results", "resources")
 #: deterministic. Not compared at all (outside COMPARED): ``logs/`` (time stamps, durations),
 #: ``benchmarks/`` (run times, memory), ``.snakemake/`` (Snakemake's own metadata and logs).
 EXCLUDED: dict[str, str] = {}
-
-
-def make_workdir(path: Path) -> Path:
-    """A fresh Snakemake working directory that sees the repository's config/."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config").symlink_to(REPO / "config")
-    return path
 
 
 def output_hashes(work: Path) -> dict[str, str]:

@@ -18,11 +18,12 @@ import torch
 import yaml
 from astropy.io import fits
 from astropy.table import Table
+from helpers import REPO, synthetic_stamps
 
 from rbflow.config import load_config, load_telescope
 from rbflow.crossmatch import run_crossmatch
 from rbflow.cutouts import CHANNELS, write_cutouts
-from rbflow.datacube import NORMALISATION, build_datacube, synthetic_stamps
+from rbflow.datacube import NORMALISATION, build_datacube
 from rbflow.detect import empty_table
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import frame_info, frames_of
@@ -34,7 +35,6 @@ from rbflow.sky import simulate_frame
 from rbflow.subtract import run_subtract
 from rbflow.validate import FrameCheckError, check_frame, run_validate, write_bad_frames
 
-REPO = Path(__file__).resolve().parents[2]
 SEED = 7
 SIZE = 31  # cutout side of the tiny telescope
 

@@ -8,11 +8,10 @@ dry run (and the SLURM submissions the groups make of it); docs/cluster.md gives
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 # bench/dag.py holds the survey and the parsing of the dry run (bench/ is not a package)
 _spec = importlib.util.spec_from_file_location("rbflow_bench_dag", REPO / "bench/dag.py")
 bench_dag = importlib.util.module_from_spec(_spec)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reliability_runs import assert_same_outputs, make_workdir, output_hashes, run_tiny
-from test_train import make_cube
+from helpers import make_cube, make_workdir
+from reliability_runs import assert_same_outputs, output_hashes, run_tiny
 
 from rbflow.train import train
 

@@ -30,10 +30,10 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from helpers import make_workdir
 from reliability_runs import (
     assert_same_outputs,
     finished_outputs,
-    make_workdir,
     mtimes,
     output_hashes,
     run_tiny,

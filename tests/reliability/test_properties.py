@@ -16,6 +16,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
+from helpers import REPO
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from rbflow.cutouts import CHANNELS, EDGE, read_cutout, write_cutouts
 from rbflow.frames import frames_of, image_name, parse_image
 from rbflow.sky import frame_conditions
 
-REPO = Path(__file__).resolve().parents[2]
 TELESCOPES = {
     name: load_telescope(path)
     for name, path in [

@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from helpers import REPO, SNAKEMAKE, TINY
 
 from rbflow.config import load_telescope
 from rbflow.frames import frames_of
 from rbflow.sky import write_frame
 
 pytestmark = pytest.mark.workflow
-
-# As tests/conftest.py (not imported: `conftest` may name tests/reliability/conftest.py here).
-REPO = Path(__file__).resolve().parents[2]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-TINY = [
-    "--configfile",
-    str(REPO / "tests/data/config.test.yaml"),
-    "--config",
-    f"telescope_dir={REPO}/tests/data/telescopes",
-]
 
 SEED = 20261124  # config/config.yaml's seed: the frames are those the sky_frame rule would write
 BAD = "fld00_r_e2"  # truncated: the read check fails
