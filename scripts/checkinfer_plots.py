@@ -18,4 +18,5 @@ call_in_job(
     truth_paths=list(sm.input.truth),
     crossmatch_paths=list(sm.input.crossmatch),
     seed=sm.params.seed,
+    threads=sm.threads,
 )

@@ -14,4 +14,5 @@ call_in_job(
     cfg=dict(sm.params.train),
     seed=sm.params.seed,
     checkpoint_dir=sm.params.checkpoint_dir,
+    threads=sm.threads,
 )

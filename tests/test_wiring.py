@@ -8,7 +8,8 @@ glue of ``rbflow.runner`` wrapped and the stage function replaced by a recorder.
 
 * the script routes through the glue, which calls the stage function and writes the rule's log;
 * the arguments bind to the stage function's signature;
-* every declared output and input reaches the call (the path itself or a folder above it), every
+* every declared output and input reaches the call (the path itself, a folder above it, or the file it
+  is a companion of: ``model.json`` travels with ``model.pt``), every
   param reaches it (except rerun triggers, :data:`RERUN_TRIGGERS`), and a function that takes
   ``threads`` gets ``snakemake.threads``; a rule reserving more than one thread must pass them on;
 * no path reaches the call that the rule does not declare, and no script reads ``snakemake.config``
@@ -359,10 +360,17 @@ def leaves(value: Any, registry: Registry) -> list[str]:
     return []
 
 
+def _companion(path: str, other: str) -> bool:
+    """``path`` is a companion file of ``other``: the same folder and stem (``model.json`` of ``model.pt``)."""
+    a, b = Path(path), Path(other)
+    return a.suffix != "" and b.suffix != "" and a.parent == b.parent and a.stem == b.stem
+
+
 def _reaches(path: str, others: list[str], *, up: bool = True) -> bool:
-    """``path`` is one of ``others`` or lies in a folder among them (``up``), or is a folder above one of them."""
+    """``path`` is one of ``others``, lies in a folder among them or is a companion file of one (``up``),
+    or is a folder above one of them."""
     if up:
-        return any(path == s or path.startswith(s.rstrip("/") + "/") for s in others if s)
+        return any(path == s or path.startswith(s.rstrip("/") + "/") or _companion(path, s) for s in others if s)
     return any(path == s or s.startswith(path.rstrip("/") + "/") for s in others if s)
 
 

@@ -179,6 +179,7 @@ def run_checkinfer(
     truth_paths: Sequence[str | os.PathLike] = (),
     crossmatch_paths: Sequence[str | os.PathLike] | None = None,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Threshold diagnostics of a model on its test frames: plots, ``summary.json`` and the predictions.
 
@@ -225,6 +226,9 @@ def run_checkinfer(
         gives the image); only rows of test frames are used.
     seed : int, optional
         Seed of the bootstrap intervals of AUC, accuracy, MCC and ECE.
+    threads : int, optional
+        CPU threads of torch's operators for the test-split inference (``torch.set_num_threads``);
+        default: torch's own choice.
 
     Returns
     -------
@@ -242,6 +246,10 @@ def run_checkinfer(
         Bad datacube or model, an empty test split, or a test split with a single class.
     """
     out_dir = Path(out_dir)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
     table = evaluate_test_split(datacube_path, model_path)
     y = np.asarray(table["y"], dtype=np.int64)
     p = np.asarray(table["label1"], dtype=float)

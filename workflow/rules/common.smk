@@ -198,12 +198,11 @@ def checksim_inputs(wildcards):
 
 
 def checkinfer_inputs(wildcards):
-    """Datacube, model, labels and crossmatch tables for the threshold diagnostics."""
+    """Datacube, model and crossmatch tables for the threshold diagnostics."""
     tel = wildcards.telescope
     return {
         "datacube": f"results/{tel}/training/datacube.npz",
         "model": f"results/{tel}/model/model.pt",
-        "labels": f"results/{tel}/training/labels.ecsv",
         "crossmatch": per_image("results/{telescope}/sim/crossmatch/{image}.ecsv", "sim", [tel]),
     }
 
