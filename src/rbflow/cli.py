@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rbflow import __version__
+from rbflow import __version__, alerts
 from rbflow.errors import RbflowError
 
 __all__ = ["main", "build_parser"]
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output ECSV; FILE.dat (the older tool's infer_results.dat) and FILE_kept.ecsv are written next to it",
     )
     inf.add_argument("--batch-size", type=int, default=1024, help="stamps per forward pass")
+    alerts.add_cli(sub)
     return parser
 
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ckpt = args.checkpoint_dir or args.outdir.with_name(args.outdir.name + ".checkpoint")
             train(args.cube, args.outdir, _train_cfg(args), seed=args.seed, checkpoint_dir=ckpt)
+        elif args.command == "alerts":
+            alerts.run_cli(args)
         else:
             from rbflow.infer import infer_cutouts
 
