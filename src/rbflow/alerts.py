@@ -255,32 +255,53 @@ def read_fits_image(data: bytes) -> np.ndarray:
             raise ValueError(f"the cutout is not valid gzip ({exc})") from exc
     if not data.startswith(b"SIMPLE  ="):
         raise ValueError(f"the cutout is not a FITS file (starts with {data[:16]!r})")
-    cards, offset = _parse_header(data, 0)
-    if int(cards.get("NAXIS", "0")) == 0 and offset < len(data):
-        cards, offset = _parse_header(data, offset)
-    try:
-        naxis = int(cards["NAXIS"])
-        bitpix = int(cards["BITPIX"])
-        shape = (int(cards["NAXIS2"]), int(cards["NAXIS1"])) if naxis == 2 else ()
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"the cutout's FITS header lacks or garbles {exc}") from exc
-    if naxis != 2 or bitpix not in _BITPIX:
-        raise ValueError(f"the cutout is not a 2-D FITS image (NAXIS = {naxis}, BITPIX = {bitpix})")
-    dtype = _BITPIX[bitpix]
+    # a survey's cutouts share a handful of headers: their layout is parsed once
+    first = data[:_FITS_BLOCK]
+    layout = _LAYOUTS.get(first)
+    if layout is None:
+        layout = _image_layout(data)
+        if layout[0] == _FITS_BLOCK:  # the layout depends on the first block alone
+            if len(_LAYOUTS) > 256:
+                _LAYOUTS.clear()
+            _LAYOUTS[first] = layout
+    offset, shape, dtype, scaling = layout
     count = shape[0] * shape[1]
     if offset + count * dtype.itemsize > len(data):
         raise ValueError(
             f"the cutout's FITS data is truncated ({len(data) - offset} of {count * dtype.itemsize} bytes)"
         )
     raw = np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
-    if bitpix < 0:
+    if scaling is None:
         return raw.astype(np.float32)
+    bscale, bzero, blank = scaling
+    out = raw.astype(np.float64) * bscale + bzero
+    if blank is not None:
+        out[raw == blank] = np.nan
+    return out.astype(np.float32)
+
+
+_LAYOUTS: dict[bytes, tuple[int, tuple[int, int], np.dtype, tuple[float, float, int | None] | None]] = {}
+
+
+def _image_layout(data: bytes) -> tuple[int, tuple[int, int], np.dtype, tuple[float, float, int | None] | None]:
+    """Data offset, shape, dtype and integer scaling (BSCALE, BZERO, BLANK; None for floats) of a FITS image."""
+    cards, offset = _parse_header(data, 0)
+    if int(cards.get("NAXIS", "0")) == 0 and offset < len(data):
+        cards, offset = _parse_header(data, offset)
+    try:
+        naxis = int(cards["NAXIS"])
+        bitpix = int(cards["BITPIX"])
+        shape = (int(cards["NAXIS2"]), int(cards["NAXIS1"])) if naxis == 2 else (0, 0)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"the cutout's FITS header lacks or garbles {exc}") from exc
+    if naxis != 2 or bitpix not in _BITPIX:
+        raise ValueError(f"the cutout is not a 2-D FITS image (NAXIS = {naxis}, BITPIX = {bitpix})")
+    if bitpix < 0:
+        return offset, shape, _BITPIX[bitpix], None
     bscale = float(cards.get("BSCALE", "1").replace("D", "E"))
     bzero = float(cards.get("BZERO", "0").replace("D", "E"))
-    out = raw.astype(np.float64) * bscale + bzero
-    if "BLANK" in cards:
-        out[raw == int(cards["BLANK"])] = np.nan
-    return out.astype(np.float32)
+    blank = int(cards["BLANK"]) if "BLANK" in cards else None
+    return offset, shape, _BITPIX[bitpix], (bscale, bzero, blank)
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -837,6 +858,7 @@ def score_alerts(
     from rbflow.datacube import crop_stamps
     from rbflow.infer import load_model, predict
 
+    paths = list(paths)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
     stamp = _model_size(meta, model_path, ALERT_SIZE)
@@ -845,28 +867,26 @@ def score_alerts(
     writer = _KeptWriter(Path(kept_dir)) if kept_dir is not None else None
     rows: list[dict[str, Any]] = []
     p_real: list[np.ndarray] = []
-    batch: list[Alert] = []
 
-    def score(batch: list[Alert]) -> None:
-        X = fast_normalise(crop_stamps(np.stack([a.stamps for a in batch]), stamp))
-        p = predict(model, meta, X, batch_size=batch_size)
-        p_real.append(p)
-        rows.extend(a.info for a in batch)
-        if writer is not None:
-            for a, pi in zip(batch, p):
-                if pi >= threshold:
-                    writer.add(a)
-
-    alerts = iter_alerts(paths, failures=failures, negative=negative, keep_bytes=writer is not None)
-    with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
-        for alert in alerts:
+    def batches() -> Iterator[tuple[list[Alert], np.ndarray]]:
+        batch: list[Alert] = []
+        for alert in iter_alerts(paths, failures=failures, negative=negative, keep_bytes=writer is not None):
             batch.append(alert)
             if len(batch) == batch_size:
-                score(batch)
-                bar.update(len(batch))
+                yield batch, crop_stamps(np.stack([a.stamps for a in batch]), stamp)
                 batch = []
         if batch:
-            score(batch)
+            yield batch, crop_stamps(np.stack([a.stamps for a in batch]), stamp)
+
+    with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
+        for batch, X in _prefetch(batches()):
+            p = predict(model, meta, fast_normalise(X), batch_size=batch_size)
+            p_real.append(p)
+            rows.extend(a.info for a in batch)
+            if writer is not None:
+                for a, pi in zip(batch, p):
+                    if pi >= threshold:
+                        writer.add(a)
             bar.update(len(batch))
     if writer is not None:
         writer.flush()
@@ -897,6 +917,54 @@ def score_alerts(
     write_table(table, out_table)
     _summary(len(table), int(table["kept"].sum()), threshold, failures)
     return table
+
+
+def _prefetch(items: Iterator[Any], *, depth: int = 2) -> Iterator[Any]:
+    """Yield ``items`` computed ``depth`` ahead by a background thread.
+
+    Reading alerts (fastavro, Python) and inferring (torch, outside the GIL) then share two cores:
+    zlib decompression and the network's kernels release the GIL, so decoding the next batch runs
+    while the current one is scored. An error in the thread is raised here; leaving the loop early
+    stops the thread.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=work, name="rbflow-alerts-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _summary(n: int, kept: int, threshold: float, failures: list[AlertFailure]) -> None:
@@ -976,6 +1044,7 @@ def import_alerts(
     """
     from rbflow.datacube import NORMALISATION, crop_stamps, normalise, write_datacube
 
+    paths = list(paths)
     if (labels_csv is None) == (score_column is None):
         raise InputError("give labels either from a CSV (--labels) or from a score column (--score-column), not both")
     score_names = [n for n, t, _ in ALERT_COLUMNS if t is float and n not in ("ra", "dec", "jd", "magpsf")]
