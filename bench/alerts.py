@@ -11,8 +11,8 @@ other load on the machine):
   its CPU time per alert (all threads: a measure that other load on a shared machine inflates less);
 * per stage: Avro records (all fields: fastavro; the fields rbflow uses: rbflow's projection), cutout
   decoding (:func:`rbflow.alerts.read_fits_image` and its peer, ``astropy.io.fits`` on the
-  decompressed bytes), normalisation (:func:`rbflow.alerts.fast_normalise` and its peer
-  :func:`rbflow.datacube.normalise`) and inference (:func:`rbflow.infer.predict`).
+  decompressed bytes), normalisation (:func:`rbflow.datacube.normalise`) and inference
+  (:func:`rbflow.infer.predict`).
 
 Without ``--model``, an untrained ``compact`` network of 31 px (the demo telescope's stamp size) is
 used: inference cost does not depend on the weights.
@@ -37,7 +37,7 @@ import torch
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
-from rbflow.alerts import ALERT_SIZE, fast_normalise, iter_alerts, read_fits_image, score_alerts
+from rbflow.alerts import ALERT_SIZE, iter_alerts, read_fits_image, score_alerts
 from rbflow.datacube import NORMALISATION, crop_stamps, normalise
 from rbflow.infer import load_model, predict
 from rbflow.model import ModelConfig, build_model
@@ -160,9 +160,8 @@ def main() -> None:
         rates["read + decode + place (iter_alerts)"] = _best_rate(read_decode, n, args.repeats)
         X = np.stack([a.stamps for _, a in zip(range(4096), iter_alerts([avro], failures=[]))])
         Xc = crop_stamps(X, stamp)
-        rates["normalise: fast_normalise"] = _best_rate(lambda: fast_normalise(Xc), len(Xc), args.repeats)
-        rates["normalise: datacube.normalise (peer)"] = _best_rate(lambda: normalise(Xc), len(Xc), args.repeats)
-        Xn = fast_normalise(Xc)
+        rates["normalise (datacube.normalise)"] = _best_rate(lambda: normalise(Xc), len(Xc), args.repeats)
+        Xn = normalise(Xc)
         rates["inference (predict)"] = _best_rate(lambda: predict(model, meta, Xn), len(Xn), args.repeats)
     width = max(map(len, rates))
     for name, rate in rates.items():
