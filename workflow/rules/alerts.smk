@@ -1,33 +1,5 @@
 # Scoring survey alert packets (config block `alerts`; rbflow.alerts). Nothing runs unless alerts.folder is set.
-import hashlib
-
-ALERTS = config["alerts"]
-ALERTS_OUT = ALERTS["output"]
-
-
-def alerts_model(wildcards):
-    """The model applied to the alerts: alerts.model, or the one this run trains for the first telescope."""
-    if ALERTS["model"] is not None:
-        return ALERTS["model"]
-    return f"results/{next(iter(TELESCOPES))}/model/model.pt"
-
-
-def alerts_listing(wildcards):
-    """Digest of the alert folder's listing (names, sizes, times): a packet added in a subfolder reruns the rule."""
-    folder = Path(ALERTS["folder"])
-    lines = sorted(
-        f"{p.relative_to(folder)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in folder.rglob("*") if p.is_file()
-    )
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def alerts_outputs():
-    """Outputs of the alerts target: none when no folder is configured."""
-    if ALERTS["folder"] is None:
-        return []
-    return [f"{ALERTS_OUT}/alerts.ecsv"] + ([f"{ALERTS_OUT}/kept"] if ALERTS["keep_packets"] else [])
-
-
+# Helpers (alerts_model, alerts_listing, alerts_outputs) are in common.smk.
 if ALERTS["folder"] is not None:
 
     rule alerts_score:

@@ -1,4 +1,6 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
+import hashlib
+
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
 from rbflow.frames import frames_of, image_name, parse_image
@@ -252,3 +254,31 @@ def frame_statuses(wildcards):
     """Status files of every frame of a telescope (rule validate_frame)."""
     tel = wildcards.telescope
     return expand("results/{telescope}/validate/{frame}.json", telescope=tel, frame=FRAMES[tel])
+
+
+# Alert packets (workflow/rules/alerts.smk, config block `alerts`)
+ALERTS = config["alerts"]
+ALERTS_OUT = ALERTS["output"]
+
+
+def alerts_model(wildcards):
+    """The model applied to the alerts: alerts.model, or the one this run trains for the first telescope."""
+    if ALERTS["model"] is not None:
+        return ALERTS["model"]
+    return f"results/{next(iter(TELESCOPES))}/model/model.pt"
+
+
+def alerts_listing(wildcards):
+    """Digest of the alert folder's listing (names, sizes, times): a packet added in a subfolder reruns the rule."""
+    folder = Path(ALERTS["folder"])
+    lines = sorted(
+        f"{p.relative_to(folder)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in folder.rglob("*") if p.is_file()
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def alerts_outputs():
+    """Outputs of the alerts target: none when no folder is configured."""
+    if ALERTS["folder"] is None:
+        return []
+    return [f"{ALERTS_OUT}/alerts.ecsv"] + ([f"{ALERTS_OUT}/kept"] if ALERTS["keep_packets"] else [])
