@@ -369,6 +369,25 @@ def test_multi_alert_kept_file_keeps_schema_and_kept_records(tmp_path, model_dir
         assert reader.writer_schema == schema and reader.codec == "deflate"
     assert [r["candid"] for r in kept] == list(table["candid"][table["kept"]])
     assert 0 < len(kept) < len(records)
+    # the same from a Parquet dump (kept rows) and a .tar.gz of single-alert files (members' bytes)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, files, _ = same_schema_files()
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "dump.parquet")
+    with tarfile.open(tmp_path / "night.tgz", "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=f"night/{f.name}")
+    for path in (tmp_path / "dump.parquet", tmp_path / "night.tgz"):
+        out = tmp_path / f"kept_{path.suffix}"
+        t = score_alerts([path], model_dir / "model.pt", tmp_path / "t2.ecsv", kept_dir=out, threshold=0.5)
+        assert list(t["candid"][t["kept"]]) == [r["candid"] for r in kept]
+    assert pq.read_table(tmp_path / "kept_.parquet" / "dump.parquet").column("candid").to_pylist() == [
+        r["candid"] for r in kept
+    ]
+    for f in (tmp_path / "kept_.tgz").iterdir():
+        assert f.read_bytes() == (DEV / f.name).read_bytes()
+    assert len(list((tmp_path / "kept_.tgz").iterdir())) == len(kept)
 
 
 def test_model_larger_than_the_alerts_is_refused_by_name(tmp_path, model_dir):
