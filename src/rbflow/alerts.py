@@ -520,8 +520,11 @@ def _archive_members(path: Path) -> Iterator[tuple[str, str, Path | None, bytes 
 _PROJECTIONS: dict[str, Any] = {}
 
 
-def _avro_records(container: _Container, *, full: bool) -> Iterator[tuple[str, str, dict]]:
-    """(survey, schema name, record) of an Avro container; the writer schema and codec are stored on it."""
+def _avro_records(container: _Container) -> Iterator[tuple[str, str, dict]]:
+    """(survey, schema name, record) of an Avro container, projected on the fields rbflow uses.
+
+    The writer schema and codec are stored on the container (to re-write its kept packets).
+    """
     import fastavro
 
     data = container.data if container.data is not None else container.path.read_bytes()
@@ -531,14 +534,13 @@ def _avro_records(container: _Container, *, full: bool) -> Iterator[tuple[str, s
     container.codec = reader.codec
     name = str(reader.writer_schema.get("name", ""))
     survey = _survey_of_schema(name)
-    if not full:
-        key = reader.metadata.get("avro.schema", name)
-        if key not in _PROJECTIONS:
-            proj = _projection(reader.writer_schema, survey)
-            _PROJECTIONS[key] = None if proj is None else fastavro.parse_schema(proj)
-        if _PROJECTIONS[key] is not None:
-            fo.seek(0)
-            reader = fastavro.reader(fo, reader_schema=_PROJECTIONS[key])
+    key = reader.metadata.get("avro.schema", name)
+    if key not in _PROJECTIONS:
+        proj = _projection(reader.writer_schema, survey)
+        _PROJECTIONS[key] = None if proj is None else fastavro.parse_schema(proj)
+    if _PROJECTIONS[key] is not None:
+        fo.seek(0)
+        reader = fastavro.reader(fo, reader_schema=_PROJECTIONS[key])
     for record in reader:
         yield survey, name, record
 
@@ -605,7 +607,7 @@ def iter_alerts(
         container = _Container(source, kind, path, data if keep_bytes or kind == "avro" else None)
         last: int | None = None
         try:
-            records = _parquet_records(container) if kind == "parquet" else _avro_records(container, full=False)
+            records = _parquet_records(container) if kind == "parquet" else _avro_records(container)
             for survey, schema, record in records:
                 container.n_records += 1
                 candid = _candid_of(record)
