@@ -17,6 +17,7 @@ Results tree (per telescope `{telescope}`; `{mode}` is `sim` for injected images
     results/{telescope}/model/                        model.pt/.json/.onnx, history, metrics (train)
     results/{telescope}/obs/infer/{image}.ecsv        P(real) per candidate, kept list       (infer)
     results/{telescope}/plots/{checksim,checkinfer}/  diagnostics                            (checksim, checkinfer)
+    results/alerts/alerts.ecsv, kept/                 P(real) of alert packets (alerts.folder) (alerts)
     logs/, benchmarks/                                one per rule and wildcard set
 
 Editing the rbflow package does not rerun rules: outputs carry `RBFLOWV`/`rbflow_version`;
@@ -46,6 +47,7 @@ include: "workflow/rules/crossmatch.smk"
 include: "workflow/rules/cnn.smk"
 include: "workflow/rules/targets.smk"
 include: "workflow/rules/scan.smk"
+include: "workflow/rules/alerts.smk"
 
 
 rule all:

@@ -161,6 +161,59 @@ def _run_infer(args: argparse.Namespace) -> None:
     )
 
 
+def _add_alerts(sub: Any, defaults: dict[str, Any]) -> None:
+    alerts = sub.add_parser("alerts", help="score survey alert packets (ZTF, Rubin) or build a datacube from them")
+    act = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
+    sc = act.add_parser("score", help="P(real) of every alert; table and, optionally, the kept packets")
+    sc.add_argument("paths", nargs="+", type=Path, help="Avro files, .tar.gz archives, Parquet files or folders")
+    sc.add_argument("--model", type=Path, required=True, help="model.pt (model.json next to it)")
+    sc.add_argument("--out", type=Path, default=Path("alerts.ecsv"), help="output table (ECSV)")
+    sc.add_argument("--kept-dir", type=Path, default=None, help="folder receiving the kept packets, unchanged")
+    sc.add_argument("--threshold", type=float, default=None, help="P(real) threshold (default: the model's)")
+    sc.add_argument("--negative", default="flip", help="negative differences (isdiffpos f): flip, keep or skip")
+    sc.add_argument("--batch-size", type=int, default=1024, help="alerts per forward pass")
+    sc.set_defaults(func=_run_alerts_score)
+    im = act.add_parser("import", help="build a datacube (.npz) from labelled alert packets, grouped by objectId")
+    im.add_argument("paths", nargs="+", type=Path, help="Avro files, .tar.gz archives, Parquet files or folders")
+    im.add_argument("--out", type=Path, required=True, help="datacube to write (.npz)")
+    im.add_argument("--labels", type=Path, default=None, help="CSV with columns candid, label")
+    im.add_argument("--score-column", default=None, help="weak labels from this score (drb, rb, reliability)")
+    im.add_argument("--bogus-below", type=float, default=None, help="score below which an alert is bogus")
+    im.add_argument("--real-above", type=float, default=None, help="score above which an alert is real")
+    im.add_argument("--crop", type=int, default=None, help="odd stamp size to crop to (pixels)")
+    im.add_argument("--negative", default="flip", help="negative differences (isdiffpos f): flip, keep or skip")
+    im.set_defaults(func=_run_alerts_import)
+
+
+def _run_alerts_score(args: argparse.Namespace) -> None:
+    from rbflow.alerts import score_alerts
+
+    score_alerts(
+        args.paths,
+        args.model,
+        args.out,
+        kept_dir=args.kept_dir,
+        threshold=args.threshold,
+        negative=args.negative,
+        batch_size=args.batch_size,
+    )
+
+
+def _run_alerts_import(args: argparse.Namespace) -> None:
+    from rbflow.alerts import import_alerts
+
+    import_alerts(
+        args.paths,
+        args.out,
+        labels_csv=args.labels,
+        score_column=args.score_column,
+        bogus_below=args.bogus_below,
+        real_above=args.real_above,
+        crop=args.crop,
+        negative=args.negative,
+    )
+
+
 def _add_scan(sub: Any, defaults: dict[str, Any]) -> None:
     import getpass
 
@@ -218,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rbflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_convert, _add_import, _add_train, _add_infer, _add_scan, _add_label_repair):
+    for add in (_add_convert, _add_import, _add_train, _add_infer, _add_alerts, _add_scan, _add_label_repair):
         add(sub, defaults)
     return parser
 

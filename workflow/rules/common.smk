@@ -1,4 +1,6 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
+import hashlib
+
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
 from rbflow.frames import frame_hdu, frames_of, image_name, parse_image
@@ -264,3 +266,31 @@ def checkinfer_sources(wildcards):
         "truth": per_image("results/{telescope}/sim/inject/{image}.ecsv", "sim", [wildcards.telescope]),
         "cutouts": per_image("results/{telescope}/sim/cutouts/{image}", "sim", [wildcards.telescope]),
     }
+
+
+# Alert packets (workflow/rules/alerts.smk, config block `alerts`)
+ALERTS = config["alerts"]
+ALERTS_OUT = ALERTS["output"]
+
+
+def alerts_model(wildcards):
+    """The model applied to the alerts: alerts.model, or the one this run trains for the first telescope."""
+    if ALERTS["model"] is not None:
+        return ALERTS["model"]
+    return f"results/{next(iter(TELESCOPES))}/model/model.pt"
+
+
+def alerts_listing(wildcards):
+    """Digest of the alert folder's listing (names, sizes, times): a packet added in a subfolder reruns the rule."""
+    folder = Path(ALERTS["folder"])
+    lines = sorted(
+        f"{p.relative_to(folder)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in folder.rglob("*") if p.is_file()
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def alerts_outputs():
+    """Outputs of the alerts target: none when no folder is configured."""
+    if ALERTS["folder"] is None:
+        return []
+    return [f"{ALERTS_OUT}/alerts.ecsv"] + ([f"{ALERTS_OUT}/kept"] if ALERTS["keep_packets"] else [])
