@@ -19,8 +19,8 @@ import pytest
 import torch
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
-from numpy.testing import assert_allclose, assert_array_equal
 from helpers import make_cube
+from numpy.testing import assert_allclose, assert_array_equal
 
 from rbflow.alerts import (
     ALERT_SIZE,
