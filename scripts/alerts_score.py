@@ -14,4 +14,5 @@ call_in_job(
     threshold=sm.params.alerts["threshold"],
     negative=sm.params.alerts["negative"],
     progress=False,
+    threads=sm.threads,
 )

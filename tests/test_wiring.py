@@ -34,11 +34,14 @@ RULES_DIR = REPO / "workflow" / "rules"
 SCRIPTS_DIR = REPO / "scripts"
 GLUE_MODULE = "rbflow.runner"
 #: Params that exist to rerun a rule when something Snakemake cannot see changes; no function takes them.
-RERUN_TRIGGERS = {"relabelled": "digest of a person's moves between training/true and false (rule datacube)"}
+RERUN_TRIGGERS = {
+    "relabelled": "digest of a person's moves between training/true and false (rule datacube)",
+    "listing": "digest of the alert folder's listing: a packet added in a subfolder reruns the rule (rule alerts_score)",
+}
 #: snakemake.threads of the stand-in: a count no rule declares, so that its arrival is recognisable.
 THREADS = 7
 
-_RULE = re.compile(r"^(?:rule|checkpoint) (\w+):[ \t]*$")
+_RULE = re.compile(r"^([ \t]*)(?:rule|checkpoint) (\w+):[ \t]*$")
 _DIRECTIVE = re.compile(r"^    (\w+):[ \t]*(.*)$")
 
 
@@ -122,14 +125,15 @@ def parse_rules() -> list[Rule]:
     rules = []
     for smk in sorted(RULES_DIR.glob("*.smk")):
         lines = smk.read_text().splitlines()
-        starts = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _RULE.match(line))]
-        for k, (start, name) in enumerate(starts):
+        # (a rule may sit indented in an `if` block: its body is read relative to its own indentation)
+        starts = [(i, m.group(2), len(m.group(1))) for i, line in enumerate(lines) if (m := _RULE.match(line))]
+        for k, (start, name, indent) in enumerate(starts):
             end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
             body = []
             for line in lines[start + 1 : end]:
-                if line and not line[0].isspace():
+                if line.strip() and len(line) - len(line.lstrip()) <= indent:
                     break
-                body.append(line)
+                body.append(line[indent:])
             directives = _directives(body)
             if "script" not in directives:
                 continue

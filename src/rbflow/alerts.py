@@ -765,6 +765,7 @@ def score_alerts(
     negative: str = "flip",
     batch_size: int = 1024,
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> Table:
     """P(real) of every alert under ``paths``; one table, and optionally the kept packets.
 
@@ -795,6 +796,9 @@ def score_alerts(
         Alerts per forward pass.
     progress : bool, optional
         Show a progress bar (default: when stderr is a terminal).
+    threads : int, optional
+        CPU threads of torch's operators (``torch.set_num_threads``); default: torch's own choice.
+        Decoding runs in one more thread beside them.
 
     Returns
     -------
@@ -811,6 +815,10 @@ def score_alerts(
     from rbflow.datacube import crop_stamps, normalise
     from rbflow.infer import load_model, predict
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
     paths = list(paths)
     model_path = Path(model_path)
     model, meta = load_model(model_path)
