@@ -171,3 +171,14 @@ def test_numba_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert sfft_method.numba_cache_dir() == tmp_path / "rbflow" / "numba"
     assert "sfft" in sub.METHODS
+
+
+def test_auto_runs_decorrelated_sfft_for_few_star_psf_models():
+    pytest.importorskip("sfft")
+    from test_subtract import CountedPSF
+
+    pair = make_pair((128, 128), seed=7, nstars=60)
+    few = {**pair, "psf_sci": CountedPSF(4, [4]), "psf_ref": CountedPSF(3, [7])}
+    hdr = subtract(few, {**CFG, "method": "auto"})[0].header
+    assert hdr["METHOD"] == "sfft" and hdr["DECORR"] is True
+    assert hdr["METHAUTO"] == "sfft: PSF stars per cell sci 4, ref 7 < 8"
