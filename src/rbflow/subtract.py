@@ -9,7 +9,10 @@ linear-interpolation weights, so that a spatially varying PSF is followed. The t
 once (:func:`zogy_kernels`) and applied to the four images of the tile (science, reference and
 their variance maps) in one batched transform (:func:`zogy_apply`). The ``sfft`` method
 (:mod:`rbflow.sfft_method`, optional) shares the preparation, the result type
-(:mod:`rbflow.difference`), the normalisation and the output format.
+(:mod:`rbflow.difference`), the normalisation and the output format. The default method,
+``auto``, chooses per pair (:func:`auto_method`): ZOGY when both PSF models are built from enough
+stars, else sfft, whose matching kernel is fitted on the data (on real frames with few PSF
+stars, ZOGY's division by slightly wrong PSF models leaves rings at every bright star).
 
 Outputs (see :func:`subtract_images`) are in science flux units: a transient of flux ``f`` (ADU)
 in the science frame has flux ``f`` in ``DIFF``, with PSF ``PSFD``. The PSF models are any
