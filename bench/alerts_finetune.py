@@ -35,7 +35,8 @@ import torch
 from rbflow.alerts import import_alerts
 from rbflow.datacube import load_datacube, write_datacube
 from rbflow.infer import load_model, predict
-from rbflow.train import roc_auc, train
+from rbflow.metrics import roc_auc
+from rbflow.train import train
 
 DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ztf-alerts-dev"
 

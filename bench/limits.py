@@ -5,11 +5,12 @@ Reads a finished (or partly finished) simulation run: every
 band it prints
 
 * ``m50``: the 50 % completeness magnitude of the injected sources (``rbflow.checksim.fit_logistic``);
-* the 5-sigma limit as ``checksim`` computes it (``rbflow.checksim.limiting_mag``: a Gaussian of
-  the science PSF's FWHM, noise-equivalent area ``4 pi sigma**2``, per-pixel noise the median
-  ``sqrt(VAR)``), median over the images;
-* the 5-sigma limit with the difference image's own PSF (noise-equivalent area ``1 / sum(PSFD**2)``)
-  and the correlated-noise factor ``FLXECORR`` the detection applies, median over the images;
+* the 5-sigma limit as ``checksim`` computed it before issue 15 (a Gaussian of the science PSF's
+  FWHM, noise-equivalent area ``4 pi sigma**2``, per-pixel noise the median ``sqrt(VAR)``), median
+  over the images;
+* the 5-sigma limit as ``checksim`` computes it now (``rbflow.checksim.limiting_mag`` with the
+  difference image's own PSF, noise-equivalent area ``1 / sum(PSFD**2)``, and the correlated-noise
+  factor ``FLXECORR`` the detection applies), median over the images;
 * the detection fraction of isolated sources against their expected S/N
   (``rbflow.checksim.expected_snr``), and the expected S/N where it crosses 50 %.
 
@@ -20,14 +21,13 @@ Usage: ``PYTHONPATH=src python bench/limits.py [RUN_DIR] [--telescope demo]`` (R
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from rbflow.checksim import expected_snr, fit_logistic, limiting_mag
+from rbflow.checksim import expected_snr, fit_logistic, gaussian_nea, limiting_mag
 from rbflow.io import read_table
 
 SNR_BINS = (3, 4, 4.5, 5, 5.5, 6, 7, 10, np.inf)
@@ -51,9 +51,9 @@ def image_rows(cm_path: Path, sub_path: Path) -> Table:
             "detected": np.asarray(t["detected"], bool),
             "on_host": np.asarray(t["on_host"], bool),
             "snr": expected_snr(sub_path, np.asarray(t["x"]), np.asarray(t["y"]), np.asarray(t["flux"])),
-            "lim": np.full(len(t), limiting_mag(fwhm, sigma, zp)),
-            "lim_d": np.full(len(t), -2.5 * math.log10(5 * sigma * math.sqrt(nea_d) * corr) + zp),
-            "nea_g": np.full(len(t), 4 * math.pi * (fwhm / (2 * math.sqrt(2 * math.log(2)))) ** 2),
+            "lim": np.full(len(t), limiting_mag(gaussian_nea(fwhm), sigma, zp)),
+            "lim_d": np.full(len(t), limiting_mag(nea_d, sigma, zp, flux_err_corr=corr)),
+            "nea_g": np.full(len(t), gaussian_nea(fwhm)),
             "nea_d": np.full(len(t), nea_d),
             "corr": np.full(len(t), corr),
         }
@@ -85,8 +85,8 @@ def main() -> None:
         lim, lim_d = float(np.median(per_image["lim"])), float(np.median(per_image["lim_d"]))
         print(
             f"{band}: {len(per_image)} images, {len(b)} sources; m50 {m50:.2f}; "
-            f"limit as checksim {lim:.2f} (m50 {lim - m50:+.2f} brighter); "
-            f"with the PSF of D and FLXECORR {lim_d:.2f} (m50 {lim_d - m50:+.2f} brighter)"
+            f"old limit (Gaussian NEA) {lim:.2f} (m50 {lim - m50:+.2f} brighter); "
+            f"checksim's limit (PSF of D, FLXECORR) {lim_d:.2f} (m50 {lim_d - m50:+.2f} brighter)"
         )
         print(
             f"   noise-equivalent area: Gaussian of the FWHM {np.median(per_image['nea_g']):.1f} px2, "

@@ -9,15 +9,16 @@ telescope's ``frames.stack`` settings), and so are the five OBS18 frames; then, 
 
 every method subtracts the same pair:
 
-* rbflow ``zogy`` and rbflow ``sfft`` (``rbflow.subtract.run_subtract`` with ``subtract.method``
-  set, alignment included; PSF models by ``rbflow.psf.run_psf``);
+* rbflow ``zogy``, rbflow ``sfft`` (decorrelated) and rbflow ``auto`` (the default: zogy or sfft
+  chosen per pair from the PSF models; the choice is printed) (``rbflow.subtract.run_subtract``
+  with ``subtract.method`` set, alignment included; PSF models by ``rbflow.psf.run_psf``);
 * sfft's ``Customized_Packet`` called directly on the pair rbflow aligned (the ``SCI`` and
   ``REF`` planes of rbflow's zogy output: background-subtracted science, reference resampled
   onto it and scaled to its flux; masked pixels set to 0), the sharper frame convolved,
   kernel half width 2 FWHM of the broader PSF (2-20 px), kernel and background polynomials of
   degree 2, constant photometric ratio.
 
-and the bench prints, per pair and method:
+and the bench prints, per pair and method (the measures of :mod:`rbflow.quality`):
 
 ``noise``
     std of DIFF over its robust std (1.4826 MAD), over the finite pixels (1.00 for Gaussian
@@ -64,81 +65,16 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from scipy import ndimage
 
 from rbflow.config import load_telescope
 from rbflow.detect import run_detect
 from rbflow.psf import run_psf
+from rbflow.quality import difference_quality
 from rbflow.reference import run_reference
 from rbflow.subtract import run_subtract
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "decam-sfft"
-BORDER = 16  # px cut from each edge before counting blobs
-BLOB_SIGMA = 5.0
-BRIGHT_SNR = 100.0
-MAD_TO_STD = 1.4826
-
-
-def robust_std(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation of the finite values."""
-    v = values[np.isfinite(values)]
-    return float(MAD_TO_STD * np.median(np.abs(v - np.median(v))))
-
-
-def smoothed(diff: np.ndarray) -> np.ndarray:
-    """3x3 box mean of DIFF (NaN as 0), NaN where DIFF is NaN."""
-    bad = ~np.isfinite(diff)
-    out = ndimage.uniform_filter(np.where(bad, 0.0, diff).astype(np.float64), size=3, mode="constant")
-    out[bad] = np.nan
-    return out
-
-
-def blobs(diff: np.ndarray) -> tuple[int, int]:
-    """Connected regions of the smoothed DIFF beyond +-5 of its robust std (border cut): (positive, negative)."""
-    s = smoothed(diff)
-    s = s / robust_std(s)
-    core = s[BORDER:-BORDER, BORDER:-BORDER]
-    with np.errstate(invalid="ignore"):
-        return (int(ndimage.label(core > BLOB_SIGMA)[1]), int(ndimage.label(core < -BLOB_SIGMA)[1]))
-
-
-def bright_stars(sci: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Peaks of the science frame (16 px border cut) whose aperture flux (radius 1 FWHM) exceeds 100 sigma
-    of the background."""
-    sigma = robust_std(sci)
-    work = np.where(np.isfinite(sci), sci, 0.0)
-    sm = ndimage.gaussian_filter(work, fwhm / 2.3548)
-    peaks = (sm == ndimage.maximum_filter(sm, size=int(2 * fwhm) | 1)) & (sm > 5 * sigma / fwhm)
-    h = math.ceil(fwhm)
-    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    disk = (xx**2 + yy**2) <= fwhm**2
-    noise = sigma * math.sqrt(disk.sum())
-    xs, ys = [], []
-    for y, x in zip(*np.nonzero(peaks)):
-        if BORDER <= y < sci.shape[0] - BORDER and BORDER <= x < sci.shape[1] - BORDER:
-            if work[y - h : y + h + 1, x - h : x + h + 1][disk].sum() > BRIGHT_SNR * noise:
-                xs.append(x)
-                ys.append(y)
-    return np.asarray(xs, float), np.asarray(ys, float)
-
-
-def bright_residuals(
-    diff: np.ndarray, var: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float
-) -> tuple[int, float]:
-    """How many of the stars at (xs, ys) have a >= 5 sigma pixel of the smoothed DIFF within 2 FWHM,
-    and the median over the stars of the largest |significance| there.
-
-    sigma: the robust std of the smoothed DIFF times sqrt(local variance / its median).
-    """
-    s = smoothed(diff)
-    local = np.sqrt(np.maximum(smoothed(var), 0) / np.nanmedian(var))
-    s = np.abs(s / (robust_std(s) * local))
-    yy, xx = np.indices(diff.shape)
-    peaks = np.array(
-        [np.nanmax(np.where((xx - x) ** 2 + (yy - y) ** 2 <= (2 * fwhm) ** 2, s, 0.0)) for x, y in zip(xs, ys)]
-    )
-    return int((peaks >= BLOB_SIGMA).sum()), float(np.median(peaks)) if len(peaks) else float("nan")
 
 
 def sfft_direct(sci: np.ndarray, ref: np.ndarray, fwhm_s: float, fwhm_r: float) -> tuple[np.ndarray, float]:
@@ -182,21 +118,6 @@ def sfft_direct(sci: np.ndarray, ref: np.ndarray, fwhm_s: float, fwhm_r: float) 
     return diff, seconds
 
 
-def measure(diff: np.ndarray, var: np.ndarray, xs: np.ndarray, ys: np.ndarray, fwhm: float) -> dict[str, float]:
-    """The bench's numbers of one DIFF."""
-    finite = diff[np.isfinite(diff)]
-    pos, neg = blobs(diff)
-    hit, peak = bright_residuals(diff, var, xs, ys, fwhm)
-    return {
-        "noise": float(np.std(finite)) / robust_std(diff),
-        "blobs_pos": pos,
-        "blobs_neg": neg,
-        "bright_hit": hit,
-        "bright_peak": peak,
-        "bright_n": len(xs),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the DECam cut-outs")
@@ -223,10 +144,10 @@ def main() -> None:
         for name, path in frames.items():
             run_psf(path, work / f"{name}.psf.fits", work / f"{name}.psf.png", telescope)
         pairs = [(name, "stackA") for name in frames if name.startswith("DEC")] + [("stackB", "stackA")]
-        methods = ("rbflow zogy", "rbflow sfft", "sfft direct")
+        methods = ("rbflow zogy", "rbflow sfft", "rbflow auto", "sfft direct")
         rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         for sci, ref in pairs:
-            for method in ("zogy", "sfft"):
+            for method in ("zogy", "sfft", "auto"):
                 tel = copy.deepcopy(telescope)
                 tel["subtract"]["method"] = method
                 out = work / f"{sci}-{method}.fits"
@@ -240,15 +161,27 @@ def main() -> None:
                     sci_plane = hdul["SCI"].data.astype(np.float64)
                     ref_plane = hdul["REF"].data.astype(np.float64)
                     fwhm_s, fwhm_r = float(hdul[0].header["FWHMSCI"]), float(hdul[0].header["FWHMREF"])
+                    why = str(hdul[0].header.get("METHAUTO", ""))
                 cands = len(Table.read(work / f"{sci}-{method}.ecsv", format="ascii.ecsv"))
-                xs, ys = bright_stars(sci_plane, fwhm_s)
                 rows[f"rbflow {method}"].append(
-                    {"pair": f"{sci}-{ref}", **measure(diff, var, xs, ys, fwhm_s), "cands": cands, "time": seconds}
+                    {
+                        "pair": f"{sci}-{ref}",
+                        **difference_quality(diff, var, sci_plane, fwhm_s),
+                        "cands": cands,
+                        "time": seconds,
+                    }
                 )
+                if method == "auto":
+                    print(f"{sci} against {ref}: auto ran {why}", flush=True)
                 if method == "zogy":
                     direct, seconds = sfft_direct(sci_plane, ref_plane, fwhm_s, fwhm_r)
                     rows["sfft direct"].append(
-                        {"pair": f"{sci}-{ref}", **measure(direct, var, xs, ys, fwhm_s), "cands": None, "time": seconds}
+                        {
+                            "pair": f"{sci}-{ref}",
+                            **difference_quality(direct, var, sci_plane, fwhm_s),
+                            "cands": None,
+                            "time": seconds,
+                        }
                     )
                     print(f"{sci} against {ref}: FWHM science {fwhm_s:.2f} px, reference {fwhm_r:.2f} px", flush=True)
     report(rows)

@@ -89,6 +89,15 @@ class GaussPSF:
         return p / p.sum()
 
 
+class CountedPSF(GaussPSF):
+    """A GaussPSF that says how many stars made each cell of its model (as rbflow.psf.PSFModel)."""
+
+    def __init__(self, fwhm: float, n_stars, sources=None):
+        super().__init__(fwhm)
+        self.n_stars = np.asarray(n_stars)
+        self.sources = sources or ["cell"] * self.n_stars.size
+
+
 def tan_wcs(shape, shift=(0.0, 0.0)) -> WCS:
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]

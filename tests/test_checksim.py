@@ -8,10 +8,21 @@ import math
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from astropy.table import Table
 from numpy.testing import assert_allclose
+from scipy.special import erf
 
-from rbflow.checksim import efficiency, fit_logistic, limiting_mag, logistic, run_checksim
+from rbflow.checksim import (
+    efficiency,
+    expected_snr,
+    fit_logistic,
+    frame_limits,
+    gaussian_nea,
+    limiting_mag,
+    logistic,
+    run_checksim,
+)
 from rbflow.errors import InputError
 from rbflow.io import write_table
 from rbflow.seeds import derive
@@ -62,12 +73,55 @@ def test_efficiency_wilson_intervals():
 
 
 def test_limiting_mag():
-    # sigma = 1 px: NEA = 4 pi; noise = 10 * sqrt(4 pi) ADU; 5 sigma flux -> ZP - 2.5 log10(5 * noise).
+    # sigma = 1 px Gaussian: NEA = 4 pi; noise = 10 * sqrt(4 pi) ADU; 5 sigma flux -> ZP - 2.5 log10(5 * noise).
     expected = 25.0 - 2.5 * math.log10(5 * 10.0 * math.sqrt(4 * math.pi))
-    assert_allclose(limiting_mag(2.0 * math.sqrt(2.0 * math.log(2.0)), 10.0, 25.0), expected, rtol=1e-12)
-    assert limiting_mag(4.0, 10.0, 25.0) < limiting_mag(2.0, 10.0, 25.0)
-    with pytest.raises(ValueError, match="FWHM"):
+    nea = gaussian_nea(2.0 * math.sqrt(2.0 * math.log(2.0)))
+    assert_allclose(nea, 4 * math.pi, rtol=1e-12)
+    assert_allclose(limiting_mag(nea, 10.0, 25.0), expected, rtol=1e-12)
+    # correlated noise: the flux error, hence the limiting flux, scales with FLXECORR
+    assert_allclose(limiting_mag(nea, 10.0, 25.0, flux_err_corr=1.2), expected - 2.5 * math.log10(1.2), rtol=1e-12)
+    assert limiting_mag(gaussian_nea(4.0), 10.0, 25.0) < limiting_mag(gaussian_nea(2.0), 10.0, 25.0)
+    with pytest.raises(ValueError, match="NEA"):
         limiting_mag(0.0, 10.0, 25.0)
+
+
+def _gauss_stamp(sigma: float, size: int = 41) -> np.ndarray:
+    u = np.arange(size) - size // 2
+    e = erf((u + 0.5) / (sigma * math.sqrt(2))) - erf((u - 0.5) / (sigma * math.sqrt(2)))
+    p = np.outer(e, e)
+    return p / p.sum()
+
+
+def test_frame_limits_use_the_psf_of_the_difference_and_its_noise_factor(tmp_path):
+    # a difference image whose PSF (sigma 2.5 px) is broader than the science PSF (FWHM 4 px,
+    # sigma 1.7 px), with uniform noise 12 ADU and FLXECORR 1.15, in two tiles
+    sigma_d, noise, corr, zp = 2.5, 12.0, 1.15, 30.0
+    prim = fits.PrimaryHDU()
+    prim.header["FLXECORR"] = corr
+    psfd = fits.ImageHDU(np.stack([_gauss_stamp(sigma_d)] * 2).astype(np.float32), name="PSFD")
+    psfd.header["NTILES"] = 2
+    for k, (x, y) in enumerate([(64, 64), (192, 64)]):
+        psfd.header[f"TCX{k}"], psfd.header[f"TCY{k}"] = x, y
+    var = fits.ImageHDU(np.full((128, 256), noise**2, np.float32), name="VAR")
+    fits.HDUList([prim, var, psfd]).writeto(tmp_path / "s.fits")
+    n = 5
+    write_table(
+        Table({"filter": ["r"] * n, "psf_fwhm": [4.0] * n, "zeropoint": [zp] * n, "mag": [20.0] * n}),
+        tmp_path / "c.ecsv",
+    )
+    lim = frame_limits([tmp_path / "c.ecsv"], [tmp_path / "s.fits"])["r"]
+    # the limit is the flux whose expected S/N (what the detection reaches) is 5
+    flux = 10 ** (-0.4 * (lim - zp))
+    assert_allclose(expected_snr(tmp_path / "s.fits", np.array([100.0]), np.array([60.0]), np.array([flux])), 5.0)
+    # and, analytically, 5 noise sqrt(NEA) FLXECORR with the NEA of a pixel-integrated Gaussian,
+    # 4 pi (sigma² + 1/12) to 0.1 %: 0.002 mag
+    analytic = zp - 2.5 * math.log10(5 * noise * corr * math.sqrt(4 * math.pi * (sigma_d**2 + 1 / 12)))
+    assert lim == pytest.approx(analytic, abs=0.002)
+    # the old limit (a Gaussian of the science FWHM, no FLXECORR) was too deep by the NEA and noise factor
+    old = limiting_mag(gaussian_nea(4.0), noise, zp)
+    assert old - lim == pytest.approx(
+        2.5 * math.log10(corr * math.sqrt(sigma_d**2 + 1 / 12) / (4.0 * 0.4246609)), abs=0.002
+    )
 
 
 def _crossmatch_table(band: str, m50: float, seed: int, n: int = 600) -> Table:

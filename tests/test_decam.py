@@ -2,11 +2,19 @@
 
 The ten DECam cut-outs live outside the repository (../shared/data/decam-sfft/, see its README);
 the test is skipped when they are absent. It runs Snakemake in a temporary working directory
-that sees them at the same relative path as the repository does.
+that sees them at the same relative path as the repository does. The default subtraction
+(``subtract.method: auto``) runs sfft on these frames (their PSF models hold 3-4 and 7 stars),
+so the test also needs sfft.
+
+Frame DEC-OBS18d holds real satellite/asteroid trails (and only 3 PSF stars): its difference is
+not pure noise, so the noise-ratio and per-frame comparisons leave it out (its numbers count in
+the totals).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import subprocess
 
 import numpy as np
@@ -15,12 +23,25 @@ from astropy.io import fits
 from astropy.table import Table
 from helpers import REPO, SNAKEMAKE, make_workdir
 
+from rbflow.config import load_telescope
+from rbflow.detect import run_detect
+from rbflow.quality import difference_quality
+from rbflow.subtract import run_subtract
+
 DATA = REPO.parent / "shared" / "data" / "decam-sfft"
 SCIENCE = [f"DEC-OBS18{c}" for c in "abcde"]
+#: Frames with real trails across the field (see the module docstring).
+TRAILS = {"DEC-OBS18d"}
 
-pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"DECam test frames not found in {DATA} (see the project's shared data README)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not DATA.is_dir(), reason=f"DECam test frames not found in {DATA} (see the project's shared data README)"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("sfft") is None,
+        reason='sfft not installed: the default subtraction of these frames needs it (pip install "rbflow[sfft]")',
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +84,82 @@ def test_psf_matches_header_seeing(decam_run):
 
 @pytest.mark.workflow
 def test_difference_noise_and_candidates(decam_run):
+    total = 0
     for name in SCIENCE:
         hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
-        # measured noise / predicted noise of D and S_corr: 0.93-0.99 and 0.99-1.19 on these frames;
-        # a wrong gain, saturation or alignment would put them far off 1
-        assert 0.8 < hdr["DIFFNRM"] < 1.2, name
-        assert 0.8 < hdr["SCORRNRM"] < 1.4, name
+        # measured noise / predicted noise of D and S_corr (decorrelated sfft): 0.85-0.88 and
+        # 0.81-0.98 on these frames; a wrong gain, saturation or alignment would put them far off 1
+        assert 0.75 < hdr["DIFFNRM"] < 1.2, name
+        assert 0.75 < hdr["SCORRNRM"] < 1.4, name
         cands = Table.read(decam_run / f"results/decam/obs/detect/{name}_mini.ecsv")
-        # 8-22 candidates per 256 px frame: residuals of bright stars, a few cosmic rays and moving objects
-        assert 1 <= len(cands) <= 40, name
+        # 0-10 candidates per 256 px frame: a few cosmic rays, moving objects and bright-star residuals
+        assert len(cands) <= 20, name
         assert np.all(np.diff(cands["snr"]) <= 0)
-        folder = decam_run / f"results/decam/obs/cutouts/{name}_mini"
-        assert (folder / f"{cands['id'][0]}.fits").exists() and (folder / f"{cands['id'][0]}.png").exists()
+        if len(cands):
+            folder = decam_run / f"results/decam/obs/cutouts/{name}_mini"
+            assert (folder / f"{cands['id'][0]}.fits").exists() and (folder / f"{cands['id'][0]}.png").exists()
+        total += len(cands)
+    assert total >= 1  # trails and cosmic rays are there to be found
+
+
+@pytest.fixture(scope="module")
+def zogy_run(decam_run):
+    """The same pairs subtracted with subtract.method zogy (the workflow's PSF models and reference)."""
+    tel = copy.deepcopy(load_telescope(REPO / "config" / "telescopes" / "decam.yaml"))
+    tel["subtract"]["method"] = "zogy"
+    out = {}
+    for name in SCIENCE:
+        sub = decam_run / f"zogy/{name}_mini.fits"
+        psf = decam_run / f"results/decam/psf/{name}_mini.fits"
+        run_subtract(
+            DATA / f"{name}.mini.fits",
+            decam_run / "resources/decam/reference/decam_ref.fits",
+            psf,
+            decam_run / "results/decam/psf/decam_ref.fits",
+            sub,
+            tel,
+        )
+        run_detect(sub, psf, decam_run / f"zogy/{name}_mini.ecsv", tel, image_name=f"{name}_mini")
+        out[name] = sub
+    return out
+
+
+def _quality(path) -> dict:
+    with fits.open(path) as h:
+        q = difference_quality(
+            h["DIFF"].data.astype(float),
+            h["VAR"].data.astype(float),
+            h["SCI"].data.astype(float),
+            h[0].header["FWHMSCI"],
+        )
+    q["cands"] = len(Table.read(str(path).replace("/subtract/", "/detect/").replace(".fits", ".ecsv")))
+    return q
+
+
+@pytest.mark.workflow
+def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
+    default = {n: _quality(decam_run / f"results/decam/obs/subtract/{n}_mini.fits") for n in SCIENCE}
+    zogy = {n: _quality(zogy_run[n]) for n in SCIENCE}
+    for name in SCIENCE:
+        hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
+        # 'auto' sees 3-4 science and 7 reference PSF stars (< 8): sfft, and says so
+        assert hdr["METHOD"] == "sfft" and hdr["DECORR"] is True, name
+        assert hdr["METHAUTO"].startswith("sfft: PSF stars per cell sci "), name
+    clean = [n for n in SCIENCE if n not in TRAILS]
+    for name in clean:
+        d, z = default[name], zogy[name]
+        # issue 15's target; measured 1.13-1.14 (zogy 1.44-1.75); DEC-OBS18d with trails 1.17
+        assert d["noise"] <= 1.15, (name, d)
+        # measured blobs 12-17 vs zogy 48-65, candidates 0-2 vs 14-21
+        assert d["blobs_pos"] + d["blobs_neg"] < z["blobs_pos"] + z["blobs_neg"], (name, d, z)
+        assert d["cands"] < z["cands"], (name, d, z)
+    # totals over the five frames: candidates 14 (zogy 79), blobs 99 (zogy 245)
+    assert sum(q["cands"] for q in default.values()) <= 20
+    assert sum(q["blobs_pos"] + q["blobs_neg"] for q in default.values()) < 0.6 * sum(
+        q["blobs_pos"] + q["blobs_neg"] for q in zogy.values()
+    )
+    # bright stars (> 100 sigma, 18 in the five frames) still leave a >= 5 sigma residual within
+    # 2 FWHM with every method (sfft called directly too): issue 15's <= 5 % is not reached. The
+    # residuals are weaker: median largest residual 11.8 sigma against zogy's 20.8.
+    peak = np.median([q["bright_peak"] for q in default.values()])
+    assert peak < 0.75 * np.median([q["bright_peak"] for q in zogy.values()])

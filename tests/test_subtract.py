@@ -13,7 +13,7 @@ from astropy.wcs import WCS
 from helpers import PAIR_CFG as CFG
 from helpers import PAIR_DET as DET
 from helpers import PAIR_INFO as INFO
-from helpers import RATIO, GaussPSF, make_pair, render, subtract_pair
+from helpers import RATIO, CountedPSF, GaussPSF, make_pair, render, subtract_pair
 from scipy import ndimage
 
 from rbflow import subtract as sub
@@ -297,3 +297,38 @@ def test_detection_efficiency_on_the_demo_sky_follows_the_expected_snr(demo_tel)
     # peak pixel misses the sub-pixel maximum of an undersampled profile (~8 %), and injected
     # sources and crowding raise the empty-sky std (~5-10 %); +-0.5 binomial scatter of 200 sources
     assert 4.5 < snr50 < 7.5
+
+
+@pytest.mark.parametrize(
+    "sci, ref, method, why",
+    [
+        # the demo sky's models (medians 11-19 per cell): zogy
+        (CountedPSF(4, [12, 11, 42, 11, 9, 15, 31, 8, 11]), CountedPSF(3, [24] * 9), "zogy", "sci 11, ref 24 >= 8"),
+        # 256² DECam frames: 4 science, 7 reference stars
+        (CountedPSF(4, [4]), CountedPSF(3, [7]), "sfft", "sci 4, ref 7 < 8"),
+        (CountedPSF(4, [40]), CountedPSF(3, [7]), "sfft", "sci 40, ref 7 < 8"),
+        (CountedPSF(4, [40]), CountedPSF(3, [9], ["moffat"]), "sfft", "fallback moffat"),
+        (GaussPSF(4), GaussPSF(3), "zogy", "analytic PSFs"),
+    ],
+)
+def test_auto_picks_zogy_only_for_well_constrained_psf_models(sci, ref, method, why):
+    got, reason = sub.auto_method(sci, ref, {"auto_min_stars": 8})
+    assert got == method and why in reason
+    assert len(f"{got}: {reason}") <= 68  # fits a FITS string card
+
+
+def test_auto_records_the_choice_in_the_header(pair):
+    h = subtract_pair(pair, {**CFG, "method": "auto"})
+    assert h[0].header["METHOD"] == "zogy"
+    assert h[0].header["METHAUTO"] == "zogy: analytic PSFs (no star counts)"
+    assert subtract_pair(pair)[0].header["METHAUTO"] == "set by subtract.method"
+
+
+def test_auto_needing_missing_sfft_is_a_config_error_naming_both_fixes(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sfft.CustomizedPacket", None)
+    pair = make_pair((128, 128), seed=7, nstars=60)
+    few = {**pair, "psf_sci": CountedPSF(4, [4]), "psf_ref": CountedPSF(3, [7])}
+    with pytest.raises(ConfigError, match=r"'auto' and chose sfft .*sci 4, ref 7 < 8.*rbflow\[sfft\].*zogy"):
+        subtract_pair(few, {**CFG, "method": "auto"})

@@ -27,7 +27,16 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["efficiency", "expected_snr", "fit_logistic", "logistic", "limiting_mag", "frame_limits", "run_checksim"]
+__all__ = [
+    "efficiency",
+    "expected_snr",
+    "fit_logistic",
+    "gaussian_nea",
+    "logistic",
+    "limiting_mag",
+    "frame_limits",
+    "run_checksim",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,38 +100,49 @@ def fit_logistic(mags: np.ndarray, detected: np.ndarray) -> tuple[float, float]:
     return m50, width
 
 
-def limiting_mag(psf_fwhm_px: float, sky_sigma_adu: float, zeropoint: float) -> float:
+def limiting_mag(nea_px: float, sky_sigma_adu: float, zeropoint: float, *, flux_err_corr: float = 1.0) -> float:
     """Theoretical 5-sigma limit of a PSF-weighted point-source measurement on a sky-limited image.
 
-    With a Gaussian PSF of ``sigma = FWHM / 2.355`` the noise-equivalent area is
-    ``4 pi sigma**2`` and the flux noise ``sky_sigma * sqrt(4 pi sigma**2)``.
+    The optimal (PSF-fit) flux error of a point source with unit-sum PSF ``P`` on white noise
+    ``sky_sigma`` is ``sky_sigma * sqrt(NEA)``, ``NEA = 1 / sum(P**2)`` the noise-equivalent area
+    (``4 pi sigma**2`` for a well-sampled Gaussian); on a difference image, ``P`` is its PSF
+    (``PSFD``, broader than the science PSF: it carries the reference's noise) and the error is
+    multiplied by the correlated-noise factor ``FLXECORR`` of the subtraction, as in
+    :func:`expected_snr`: the limit is the flux where the expected S/N is 5.
 
     Parameters
     ----------
-    psf_fwhm_px : float
-        PSF FWHM (pixels).
+    nea_px : float
+        Noise-equivalent area (px²) of the image's PSF.
     sky_sigma_adu : float
         Per-pixel noise (ADU).
     zeropoint : float
         Magnitude of 1 ADU.
+    flux_err_corr : float, optional
+        Factor on the white-noise flux error for correlated noise (``FLXECORR``).
 
     Returns
     -------
     float
-        ``-2.5 log10(5 * flux_noise) + zeropoint`` (mag).
+        ``-2.5 log10(5 * sky_sigma * sqrt(nea) * flux_err_corr) + zeropoint`` (mag).
 
     Raises
     ------
     ValueError
-        Non-positive FWHM or noise.
+        Non-positive area, noise or factor.
     """
-    if not (psf_fwhm_px > 0 and sky_sigma_adu > 0):
+    if not (nea_px > 0 and sky_sigma_adu > 0 and flux_err_corr > 0):
         raise ValueError(
-            f"limiting_mag needs FWHM > 0 (px) and sky sigma > 0 (ADU), got {psf_fwhm_px} and {sky_sigma_adu}"
+            f"limiting_mag needs NEA > 0 (px²), sky sigma > 0 (ADU) and flux_err_corr > 0, got {nea_px}, "
+            f"{sky_sigma_adu} and {flux_err_corr}"
         )
-    sigma = psf_fwhm_px * _FWHM_TO_SIGMA
-    noise = sky_sigma_adu * math.sqrt(4.0 * math.pi * sigma**2)
+    noise = sky_sigma_adu * math.sqrt(nea_px) * flux_err_corr
     return -2.5 * math.log10(5.0 * noise) + zeropoint
+
+
+def gaussian_nea(fwhm_px: float) -> float:
+    """Noise-equivalent area ``4 pi sigma**2`` (px²) of a well-sampled Gaussian PSF of this FWHM (px)."""
+    return 4.0 * math.pi * (fwhm_px * _FWHM_TO_SIGMA) ** 2
 
 
 def frame_limits(
@@ -130,9 +150,11 @@ def frame_limits(
 ) -> dict[str, float]:
     """Median theoretical 5-sigma limiting magnitude per band of a set of difference images.
 
-    For each image, the noise is the median of ``sqrt(VAR)`` of its subtraction file (the noise the
-    detection sees), the FWHM and zeropoint are the medians of the injected sources' ``psf_fwhm``
-    and ``zeropoint``; see :func:`limiting_mag`.
+    For each image, from its subtraction file: the noise is the median of ``sqrt(VAR)`` (the noise
+    the detection sees), the noise-equivalent area ``1 / sum(PSFD**2)`` (median over the tiles)
+    and the correlated-noise factor ``FLXECORR``; the zeropoint is the median of the injected
+    sources' ``zeropoint``. See :func:`limiting_mag`: the limit is where :func:`expected_snr` is 5
+    on uniform noise.
 
     Parameters
     ----------
@@ -154,8 +176,11 @@ def frame_limits(
         with fits.open(sub_path, memmap=True) as hdul:
             var = np.asarray(hdul["VAR"].data)
             sigma = float(np.sqrt(np.nanmedian(var[np.isfinite(var) & (var > 0)])))
+            psfd = np.asarray(hdul["PSFD"].data, float)
+            corr = float(hdul[0].header.get("FLXECORR", 1.0))
+        nea = float(np.median([1.0 / np.sum(p**2) for p in psfd.reshape(-1, *psfd.shape[-2:])]))
         band = str(table["filter"][0]) if "filter" in table.colnames else "all"
-        mag = limiting_mag(float(np.nanmedian(table["psf_fwhm"])), sigma, float(np.nanmedian(table["zeropoint"])))
+        mag = limiting_mag(nea, sigma, float(np.nanmedian(table["zeropoint"])), flux_err_corr=corr)
         per_band.setdefault(band, []).append(mag)
     return {band: float(np.median(mags)) for band, mags in per_band.items()}
 

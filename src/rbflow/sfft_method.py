@@ -7,12 +7,19 @@ so that numba's compiled functions are reused between tiles and, through their o
 between jobs. It is robust to PSF-model errors (it needs no PSF for the kernel), at the cost of
 10-35 s per 1024² tile on two cores and about 5 GB of memory per 1024² tile.
 
-The narrower-PSF image is convolved, so that the difference D has the PSF of the other one. Its
-score map, which the detection stage reads as SCORR, is a matched filter of D with that PSF
-divided by the noise predicted from the variance map (white noise), then normalised on the empty
-sky by :func:`rbflow.subtract.subtract_images` like the ZOGY S_corr: the noise of D is correlated
-(a plain matched filter over-estimates the S/N by about 1.4x), so its normalisation is measured
-from the image itself.
+The narrower-PSF image is convolved, so that sfft's difference ``D0 = O - K * C`` (O the other
+image, C the convolved one, K the fitted matching kernel, ``*`` convolution) has the PSF of O.
+Its noise is correlated (K smooths the noise of C), so D0 is decorrelated per tile with the sfft
+authors' kernel (Hu et al. 2022, sfft ``DeCorrelation_Calculator``, after Reiss & Lupton 2016):
+``DC(k) = 1 / sqrt(s_o² + s_c² |K(k)|²)`` in Fourier space, normalised to unit sum and truncated
+to twice the kernel size, with K realised at the tile centre from sfft's solution and s_o, s_c
+the background noises of O and C. ``D = DC * D0`` has white noise of variance
+``var_o + K0² var_c`` (K0 the sum of K) and the PSF ``DC * P_o``; it is ZOGY's D (Zackay et al.
+2016, eq. 13) for the PSF pair related by the fitted kernel (P_c * K = P_o), so the PSF ratio
+comes from the data instead of two PSF models. The score map, which the detection stage reads as
+SCORR, is the matched filter of D with its PSF over the white-noise prediction of the variance
+map (ZOGY's S), then normalised on the empty sky by :func:`rbflow.subtract.subtract_images` like
+the ZOGY S_corr (the normalisation stays near 1 because the noise is white).
 
 sfft is an optional dependency (``pip install "rbflow[sfft]"``); it is imported only when the
 method is chosen.
@@ -36,9 +43,8 @@ from astropy.io import fits
 
 from rbflow.difference import Difference, PreparedPair, PSFLike, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError
-from rbflow.stars import FWHM_TO_SIGMA
 
-__all__ = ["DEFAULTS", "numba_cache_dir", "require_sfft", "sfft_difference"]
+__all__ = ["DEFAULTS", "decorrelation_kernel", "matching_kernel", "numba_cache_dir", "require_sfft", "sfft_difference"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
 _KERHW_PER_FWHM = 2.0
 _KERHW_LIMITS = (2, 20)
+#: Size of the decorrelation kernel in matching-kernel sizes (as sfft's ``DeCorrelation_Calculator``).
+_DECORR_SIZE_RATIO = 2.0
 
 
 def numba_cache_dir() -> Path:
@@ -112,10 +120,64 @@ def _kernel_half_width(scfg: dict[str, Any], fwhm_s: float, fwhm_r: float) -> in
     return int(np.clip(math.ceil(_KERHW_PER_FWHM * max(fwhm_s, fwhm_r)), lo, hi))
 
 
-def _kernel_sq_sum(fwhm_broad: float, fwhm_narrow: float) -> float:
-    """Sum of squares of the unit-sum kernel matching two Gaussian PSFs (1 for equal PSFs)."""
-    var = max(fwhm_broad**2 - fwhm_narrow**2, 0.0) * FWHM_TO_SIGMA**2
-    return 1.0 if var <= 0 else min(1.0, 1.0 / (4 * math.pi * var))
+def matching_kernel(
+    solution: np.ndarray, shape: tuple[int, int], x: float, y: float, *, kerhw: int, kpo: int, bpo: int
+) -> np.ndarray:
+    """sfft's fitted matching kernel at pixel (x, y) of the tile it was fitted on.
+
+    Parameters
+    ----------
+    solution : numpy.ndarray
+        Solution vector returned by sfft's ``Customized_Packet.CP``.
+    shape : tuple of int
+        ``(ny, nx)`` of the tile (numpy order).
+    x, y : float
+        Position in the tile (0-based pixels).
+    kerhw, kpo, bpo : int
+        Kernel half width (px), kernel and background polynomial degrees of the fit.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2 kerhw + 1)²`` kernel, numpy ``(y, x)`` order, its sum the flux scaling of the fit.
+    """
+    from sfft.utils.SFFTSolutionReader import Realize_MatchingKernel
+
+    size = 2 * kerhw + 1
+    fpq = (bpo + 1) * (bpo + 2) // 2
+    # sfft arrays are (x, y) with 1-based (Fortran) coordinates
+    ker = Realize_MatchingKernel(np.array([[x + 1.0, y + 1.0]])).FromArray(
+        np.asarray(solution, np.float64), shape[1], shape[0], size, size, kpo, fpq
+    )[0]
+    return np.asarray(ker, np.float64).T
+
+
+def decorrelation_kernel(kernel: np.ndarray, s_other: float, s_conv: float) -> np.ndarray:
+    """Noise decorrelation kernel of ``O - K * C`` (sfft's ``DeCorrelation_Calculator``).
+
+    Parameters
+    ----------
+    kernel : numpy.ndarray
+        Matching kernel K (odd square, centred), applied to C.
+    s_other, s_conv : float
+        Background noise of O and of C (ADU, each in its own flux units; K converts C's).
+
+    Returns
+    -------
+    numpy.ndarray
+        Unit-sum kernel ``DC(k) ∝ 1 / sqrt(s_other² + s_conv² |K(k)|²)``, truncated to
+        :data:`_DECORR_SIZE_RATIO` times the size of K (odd), centred.
+    """
+    size = kernel.shape[0]
+    n = 2 ** (math.ceil(math.log2(_DECORR_SIZE_RATIO * size)) + 1)
+    padded = np.zeros((n, n))
+    padded[:size, :size] = kernel
+    padded = np.roll(padded, (-(size // 2), -(size // 2)), axis=(0, 1))
+    power = np.abs(np.fft.fft2(padded)) ** 2
+    dc = np.fft.ifft2(1.0 / np.sqrt(s_other**2 + s_conv**2 * power)).real
+    m = int(round(_DECORR_SIZE_RATIO * size)) | 1
+    dc = np.roll(dc, (m // 2, m // 2), axis=(0, 1))[:m, :m]
+    return dc / dc.sum()
 
 
 def _run_packet(
@@ -129,9 +191,9 @@ def _run_packet(
     kpo: int,
     bpo: int,
     threads: int,
-) -> np.ndarray:
-    """One ``Customized_Packet`` subtraction of a NaN-free pair; returns sfft's difference:
-    ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One ``Customized_Packet`` subtraction of a NaN-free pair; returns sfft's solution vector and
+    difference: ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is."""
     import numba
 
     ref, sci = (conv, other) if conv_side == "REF" else (other, conv)
@@ -145,7 +207,7 @@ def _run_packet(
         try:
             with contextlib.redirect_stdout(out), warnings.catch_warnings():
                 warnings.simplefilter("ignore", numba.NumbaWarning)
-                _, diff = cp(
+                solution, diff = cp(
                     str(paths["ref"]),
                     str(paths["sci"]),
                     str(paths["ref"]),
@@ -163,7 +225,7 @@ def _run_packet(
         finally:
             numba.set_num_threads = set_threads  # sfft 1.7.3 assigns an int to it
         log.debug("sfft: %s", out.getvalue().strip())
-    return np.asarray(diff, np.float32).T
+    return np.asarray(solution), np.asarray(diff, np.float32).T
 
 
 def _score(
@@ -189,7 +251,7 @@ def _score(
 def sfft_difference(
     pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any], *, threads: int = 1
 ) -> Difference:
-    """Difference of a prepared pair by sfft's ``Customized_Packet`` (numpy backend) on tiles.
+    """Decorrelated difference of a prepared pair by sfft's ``Customized_Packet`` (numpy backend) on tiles.
 
     Parameters
     ----------
@@ -197,8 +259,9 @@ def sfft_difference(
         Aligned, masked, background-subtracted pair (masked pixels are 0 in both, so they do not
         weigh in the kernel fit).
     psf_sci, psf_ref : PSFLike
-        PSF models; they give the PSF of D (for the score map and photometry) and the default
-        kernel size, not the kernel itself.
+        PSF models; the one of the image that is not convolved, convolved with the decorrelation
+        kernel, is the PSF of D (for the score map and photometry); they also set the default
+        kernel size. The kernel itself is fitted on the data.
     cfg : dict
         The telescope's ``subtract`` block; its ``sfft`` block holds ``kernel_half_width`` (px,
         null: twice the broader FWHM, within 2-20), ``kernel_poly_order`` and ``bg_poly_order``
@@ -211,55 +274,77 @@ def sfft_difference(
     Returns
     -------
     rbflow.difference.Difference
-        D in science flux units, its variance (science and reference Poisson plus sky noise, the
-        reference term smoothed by the kernel, approximated as Gaussian), the raw score map, the
-        PSF of D at the centre of each tile's core and the header cards.
+        D in science flux units, decorrelated per tile (white noise); its variance
+        ``var_o + K0² var_c`` (background plus source Poisson noise, K0 the flux scaling of the
+        fitted kernel at the tile centre); the raw score map; the PSF of D at the centre of each
+        tile's core (decorrelation kernel * PSF of the unconvolved image) and the header cards.
 
     Raises
     ------
     ConfigError
         sfft is not installed, or the overlap is not less than half the tile.
     """
+    from scipy.signal import fftconvolve
+
     cp, set_threads = require_sfft()
     scfg = {**DEFAULTS, **(cfg.get("sfft") or {})}
     tile, overlap = int(scfg["tile"]), int(scfg["overlap"])
     if 2 * overlap >= tile:
         raise ConfigError(f"subtract.sfft: overlap ({overlap} px) must be less than half the tile ({tile} px)")
     kerhw = _kernel_half_width(scfg, pp.fwhm_s, pp.fwhm_r)
+    kpo, bpo = int(scfg["kernel_poly_order"]), int(scfg["bg_poly_order"])
     conv_side = "REF" if pp.fwhm_r <= pp.fwhm_s else "SCI"
-    ksq = _kernel_sq_sum(max(pp.fwhm_s, pp.fwhm_r), min(pp.fwhm_s, pp.fwhm_r))
+    if conv_side == "REF":  # D0 = N - K * R (science units)
+        conv_img, other_img, var_c, var_o, s_c, s_o = pp.R, pp.N, pp.var_r, pp.var_n, pp.sr, pp.sn
+    else:  # D0 = K * N - R (reference units)
+        conv_img, other_img, var_c, var_o, s_c, s_o = pp.N, pp.R, pp.var_n, pp.var_r, pp.sn, pp.sr
     ny, nx = pp.N.shape
     D = np.zeros((ny, nx), np.float32)
-    boxes, psfs, centres = [], [], []
+    V = np.zeros((ny, nx), np.float32)
+    boxes, psfs, centres, k0s = [], [], [], []
+    dc_size = 0
     for wy0, wy1, cy0, cy1 in _windows(ny, tile, overlap):
         for wx0, wx1, cx0, cx1 in _windows(nx, tile, overlap):
             win = (slice(wy0, wy1), slice(wx0, wx1))
-            conv, other = (pp.R[win], pp.N[win]) if conv_side == "REF" else (pp.N[win], pp.R[win])
-            diff = _run_packet(
+            solution, diff = _run_packet(
                 cp,
                 set_threads,
-                conv,
-                other,
+                conv_img[win],
+                other_img[win],
                 conv_side=conv_side,
                 kerhw=kerhw,
-                kpo=int(scfg["kernel_poly_order"]),
-                bpo=int(scfg["bg_poly_order"]),
+                kpo=kpo,
+                bpo=bpo,
                 threads=threads,
             )
-            D[cy0:cy1, cx0:cx1] = diff[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
             tx, ty = (cx0 + cx1 - 1) // 2, (cy0 + cy1 - 1) // 2
+            kernel = matching_kernel(solution, diff.shape, tx - wx0, ty - wy0, kerhw=kerhw, kpo=kpo, bpo=bpo)
+            k0 = float(kernel.sum())
+            dc = decorrelation_kernel(kernel, s_o, s_c)
+            dc_size = dc.shape[0]
+            diff = fftconvolve(diff, dc, mode="same")
+            var = var_o[win] + k0**2 * var_c[win]
+            core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
+            D[cy0:cy1, cx0:cx1] = diff[core]
+            V[cy0:cy1, cx0:cx1] = var[core]
             if conv_side == "REF":
-                psfs.append(psf_sci.stamp(tx, ty, pp.size, centred=True))
+                p = psf_sci.stamp(tx, ty, pp.size, centred=True)
             else:
-                psfs.append(ref_psf_on_sci_grid(psf_ref, pp.ainfo["to_ref"], tx, ty, pp.size))
+                p = ref_psf_on_sci_grid(psf_ref, pp.ainfo["to_ref"], tx, ty, pp.size)
+            p = fftconvolve(p, dc, mode="same")
+            psfs.append(p / p.sum())
             boxes.append((*win, slice(cy0, cy1), slice(cx0, cx1)))
             centres.append((tx, ty))
-    if conv_side == "REF":  # D = N - K * R, science units
-        V = pp.var_n + ksq * pp.var_r / pp.fr**2
-    else:  # D = K * N - R in reference units
+            k0s.append(k0)
+    if conv_side == "SCI":  # reference units -> science units
         D /= pp.fr
-        V = ksq * pp.var_n + pp.var_r / pp.fr**2
-    V = V.astype(np.float32)
+        V /= pp.fr**2
+    log.info(
+        "sfft: %d tile(s), kernel flux scaling %s, decorrelated (%d px kernel)",
+        len(centres),
+        ", ".join(f"{k:.4f}" for k in k0s),
+        dc_size,
+    )
     SC = _score(D, V, psfs, boxes)
     cards = [
         ("METHOD", "sfft", "Hu et al. 2022, sfft Customized_Packet"),
@@ -267,8 +352,11 @@ def sfft_difference(
         ("TILE", tile, "[pix] sfft tile size (subtract.sfft.tile)"),
         ("OVERLAP", overlap, "[pix] sfft tile overlap"),
         ("KERHW", kerhw, "[pix] sfft kernel half width"),
-        ("KERORDER", int(scfg["kernel_poly_order"]), "sfft kernel polynomial degree"),
-        ("BGORDER", int(scfg["bg_poly_order"]), "sfft background polynomial degree"),
+        ("KERORDER", kpo, "sfft kernel polynomial degree"),
+        ("BGORDER", bpo, "sfft background polynomial degree"),
         ("CONVD", conv_side, "image convolved by sfft"),
+        ("KERSUM", float(np.median(k0s)), "sfft kernel flux scaling (median of tiles)"),
+        ("DECORR", True, "DIFF noise decorrelated (sfft DeCorrelation)"),
+        ("DCSIZE", dc_size, "[pix] decorrelation kernel size"),
     ]
     return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards)

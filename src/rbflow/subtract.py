@@ -9,7 +9,10 @@ linear-interpolation weights, so that a spatially varying PSF is followed. The t
 once (:func:`zogy_kernels`) and applied to the four images of the tile (science, reference and
 their variance maps) in one batched transform (:func:`zogy_apply`). The ``sfft`` method
 (:mod:`rbflow.sfft_method`, optional) shares the preparation, the result type
-(:mod:`rbflow.difference`), the normalisation and the output format.
+(:mod:`rbflow.difference`), the normalisation and the output format. The default method,
+``auto``, chooses per pair (:func:`auto_method`): ZOGY when both PSF models are built from enough
+stars, else sfft, whose matching kernel is fitted on the data (on real frames with few PSF
+stars, ZOGY's division by slightly wrong PSF models leaves rings at every bright star).
 
 Outputs (see :func:`subtract_images`) are in science flux units: a transient of flux ``f`` (ADU)
 in the science frame has flux ``f`` in ``DIFF``, with PSF ``PSFD``. The PSF models are any
@@ -41,6 +44,7 @@ from rbflow.stars import grow_mask
 __all__ = [
     "MASK_BITS",
     "METHODS",
+    "auto_method",
     "prepare_pair",
     "ZogyKernels",
     "zogy",
@@ -52,8 +56,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Subtraction methods (``subtract.method``).
-METHODS = ("zogy", "sfft")
+#: Subtraction methods (``subtract.method``); 'auto' picks zogy or sfft per frame (:func:`auto_method`).
+METHODS = ("auto", "zogy", "sfft")
+#: PSF-model cell sources (:data:`rbflow.psf.FALLBACKS`) that mean the model is not fitted to the
+#: frame's own stars well enough for ZOGY: a frame-wide ePSF, or an analytic profile.
+_WEAK_PSF_SOURCES = ("frame", "moffat", "analytic")
 #: Mesh (px) of the background fitted to S and D after the subtraction (see :func:`subtract_images`).
 _RESID_BOX = 32
 #: Size of the grid of the squared ZOGY kernels, in PSF stamp sizes (see :func:`zogy_kernels`).
@@ -582,8 +589,54 @@ def _zogy_difference(
     return Difference(D, V, SC, psfd, centres, cards)
 
 
-def _method(name: str) -> Method:
+def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tuple[str, str]:
+    """The method 'auto' runs for a pair, from the quality of its PSF models, and why.
+
+    ZOGY divides by the PSF models' transforms (its D is exact only for exact PSFs): a model built
+    from few stars is wrong by a few per cent in the core, which leaves a ring of >5 sigma
+    residuals at every bright star. sfft fits the matching kernel on the data and does not need
+    the models to be right. So 'auto' takes zogy when both models are well constrained: the
+    median over their cells of the stars that made each cell's ePSF is at least
+    ``cfg['auto_min_stars']`` and no cell fell back to a frame-wide or analytic PSF; else sfft.
+    A PSF without star counts (an analytic or known PSF, no ``n_stars`` attribute) counts as exact.
+
+    Parameters
+    ----------
+    psf_sci, psf_ref : PSFLike
+        PSF models of the pair (:class:`rbflow.psf.PSFModel` carries ``n_stars`` and ``sources``
+        per cell).
+    cfg : dict
+        The telescope's ``subtract`` block (``auto_min_stars``, default 8).
+
+    Returns
+    -------
+    tuple of str
+        ``('zogy' | 'sfft', reason)``, the reason short enough for a FITS card (<= 68 characters).
+    """
+    need = int(cfg.get("auto_min_stars", 8))
+    counts, weak = [], []
+    for psf in (psf_sci, psf_ref):
+        n_stars = getattr(psf, "n_stars", None)
+        counts.append(None if n_stars is None else float(np.median(np.asarray(n_stars))))
+        weak.extend(str(s) for s in getattr(psf, "sources", ()) if str(s) in _WEAK_PSF_SOURCES)
+    if counts == [None, None]:
+        return "zogy", "analytic PSFs (no star counts)"
+
+    def fmt(c: float | None) -> str:
+        return "-" if c is None else f"{c:g}"
+
+    stars = f"PSF stars per cell sci {fmt(counts[0])}, ref {fmt(counts[1])}"
+    if weak:
+        return "sfft", f"{stars}; PSF fallback {sorted(set(weak))[0]}"
+    if any(c is not None and c < need for c in counts):
+        return "sfft", f"{stars} < {need}"
+    return "zogy", f"{stars} >= {need}"
+
+
+def _method(name: str, *, why: str = "") -> Method:
     """The difference function of a subtraction method (sfft is imported here, only when chosen).
+
+    ``why`` is the reason 'auto' chose it (empty when the method was set explicitly).
 
     Raises
     ------
@@ -595,7 +648,16 @@ def _method(name: str) -> Method:
     if name == "sfft":
         from rbflow.sfft_method import require_sfft, sfft_difference
 
-        require_sfft()  # fail before the alignment when sfft is missing
+        try:
+            require_sfft()  # fail before the alignment when sfft is missing
+        except ConfigError as exc:
+            if not why:
+                raise
+            raise ConfigError(
+                f"key 'subtract.method' is 'auto' and chose sfft for this frame ({why}), but sfft is not "
+                'installed: install it with `pip install "rbflow[sfft]"`, or set subtract.method to zogy '
+                f"(cause: {exc})"
+            ) from exc
         return sfft_difference
     raise ConfigError(f"key 'subtract.method' is {name!r}: expected one of {', '.join(METHODS)}")
 
@@ -622,7 +684,8 @@ def subtract_images(
     info_sci, info_ref : rbflow.frames.FrameInfo
         Gains (e-/ADU) and saturation levels (ADU) of the frames.
     cfg : dict
-        The telescope's ``subtract`` block: ``method`` ('zogy' or 'sfft'); ``tile`` (px): spacing
+        The telescope's ``subtract`` block: ``method`` ('auto', 'zogy' or 'sfft'; 'auto' chooses
+        per pair from the PSF models, see :func:`auto_method`, with ``auto_min_stars``); ``tile`` (px): spacing
         of the ZOGY tile centres where the PSFs are evaluated, each tile's ZOGY result reaching the
         neighbouring centres and blended with linear-interpolation weights; ``overlap`` (px):
         extra margin of each ZOGY tile (at least the PSF stamp size is used); ``refine_astrometry``;
@@ -634,15 +697,15 @@ def subtract_images(
     Returns
     -------
     astropy.io.fits.HDUList
-        Primary (fit cards) + SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (cube of P_D per tile, centres
+        Primary (fit cards; METHOD the method that ran, METHAUTO why) + SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (cube of P_D per tile, centres
         in cards TCXk/TCYk); the images carry the science WCS. Masked pixels (MASK != 0, grown by
         one FWHM) are NaN in DIFF, SCORR and VAR.
         Smooth sky-level residuals (mesh of 32 px over the empty sky) are removed from DIFF and SCORR.
         SCORR is normalised to unit robust std in empty sky (factor ``SCORRNRM``) and VAR rescaled
         so that DIFF/sqrt(VAR) has unit robust std (``DIFFNRM``). ``FLXECORR`` is the factor by
         which a white-noise PSF-fit error on DIFF must be multiplied for the correlated noise.
-        With sfft, SCORR is the matched filter of DIFF with its PSF divided by its predicted noise
-        (white noise of VAR), then normalised the same way.
+        With sfft, DIFF is decorrelated (white noise) and SCORR is the matched filter of DIFF with
+        its PSF divided by its predicted noise (VAR), then normalised the same way.
 
     Raises
     ------
@@ -652,9 +715,18 @@ def subtract_images(
     ConfigError
         ``cfg['method']`` is not a known method, or sfft is chosen but not installed.
     """
-    difference = _method(cfg.get("method", "zogy"))
+    name = cfg.get("method", "auto")
+    if name == "auto":
+        name, why = auto_method(psf_sci, psf_ref, cfg)
+        log.info("subtract.method auto: %s (%s)", name, why)
+        difference = _method(name, why=why)
+    else:
+        why = ""
+        difference = _method(name)
     pp = prepare_pair(sci, ref, psf_sci, psf_ref, info_sci, info_ref, cfg, threads=threads)
-    return _assemble(sci, pp, difference(pp, psf_sci, psf_ref, cfg, threads=threads), threads=threads)
+    diff = difference(pp, psf_sci, psf_ref, cfg, threads=threads)
+    diff.cards.insert(1, ("METHAUTO", f"{name}: {why}" if why else "set by subtract.method", "why METHOD ran"))
+    return _assemble(sci, pp, diff, threads=threads)
 
 
 def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tuple[float, float]:
@@ -695,7 +767,7 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -
     prim = fits.PrimaryHDU()
     h = prim.header
     cards = [
-        *diff.cards[:1],
+        *diff.cards[:2],  # METHOD, METHAUTO
         ("FLXRATIO", pp.fr, "F_r/F_n reference/science flux ratio"),
         ("FLXRERR", pp.fr_err, "error of FLXRATIO"),
         ("NFLXSTAR", pp.n_flux, "stars used for FLXRATIO"),
@@ -710,7 +782,7 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -
         ("ALIGNSY", ainfo["sigma_y"], "[pix] astrometric scatter y (sigma_y)"),
         ("NSTARS", ainfo["nstars"], "stars matched for the alignment"),
         ("REFINED", ainfo["refined"], "affine astrometric refinement applied"),
-        *diff.cards[1:],
+        *diff.cards[2:],
         ("PSFSIZE", pp.size, "[pix] PSF stamp size"),
         ("FWHMSCI", pp.fwhm_s, "[pix] science PSF FWHM, frame centre"),
         ("FWHMREF", pp.fwhm_r, "[pix] ref PSF FWHM, science px"),
