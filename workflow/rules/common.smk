@@ -1,7 +1,7 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
-from rbflow.frames import frame_hdu, frames_of, image_name, parse_image
+from rbflow.frames import astrometry_sources, frame_hdu, frames_of, image_name, parse_image
 
 try:
     load_config(config)
@@ -265,3 +265,17 @@ def checkinfer_sources(wildcards):
         "truth": per_image("results/{telescope}/sim/inject/{image}.ecsv", "sim", [wildcards.telescope]),
         "cutouts": per_image("results/{telescope}/sim/cutouts/{image}", "sim", [wildcards.telescope]),
     }
+
+
+ASTROMETRY_SOURCES = {name: astrometry_sources(tel) for name, tel in TELESCOPES.items()}
+
+
+def astrometry_input(wildcards):
+    """The delivered file of the frame the `astrometry` rule calibrates."""
+    try:
+        return ASTROMETRY_SOURCES[wildcards.telescope][wildcards.frame]
+    except KeyError:
+        raise WorkflowError(
+            f"telescope '{wildcards.telescope}' has no delivered frame '{wildcards.frame}' to calibrate "
+            "(astrometry runs only for telescopes with an 'astrometry' block)"
+        ) from None
