@@ -58,7 +58,8 @@ class FrameSpec:
     field : str or None
         Field id, when known.
     inputs : tuple of str
-        Frames stacked into this one by the ``reference`` rule (empty for a file that exists).
+        Frames stacked into this one by the ``reference`` rule (empty for a file that exists);
+        for a survey reference, the science frame it is made for (rule ``survey_reference``).
     """
 
     name: str
@@ -105,9 +106,28 @@ def _calibrated(path: str, telescope: dict[str, Any]) -> str:
     return str(RESOURCES / telescope["name"] / "astrometry" / f"{_frame_name(path)}.fits")
 
 
+def _survey_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    survey = telescope["frames"]["reference"]["survey"]
+    root = RESOURCES / telescope["name"] / "survey"
+    frames: list[FrameSpec] = []
+    seen: dict[str, str] = {}
+    for pattern in telescope["frames"]["science"]:
+        for m in _glob(pattern, telescope, "frames.science"):
+            name = _frame_name(m)
+            if _SIM.match(name) or name in seen:
+                continue
+            seen[name] = m
+            path = _calibrated(m, telescope)
+            ref = f"{name}_{survey}"
+            frames += [FrameSpec(ref, str(root / f"{ref}.fits"), None, inputs=(path,)), FrameSpec(name, path, ref)]
+    return frames
+
+
 def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     spec = telescope["frames"]
     reference = spec["reference"]
+    if isinstance(reference, dict):  # a survey: one reference per science frame (rule survey_reference)
+        return _survey_frames(telescope)
     if isinstance(reference, str):  # one existing frame
         ref_name = _frame_name(reference)
         frames = [FrameSpec(ref_name, _calibrated(reference, telescope), None)]
@@ -153,7 +173,7 @@ def astrometry_sources(telescope: dict[str, Any]) -> dict[str, str]:
     if "astrometry" not in telescope or "sky" in telescope:
         return {}
     spec = telescope["frames"]
-    reference = spec["reference"]
+    reference = [] if isinstance(spec["reference"], dict) else spec["reference"]  # a survey: none delivered
     files = (
         [reference]
         if isinstance(reference, str)

@@ -279,3 +279,14 @@ def astrometry_input(wildcards):
             f"telescope '{wildcards.telescope}' has no delivered frame '{wildcards.frame}' to calibrate "
             "(astrometry runs only for telescopes with an 'astrometry' block)"
         ) from None
+
+
+def survey_input(wildcards):
+    """The science frame a survey reference is made for (`frames.reference: {survey: ...}`)."""
+    spec = frame_spec(wildcards)
+    if not isinstance(TELESCOPES[wildcards.telescope]["frames"]["reference"], dict) or not spec.inputs:
+        raise WorkflowError(
+            f"frame '{wildcards.frame}' of telescope '{wildcards.telescope}' is not a survey reference; "
+            "give 'frames.reference' a mapping with 'survey'"
+        )
+    return spec.inputs[0]
