@@ -115,11 +115,7 @@ def _service(stars: Table, centre: tuple[float, float]):
     def cutout(q):
         f = files[q["red"]]
         ra0, dec0, size = float(q["ra"]), float(q["dec"]), int(q["size"])
-        header = fits.Header()
-        header.update(
-            CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=ra0, CRVAL2=dec0, CRPIX1=(size + 1) / 2, CRPIX2=(size + 1) / 2
-        )
-        header.update(CDELT1=-0.25 / 3600, CDELT2=0.25 / 3600, PC1_1=1.0, PC2_2=1.0, PC1_2=0.0, PC2_1=0.0)
+        header = _tan(ra0, dec0, size, 0.25)
         wcs = WCS(header)
         yy, xx = np.mgrid[0:size, 0:size]
         ra_p, dec_p = wcs.all_pix2world(xx, yy, 0)
@@ -130,21 +126,7 @@ def _service(stars: Table, centre: tuple[float, float]):
             data = np.where(blank, 8, 0) | np.where(blob, 32, 0) | 4096  # 4096: informational
             return 200, "application/fits", _fits_bytes(data.astype(np.int16), header)
         zp = f["zp"] + 2.5 * math.log10(f["exptime"])
-        sig = FWHM_ARCSEC / 2.3548 / 0.25
-        image = np.zeros((size, size))
-        x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0)
-        flux = 10 ** (-0.4 * (np.asarray(stars["mag"]) - zp))
-        for xi, yi, fi in zip(x, y, flux, strict=True):
-            ix, iy = int(round(xi)), int(round(yi))
-            x0, x1, y0, y1 = max(ix - 12, 0), min(ix + 13, size), max(iy - 12, 0), min(iy + 13, size)
-            if x0 >= x1 or y0 >= y1:
-                continue
-            gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
-            image[y0:y1, x0:x1] += (
-                fi / (2 * math.pi * sig**2) * np.exp(-((gx - xi) ** 2 + (gy - yi) ** 2) / (2 * sig**2))
-            )
-        rng = np.random.default_rng(f.get("k", 7))
-        image += rng.normal(0.0, 0.02 * 10 ** (0.4 * (zp - 25.0)) / 10, image.shape)
+        image = _render(stars, wcs, size, zp, 0.25, seed=f.get("k", 7))
         image[blob] = 10 ** (0.4 * (zp - 12.0))  # a saturated star's core, masked
         image[blank] = 0.0
         header["EXPTIME"] = f["exptime"]
@@ -157,6 +139,47 @@ def _service(stars: Table, centre: tuple[float, float]):
         return 200, "application/fits", _fits_bytes(image.astype(np.float32), header)
 
     return {"/cgi-bin/ps1filenames.py": listing, "/cgi-bin/fitscut.cgi": cutout}
+
+
+def _render(stars: Table, wcs: WCS, size: int, zp: float, scale: float, *, seed: int) -> np.ndarray:
+    """Gaussian stars (FWHM_ARCSEC) of the catalogue on a size x size grid of ``scale`` arcsec/px, plus faint noise."""
+    sig = FWHM_ARCSEC / 2.3548 / scale
+    image = np.zeros((size, size))
+    x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0)
+    flux = 10 ** (-0.4 * (np.asarray(stars["mag"]) - zp))
+    half = int(math.ceil(6 * sig))
+    for xi, yi, fi in zip(x, y, flux, strict=True):
+        ix, iy = int(round(xi)), int(round(yi))
+        x0, x1, y0, y1 = max(ix - half, 0), min(ix + half + 1, size), max(iy - half, 0), min(iy + half + 1, size)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+        image[y0:y1, x0:x1] += fi / (2 * math.pi * sig**2) * np.exp(-((gx - xi) ** 2 + (gy - yi) ** 2) / (2 * sig**2))
+    # sky noise: a r = 21 star has S/N ~ 100 in a 5 arcsec aperture
+    return image + np.random.default_rng(seed).normal(0.0, 2e-3 * 10 ** (0.4 * (zp - 25.0)), image.shape)
+
+
+def _tan(ra0: float, dec0: float, size: int, scale: float) -> fits.Header:
+    header = fits.Header()
+    header.update(
+        CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=ra0, CRVAL2=dec0, CRPIX1=(size + 1) / 2, CRPIX2=(size + 1) / 2
+    )
+    header.update(CD1_1=-scale / 3600, CD2_2=scale / 3600, CD1_2=0.0, CD2_1=0.0)
+    return header
+
+
+def _legacy_service(stars: Table):
+    """Answer of the Legacy Surveys viewer's fits-cutout: a one-band cube in nanomaggies, a blank (0) strip at the top."""
+
+    def cutout(q):
+        assert q["layer"] == "ls-dr10" and float(q["pixscale"]) == 0.262 and q["bands"] == "r"
+        size = int(q["size"])
+        header = _tan(float(q["ra"]), float(q["dec"]), size, 0.262)
+        image = _render(stars, WCS(header), size, 22.5, 0.262, seed=11)
+        image[int(0.9 * size) :] = 0.0
+        return 200, "application/fits", _fits_bytes(image[None].astype(np.float32), header)
+
+    return {"/viewer/fits-cutout": cutout}
 
 
 def _fits_bytes(data: np.ndarray, header: fits.Header) -> bytes:
@@ -192,6 +215,23 @@ def _aperture(data: np.ndarray, x: np.ndarray, y: np.ndarray, r: float) -> tuple
     return flux, cx, cy
 
 
+def _check_against_truth(ref, stars: Table) -> None:
+    """Flux scale within 1 % and positions within 0.05 px: medians over bright isolated stars of the reference."""
+    x, y, mag = np.asarray(stars["x"]), np.asarray(stars["y"]), np.asarray(stars["mag"])
+    dist = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) + np.eye(len(x)) * 1e9
+    isolated = np.min(np.where(mag[None] < mag[:, None] + 5, dist, 1e9), axis=1) > 10
+    use = (mag < 21.0) & isolated & (x > 10) & (x < 245) & (y > 10) & (y < 245)
+    flux, cx, cy = _aperture(ref.data, x[use], y[use], 5.0)
+    ok = np.isfinite(flux) & (flux > 0)
+    assert ok.sum() >= 10
+    dmag = ref.header["MAGZP"] - 2.5 * np.log10(flux[ok]) - mag[use][ok]
+    # flux scale within 1 %: the median over >= 10 stars of S/N > 100 (r < 21 in a deep survey)
+    assert abs(np.median(dmag)) < 0.01, np.median(dmag)
+    # astrometry within 0.05 px: the median centroid offset from the true position
+    assert abs(np.median(cx[ok] - x[use][ok])) < 0.05
+    assert abs(np.median(cy[ok] - y[use][ok])) < 0.05
+
+
 @pytest.mark.parametrize("mode", ["stack", "individual"])
 def test_reference_matches_truth_and_rerun_downloads_nothing(science, tmp_path, mode):
     tel, path, stars, wcs = science
@@ -208,21 +248,7 @@ def test_reference_matches_truth_and_rerun_downloads_nothing(science, tmp_path, 
         assert sum(service.requests.values()) == n_requests  # the rerun downloaded nothing
     assert result["n"] == (2 if mode == "stack" else 3)
     ref = read_image(out)
-    info_zp = ref.header["MAGZP"]
-    # bright, isolated stars well inside the frame (and away from the masked blob)
-    x, y, mag = np.asarray(stars["x"]), np.asarray(stars["y"]), np.asarray(stars["mag"])
-    dist = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) + np.eye(len(x)) * 1e9
-    isolated = np.min(np.where(mag[None] < mag[:, None] + 5, dist, 1e9), axis=1) > 10
-    use = (mag < 21.0) & isolated & (x > 10) & (x < 245) & (y > 10) & (y < 245)
-    flux, cx, cy = _aperture(ref.data, x[use], y[use], 5.0)
-    ok = np.isfinite(flux) & (flux > 0)
-    assert ok.sum() >= 10
-    dmag = info_zp - 2.5 * np.log10(flux[ok]) - mag[use][ok]
-    # flux scale within 1 %: the median over >= 10 stars of S/N > 100 (r < 21 in a deep survey)
-    assert abs(np.median(dmag)) < 0.01, np.median(dmag)
-    # astrometry within 0.05 px: the median centroid offset from the true position
-    assert abs(np.median(cx[ok] - x[use][ok])) < 0.05
-    assert abs(np.median(cy[ok] - y[use][ok])) < 0.05
+    _check_against_truth(ref, stars)
     # the saturated blob is masked in every survey image: no reference pixel there
     bx, by = wcs.all_world2pix(
         [centre[0] + BLOB[0] / 3600 / math.cos(math.radians(centre[1]))], [centre[1] + BLOB[1] / 3600], 0
@@ -270,7 +296,7 @@ def test_band_mapping_and_frames(science, tmp_path, monkeypatch):
     tel, path, stars, wcs = science
     from rbflow.survey import survey_reference
 
-    with pytest.raises(InputError, match="PS1 has no filter 'R'.*frames.reference.filters"):
+    with pytest.raises(InputError, match="ps1 has no filter 'R'.*frames.reference.filters"):
         survey_reference(
             path, tmp_path / "ref.fits", tel, settings=_settings("http://127.0.0.1:9", tmp_path, filters={"r": "R"})
         )
@@ -308,3 +334,20 @@ def test_script_wiring(science, tmp_path):
         runpy.run_path(str(REPO / "scripts" / "survey_reference.py"), init_globals={"snakemake": sm})
     assert fits.getheader(out)["SURVEY"] == "ps1"
     assert "survey reference: 2 ps1 stack image(s)" in (tmp_path / "survey.log").read_text()
+
+
+def test_legacysurvey_reference(science, tmp_path):
+    tel, path, stars, wcs = science
+    from rbflow.survey import survey_reference
+
+    with FakeService(_legacy_service(stars)) as service:
+        settings = _settings(f"{service.url}/viewer", tmp_path / "cache", survey="legacysurvey")
+        result = survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        assert sum(service.requests.values()) == 1
+    assert result["n"] == 1 and result["zeropoint"] == 22.5
+    ref = read_image(tmp_path / "ref.fits")
+    _check_against_truth(ref, stars)
+    assert ref.header["SURVEY"] == "legacysurvey"
+    with pytest.raises(InputError, match="serves coadds only"):
+        survey_reference(path, tmp_path / "x.fits", tel, settings={**settings, "mode": "individual"})

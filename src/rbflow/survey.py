@@ -1,4 +1,4 @@
-"""Reference frames made from a public survey's images (Pan-STARRS1 3pi), for telescopes without their own.
+"""Reference frames made from a public survey's images (Pan-STARRS1 3pi, Legacy Surveys), for telescopes without their own.
 
 For each science frame, the survey images covering it in the frame's filter (or the survey band
 ``frames.reference.filters`` maps it to) are found through the survey's file-listing service,
@@ -25,6 +25,11 @@ the same formula. Mask images (``type=stack.mask`` / ``warp.mask``) remove the p
 ``gain``, e-/ADU of the survey image), read noise (the measured sky noise, in e-, since survey
 images are sky-subtracted), a saturation above every valid pixel (the survey masks its saturated
 pixels) and the frame's filter, FWHM and exposure from the survey (``EXPTIME`` of the first image).
+
+DESI Legacy Imaging Surveys (Dey et al. 2019), through the sky viewer's
+``fits-cutout?ra=&dec=&layer=&pixscale=0.262&bands=&size=`` service: one coadd cutout (already a
+mosaic; at most 3000 px, i.e. frames up to ~13 arcmin across) in nanomaggies, zeropoint 22.5;
+blank (0) pixels are outside the footprint; no mask or individual exposures are served.
 """
 
 from __future__ import annotations
@@ -48,7 +53,20 @@ from rbflow.errors import InputError
 from rbflow.frames import frame_hdu, frame_info
 from rbflow.io import read_image, write_fits
 
-__all__ = ["PS1_URL", "PS1_BANDS", "SurveyImage", "ps1_listing", "ps1_cutout_url", "read_ps1", "survey_reference"]
+__all__ = [
+    "PS1_URL",
+    "PS1_BANDS",
+    "LEGACY_URL",
+    "LEGACY_BANDS",
+    "SURVEY_URLS",
+    "SurveyImage",
+    "ps1_listing",
+    "ps1_cutout_url",
+    "read_ps1",
+    "legacy_cutout_url",
+    "read_legacy",
+    "survey_reference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +78,27 @@ PS1_BANDS = ("g", "r", "i", "z", "y")
 
 #: PS1 pixel scale (arcsec/px) of stacks and warps.
 PS1_SCALE = 0.25
+
+#: Base URL of the Legacy Surveys sky viewer (its ``fits-cutout`` service).
+LEGACY_URL = "https://www.legacysurvey.org/viewer"
+
+#: Filters of the Legacy Surveys DR10 coadds.
+LEGACY_BANDS = ("g", "r", "i", "z")
+
+#: Native pixel scale (arcsec/px) of the Legacy Surveys coadds.
+LEGACY_SCALE = 0.262
+
+#: Legacy Surveys coadds are in nanomaggies: zeropoint 22.5 (AB) for 1 unit.
+LEGACY_ZP = 22.5
+
+#: Largest cutout side the Legacy Surveys viewer serves (px).
+LEGACY_MAX_SIZE = 3000
+
+#: Default base URL of each survey's services.
+SURVEY_URLS = {"ps1": PS1_URL, "legacysurvey": LEGACY_URL}
+
+#: Filters of each survey.
+_BANDS = {"ps1": PS1_BANDS, "legacysurvey": LEGACY_BANDS}
 
 #: Columns of the PS1 file-listing table.
 _LISTING_COLUMNS = ("projcell", "subcell", "ra", "dec", "filter", "mjd", "type", "filename", "shortname", "badflag")
@@ -221,7 +260,8 @@ def _fetch_ps1(wcs: WCS, shape: tuple[int, int], band: str, settings: dict[str, 
     positions, diag = _footprint(wcs, shape)
     ra_c, dec_c = positions[0]
     size = int(math.ceil((diag + 10.0) / PS1_SCALE))
-    opts = {"url": settings["url"], "cache": cache, "timeout": settings["timeout"]}
+    url = settings["url"] or PS1_URL
+    opts = {"url": url, "cache": cache, "timeout": settings["timeout"]}
     files = ps1_listing(positions, band, kind=kind, **opts)
     if len(files) == 0:
         raise InputError(
@@ -235,9 +275,7 @@ def _fetch_ps1(wcs: WCS, shape: tuple[int, int], band: str, settings: dict[str, 
     images = []
     for row in files:
         name = str(row["filename"])
-        path = cached_fetch(
-            ps1_cutout_url(name, ra_c, dec_c, size, url=settings["url"]), cache, timeout=timeout, what="PS1 cutout"
-        )
+        path = cached_fetch(ps1_cutout_url(name, ra_c, dec_c, size, url=url), cache, timeout=timeout, what="PS1 cutout")
         mask = None
         if settings["masks"]:
             mask_name = name.removesuffix(".fits") + ".mask.fits"
@@ -245,12 +283,84 @@ def _fetch_ps1(wcs: WCS, shape: tuple[int, int], band: str, settings: dict[str, 
                 raise InputError(
                     f"PS1 lists no mask '{mask_name}' for '{name}'; set 'frames.reference.masks: false' to go without"
                 )
-            mask_url = ps1_cutout_url(mask_name, ra_c, dec_c, size, url=settings["url"])
+            mask_url = ps1_cutout_url(mask_name, ra_c, dec_c, size, url=url)
             mask = fits.getdata(cached_fetch(mask_url, cache, timeout=timeout, what="PS1 mask cutout"))
         image = read_ps1(path, mask=mask, mask_bits=settings["mask_bits"])
         image.source = name.rsplit("/", 1)[-1]
         images.append(image)
     return images
+
+
+def legacy_cutout_url(ra: float, dec: float, size: int, band: str, *, layer: str, url: str) -> str:
+    """``fits-cutout`` URL of a Legacy Surveys coadd cutout at the native 0.262 arcsec/px, centred on (ra, dec) (deg)."""
+    query = urllib.parse.urlencode(
+        {
+            "ra": f"{ra:.6f}",
+            "dec": f"{dec:.6f}",
+            "layer": layer,
+            "pixscale": LEGACY_SCALE,
+            "bands": band,
+            "size": int(size),
+        }
+    )
+    return f"{url.rstrip('/')}/fits-cutout?{query}"
+
+
+def read_legacy(path: str | os.PathLike) -> SurveyImage:
+    """A Legacy Surveys cutout (nanomaggies, one band; zeropoint 22.5), blank (0 or NaN) pixels set to NaN.
+
+    Parameters
+    ----------
+    path : path-like
+        The cutout (FITS; a single-band cube is taken as its plane).
+
+    Returns
+    -------
+    SurveyImage
+        ``exptime`` is 1 (coadds carry no exposure time of their own).
+
+    Raises
+    ------
+    InputError
+        Not a FITS image with a celestial WCS.
+    """
+    try:
+        with fits.open(path) as hdul:
+            hdu = next(h for h in hdul if h.data is not None and h.data.ndim in (2, 3))
+            data = np.asarray(hdu.data, np.float64)
+            header = hdu.header.copy()
+    except (OSError, StopIteration, ValueError) as exc:
+        raise InputError(f"Legacy Surveys cutout '{path}' is not a FITS image ({exc}); delete it and rerun") from None
+    if data.ndim == 3:
+        data = data[0]
+    wcs = WCS(header, naxis=2)
+    if not wcs.has_celestial:
+        raise InputError(f"Legacy Surveys cutout '{path}' has no celestial WCS; delete it and rerun")
+    data[data == 0] = np.nan  # outside the survey's footprint
+    return SurveyImage(data, wcs, LEGACY_ZP, 1.0, str(path))
+
+
+def _fetch_legacy(
+    wcs: WCS, shape: tuple[int, int], band: str, settings: dict[str, Any], cache: Path
+) -> list[SurveyImage]:
+    """The Legacy Surveys coadd cutout covering a frame (one image: the coadds are already a mosaic)."""
+    if settings["mode"] != "stack":
+        raise InputError(
+            "survey 'legacysurvey' serves coadds only: set 'frames.reference.mode: stack' (individual exposures: use ps1)"
+        )
+    positions, diag = _footprint(wcs, shape)
+    ra_c, dec_c = positions[0]
+    size = int(math.ceil((diag + 10.0) / LEGACY_SCALE))
+    if size > LEGACY_MAX_SIZE:
+        raise InputError(
+            f"the frame's diagonal ({diag / 60:.1f} arcmin) needs a {size} px Legacy Surveys cutout; the viewer serves "
+            f"at most {LEGACY_MAX_SIZE} px: use ps1 for frames this large"
+        )
+    url = legacy_cutout_url(ra_c, dec_c, size, band, layer=settings["layer"], url=settings["url"] or LEGACY_URL)
+    path = cached_fetch(url, cache, timeout=settings["timeout"], what="Legacy Surveys cutout")
+    image = read_legacy(path)
+    image.source = f"{settings['layer']}_{band}_{ra_c:.5f}_{dec_c:+.5f}"
+    return [image]
 
 
 def _sky_sigma(data: np.ndarray) -> float:
@@ -285,8 +395,8 @@ def survey_reference(
     telescope : dict
         Validated telescope configuration.
     settings : dict
-        The ``frames.reference`` block (``survey``, ``mode``, ``url``, ``cache``, ``timeout``,
-        ``filters``, ``masks``, ``mask_bits``, ``gain``).
+        The ``frames.reference`` block (``survey``, ``mode``, ``url``, ``layer``, ``cache``,
+        ``timeout``, ``filters``, ``masks``, ``mask_bits``, ``gain``).
 
     Returns
     -------
@@ -306,14 +416,17 @@ def survey_reference(
     wcs = image.require_wcs()
     info = frame_info(image.header, telescope, path=science)
     band = settings["filters"].get(info.filter, info.filter)
-    if band not in PS1_BANDS:
+    survey = settings["survey"]
+    bands = _BANDS[survey]
+    if band not in bands:
         raise InputError(
-            f"survey reference for '{science}': PS1 has no filter {band!r} (has {', '.join(PS1_BANDS)}); map the "
+            f"survey reference for '{science}': {survey} has no filter {band!r} (has {', '.join(bands)}); map the "
             f"frame's filter {info.filter!r} to one in 'frames.reference.filters'"
         )
     cache = Path(settings["cache"])
     shape = image.data.shape
-    images = _fetch_ps1(wcs, shape, band, settings, cache)
+    fetch = _fetch_ps1 if survey == "ps1" else _fetch_legacy
+    images = fetch(wcs, shape, band, settings, cache)
     zp0 = images[0].zeropoint
     area_out = float(np.abs(np.linalg.det(wcs.pixel_scale_matrix)))
     stack = np.full((len(images), *shape), np.nan)
