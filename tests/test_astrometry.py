@@ -184,6 +184,42 @@ def test_blind_solve_names_the_package_when_missing(field, tmp_path, monkeypatch
         )
 
 
+@pytest.mark.skipif(
+    shutil.which("solve-field") is None or shutil.which("build-astrometry-index") is None,
+    reason="astrometry.net (Debian package astrometry.net: solve-field, build-astrometry-index) is not installed",
+)
+def test_blind_solve_with_astrometry_net(field, tmp_path):
+    """No WCS, or one 200 arcsec off: solved blind against an index built from the field's catalogue, then refined."""
+    import subprocess
+
+    tel, hdu, stars = field
+    Table({"RA": stars["ra"], "DEC": stars["dec"], "MAG": stars["mag"]}).write(tmp_path / "cat.fits")
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    for preset in (-1, 0):  # quads of 1.4-2 and 2-2.8 arcmin, for a 4.3 arcmin frame
+        cmd = [
+            "build-astrometry-index",
+            "-i",
+            str(tmp_path / "cat.fits"),
+            "-o",
+            str(index_dir / f"index-99{preset + 2:02d}.fits"),
+        ]
+        cmd += ["-P", str(preset), "-S", "MAG", "-E", "-I", f"99{preset + 2:02d}", "-A", "RA", "-D", "DEC"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    nowcs = hdu.header.copy()
+    for key in ("CTYPE1", "CTYPE2"):
+        del nowcs[key]
+    for name, header in (("nowcs", nowcs), ("wrong", _perturbed(hdu, shift_arcsec=200.0, rotation_deg=0.0))):
+        frame = tmp_path / f"{name}.fits"
+        fits.PrimaryHDU(hdu.data, header).writeto(frame)
+        out = tmp_path / f"{name}_out.fits"
+        result = astrometry.calibrate_frame(
+            frame, out, tel, catalogue=stars, settings=_settings("truth", index_dir=str(index_dir), timeout=60)
+        )
+        assert result["blind"] and fits.getheader(out)["ASTRBLND"]
+        assert _truth_rms_mas(WCS(fits.getheader(out)), stars) < 30.0
+
+
 def _gaia_route(stars: Table):
     """Answer of the Gaia archive's TAP /sync endpoint: CSV of the cone of the ADQL query."""
 

@@ -405,7 +405,13 @@ def solve_blind(
                 + " | ".join(tail)
                 + "; check the index files cover the field's size and 'pixel_scale'"
             )
-        return WCS(fits.getheader(out))
+        import warnings
+
+        from astropy.wcs import FITSFixedWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)  # a header without an image (NAXIS = 0)
+            return WCS(fits.getheader(out), naxis=2)
 
 
 def _replace_wcs(header: fits.Header, wcs: WCS) -> fits.Header:
