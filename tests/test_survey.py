@@ -11,7 +11,9 @@ saturated blob.
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -259,7 +261,13 @@ def test_reference_matches_truth_and_rerun_downloads_nothing(science, tmp_path, 
         assert key in ref.header
     assert ref.header["SURVEY"] == "ps1" and ref.header["SURVMODE"] == mode
     assert np.nanmax(ref.data) < ref.header["SATURATE"]
-    assert (tmp_path / "cache" / "index.json").exists()
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert len(index) == n_requests and all(len(e["sha256"]) == 64 for e in index.values())
+    # a cached file changed behind the index's back is refused, not used
+    cached = tmp_path / "cache" / next(iter(index.values()))["file"]
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(InputError, match="no longer matches the sha256"):
+        survey_reference(path, tmp_path / "ref3.fits", tel, settings=settings)
 
 
 def test_service_failures_are_clear_and_lose_nothing(science, tmp_path):
@@ -351,3 +359,19 @@ def test_legacysurvey_reference(science, tmp_path):
     assert ref.header["SURVEY"] == "legacysurvey"
     with pytest.raises(InputError, match="serves coadds only"):
         survey_reference(path, tmp_path / "x.fits", tel, settings={**settings, "mode": "individual"})
+
+
+def test_a_file_filled_by_hand_is_taken(tmp_path):
+    from rbflow.download import cached_fetch
+
+    with FakeService({"/f": lambda q: (200, "text/plain", b"served")}) as service:
+        service.fail = "500"
+        with pytest.raises(InputError, match="save it as '([^']+)'") as err:
+            cached_fetch(f"{service.url}/f?x=1", tmp_path, what="test file")
+        target = Path(re.search(r"save it as '([^']+)'", str(err.value)).group(1))
+        target.write_bytes(b"by hand")
+        before = sum(service.requests.values())
+        assert cached_fetch(f"{service.url}/f?x=1", tmp_path).read_bytes() == b"by hand"
+        assert sum(service.requests.values()) == before
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index[f"{service.url}/f?x=1"]["bytes"] == 7

@@ -118,7 +118,8 @@ def cached_fetch(
     ------
     InputError
         The download failed (the message names the URL, the cache folder and the file to put
-        there by hand); nothing already in the cache is lost.
+        there by hand; nothing already in the cache is lost), or a cached file no longer matches
+        its recorded checksum.
     """
     cache = Path(cache)
     name = name or cache_name(url)
@@ -126,6 +127,11 @@ def cached_fetch(
     index = _read_index(cache)
     entry = index.get(url)
     if path.exists() and entry is not None and entry.get("file") == name:
+        if file_sha256(path) != entry.get("sha256"):
+            raise InputError(
+                f"{what}: the cached file '{path}' no longer matches the sha256 recorded in '{cache / INDEX}' for {url}: "
+                "delete the file (it is downloaded again) and rerun"
+            )
         return path
     if not path.exists():
         try:
