@@ -57,6 +57,7 @@ def fetch(url: str, *, timeout: float = 60.0, what: str = "file") -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - configured service URLs
             body = response.read()
     except urllib.error.HTTPError as exc:
+        exc.close()  # the error holds the open response
         raise InputError(f"{what}: the service answered HTTP {exc.code} ({exc.reason}) for {url}") from None
     except TimeoutError:
         raise InputError(f"{what}: no answer within {timeout:g} s from {url}") from None
