@@ -37,6 +37,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sky.smk"
+include: "workflow/rules/astrometry.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/validate.smk"
 include: "workflow/rules/psf.smk"

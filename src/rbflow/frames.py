@@ -31,6 +31,7 @@ __all__ = [
     "frame_info",
     "pixel_scale_of",
     "frame_hdu",
+    "astrometry_sources",
     "RESOURCES",
 ]
 
@@ -57,7 +58,8 @@ class FrameSpec:
     field : str or None
         Field id, when known.
     inputs : tuple of str
-        Frames stacked into this one by the ``reference`` rule (empty for a file that exists).
+        Frames stacked into this one by the ``reference`` rule (empty for a file that exists);
+        for a survey reference, the science frame it is made for (rule ``survey_reference``).
     """
 
     name: str
@@ -97,18 +99,45 @@ def _frame_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).name.split(".fits")[0])
 
 
+def _calibrated(path: str, telescope: dict[str, Any]) -> str:
+    """Where the pipeline reads a delivered frame: itself, or its astrometric calibration (``astrometry`` block)."""
+    if "astrometry" not in telescope:
+        return path
+    return str(RESOURCES / telescope["name"] / "astrometry" / f"{_frame_name(path)}.fits")
+
+
+def _survey_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
+    survey = telescope["frames"]["reference"]["survey"]
+    root = RESOURCES / telescope["name"] / "survey"
+    frames: list[FrameSpec] = []
+    seen: dict[str, str] = {}
+    for pattern in telescope["frames"]["science"]:
+        for m in _glob(pattern, telescope, "frames.science"):
+            name = _frame_name(m)
+            if _SIM.match(name) or name in seen:
+                continue
+            seen[name] = m
+            path = _calibrated(m, telescope)
+            ref = f"{name}_{survey}"
+            frames += [FrameSpec(ref, str(root / f"{ref}.fits"), None, inputs=(path,)), FrameSpec(name, path, ref)]
+    return frames
+
+
 def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
     spec = telescope["frames"]
     reference = spec["reference"]
+    if isinstance(reference, dict):  # a survey: one reference per science frame (rule survey_reference)
+        return _survey_frames(telescope)
     if isinstance(reference, str):  # one existing frame
         ref_name = _frame_name(reference)
-        frames = [FrameSpec(ref_name, reference, None)]
+        frames = [FrameSpec(ref_name, _calibrated(reference, telescope), None)]
         seen = {ref_name: reference}
     else:  # frames of one epoch, stacked by the `reference` rule
         inputs = tuple(m for pattern in reference for m in _glob(pattern, telescope, "frames.reference"))
         ref_name = f"{telescope['name']}_ref"
         path = RESOURCES / telescope["name"] / "reference" / f"{ref_name}.fits"
-        frames = [FrameSpec(ref_name, str(path), None, inputs=tuple(dict.fromkeys(inputs)))]
+        stacked = tuple(_calibrated(m, telescope) for m in dict.fromkeys(inputs))
+        frames = [FrameSpec(ref_name, str(path), None, inputs=stacked)]
         seen = {ref_name: str(path), **{_frame_name(m): m for m in inputs}}
     for pattern in spec["science"]:
         for m in _glob(pattern, telescope, "frames.science"):
@@ -123,8 +152,35 @@ def _real_frames(telescope: dict[str, Any]) -> list[FrameSpec]:
                     )
                 continue  # listed twice, or a frame of the stacked reference epoch
             seen[name] = m
-            frames.append(FrameSpec(name, m, ref_name))
+            frames.append(FrameSpec(name, _calibrated(m, telescope), ref_name))
     return frames
+
+
+def astrometry_sources(telescope: dict[str, Any]) -> dict[str, str]:
+    """Delivered file of every frame the ``astrometry`` rule calibrates, by frame name (empty when it is off).
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated configuration of a real telescope (or the demo one: no frame is calibrated).
+
+    Returns
+    -------
+    dict of str
+        Frame name to the path of the file as delivered (science frames, the reference or the
+        frames of the stacked reference epoch).
+    """
+    if "astrometry" not in telescope or "sky" in telescope:
+        return {}
+    spec = telescope["frames"]
+    reference = [] if isinstance(spec["reference"], dict) else spec["reference"]  # a survey: none delivered
+    files = (
+        [reference]
+        if isinstance(reference, str)
+        else [m for p in reference for m in _glob(p, telescope, "frames.reference")]
+    )
+    files += [m for p in spec["science"] for m in _glob(p, telescope, "frames.science")]
+    return {_frame_name(m): m for m in reversed(files)}  # the first file of a name wins, as in frames_of
 
 
 def frames_of(telescope: dict[str, Any]) -> list[FrameSpec]:
@@ -138,7 +194,19 @@ def frames_of(telescope: dict[str, Any]) -> list[FrameSpec]:
     Returns
     -------
     list of FrameSpec
+        With an ``astrometry`` block, a delivered frame's path is that of its calibrated copy
+        (``resources/<name>/astrometry/<frame>.fits``).
+
+    Raises
+    ------
+    ConfigError
+        An ``astrometry`` block on the demo telescope.
     """
+    if "sky" in telescope and "astrometry" in telescope:
+        raise ConfigError(
+            f"telescope '{telescope['name']}': the embedded demo sky writes frames with their WCS; "
+            "'astrometry' is for real telescopes (remove the block)"
+        )
     return _demo_frames(telescope) if "sky" in telescope else _real_frames(telescope)
 
 

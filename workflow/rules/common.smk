@@ -3,7 +3,7 @@ import hashlib
 
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
-from rbflow.frames import frame_hdu, frames_of, image_name, parse_image
+from rbflow.frames import astrometry_sources, frame_hdu, frames_of, image_name, parse_image
 
 try:
     load_config(config)
@@ -294,3 +294,28 @@ def alerts_outputs():
     if ALERTS["folder"] is None:
         return []
     return [f"{ALERTS_OUT}/alerts.ecsv"] + ([f"{ALERTS_OUT}/kept"] if ALERTS["keep_packets"] else [])
+
+
+ASTROMETRY_SOURCES = {name: astrometry_sources(tel) for name, tel in TELESCOPES.items()}
+
+
+def astrometry_input(wildcards):
+    """The delivered file of the frame the `astrometry` rule calibrates."""
+    try:
+        return ASTROMETRY_SOURCES[wildcards.telescope][wildcards.frame]
+    except KeyError:
+        raise WorkflowError(
+            f"telescope '{wildcards.telescope}' has no delivered frame '{wildcards.frame}' to calibrate "
+            "(astrometry runs only for telescopes with an 'astrometry' block)"
+        ) from None
+
+
+def survey_input(wildcards):
+    """The science frame a survey reference is made for (`frames.reference: {survey: ...}`)."""
+    spec = frame_spec(wildcards)
+    if not isinstance(TELESCOPES[wildcards.telescope]["frames"]["reference"], dict) or not spec.inputs:
+        raise WorkflowError(
+            f"frame '{wildcards.frame}' of telescope '{wildcards.telescope}' is not a survey reference; "
+            "give 'frames.reference' a mapping with 'survey'"
+        )
+    return spec.inputs[0]

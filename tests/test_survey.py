@@ -1,0 +1,377 @@
+"""Tests of rbflow.survey: PS1 references from a local stand-in of the STScI services, checked against the demo sky's truth.
+
+The fake service answers ``ps1filenames.py`` with the listing table as PS1 writes it and
+``fitscut.cgi`` with FITS cutouts rendered from the demo field's true star catalogue at PS1's
+0.25 arcsec/px: two sky cells split at the frame's centre declination (so the reference is a
+mosaic), stacks stored as asinh luptitudes (BSOFTEN/BOFFSET), warps linear with their own
+exposure and ``FPA.ZP``, and mask images flagging blank pixels outside each cell and a
+saturated blob.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from rbflow import sky
+from rbflow.config import check_schema, load_telescope
+from rbflow.errors import ConfigError, InputError
+from rbflow.frames import frames_of
+from rbflow.io import read_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fakeservice import FakeService  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "config" / "telescopes" / "demo.yaml"
+SEED = 12345
+SKY = dict(
+    fields=1,
+    epochs=1,
+    size=[256, 256],
+    stars=3000,
+    cosmic_rays=0,
+    hot_pixels=0,
+    bad_columns=0,
+    satellite_rate=0.0,
+    flat_residual=0.0,
+    sky_gradient=0.0,
+    galaxies=0,
+    variables=0,
+    transients=0,
+    wcs_error=0.0,
+    distortion_residual=0.0,
+)
+A = 2.5 / math.log(10.0)
+FWHM_ARCSEC = 1.2
+#: Exposure (s) and FPA.ZP of the stacks and the three warps.
+STACK = (1000.0, 25.0)
+WARPS = ((45.0, 24.90), (40.0, 25.05), (50.0, 24.97))
+#: A saturated (masked) blob in sky cell 0 and every warp: (ra offset, dec offset) from the frame centre (arcsec), radius (arcsec).
+BLOB = (-60.0, -60.0, 6.0)
+
+
+@pytest.fixture(scope="module")
+def science(tmp_path_factory):
+    """The science frame (demo fld00_r_e1, true WCS in its header) written to disk, and its stars."""
+    tel = load_telescope(DEMO)
+    tel["sky"] = dict(SKY)
+    check_schema(tel["sky"], "sky.schema.yaml", "test sky block")
+    hdu, truth = sky.simulate_frame(tel, "fld00_r_e1", seed=SEED)
+    path = tmp_path_factory.mktemp("sci") / "sci.fits"
+    hdu.writeto(path)
+    del tel["sky"]
+    tel.update(name="cam")
+    stars = truth[truth["kind"] == "star"]
+    return tel, path, stars, WCS(hdu.header)
+
+
+def _files(centre_dec: float) -> dict[str, dict]:
+    """The fake PS1 files: two stack cells (split at centre_dec), their masks, three warps of cell 0 and their masks."""
+    files = {}
+    for cell in (0, 1):
+        base = f"/rings.v3.skycell/1333/05{cell}/rings.v3.skycell.1333.05{cell}"
+        files[f"{base}.stk.r.unconv.fits"] = dict(cell=cell, kind="stack", exptime=STACK[0], zp=STACK[1], mask=False)
+        files[f"{base}.stk.r.unconv.mask.fits"] = dict(cell=cell, kind="stack.mask", mask=True)
+    base = "/rings.v3.skycell/1333/050/rings.v3.skycell.1333.050"
+    for k, (exptime, zp) in enumerate(WARPS):
+        files[f"{base}.wrp.r.5536{k}_40591.fits"] = dict(
+            cell=None, kind="warp", exptime=exptime, zp=zp, mask=False, k=k
+        )
+        files[f"{base}.wrp.r.5536{k}_40591.mask.fits"] = dict(cell=None, kind="warp.mask", mask=True, k=k)
+    for f in files.values():
+        f["centre_dec"] = centre_dec
+    return files
+
+
+def _in_cell(cell, dec, centre_dec):
+    return dec < centre_dec + 0.001 if cell == 0 else dec >= centre_dec - 0.001
+
+
+def _service(stars: Table, centre: tuple[float, float]):
+    files = _files(centre[1])
+
+    def listing(q):
+        ra, dec = float(q["ra"]), float(q["dec"])
+        lines = ["projcell subcell ra dec filter mjd type filename shortname badflag"]
+        for name, f in files.items():
+            if f["kind"] != q["type"] or q["filters"] != "r":
+                continue
+            if f["cell"] is not None and not _in_cell(f["cell"], dec, f["centre_dec"]):
+                continue
+            lines.append(f"1333 5{f['cell'] or 0} {ra:.6f} {dec:.6f} r 0 {f['kind']} {name} {name.rsplit('/', 1)[1]} 0")
+        return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+    def cutout(q):
+        f = files[q["red"]]
+        ra0, dec0, size = float(q["ra"]), float(q["dec"]), int(q["size"])
+        header = _tan(ra0, dec0, size, 0.25)
+        wcs = WCS(header)
+        yy, xx = np.mgrid[0:size, 0:size]
+        ra_p, dec_p = wcs.all_pix2world(xx, yy, 0)
+        blank = np.zeros((size, size), bool) if f["cell"] is None else ~_in_cell(f["cell"], dec_p, f["centre_dec"])
+        d_ra = (ra_p - centre[0]) * math.cos(math.radians(centre[1])) * 3600 - BLOB[0]
+        blob = np.hypot(d_ra, (dec_p - centre[1]) * 3600 - BLOB[1]) < BLOB[2]
+        if f["mask"]:
+            data = np.where(blank, 8, 0) | np.where(blob, 32, 0) | 4096  # 4096: informational
+            return 200, "application/fits", _fits_bytes(data.astype(np.int16), header)
+        zp = f["zp"] + 2.5 * math.log10(f["exptime"])
+        image = _render(stars, wcs, size, zp, 0.25, seed=f.get("k", 7))
+        image[blob] = 10 ** (0.4 * (zp - 12.0))  # a saturated star's core, masked
+        image[blank] = 0.0
+        header["EXPTIME"] = f["exptime"]
+        if f["kind"] == "stack":
+            soften, offset = 10 ** (0.4 * (zp - 25.0)), 0.0
+            header.update(BSOFTEN=soften, BOFFSET=offset)
+            image = A * np.arcsinh((image - offset) / (2 * soften))
+        else:
+            header["HIERARCH FPA.ZP"] = f["zp"]
+        return 200, "application/fits", _fits_bytes(image.astype(np.float32), header)
+
+    return {"/cgi-bin/ps1filenames.py": listing, "/cgi-bin/fitscut.cgi": cutout}
+
+
+def _render(stars: Table, wcs: WCS, size: int, zp: float, scale: float, *, seed: int) -> np.ndarray:
+    """Gaussian stars (FWHM_ARCSEC) of the catalogue on a size x size grid of ``scale`` arcsec/px, plus faint noise."""
+    sig = FWHM_ARCSEC / 2.3548 / scale
+    image = np.zeros((size, size))
+    x, y = wcs.all_world2pix(stars["ra"], stars["dec"], 0)
+    flux = 10 ** (-0.4 * (np.asarray(stars["mag"]) - zp))
+    half = int(math.ceil(6 * sig))
+    for xi, yi, fi in zip(x, y, flux, strict=True):
+        ix, iy = int(round(xi)), int(round(yi))
+        x0, x1, y0, y1 = max(ix - half, 0), min(ix + half + 1, size), max(iy - half, 0), min(iy + half + 1, size)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+        image[y0:y1, x0:x1] += fi / (2 * math.pi * sig**2) * np.exp(-((gx - xi) ** 2 + (gy - yi) ** 2) / (2 * sig**2))
+    # sky noise: a r = 21 star has S/N ~ 100 in a 5 arcsec aperture
+    return image + np.random.default_rng(seed).normal(0.0, 2e-3 * 10 ** (0.4 * (zp - 25.0)), image.shape)
+
+
+def _tan(ra0: float, dec0: float, size: int, scale: float) -> fits.Header:
+    header = fits.Header()
+    header.update(
+        CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=ra0, CRVAL2=dec0, CRPIX1=(size + 1) / 2, CRPIX2=(size + 1) / 2
+    )
+    header.update(CD1_1=-scale / 3600, CD2_2=scale / 3600, CD1_2=0.0, CD2_1=0.0)
+    return header
+
+
+def _legacy_service(stars: Table):
+    """Answer of the Legacy Surveys viewer's fits-cutout: a one-band cube in nanomaggies, a blank (0) strip at the top."""
+
+    def cutout(q):
+        assert q["layer"] == "ls-dr10" and float(q["pixscale"]) == 0.262 and q["bands"] == "r"
+        size = int(q["size"])
+        header = _tan(float(q["ra"]), float(q["dec"]), size, 0.262)
+        image = _render(stars, WCS(header), size, 22.5, 0.262, seed=11)
+        image[int(0.9 * size) :] = 0.0
+        return 200, "application/fits", _fits_bytes(image[None].astype(np.float32), header)
+
+    return {"/viewer/fits-cutout": cutout}
+
+
+def _fits_bytes(data: np.ndarray, header: fits.Header) -> bytes:
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data, header).writeto(buf)
+    return buf.getvalue()
+
+
+def _settings(url: str, cache: Path, **over) -> dict:
+    tel = {
+        "name": "cam",
+        "pixel_scale": 1.01,
+        "filters": ["r"],
+        "frames": {"science": ["x"], "reference": {"survey": "ps1", "url": url, "cache": str(cache), **over}},
+    }
+    check_schema(tel, "telescope.schema.yaml", "test telescope")
+    return tel["frames"]["reference"]
+
+
+def _aperture(data: np.ndarray, x: np.ndarray, y: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aperture sums and first-moment centroids (px) of a small image around each position."""
+    flux, cx, cy = (np.full(len(x), np.nan) for _ in range(3))
+    for k, (xi, yi) in enumerate(zip(x, y, strict=True)):
+        ix, iy = int(round(xi)), int(round(yi))
+        sl = data[iy - 6 : iy + 7, ix - 6 : ix + 7]
+        if sl.shape != (13, 13) or not np.isfinite(sl).all():
+            continue
+        gy, gx = np.mgrid[iy - 6 : iy + 7, ix - 6 : ix + 7]
+        inside = np.hypot(gx - xi, gy - yi) <= r
+        flux[k] = sl[inside].sum()
+        cx[k] = (sl[inside] * gx[inside]).sum() / flux[k]
+        cy[k] = (sl[inside] * gy[inside]).sum() / flux[k]
+    return flux, cx, cy
+
+
+def _check_against_truth(ref, stars: Table) -> None:
+    """Flux scale within 1 % and positions within 0.05 px: medians over bright isolated stars of the reference."""
+    x, y, mag = np.asarray(stars["x"]), np.asarray(stars["y"]), np.asarray(stars["mag"])
+    dist = np.hypot(x[:, None] - x[None], y[:, None] - y[None]) + np.eye(len(x)) * 1e9
+    isolated = np.min(np.where(mag[None] < mag[:, None] + 5, dist, 1e9), axis=1) > 10
+    use = (mag < 21.0) & isolated & (x > 10) & (x < 245) & (y > 10) & (y < 245)
+    flux, cx, cy = _aperture(ref.data, x[use], y[use], 5.0)
+    ok = np.isfinite(flux) & (flux > 0)
+    assert ok.sum() >= 10
+    dmag = ref.header["MAGZP"] - 2.5 * np.log10(flux[ok]) - mag[use][ok]
+    # flux scale within 1 %: the median over >= 10 stars of S/N > 100 (r < 21 in a deep survey)
+    assert abs(np.median(dmag)) < 0.01, np.median(dmag)
+    # astrometry within 0.05 px: the median centroid offset from the true position
+    assert abs(np.median(cx[ok] - x[use][ok])) < 0.05
+    assert abs(np.median(cy[ok] - y[use][ok])) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["stack", "individual"])
+def test_reference_matches_truth_and_rerun_downloads_nothing(science, tmp_path, mode):
+    tel, path, stars, wcs = science
+    centre = tuple(float(v) for v in wcs.all_pix2world([[127.5, 127.5]], 0)[0])
+    from rbflow.survey import survey_reference
+
+    with FakeService(_service(stars, centre)) as service:
+        settings = _settings(f"{service.url}/cgi-bin", tmp_path / "cache", mode=mode)
+        out = tmp_path / "ref.fits"
+        result = survey_reference(path, out, tel, settings=settings)
+        n_requests = sum(service.requests.values())
+        assert n_requests > 0
+        survey_reference(path, tmp_path / "ref2.fits", tel, settings=settings)
+        assert sum(service.requests.values()) == n_requests  # the rerun downloaded nothing
+    assert result["n"] == (2 if mode == "stack" else 3)
+    ref = read_image(out)
+    _check_against_truth(ref, stars)
+    # the saturated blob is masked in every survey image: no reference pixel there
+    bx, by = wcs.all_world2pix(
+        [centre[0] + BLOB[0] / 3600 / math.cos(math.radians(centre[1]))], [centre[1] + BLOB[1] / 3600], 0
+    )
+    assert not np.isfinite(ref.data[int(round(by[0])), int(round(bx[0]))])
+    # cards the later stages read
+    for key in ("GAIN", "RDNOISE", "SATURATE", "EXPTIME", "FILTER"):
+        assert key in ref.header
+    assert ref.header["SURVEY"] == "ps1" and ref.header["SURVMODE"] == mode
+    assert np.nanmax(ref.data) < ref.header["SATURATE"]
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert len(index) == n_requests and all(len(e["sha256"]) == 64 for e in index.values())
+    # a cached file changed behind the index's back is refused, not used
+    cached = tmp_path / "cache" / next(iter(index.values()))["file"]
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(InputError, match="no longer matches the sha256"):
+        survey_reference(path, tmp_path / "ref3.fits", tel, settings=settings)
+
+
+def test_service_failures_are_clear_and_lose_nothing(science, tmp_path):
+    tel, path, stars, wcs = science
+    centre = tuple(float(v) for v in wcs.all_pix2world([[127.5, 127.5]], 0)[0])
+    from rbflow.survey import survey_reference
+
+    with FakeService(_service(stars, centre), hang_s=2.0) as service:
+        cache = tmp_path / "cache"
+        settings = _settings(f"{service.url}/cgi-bin", cache, timeout=1.0)
+        for fail, message in (("500", "HTTP 500"), ("hang", "no answer within 1 s"), ("empty", "empty answer")):
+            service.fail = fail
+            with pytest.raises(InputError, match=message) as err:
+                survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+            text = str(err.value)
+            assert service.url in text and str(cache) in text and "by hand" in text
+            assert not (tmp_path / "ref.fits").exists()
+            assert not cache.exists() or not [p for p in cache.iterdir() if p.name != "index.json"]
+        # a cutout failing after the listing was fetched keeps the listing
+        service.fail = None
+        routes = dict(service.routes)
+        service.routes["/cgi-bin/fitscut.cgi"] = lambda q: (500, "text/plain", b"down")
+        with pytest.raises(InputError, match="PS1 cutout: the service answered HTTP 500"):
+            survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        kept = sorted(p.name for p in cache.iterdir())
+        assert any("ps1filenames" in name or "filters" in name for name in kept), kept
+        service.routes.update(routes)
+        listing_requests = service.requests["/cgi-bin/ps1filenames.py"]
+        survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        assert service.requests["/cgi-bin/ps1filenames.py"] == listing_requests  # listings came from the cache
+
+
+def test_band_mapping_and_frames(science, tmp_path, monkeypatch):
+    tel, path, stars, wcs = science
+    from rbflow.survey import survey_reference
+
+    with pytest.raises(InputError, match="ps1 has no filter 'R'.*frames.reference.filters"):
+        survey_reference(
+            path, tmp_path / "ref.fits", tel, settings=_settings("http://127.0.0.1:9", tmp_path, filters={"r": "R"})
+        )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.fits").write_bytes(b"")
+    (tmp_path / "b.fits").write_bytes(b"")
+    cam = {**tel, "frames": {"science": ["*.fits"], "reference": {"survey": "ps1"}}}
+    check_schema(cam, "telescope.schema.yaml", "test telescope")
+    frames = [(f.name, f.path, f.reference, f.inputs) for f in frames_of(cam)]
+    assert frames == [
+        ("a_ps1", "resources/cam/survey/a_ps1.fits", None, ("a.fits",)),
+        ("a", "a.fits", "a_ps1", ()),
+        ("b_ps1", "resources/cam/survey/b_ps1.fits", None, ("b.fits",)),
+        ("b", "b.fits", "b_ps1", ()),
+    ]
+    with pytest.raises(ConfigError, match="survey"):
+        check_schema(
+            {**tel, "frames": {"science": ["*.fits"], "reference": {"survey": "dss"}}}, "telescope.schema.yaml", "t"
+        )
+
+
+def test_script_wiring(science, tmp_path):
+    tel, path, stars, wcs = science
+    centre = tuple(float(v) for v in wcs.all_pix2world([[127.5, 127.5]], 0)[0])
+    with FakeService(_service(stars, centre)) as service:
+        out = tmp_path / "ref.fits"
+        sm = SimpleNamespace(
+            input=SimpleNamespace(frame=str(path)),
+            output=[str(out)],
+            params=SimpleNamespace(telescope=tel, settings=_settings(f"{service.url}/cgi-bin", tmp_path / "cache")),
+            log=[str(tmp_path / "survey.log")],
+            rule="survey_reference",
+            wildcards={"telescope": "cam", "frame": "sci_ps1"},
+        )
+        runpy.run_path(str(REPO / "scripts" / "survey_reference.py"), init_globals={"snakemake": sm})
+    assert fits.getheader(out)["SURVEY"] == "ps1"
+    assert "survey reference: 2 ps1 stack image(s)" in (tmp_path / "survey.log").read_text()
+
+
+def test_legacysurvey_reference(science, tmp_path):
+    tel, path, stars, wcs = science
+    from rbflow.survey import survey_reference
+
+    with FakeService(_legacy_service(stars)) as service:
+        settings = _settings(f"{service.url}/viewer", tmp_path / "cache", survey="legacysurvey")
+        result = survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        assert sum(service.requests.values()) == 1
+    assert result["n"] == 1 and result["zeropoint"] == 22.5
+    ref = read_image(tmp_path / "ref.fits")
+    _check_against_truth(ref, stars)
+    assert ref.header["SURVEY"] == "legacysurvey"
+    with pytest.raises(InputError, match="serves coadds only"):
+        survey_reference(path, tmp_path / "x.fits", tel, settings={**settings, "mode": "individual"})
+
+
+def test_a_file_filled_by_hand_is_taken(tmp_path):
+    from rbflow.download import cached_fetch
+
+    with FakeService({"/f": lambda q: (200, "text/plain", b"served")}) as service:
+        service.fail = "500"
+        with pytest.raises(InputError, match="save it as '([^']+)'") as err:
+            cached_fetch(f"{service.url}/f?x=1", tmp_path, what="test file")
+        target = Path(re.search(r"save it as '([^']+)'", str(err.value)).group(1))
+        target.write_bytes(b"by hand")
+        before = sum(service.requests.values())
+        assert cached_fetch(f"{service.url}/f?x=1", tmp_path).read_bytes() == b"by hand"
+        assert sum(service.requests.values()) == before
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index[f"{service.url}/f?x=1"]["bytes"] == 7
