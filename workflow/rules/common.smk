@@ -45,9 +45,14 @@ def telescope_block(*blocks):
 
 
 def subtract_mem_mb(wildcards):
-    """Memory of a `subtract` job (MB): ZOGY needs ~3 GB for 2k x 2k; sfft ~5 GB per 1024-px tile."""
-    cfg = TELESCOPES[wildcards.telescope]["subtract"]
-    if cfg["method"] == "sfft":
+    """Memory of a `subtract` job (MB): ZOGY needs ~3 GB for 2k x 2k; sfft ~5 GB per 1024-px tile.
+
+    `auto` may run sfft on real frames, so it reserves sfft's memory there; on the embedded sky (many
+    PSF stars per cell by construction) it runs ZOGY.
+    """
+    tel = TELESCOPES[wildcards.telescope]
+    cfg = tel["subtract"]
+    if cfg["method"] == "sfft" or (cfg["method"] == "auto" and "sky" not in tel):
         return int(3000 + 5.0e-3 * cfg["sfft"]["tile"] ** 2)
     return 3000
 
