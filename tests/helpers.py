@@ -363,6 +363,20 @@ def write_training(
     return X, y
 
 
+#: Every artefact and flat/sky structure of the embedded sky off: a frame is sky + objects + noise.
+CLEAN_SKY = dict(
+    cosmic_rays=0,
+    hot_pixels=0,
+    bad_columns=0,
+    satellite_rate=0.0,
+    flat_residual=0.0,
+    sky_gradient=0.0,
+    galaxies=0,
+    variables=0,
+    transients=0,
+)
+
+
 #: A small, fast training configuration for the tests.
 TRAIN_CFG = {"widths": [8, 16, 32], "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 3, "device": "cpu"}
 

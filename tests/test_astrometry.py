@@ -7,7 +7,6 @@ import math
 import re
 import runpy
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from fakeservice import FakeService
+from helpers import CLEAN_SKY
 
 from rbflow import astrometry, sky
 from rbflow.config import check_schema, load_telescope, schema_defaults
@@ -23,30 +24,11 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.frames import astrometry_sources, frames_of
 from rbflow.io import read_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakeservice import FakeService  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "config" / "telescopes" / "demo.yaml"
 SEED = 12345
 #: A clean 256^2 demo frame with a known WCS and enough stars for a fit (8000 per 1024^2: ~500 here).
-SKY = dict(
-    fields=1,
-    epochs=1,
-    size=[256, 256],
-    stars=8000,
-    cosmic_rays=0,
-    hot_pixels=0,
-    bad_columns=0,
-    satellite_rate=0.0,
-    flat_residual=0.0,
-    sky_gradient=0.0,
-    galaxies=0,
-    variables=0,
-    transients=0,
-    wcs_error=0.0,
-    distortion_residual=0.0,
-)
+SKY = dict(fields=1, epochs=1, size=[256, 256], stars=8000, **CLEAN_SKY, wcs_error=0.0, distortion_residual=0.0)
 
 
 def _telescope(**over) -> dict:
@@ -244,7 +226,9 @@ def test_gaia_through_tap_is_cached_and_failures_are_clear(field, tmp_path):
     fits.PrimaryHDU(hdu.data, _perturbed(hdu, shift_arcsec=5.0, rotation_deg=0.1)).writeto(frame)
     with FakeService({"/tap/sync": _gaia_route(stars)}, hang_s=2.0) as service:
         cache = tmp_path / "cache"
-        settings = _settings("gaia", url=f"{service.url}/tap", cache=str(cache), timeout=1.0)
+        # 1 s only for the hanging service (it answers after 2 s): a loaded machine is not a hang
+        settings = _settings("gaia", url=f"{service.url}/tap", cache=str(cache), timeout=60.0)
+        hang = _settings("gaia", url=f"{service.url}/tap", cache=str(cache), timeout=1.0)
         out = tmp_path / "out.fits"
         first = astrometry.run_astrometry(frame=str(frame), out_fits=str(out), telescope=tel, settings=settings)
         assert service.requests["/tap/sync"] == 1
@@ -262,7 +246,10 @@ def test_gaia_through_tap_is_cached_and_failures_are_clear(field, tmp_path):
             service.fail = fail
             with pytest.raises(InputError, match=message) as err:
                 astrometry.run_astrometry(
-                    frame=str(other), out_fits=str(tmp_path / "o.fits"), telescope=tel, settings=settings
+                    frame=str(other),
+                    out_fits=str(tmp_path / "o.fits"),
+                    telescope=tel,
+                    settings=hang if fail == "hang" else settings,
                 )
             assert service.url in str(err.value) and str(cache) in str(err.value)
             assert sorted(p.name for p in cache.iterdir()) == before  # nothing lost, nothing half-written

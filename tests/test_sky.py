@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from helpers import CLEAN_SKY
 from numpy.testing import assert_allclose
 from photutils.aperture import CircularAperture, aperture_photometry
 from scipy import ndimage, optimize
@@ -20,18 +21,7 @@ from rbflow.io import read_image, read_table
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "telescopes" / "demo.yaml"
 SEED = 12345
-#: Every artefact and flat/sky structure off: the frame is sky + objects + noise.
-CLEAN = dict(
-    cosmic_rays=0,
-    hot_pixels=0,
-    bad_columns=0,
-    satellite_rate=0.0,
-    flat_residual=0.0,
-    sky_gradient=0.0,
-    galaxies=0,
-    variables=0,
-    transients=0,
-)
+CLEAN = CLEAN_SKY
 
 
 def telescope(**sky_block) -> dict:

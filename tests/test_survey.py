@@ -15,7 +15,6 @@ import json
 import math
 import re
 import runpy
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +23,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from fakeservice import FakeService
+from helpers import CLEAN_SKY
 
 from rbflow import sky
 from rbflow.config import check_schema, load_telescope
@@ -31,29 +32,10 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.frames import frames_of
 from rbflow.io import read_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakeservice import FakeService  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "config" / "telescopes" / "demo.yaml"
 SEED = 12345
-SKY = dict(
-    fields=1,
-    epochs=1,
-    size=[256, 256],
-    stars=3000,
-    cosmic_rays=0,
-    hot_pixels=0,
-    bad_columns=0,
-    satellite_rate=0.0,
-    flat_residual=0.0,
-    sky_gradient=0.0,
-    galaxies=0,
-    variables=0,
-    transients=0,
-    wcs_error=0.0,
-    distortion_residual=0.0,
-)
+SKY = dict(fields=1, epochs=1, size=[256, 256], stars=3000, **CLEAN_SKY, wcs_error=0.0, distortion_residual=0.0)
 A = 2.5 / math.log(10.0)
 FWHM_ARCSEC = 1.2
 #: Exposure (s) and FPA.ZP of the stacks and the three warps.
@@ -277,11 +259,14 @@ def test_service_failures_are_clear_and_lose_nothing(science, tmp_path):
 
     with FakeService(_service(stars, centre), hang_s=2.0) as service:
         cache = tmp_path / "cache"
-        settings = _settings(f"{service.url}/cgi-bin", cache, timeout=1.0)
+        # 1 s for the hanging service (it answers after 2 s); a generous timeout elsewhere, so that a
+        # slow, loaded machine is not taken for a hang
+        settings = _settings(f"{service.url}/cgi-bin", cache, timeout=60.0)
+        hang = _settings(f"{service.url}/cgi-bin", cache, timeout=1.0)
         for fail, message in (("500", "HTTP 500"), ("hang", "no answer within 1 s"), ("empty", "empty answer")):
             service.fail = fail
             with pytest.raises(InputError, match=message) as err:
-                survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+                survey_reference(path, tmp_path / "ref.fits", tel, settings=hang if fail == "hang" else settings)
             text = str(err.value)
             assert service.url in text and str(cache) in text and "by hand" in text
             assert not (tmp_path / "ref.fits").exists()
