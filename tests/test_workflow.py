@@ -152,7 +152,7 @@ def test_apply_path_keeps_the_planted_transients(tiny_run):
             kept += bool(len(survivors)) and np.hypot(survivors["x"] - x, survivors["y"] - y).min() < 2
     assert present >= 4
     assert found == present  # 18-19 mag transients: far above the detection limit
-    # the tiny model trains 3 epochs on a few hundred stamps (test AUC ~0.8): most, not all, survive
+    # the tiny model trains 6 epochs on a few hundred stamps (test AUC ~0.8): most, not all, survive
     assert kept >= 0.6 * present, (kept, present)
 
 
