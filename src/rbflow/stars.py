@@ -30,15 +30,17 @@ __all__ = [
 #: Ratio of a Gaussian's standard deviation to its FWHM, 1 / (2 sqrt(2 ln 2)).
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
-#: Accepted DAOFIND sharpness (DAOFIND's and photutils' ``DAOStarFinder`` defaults). A star of
-#: the given FWHM has 0.4-0.6 (Gaussian or Moffat, FWHM 2-6 px); a single hot pixel > 3.
+#: Accepted DAOFIND sharpness (DAOFIND's default is 0.2-1.0; 0.9 rejects two-pixel cosmic rays
+#: of FWHM 2.5 px frames, 1.1-1.2). A star of the given FWHM has 0.4-0.6 (Gaussian or Moffat,
+#: FWHM 2.5-6 px); a single hot pixel 1.4 (FWHM 2.5 px) to 4 (FWHM 6 px).
 SHARPNESS_RANGE = (0.2, 0.9)
 
 _SHARPNESS_SIGMAS = 2.0  # the sharpness range is widened by this many times its sky-noise error
 
 #: Largest accepted roundness (second-moment ellipticity in a Gaussian window of twice the PSF's
-#: sigma, see :func:`find_stars`). A round star has 0 (plus noise, ~0.1 at S/N 10), a PSF of
-#: axis ratio 0.8 about 0.15; a trail 3 FWHM long 0.47, an infinite one 0.67.
+#: sigma, see :func:`find_stars`). A round star has 0 plus sky noise (at matched-filter S/N
+#: 10-20: median 0.15, 95 % below 0.31; at S/N > 50: < 0.06), a PSF of axis ratio 0.8 0.18;
+#: a trail 3 FWHM long 0.57, an infinite one 0.66 (FWHM 2.5-6 px, noiseless).
 MAX_ROUNDNESS = 0.4
 
 
@@ -204,11 +206,12 @@ def find_stars(
 
     Star-shaped means a DAOFIND sharpness (Stetson 1987: the peak pixel minus the mean of the
     other pixels within ``max(2, 1.5 sigma)`` px, over the amplitude of the best-fitting
-    Gaussian of the PSF's sigma plus a constant there) within ``sharpness`` widened by 3 times
+    Gaussian of the PSF's sigma plus a constant there) within ``sharpness`` widened by 2 times
     its sky-noise error (cosmic rays and hot pixels are far sharper, and their S/N is in one or
     two pixels, so their sharpness is precise; a faint star's peak pixel is noisy: at
-    matched-filter S/N 15 and FWHM 4.5 px its sharpness scatters by ~0.3) and a roundness (ellipticity ``|(Ixx - Iyy, 2 Ixy)| / (Ixx +
-    Iyy)`` of the second moments about the centre in a Gaussian window of twice the PSF's
+    matched-filter S/N 10-20 its sharpness scatters by 0.16 at FWHM 2.5 px and 0.29 at 4.5 px,
+    as the error predicts) and a roundness (ellipticity ``|(Ixx - Iyy, 2 Ixy)| / (Ixx + Iyy)``
+    of the second moments about the centre in a Gaussian window of twice the PSF's
     sigma) at most ``max_roundness`` (trails are elongated).
 
     Parameters
