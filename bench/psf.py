@@ -11,6 +11,11 @@ The truth is rendered by ``rbflow.sky._psf_stamps``, the function that draws the
 
 Usage: ``python bench/psf.py [--seed 1] [--corner 60] [--artefacts] [frame ...]``
 (default frames: fld00_r_ref fld00_r_e1 fld01_g_e2; artefacts off unless ``--artefacts``).
+
+``python bench/psf.py --decam DIR`` builds the PSF of the real DECam cut-outs in ``DIR``
+(``../shared/data/decam-sfft``; no truth there): per frame the PSF stars per cell, how each
+cell's ePSF was made and the median model FWHM against the header's ``FWHM`` (the survey
+pipeline's, on the full CCD).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from rbflow.config import load_telescope
-from rbflow.frames import frame_info
-from rbflow.io import Image
+from rbflow.frames import frame_hdu, frame_info
+from rbflow.io import Image, read_image
 from rbflow.psf import build_psf
 from rbflow.sky import _moffat_alphas, _moffat_grid, _psf_stamps, frame_conditions, simulate_frame
 
@@ -127,6 +132,21 @@ def bench_frame(tel: dict, frame: str, *, seed: int, corner: float) -> None:
         )
 
 
+def bench_decam(folder: Path) -> None:
+    """PSF stars, cell sources and median FWHM of the model against the header FWHM of real DECam frames."""
+    tel = load_telescope(REPO / "config" / "telescopes" / "decam.yaml")
+    for path in sorted(folder.glob("DEC-OBS*.fits")):
+        image = read_image(path, hdu=frame_hdu(tel))
+        info = frame_info(image.header, tel, path=path)
+        model = build_psf(image, info, tel["psf"], pixel_scale=tel["pixel_scale"], name=path.name)
+        fw = float(np.median(model.cell_fwhm))
+        head = float(image.header["FWHM"])
+        print(
+            f"{path.name}: stars per cell {list(model.n_stars)} ({sorted(set(model.sources))}), "
+            f"FWHM model {fw:.2f} px, header {head:.2f} px ({100 * (fw / head - 1):+.1f} %)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("frames", nargs="*", default=["fld00_r_ref", "fld00_r_e1", "fld01_g_e2"])
@@ -135,8 +155,12 @@ def main() -> None:
     parser.add_argument(
         "--artefacts", action="store_true", help="keep cosmic rays, hot pixels, bad columns, satellites"
     )
+    parser.add_argument("--decam", type=Path, help="folder of the real DECam cut-outs (instead of demo frames)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.decam:
+        bench_decam(args.decam)
+        return
     tel = load_telescope(REPO / "config" / "telescopes" / "demo.yaml")
     if not args.artefacts:
         for key in ("cosmic_rays", "hot_pixels", "bad_columns", "satellite_rate"):

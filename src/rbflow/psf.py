@@ -3,11 +3,10 @@
 Method
 ------
 1. The sky is estimated with :func:`rbflow.background.background` (the estimator every stage
-   uses) and sources are found with photutils' ``DAOStarFinder`` on the S/N image: its sharpness
-   and roundness cuts reject cosmic rays and hot pixels, which the matched filter of
-   :func:`rbflow.stars.find_stars` does not (with it, the PSF FWHM of demo frames with cosmic
-   rays and hot pixels came out 55-75 % too small). ``IRAFStarFinder`` is avoided: it finds
-   nothing for FWHM 4.5-4.7 px in photutils 3.0.
+   uses) and sources are found with :func:`rbflow.stars.find_stars` (the star finder of every
+   stage), at 5 sigma, isolated or not: its sharpness and roundness cuts reject cosmic rays,
+   hot pixels and trails. When the FWHM measured on them (:func:`rbflow.stars.estimate_fwhm`)
+   differs from the guess by more than 20 %, they are found again with the measured one.
 2. PSF stars are the isolated (no source within 3 FWHM, no source brighter than 2 % of the
    star within the stamp), round, unsaturated (no saturated pixel, core below 80 % of
    saturation) sources with S/N >= ``snr_min`` whose stamp lies inside the frame and holds no
@@ -47,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +57,7 @@ from rbflow.background import background
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo, frame_hdu, pixel_scale_of
 from rbflow.io import Image, read_image, write_figure, write_fits
-from rbflow.stars import FWHM_TO_SIGMA, windowed_centroids
+from rbflow.stars import FWHM_TO_SIGMA, estimate_fwhm, find_stars, windowed_centroids
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -467,29 +465,6 @@ class PSFStars:
         return self.x.size
 
 
-def _find(snr_image: np.ndarray, bad: np.ndarray, fwhm: float, threshold: float) -> Table | None:
-    """Round point sources (DAOStarFinder) of an S/N image above ``threshold``; None when none."""
-    from photutils.detection import DAOStarFinder
-
-    finder = DAOStarFinder(threshold, fwhm, exclude_border=True, roundness_range=(-0.5, 0.5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NoDetectionsWarning; we check for None ourselves
-        return finder(snr_image, mask=bad)
-
-
-def _estimate_fwhm(snr_image: np.ndarray, sources: Table) -> float | None:
-    """Crude FWHM (px) from the pixels above half maximum of the 20 brightest sources."""
-    ny, nx = snr_image.shape
-    best = sources[np.argsort(-np.asarray(sources["peak"]))[:20]]
-    sizes = []
-    for row in best:
-        x, y = int(round(row["x_centroid"])), int(round(row["y_centroid"]))
-        cut = snr_image[max(0, y - 7) : y + 8, max(0, x - 7) : x + 8]
-        peak = np.nanmax(cut)
-        sizes.append(2 * np.sqrt(np.count_nonzero(cut >= peak / 2) / np.pi))
-    return float(np.median(sizes)) if sizes else None
-
-
 def select_psf_stars(
     image: Image, info: FrameInfo, cfg: dict[str, Any], *, fwhm_guess: float, name: str
 ) -> tuple[PSFStars, float]:
@@ -524,25 +499,23 @@ def select_psf_stars(
     ny, nx = data.shape
     bad = ~np.isfinite(data) | (data >= info.saturation)
     sky, noise = background(data, bad)
-    rms = np.full(data.shape, noise if noise > 0 else 1.0)
+    sigma = noise if noise > 0 else 1.0
+    rms = np.full(data.shape, sigma)
     sub = np.where(np.isfinite(data), data - sky, 0.0)
-    snr_img = sub / rms
 
     fwhm = fwhm_guess
-    found = _find(snr_img, bad, fwhm, 5.0)
-    if found is not None and len(found) >= 3:
-        measured = _estimate_fwhm(snr_img, found)
+    found = find_stars(sub, sigma, bad, fwhm=fwhm, snr_min=5.0, max_stars=data.size, isolated=False)
+    if found["x"].size >= 3:
+        measured = estimate_fwhm(sub, found["x"], found["y"])
         if measured is not None and abs(measured / fwhm - 1) > 0.2:
             log.info("frame '%s': FWHM guess %.2f px, measured %.2f px; finding stars again", name, fwhm, measured)
             fwhm = measured
-            found = _find(snr_img, bad, fwhm, 5.0)
+            found = find_stars(sub, sigma, bad, fwhm=fwhm, snr_min=5.0, max_stars=data.size, isolated=False)
     empty = PSFStars(*(np.zeros((0,) * k) for k in (1, 1, 1, 1, 3, 3, 1, 1, 3)))
-    if found is None or len(found) == 0:
+    if found["x"].size == 0:
         return empty, fwhm
 
-    xs = np.asarray(found["x_centroid"], dtype=float)
-    ys = np.asarray(found["y_centroid"], dtype=float)
-    peak = np.asarray(found["peak"], dtype=float)
+    xs, ys, peak = found["x"], found["y"], found["snr"]  # matched-filter S/N: proportional to the flux
     # Aperture S/N within 1.5 FWHM (sky and source Poisson noise).
     r_ap = 1.5 * fwhm
     keep = (xs >= half) & (xs <= nx - 1 - half) & (ys >= half) & (ys <= ny - 1 - half)

@@ -1,10 +1,14 @@
-"""Stars of a background-subtracted frame: the star finder and the windowed centroid.
+"""Stars of a background-subtracted frame: the star finder, its FWHM estimate and the windowed centroid.
 
-:func:`find_stars` finds bright, isolated point sources as peaks of the frame smoothed by a
-Gaussian of the PSF's width (a matched filter, so its peak S/N is the optimal detection S/N of a
-Gaussian star), and centres them with :func:`windowed_centroids`: Gaussian-windowed first moments
-iterated to convergence (SExtractor's ``XWIN_IMAGE``), unbiased for symmetric profiles.
-:func:`grow_mask` dilates a mask of invalid pixels (stars next to them are not used).
+:func:`find_stars` (the one star finder of every stage: psf, align, validate) finds point sources
+as peaks of the frame smoothed by a Gaussian of the PSF's width (a matched filter, so its peak
+S/N is the optimal detection S/N of a Gaussian star), rejects what is not shaped like a star
+with DAOFIND's sharpness (cosmic rays and hot pixels are far sharper than the PSF) and a
+second-moment roundness (satellite and bleed trails are elongated), and centres them with
+:func:`windowed_centroids`: Gaussian-windowed first moments iterated to convergence
+(SExtractor's ``XWIN_IMAGE``), unbiased for symmetric profiles. :func:`estimate_fwhm` measures
+the FWHM of found stars (to correct a first guess); :func:`grow_mask` dilates a mask of invalid
+pixels (stars next to them are not used).
 """
 
 from __future__ import annotations
@@ -13,10 +17,31 @@ import math
 
 import numpy as np
 
-__all__ = ["FWHM_TO_SIGMA", "find_stars", "grow_mask", "windowed_centroids"]
+__all__ = [
+    "FWHM_TO_SIGMA",
+    "SHARPNESS_RANGE",
+    "MAX_ROUNDNESS",
+    "estimate_fwhm",
+    "find_stars",
+    "grow_mask",
+    "windowed_centroids",
+]
 
 #: Ratio of a Gaussian's standard deviation to its FWHM, 1 / (2 sqrt(2 ln 2)).
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+#: Accepted DAOFIND sharpness (DAOFIND's default is 0.2-1.0; 0.9 rejects two-pixel cosmic rays
+#: of FWHM 2.5 px frames, 1.1-1.2). A star of the given FWHM has 0.4-0.6 (Gaussian or Moffat,
+#: FWHM 2.5-6 px); a single hot pixel 1.4 (FWHM 2.5 px) to 4 (FWHM 6 px).
+SHARPNESS_RANGE = (0.2, 0.9)
+
+_SHARPNESS_SIGMAS = 2.0  # the sharpness range is widened by this many times its sky-noise error
+
+#: Largest accepted roundness (second-moment ellipticity in a Gaussian window of twice the PSF's
+#: sigma, see :func:`find_stars`). A round star has 0 plus sky noise (at matched-filter S/N
+#: 10-20: median 0.15, 95 % below 0.31; at S/N > 50: < 0.06), a PSF of axis ratio 0.8 0.18;
+#: a trail 3 FWHM long 0.57, an infinite one 0.66 (FWHM 2.5-6 px, noiseless).
+MAX_ROUNDNESS = 0.4
 
 
 def grow_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
@@ -115,6 +140,49 @@ def windowed_centroids(
     return x, y
 
 
+def _shapes(
+    data: np.ndarray, px: np.ndarray, py: np.ndarray, sig: float, noise: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DAOFIND sharpness, its sky-noise error and the second-moment roundness of the sources peaking at (px, py)."""
+    if px.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    # sharpness: (peak pixel - mean of the other footprint pixels) / amplitude of the best-fitting
+    # Gaussian + constant over the footprint (radius max(2, 1.5 sigma), as DAOFIND)
+    r_fp = max(2.0, 1.5 * sig)
+    st, xx, yy = _stamps(data, px, py, int(r_fp))
+    d2 = (xx - px[:, None, None]) ** 2 + (yy - py[:, None, None]) ** 2
+    foot = d2[0] <= r_fp**2
+    g = np.exp(-d2[0] / (2 * sig**2))[foot]
+    g -= g.mean()
+    vals = st[:, foot]
+    amp = vals @ g / (g @ g)
+    centre = st[:, st.shape[1] // 2, st.shape[2] // 2]
+    others = (vals.sum(axis=1) - centre) / (foot.sum() - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sharp = np.where(amp > 0, (centre - others) / amp, np.inf)
+        # first-order error from the sky noise of the numerator and of the amplitude
+        n_fp = foot.sum()
+        err = noise * np.sqrt(1 + 1 / (n_fp - 1) + sharp**2 / (g @ g)) / np.abs(amp)
+    # roundness: ellipticity |(Ixx - Iyy, 2 Ixy)| / (Ixx + Iyy) of the second moments about the
+    # windowed first moment, in a Gaussian window of 2 sigma (wide enough to see a trail's length)
+    sw = 2 * sig
+    st, xx, yy = _stamps(data, px, py, int(math.ceil(3 * sw)))
+    dx = xx - px[:, None, None]
+    dy = yy - py[:, None, None]
+    w = np.exp(-(dx**2 + dy**2) / (2 * sw**2)) * st
+    norm = w.sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx = (w * dx).sum(axis=(1, 2)) / norm
+        my = (w * dy).sum(axis=(1, 2)) / norm
+        ux = dx - mx[:, None, None]
+        uy = dy - my[:, None, None]
+        ixx = (w * ux * ux).sum(axis=(1, 2)) / norm
+        iyy = (w * uy * uy).sum(axis=(1, 2)) / norm
+        ixy = (w * ux * uy).sum(axis=(1, 2)) / norm
+        rnd = np.hypot(ixx - iyy, 2 * ixy) / (ixx + iyy)
+    return sharp, err, np.where((norm > 0) & (ixx + iyy > 0), rnd, np.inf)
+
+
 def find_stars(
     data: np.ndarray,
     sigma: float,
@@ -123,14 +191,49 @@ def find_stars(
     fwhm: float,
     snr_min: float,
     max_stars: int = 300,
+    isolated: bool = True,
+    sharpness: tuple[float, float] = SHARPNESS_RANGE,
+    max_roundness: float = MAX_ROUNDNESS,
 ) -> dict[str, np.ndarray]:
-    """Bright, isolated, unmasked point-like peaks of a background-subtracted image.
+    """Unmasked, star-shaped (and by default isolated) peaks of a background-subtracted image.
 
     The image (masked pixels set to 0) is smoothed by a Gaussian of the PSF's sigma; a peak is
     a local maximum within ``2 round(fwhm) + 1`` px above 5 times the smoothed noise. Kept are the
-    peaks at least ``3 fwhm`` from the edges, ``2 fwhm`` from a masked pixel, with no other peak
-    within ``3 fwhm`` brighter than 1 % of theirs and S/N >= ``snr_min``; they are centred with
-    :func:`windowed_centroids` (a centroid more than 1.5 px from its peak is dropped).
+    peaks at least ``3 fwhm`` from the edges, ``2 fwhm`` from a masked pixel, shaped like a star
+    and with S/N >= ``snr_min``; with ``isolated``, also no other peak (star or not) within
+    ``3 fwhm`` brighter than 1 % of theirs. They are centred with :func:`windowed_centroids`
+    (a centroid more than 1.5 px from its peak is dropped).
+
+    Star-shaped means a DAOFIND sharpness (Stetson 1987: the peak pixel minus the mean of the
+    other pixels within ``max(2, 1.5 sigma)`` px, over the amplitude of the best-fitting
+    Gaussian of the PSF's sigma plus a constant there) within ``sharpness`` widened by 2 times
+    its sky-noise error (cosmic rays and hot pixels are far sharper, and their S/N is in one or
+    two pixels, so their sharpness is precise; a faint star's peak pixel is noisy: at
+    matched-filter S/N 10-20 its sharpness scatters by 0.16 at FWHM 2.5 px and 0.29 at 4.5 px,
+    as the error predicts) and a roundness (ellipticity ``|(Ixx - Iyy, 2 Ixy)| / (Ixx + Iyy)``
+    of the second moments about the centre in a Gaussian window of twice the PSF's
+    sigma) at most ``max_roundness`` (trails are elongated).
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Background-subtracted image (ADU).
+    sigma : float
+        Its sky noise (ADU per pixel).
+    bad : numpy.ndarray
+        Boolean mask of invalid pixels.
+    fwhm : float
+        PSF FWHM (px).
+    snr_min : float
+        Minimum matched-filter peak S/N.
+    max_stars : int, optional
+        At most this many stars, the brightest.
+    isolated : bool, optional
+        Drop stars with a neighbouring peak (False: every star, e.g. to mask neighbours).
+    sharpness : tuple of float, optional
+        Accepted DAOFIND sharpness range.
+    max_roundness : float, optional
+        Largest accepted roundness.
 
     Parameters
     ----------
@@ -150,8 +253,8 @@ def find_stars(
     Returns
     -------
     dict of numpy.ndarray
-        ``x``, ``y`` (windowed centroids, px) and ``snr`` (matched-filter peak S/N), sorted by
-        decreasing S/N.
+        ``x``, ``y`` (windowed centroids, px), ``snr`` (matched-filter peak S/N),
+        ``sharpness`` and ``roundness``, sorted by decreasing S/N.
     """
     from scipy import ndimage
     from scipy.spatial import cKDTree
@@ -169,13 +272,54 @@ def find_stars(
     near_bad = grow_mask(bad, max(1, int(round(2 * fwhm))))
     keep &= ~near_bad[py, px]
     # isolation: no other peak (>= 5 sigma) within 3 FWHM unless it is 100x fainter
-    if px.size > 1:
+    if isolated and px.size > 1:
         i, j = cKDTree(np.c_[px, py]).query_pairs(3 * fwhm, output_type="ndarray").T
         keep[i[snr[j] > 0.01 * snr[i]]] = False
         keep[j[snr[i] > 0.01 * snr[j]]] = False
     keep &= snr >= snr_min
+    sharp, err, rnd = np.full(px.size, np.nan), np.full(px.size, np.nan), np.full(px.size, np.nan)
+    sharp[keep], err[keep], rnd[keep] = _shapes(filled, px[keep], py[keep], sig_g, sigma)
+    tol = _SHARPNESS_SIGMAS * err
+    keep &= (sharp >= sharpness[0] - tol) & (sharp <= sharpness[1] + tol) & (rnd <= max_roundness)
     order = np.argsort(-snr[keep])[:max_stars]
     xs, ys, sn = px[keep][order].astype(float), py[keep][order].astype(float), snr[keep][order]
     xc, yc = windowed_centroids(filled, xs, ys, sig_g)
     good = (np.hypot(xc - xs, yc - ys) < 1.5) & np.isfinite(xc) & np.isfinite(yc)
-    return {"x": xc[good], "y": yc[good], "snr": sn[good]}
+    return {
+        "x": xc[good],
+        "y": yc[good],
+        "snr": sn[good],
+        "sharpness": sharp[keep][order][good],
+        "roundness": rnd[keep][order][good],
+    }
+
+
+def estimate_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray, *, n: int = 20) -> float | None:
+    """Crude FWHM (px) of stars: the median over the first ``n`` of the pixel-count diameter.
+
+    For each star, the diameter ``2 sqrt(N / pi)`` of the circle with the area of the ``N``
+    pixels at or above half the highest pixel within 7 px of it (a 15 x 15 px box). Pixel
+    counting and a peak pixel below the true peak make it coarse (~10 % for FWHM 3-6 px): it is
+    meant to correct a first guess of the FWHM that is off by more than that, not to measure it.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Background-subtracted image (any unit; NaN ignored).
+    x, y : numpy.ndarray
+        Star positions (px), the brightest first (e.g. from :func:`find_stars`).
+    n : int, optional
+        Stars used.
+
+    Returns
+    -------
+    float or None
+        The FWHM (px); None without any star.
+    """
+    sizes = []
+    for xi, yi in zip(np.asarray(x)[:n], np.asarray(y)[:n]):
+        ix, iy = int(round(float(xi))), int(round(float(yi)))
+        cut = data[max(0, iy - 7) : iy + 8, max(0, ix - 7) : ix + 8]
+        peak = np.nanmax(cut)
+        sizes.append(2 * np.sqrt(np.count_nonzero(cut >= peak / 2) / np.pi))
+    return float(np.median(sizes)) if sizes else None
