@@ -223,7 +223,10 @@ def test_a_table_hdu_asked_for_as_image_is_refused(tmp_path):
     fits.HDUList(
         [fits.PrimaryHDU(np.ones((4, 4), np.float32)), fits.BinTableHDU.from_columns([col], name="CAT")]
     ).writeto(path)
-    with pytest.raises(InputError, match=r"'.*f\.fits' has no 2-D image HDU named 'CAT': give the file"):
+    with pytest.raises(
+        InputError,
+        match=r"'.*f\.fits' has no 2-D image HDU named 'CAT' \(its HDUs: .*'CAT'.*\): give the file.*frames\.hdu",
+    ):
         read_image(path, hdu="CAT")
 
 
@@ -551,7 +554,7 @@ def test_missing_telescope_file_lists_the_available_ones(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_run_config(tmp_path, telescopes=["nosuch"]))
     assert f"'{REPO}/tests/data/telescopes/nosuch.yaml' does not exist" in str(info.value)
-    assert "available: tiny" in str(info.value) and "TEMPLATE.yaml" in str(info.value)
+    assert "available: realpsf, tiny" in str(info.value) and "TEMPLATE.yaml" in str(info.value)
 
 
 def test_on_bad_frame_defaults_to_stop(tmp_path):
