@@ -56,7 +56,7 @@ def _training_job(proc: subprocess.Popen) -> psutil.Process | None:
             cmdline = child.cmdline()
         except psutil.Error:  # ended (or a zombie) since it was listed
             continue
-        if cmdline and Path(cmdline[0]).name.startswith("python") and cmdline[-1].endswith(".train.py"):
+        if cmdline and Path(cmdline[0]).name.startswith("python") and cmdline[-1].endswith(".train_model.py"):
             return child
     return None
 
