@@ -466,6 +466,7 @@ def test_workflow_script_gives_the_cli_scores(tmp_path, model_dir):
         input=SimpleNamespace(folder=str(folder), model=str(model_dir / "model.pt")),
         output=SimpleNamespace(table=str(tmp_path / "wf" / "alerts.ecsv"), kept=str(tmp_path / "wf" / "kept")),
         params=SimpleNamespace(alerts=alerts_cfg),
+        threads=2,
         log=[str(tmp_path / "score.log")],
         rule="alerts_score",
         wildcards={},

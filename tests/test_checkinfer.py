@@ -186,6 +186,7 @@ def test_checkinfer_script_wiring(trained, tmp_path):
         ),
         output=SimpleNamespace(summary=str(out / "summary.json")),
         params=SimpleNamespace(threshold=0.4, thresholds=[0.5], seed=1),
+        threads=2,
         log=[str(tmp_path / "checkinfer.log")],
         rule="checkinfer_plots",
         wildcards={"telescope": "t"},
