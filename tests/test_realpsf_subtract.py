@@ -12,6 +12,7 @@ subtraction reach them.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def realpsf_run(tmp_path_factory):
 def test_auto_takes_zogy_when_the_models_hold_enough_stars(realpsf_run):
     _, root = realpsf_run
     hdr = fits.getheader(root / "sub.fits")
-    # 16 and 20 PSF stars (the stage's own min_stars is 4): enough for the rule, yet see below
+    # 15-20 PSF stars per model (the stage's own min_stars is 4; the count follows the star finder's
+    # shape cuts): enough for the rule, yet see below
     assert hdr["METHOD"] == "zogy"
-    assert hdr["METHAUTO"] == "zogy: PSF stars per cell sci 16, ref 20 >= 8"
+    m = re.fullmatch(r"zogy: PSF stars per cell sci (\d+), ref (\d+) >= 8", hdr["METHAUTO"])
+    assert m and min(int(m.group(1)), int(m.group(2))) >= 8, hdr["METHAUTO"]
 
 
 @pytest.mark.xfail(
