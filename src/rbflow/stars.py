@@ -235,21 +235,6 @@ def find_stars(
     max_roundness : float, optional
         Largest accepted roundness.
 
-    Parameters
-    ----------
-    data : numpy.ndarray
-        Background-subtracted image (ADU).
-    sigma : float
-        Its sky noise (ADU per pixel).
-    bad : numpy.ndarray
-        Boolean mask of invalid pixels.
-    fwhm : float
-        PSF FWHM (px).
-    snr_min : float
-        Minimum matched-filter peak S/N.
-    max_stars : int, optional
-        At most this many stars, the brightest.
-
     Returns
     -------
     dict of numpy.ndarray
