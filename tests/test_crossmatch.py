@@ -10,7 +10,16 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose
 
-from rbflow.crossmatch import crossmatch, label_cutouts, read_catalogue, relabel_digest, run_crossmatch
+from rbflow import sky
+from rbflow.crossmatch import (
+    REF_PREFIX,
+    crossmatch,
+    label_cutouts,
+    read_catalogue,
+    relabel_digest,
+    run_crossmatch,
+    truth_kinds,
+)
 from rbflow.cutouts import MANIFEST
 from rbflow.errors import InputError
 from rbflow.io import write_table
@@ -27,8 +36,8 @@ def _wcs() -> WCS:
     return w
 
 
-def _with_sky(table: Table) -> Table:
-    table["ra"], table["dec"] = _wcs().pixel_to_world_values(table["x"], table["y"])
+def _with_sky(table: Table, wcs: WCS | None = None) -> Table:
+    table["ra"], table["dec"] = (wcs or _wcs()).pixel_to_world_values(table["x"], table["y"])
     return table
 
 
@@ -258,3 +267,229 @@ def test_label_cutouts_follows_new_labels_unless_a_person_moved_the_same_candida
     assert all(out["label_folder"] == "false")
     assert (train / "false" / "a_sim0_1.fits").read_bytes() == b"FITS a_sim0_1 13.0"
     assert relabel_digest(train) == "auto"
+
+
+# --- truth kinds: what a candidate sits on in the truth tables of its frames ------------------------
+
+
+def _ref_wcs() -> WCS:
+    """The reference frame: shifted, rotated by 10 deg and with pixels twice as large as the science frame's."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [40.5, 70.5]
+    c, s = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
+    w.wcs.cd = 2.0e-4 * np.array([[-c, s], [s, c]])  # 0.72 arcsec/px
+    return w
+
+
+def _science_truth() -> Table:
+    """Science frame (pixels of _wcs()): points, a trail (segment) and a ghost (extent)."""
+    nan = np.nan
+    rows = [
+        # id, kind, x, y, x1, y1, extent
+        ("star1", "star", 30.0, 30.0, nan, nan, 0.0),
+        ("cr0", "cosmic_ray", 60.0, 30.0, nan, nan, 0.0),
+        ("sat0", "satellite", 10.0, 90.0, 120.0, 90.0, 0.0),
+        ("star2", "star", 90.0, 91.0, nan, nan, 0.0),
+        ("gh0", "ghost", 100.0, 50.0, nan, nan, 8.0),
+        ("hot0", "hot_pixel", 101.0, 52.0, nan, nan, 0.0),
+        ("ast0", "asteroid", 40.0, 60.0, nan, nan, 0.0),
+    ]
+    t = Table(rows=rows, names=("id", "kind", "x", "y", "x1", "y1", "extent"))
+    _with_sky(t)
+    t["ra1"], t["dec1"] = _wcs().pixel_to_world_values(t["x1"], t["y1"])
+    return t
+
+
+def _reference_truth() -> Table:
+    """Reference frame (pixels of _ref_wcs()), built from science-frame positions through the sky."""
+    nan = np.nan
+    rows = [
+        # id, kind, science x, y, x1, y1, extent in reference pixels
+        ("star1", "star", 30.0, 30.0, nan, nan, 0.0),  # the science frame's star1: left out
+        ("bl0", "bleed", 70.0, 110.0, 70.0, 125.0, 0.0),
+        ("star9", "star", 15.0, 60.0, nan, nan, 0.0),  # a star only the reference has
+        ("gh9", "ghost", 20.0, 120.0, nan, nan, 4.0),  # 4 reference px = 8 science px
+    ]
+    t = Table(rows=rows, names=("id", "kind", "x", "y", "x1", "y1", "extent"))
+    sci, ref = _wcs(), _ref_wcs()
+    t["ra"], t["dec"] = sci.pixel_to_world_values(t["x"], t["y"])
+    t["ra1"], t["dec1"] = sci.pixel_to_world_values(t["x1"], t["y1"])
+    t["x"], t["y"] = ref.world_to_pixel_values(t["ra"], t["dec"])
+    t["x1"], t["y1"] = ref.world_to_pixel_values(t["ra1"], t["dec1"])
+    return t
+
+
+#: Candidates (science pixels) and the kind each sits on, with both truth tables (radius 2 px).
+KIND_CASES = [
+    ((30.5, 30.0), "star"),  # reference star1 is the same object: the science row stands for it
+    ((61.0, 31.0), "cosmic_ray"),  # 1.41 px
+    ((64.0, 30.0), ""),  # 4 px from the cosmic ray
+    ((50.0, 91.5), "satellite"),  # 1.5 px from the trail's segment, 40 px from its ends
+    ((125.0, 90.0), ""),  # 5 px beyond the trail's end
+    ((90.0, 91.2), "star"),  # on the trail too (1.2 px), but 0.2 px from the star
+    ((100.0, 59.0), "ghost"),  # 9 px from the ghost's centre, 1 px beyond its extent of 8
+    ((100.0, 61.0), ""),  # 3 px beyond the extent
+    ((100.0, 52.0), "ghost"),  # inside the ghost (distance 0) beats the hot pixel 1 px away
+    ((71.0, 118.0), REF_PREFIX + "bleed"),  # 1 px from the reference's bleed trail
+    ((71.0, 128.0), ""),  # 3.2 px from the bleed's end
+    ((15.5, 60.0), REF_PREFIX + "star"),
+    ((20.0, 129.5), REF_PREFIX + "ghost"),  # 9.5 px: 1.5 px beyond 8 science px (4 reference px)
+    ((40.0, 60.5), "asteroid"),
+    ((np.nan, np.nan), ""),  # a candidate without a position sits on nothing
+]
+
+
+def _kind_candidates(cases=KIND_CASES) -> Table:
+    xy = np.array([c[0] for c in cases], dtype=float)
+    return Table({"id": [f"img_sim0_{i}" for i in range(len(cases))], "x": xy[:, 0], "y": xy[:, 1]})
+
+
+def test_truth_kinds_of_points_segments_extents_and_the_reference():
+    kinds = truth_kinds(_kind_candidates(), _science_truth(), radius=RADIUS, reference=_reference_truth())
+    assert list(kinds) == [c[1] for c in KIND_CASES]
+    # without the reference table its kinds are gone and nothing else changes
+    alone = truth_kinds(_kind_candidates(), _science_truth(), radius=RADIUS)
+    assert list(alone) == ["" if c[1].startswith(REF_PREFIX) else c[1] for c in KIND_CASES]
+    # a larger radius reaches the points 3-4 px away
+    wide = truth_kinds(_kind_candidates(), _science_truth(), radius=4.5, reference=_reference_truth())
+    assert (wide[2], wide[7], wide[10]) == ("cosmic_ray", "ghost", REF_PREFIX + "bleed")
+
+
+def test_truth_kinds_reads_tables_without_the_geometry_columns():
+    """Truth tables of older versions (no x1, y1, ra1, dec1, extent): every row is a point of extent 0."""
+    old_sci = _science_truth()
+    old_sci.remove_columns(["x1", "y1", "ra1", "dec1", "extent"])
+    old_ref = _reference_truth()
+    old_ref.remove_columns(["x1", "y1", "ra1", "dec1", "extent"])
+    kinds = truth_kinds(_kind_candidates(), old_sci, radius=RADIUS, reference=old_ref)
+    expected = [c[1] for c in KIND_CASES]
+    # the trail is its first end, the ghost its centre, the bleed its first end (110): now all too far
+    for i, now in ((3, ""), (6, ""), (8, "hot_pixel"), (9, ""), (12, "")):
+        expected[i] = now
+    assert list(kinds) == expected
+    # NaN geometry reads the same as absent geometry
+    nan_sci = _science_truth()
+    for col in ("x1", "y1", "extent"):
+        nan_sci[col] = np.nan
+    assert list(truth_kinds(_kind_candidates(), nan_sci, radius=RADIUS)) == list(
+        truth_kinds(_kind_candidates(), old_sci, radius=RADIUS)
+    )
+
+
+def test_truth_kinds_errors():
+    cands = _kind_candidates()
+    with pytest.raises(ValueError, match="radius"):
+        truth_kinds(cands, _science_truth(), radius=0.0)
+    bad = _reference_truth()
+    bad.remove_column("ra")
+    with pytest.raises(InputError, match="reference truth table lacks column.*ra"):
+        truth_kinds(cands, _science_truth(), radius=RADIUS, reference=bad)
+    with pytest.raises(InputError, match="fewer than 3 rows"):
+        truth_kinds(cands, _science_truth()[:2], radius=RADIUS, reference=_reference_truth())
+    assert truth_kinds(cands[:0], _science_truth(), radius=RADIUS).shape == (0,)
+    assert list(truth_kinds(cands, _science_truth()[:0], radius=RADIUS)) == [""] * len(cands)
+
+
+def _kind_run(tmp_path, monkeypatch, real_kinds, *, reference=True):
+    """run_crossmatch on KIND_CASES plus an injected source and a catalogue source, with the truth tables."""
+    monkeypatch.setattr(sky, "REAL_KINDS", real_kinds, raising=False)
+    cands = _with_sky(_kind_candidates(KIND_CASES[:-1] + [((20.0, 20.0), "injected"), ((10.0, 10.0), "catalogue")]))
+    n = len(cands)
+    cands["mag"], cands["mag_err"], cands["snr"] = np.full(n, 20.0), np.full(n, 0.1), np.full(n, 10.0)
+    inj = _with_sky(Table({"id": ["inj0"], "x": [20.3], "y": [20.0], "mag": [19.0]}))
+    ra, dec = _wcs().pixel_to_world_values([10.0], [10.5])
+    Table({"ra": ra, "dec": dec}).write(tmp_path / "known.ecsv", format="ascii.ecsv", overwrite=True)
+    write_table(cands, tmp_path / "cands.ecsv")
+    write_table(inj, tmp_path / "inj.ecsv")
+    write_table(_science_truth(), tmp_path / "sci_truth.ecsv")
+    write_table(_reference_truth(), tmp_path / "ref_truth.ecsv")
+    out = tmp_path / "xm"
+    _, labels = run_crossmatch(
+        tmp_path / "cands.ecsv",
+        tmp_path / "inj.ecsv",
+        out / "t.ecsv",
+        out / "t.dat",
+        out / "t.per_candidate.ecsv",
+        radius=RADIUS,
+        catalogues=[str(tmp_path / "known.ecsv")],
+        truth_path=tmp_path / "sci_truth.ecsv",
+        reference_truth_path=tmp_path / "ref_truth.ecsv" if reference else None,
+    )
+    back = Table.read(out / "t.per_candidate.ecsv")
+    for col in ("truth_kind", "match_kind"):  # ECSV reads '' back as masked
+        back[col] = np.asarray(np.ma.filled(back[col], "")).astype(str)
+    assert list(back["truth_kind"]) == list(labels["truth_kind"])
+    return labels, back
+
+
+def test_run_crossmatch_tags_truth_kinds_and_matches_asteroids(tmp_path, monkeypatch):
+    labels, back = _kind_run(tmp_path, monkeypatch, ("variable", "transient", "asteroid"))
+    expected = [c[1] for c in KIND_CASES[:-1]] + ["injected", "catalogue"]
+    assert list(back["truth_kind"]) == expected
+    asteroid = expected.index("asteroid")
+    # the asteroid is real through the truth (a known solar-system object); the rest matched nothing
+    assert back["label"][asteroid] == "true" and back["match_kind"][asteroid] == "truth"
+    assert list(back["label"][-2:]) == ["true", "true"]
+    assert list(back["match_kind"][-2:]) == ["injected", "catalogue"]
+    others = [i for i in range(len(expected) - 2) if i != asteroid]
+    assert set(back["label"][others]) == {"false"} and set(back["match_kind"][others]) == {""}
+    assert back.meta["truth"] == [str(tmp_path / "sci_truth.ecsv"), str(tmp_path / "ref_truth.ecsv")]
+
+
+def test_run_crossmatch_asteroids_stay_false_until_the_sky_calls_them_real(tmp_path, monkeypatch):
+    _, back = _kind_run(tmp_path, monkeypatch, ("variable", "transient"), reference=False)
+    asteroid = list(back["truth_kind"]).index("asteroid")
+    assert (back["label"][asteroid], back["match_kind"][asteroid]) == ("false", "")
+    assert REF_PREFIX + "bleed" not in set(back["truth_kind"])  # no reference table given
+    with pytest.raises(ValueError, match="needs the science frame's truth table"):
+        run_crossmatch(
+            tmp_path / "cands.ecsv",
+            tmp_path / "inj.ecsv",
+            tmp_path / "a",
+            tmp_path / "b",
+            tmp_path / "c",
+            radius=RADIUS,
+            reference_truth_path=tmp_path / "ref_truth.ecsv",
+        )
+    broken = _science_truth()
+    broken.remove_column("kind")
+    write_table(broken, tmp_path / "broken.ecsv")
+    with pytest.raises(InputError, match="broken.ecsv.*lacks column.*kind"):
+        run_crossmatch(
+            tmp_path / "cands.ecsv",
+            tmp_path / "inj.ecsv",
+            tmp_path / "a",
+            tmp_path / "b",
+            tmp_path / "c",
+            radius=RADIUS,
+            truth_path=tmp_path / "broken.ecsv",
+        )
+
+
+def test_label_cutouts_keeps_the_truth_kind_when_a_person_moves_a_cutout(tmp_path):
+    d0 = _cutout_dir(tmp_path, "a_sim0", 3)
+    labels = tmp_path / "labels.ecsv"
+    Table(
+        {
+            "id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"],
+            "label": ["true", "false", "false"],
+            "truth_kind": ["injected", "ref:bleed", ""],
+        }
+    ).write(labels)
+    train = tmp_path / "training"
+    out = label_cutouts([labels], [d0], train)
+    assert list(out["truth_kind"]) == ["injected", "ref:bleed", ""]
+    (train / "false" / "a_sim0_1.fits").rename(train / "true" / "a_sim0_1.fits")  # a person: real after all
+    label_cutouts([labels], [d0], train)
+    saved = Table.read(train / "labels.ecsv")
+    row = saved[saved["id"] == "a_sim0_1"][0]
+    assert (row["label_folder"], row["truth_kind"]) == ("true", "ref:bleed")
+    assert np.ma.is_masked(saved["truth_kind"][saved["id"] == "a_sim0_2"][0])  # '' comes back masked
+    assert list(Table.read(train / "labels.ecsv")["truth_kind"].filled("")) == ["injected", "ref:bleed", ""]
+    # per-candidate tables of older versions have no truth_kind: '' throughout
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "false"]}).write(
+        labels, overwrite=True
+    )
+    assert list(label_cutouts([labels], [d0], train)["truth_kind"]) == ["", "", ""]

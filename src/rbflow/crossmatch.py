@@ -11,6 +11,11 @@ within the radius of an injected source is 'unsorted'.
 folder is the label: a person may move files between these folders, and a later run never
 moves them back. :func:`relabel_digest` summarises the moves made since the last labelling, so that the
 workflow rebuilds the datacube when a file is moved.
+
+On a synthetic telescope, :func:`truth_kinds` tells what each candidate sits on in the frames' truth
+tables (a star, a cosmic ray, a bleed trail of the reference...); :func:`run_crossmatch` writes it in
+the ``truth_kind`` column, which :func:`label_cutouts` carries into ``labels.ecsv``. It describes the
+candidate, not its label: a person moving a cutout between folders changes the label only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import fcntl
 import filecmp
 import hashlib
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -40,9 +46,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LABELS",
+    "REF_PREFIX",
+    "TRUTH_MATCHED_KINDS",
     "table_pixel_scale",
     "crossmatch",
     "read_catalogue",
+    "truth_kinds",
     "run_crossmatch",
     "write_dat",
     "label_cutouts",
@@ -54,6 +63,15 @@ log = logging.getLogger(__name__)
 
 #: Label folders of the training set.
 LABELS = ("true", "false", "unsorted")
+#: Prefix of the truth kinds found in the reference frame's truth table (e.g. ``ref:bleed``).
+REF_PREFIX = "ref:"
+#: Real truth kinds (of :data:`rbflow.sky.REAL_KINDS`) that label an otherwise unmatched candidate true,
+#: with ``match_kind='truth'``: the demo's stand-in for a match with known solar-system objects (as a
+#: survey does with the MPC's orbits). Variables and transients are matched through the catalogue already.
+TRUTH_MATCHED_KINDS = ("asteroid",)
+#: Truth rows reaching further than this (pixels: half their length plus their extent) are compared with
+#: every candidate; shorter ones are found through a k-d tree of their centres.
+_TREE_REACH = 16.0
 
 
 def _xy(table: Table) -> np.ndarray:
@@ -324,6 +342,173 @@ def read_catalogue(path: str | os.PathLike) -> Table:
     return table
 
 
+def _column(table: Table, name: str, default: float) -> np.ndarray:
+    """A float column of ``table``, ``default`` where it is absent or NaN."""
+    if name not in table.colnames:
+        return np.full(len(table), default)
+    values = np.asarray(table[name], dtype=float)
+    return np.where(np.isfinite(values), values, default)
+
+
+def _segments(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Rows (x0, y0, x1, y1): the far end is the near one where it is NaN (a compact thing)."""
+    far = np.isfinite(x1) & np.isfinite(y1)
+    return np.column_stack([x0, y0, np.where(far, x1, x0), np.where(far, y1, y0)])
+
+
+def _segment_distance(px: np.ndarray, py: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Distance (px) of points to segments (rows x0, y0, x1, y1; a point when both ends are equal), paired."""
+    dx, dy = seg[:, 2] - seg[:, 0], seg[:, 3] - seg[:, 1]
+    length2 = dx * dx + dy * dy
+    t = ((px - seg[:, 0]) * dx + (py - seg[:, 1]) * dy) / np.where(length2 > 0, length2, 1.0)
+    t = np.clip(t, 0.0, 1.0)
+    return np.hypot(px - (seg[:, 0] + t * dx), py - (seg[:, 1] + t * dy))
+
+
+def _tangent(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gnomonic projection (deg) about (ra0, dec0): great circles, hence truth segments, stay straight."""
+    a, d = np.radians(ra - ra0), np.radians(dec)
+    d0 = math.radians(dec0)
+    cos_c = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a)
+    xi = np.cos(d) * np.sin(a) / cos_c
+    eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(a)) / cos_c
+    return np.degrees(xi), np.degrees(eta)
+
+
+def _sky_to_pixels(truth: Table) -> Any:
+    """Affine map from the tangent plane to the pixels of ``truth``'s frame, fitted to its rows (None: too few)."""
+    x, y = _column(truth, "x", np.nan), _column(truth, "y", np.nan)
+    ra, dec = _column(truth, "ra", np.nan), _column(truth, "dec", np.nan)
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(ra) & np.isfinite(dec)
+    if ok.sum() < 3:
+        return None
+    ra0, dec0 = float(np.median(ra[ok])), float(np.median(dec[ok]))
+    xi, eta = _tangent(ra[ok], dec[ok], ra0, dec0)
+    design = np.column_stack([xi, eta, np.ones_like(xi)])
+    if np.linalg.matrix_rank(design) < 3:
+        return None
+    coef = np.linalg.lstsq(design, np.column_stack([x[ok], y[ok]]), rcond=None)[0]
+
+    def to_pixels(ra_: np.ndarray, dec_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = np.column_stack([*_tangent(ra_, dec_, ra0, dec0), np.ones(len(ra_))]) @ coef
+        return t[:, 0], t[:, 1]
+
+    return to_pixels
+
+
+def truth_kinds(
+    candidates: Table,
+    truth: Table,
+    *,
+    radius: float,
+    reference: Table | None = None,
+) -> np.ndarray:
+    """The truth kind each candidate sits on: that of the nearest truth row within ``radius``.
+
+    A truth row is a point ``(x, y)`` or, where ``x1, y1`` are finite, the segment ``(x, y)-(x1, y1)``
+    (a trail, a bleed, a bad column...), widened by ``extent`` (pixels; a ghost's radius, half the
+    width of a masked block). The distance of a candidate to a row is its distance to the point or
+    segment minus the extent, never below 0; the nearest row at a distance ``<= radius`` gives the
+    kind. Among rows at the same distance the one whose point or segment is nearer wins, then the
+    first (the science frame's before the reference's). Tables without ``x1, y1, extent`` (truth
+    tables of older rbflow versions) are read as points of extent 0.
+
+    The reference frame's rows are placed in the science frame through their ``ra, dec`` (and
+    ``ra1, dec1``): an affine map from the tangent plane to the science pixels, fitted to the science
+    truth table's own ``x, y, ra, dec``; their extent is scaled by the ratio of the two frames' pixel
+    scales. Their kinds get the prefix :data:`REF_PREFIX`. A reference row with the ``id`` of a
+    science row (the same star or galaxy, seen in both frames) is left out: the science row stands for it.
+
+    Parameters
+    ----------
+    candidates : astropy.table.Table
+        Candidates (columns x, y: 0-based pixels of the science frame).
+    truth : astropy.table.Table
+        Truth table of the science frame (columns kind, x, y; ra, dec when ``reference`` is given;
+        optional id, x1, y1, extent, ra1, dec1).
+    radius : float
+        Match radius (pixels).
+    reference : astropy.table.Table, optional
+        Truth table of the reference frame (columns kind, ra, dec, x, y; optional id, ra1, dec1,
+        extent).
+
+    Returns
+    -------
+    numpy.ndarray of str
+        Per candidate: the kind, ``'ref:<kind>'`` for a reference-frame row, ``''`` when no row is
+        within ``radius``.
+
+    Raises
+    ------
+    ValueError
+        ``radius`` is not positive.
+    InputError
+        A table lacks a needed column, or ``reference`` is given and the science truth table has
+        fewer than 3 rows with finite x, y, ra, dec that are not collinear (no map between the frames).
+    """
+    if not radius > 0:
+        raise ValueError(f"truth_kinds radius must be > 0 (pixels), got {radius}: set 'crossmatch.radius'")
+    needed = [("science", truth, ("kind", "x", "y") + (("ra", "dec") if reference is not None else ()))]
+    if reference is not None:
+        needed.append(("reference", reference, ("kind", "x", "y", "ra", "dec")))
+    for which, table, cols in needed:
+        missing = [c for c in cols if c not in table.colnames]
+        if missing:
+            raise InputError(
+                f"{which} truth table lacks column(s) {', '.join(missing)}: remake it (rule sky_frame) with this rbflow"
+            )
+    seg = _segments(
+        _column(truth, "x", np.nan),
+        _column(truth, "y", np.nan),
+        _column(truth, "x1", np.nan),
+        _column(truth, "y1", np.nan),
+    )
+    extent = np.maximum(_column(truth, "extent", 0.0), 0.0)
+    kinds = np.asarray(truth["kind"]).astype(str)
+    if reference is not None and len(reference):
+        to_pixels = _sky_to_pixels(truth)
+        if to_pixels is None:
+            raise InputError(
+                "the science truth table has fewer than 3 rows with finite x, y, ra, dec that are not collinear: "
+                "the reference frame's truth cannot be placed in the science frame; remake the truth tables"
+            )
+        ref = reference
+        if "id" in ref.colnames and "id" in truth.colnames:
+            ref = ref[~np.isin(np.asarray(ref["id"]).astype(str), np.asarray(truth["id"]).astype(str))]
+        x0, y0 = to_pixels(_column(ref, "ra", np.nan), _column(ref, "dec", np.nan))
+        x1, y1 = to_pixels(_column(ref, "ra1", np.nan), _column(ref, "dec1", np.nan))
+        scales = table_pixel_scale(reference), table_pixel_scale(truth)
+        ratio = scales[0] / scales[1] if all(np.isfinite(scales)) and scales[1] > 0 else 1.0
+        seg = np.vstack([seg, _segments(x0, y0, x1, y1)])
+        extent = np.concatenate([extent, ratio * np.maximum(_column(ref, "extent", 0.0), 0.0)])
+        kinds = np.concatenate([kinds, np.char.add(REF_PREFIX, np.asarray(ref["kind"]).astype(str))])
+    out = np.full(len(candidates), "", dtype=object)
+    cx, cy = _column(candidates, "x", np.nan), _column(candidates, "y", np.nan)
+    usable = np.flatnonzero(np.isfinite(cx) & np.isfinite(cy))
+    rows = np.flatnonzero(np.all(np.isfinite(seg), axis=1))
+    if len(usable) == 0 or len(rows) == 0:
+        return out.astype(str)
+    reach = 0.5 * np.hypot(seg[:, 2] - seg[:, 0], seg[:, 3] - seg[:, 1]) + extent
+    short, long_ = rows[reach[rows] <= _TREE_REACH], rows[reach[rows] > _TREE_REACH]
+    pairs_c, pairs_r = [np.repeat(usable, len(long_))], [np.tile(long_, len(usable))]
+    if len(short):
+        from scipy.spatial import cKDTree
+
+        mid = 0.5 * (seg[short, :2] + seg[short, 2:])
+        near = cKDTree(mid).query_ball_point(np.column_stack([cx[usable], cy[usable]]), r=radius + reach[short].max())
+        pairs_c.append(np.repeat(usable, [len(n) for n in near]))
+        pairs_r.append(short[np.concatenate([np.asarray(n, dtype=np.int64) for n in near])])
+    c, r = np.concatenate(pairs_c), np.concatenate(pairs_r)
+    raw = _segment_distance(cx[c], cy[c], seg[r])
+    dist = np.maximum(raw - extent[r], 0.0)
+    within = dist <= radius
+    c, r, raw, dist = c[within], r[within], raw[within], dist[within]
+    order = np.lexsort((r, raw, dist, c))
+    first = np.unique(c[order], return_index=True)[1]
+    out[c[order][first]] = kinds[r[order][first]]
+    return out.astype(str)
+
+
 def write_dat(per_injected: Table, path: str | os.PathLike) -> None:
     """Write the older tool's ``crossmatch.dat`` (gmadet ``checksim``).
 
@@ -400,8 +585,16 @@ def run_crossmatch(
     radius: float,
     catalogues: Sequence[str] = (),
     label_unmatched: str = "false",
+    truth_path: str | os.PathLike | None = None,
+    reference_truth_path: str | os.PathLike | None = None,
 ) -> tuple[Table, Table]:
     """Crossmatch one image's candidates with its injected sources and write the three outputs.
+
+    Every candidate gets a ``truth_kind``: ``'injected'`` or ``'catalogue'`` when it matched, else
+    the kind :func:`truth_kinds` finds in the truth tables of its frames (``''`` without them, e.g. on
+    real frames). An unmatched candidate on a kind of :data:`TRUTH_MATCHED_KINDS` that
+    :data:`rbflow.sky.REAL_KINDS` counts as real (an asteroid of the science frame) is labelled true
+    with ``match_kind='truth'``; the other unmatched candidates get ``label_unmatched``.
 
     Parameters
     ----------
@@ -421,15 +614,22 @@ def run_crossmatch(
         ECSV/CSV catalogues of known real sources (ra, dec in deg).
     label_unmatched : {'false', 'unsorted'}
         Label of candidates that match nothing.
+    truth_path : path-like, optional
+        Truth table of the image's science frame (``resources/{telescope}/truth/{frame}.ecsv``, synthetic
+        telescopes only).
+    reference_truth_path : path-like, optional
+        Truth table of the frame's reference frame (needs ``truth_path``).
 
     Returns
     -------
     per_injected, labels : astropy.table.Table
+        ``labels`` has the columns of :func:`crossmatch` plus ``truth_kind``.
 
     Raises
     ------
     ValueError
-        ``label_unmatched`` is not 'false' or 'unsorted'.
+        ``label_unmatched`` is not 'false' or 'unsorted', or ``reference_truth_path`` comes without
+        ``truth_path``.
     InputError
         Missing or malformed input tables or catalogues.
     """
@@ -437,6 +637,8 @@ def run_crossmatch(
         raise ValueError(
             f"label_unmatched must be 'false' or 'unsorted', got {label_unmatched!r}: fix 'crossmatch.label_unmatched'"
         )
+    if reference_truth_path is not None and truth_path is None:
+        raise ValueError("a reference truth table needs the science frame's truth table (truth_path)")
     cands = read_table(candidates_path)
     inj = read_table(injected_path)
     for path, table, cols in (
@@ -454,6 +656,24 @@ def run_crossmatch(
         log.warning("candidate table '%s' is empty: every injected source is undetected", candidates_path)
     cats = [read_catalogue(p) for p in catalogues]
     per, labels = crossmatch(cands, inj, radius=radius, catalogues=cats)
+    matched = np.asarray(labels["match_kind"]) != ""
+    kinds = np.full(len(labels), "", dtype=object)
+    promoted = np.zeros(len(labels), dtype=bool)
+    if truth_path is not None:
+        from rbflow import sky
+
+        names = ", ".join(f"'{p}'" for p in (truth_path, reference_truth_path) if p is not None)
+        reference = read_table(reference_truth_path) if reference_truth_path is not None else None
+        try:
+            kinds[:] = truth_kinds(cands, read_table(truth_path), radius=radius, reference=reference)
+        except InputError as exc:
+            raise InputError(f"truth table(s) {names}: {exc}") from exc
+        real = set(getattr(sky, "REAL_KINDS", ("variable", "transient")))  # REAL_KINDS comes with the artefact zoo
+        promoted = ~matched & np.isin(kinds.astype(str), [k for k in TRUTH_MATCHED_KINDS if k in real])
+    kinds[matched] = np.asarray(labels["match_kind"])[matched]
+    labels["truth_kind"] = kinds.astype(str) if len(kinds) else np.array([], dtype="U1")
+    labels["label"][promoted] = "true"
+    labels["match_kind"][promoted] = "truth"
     unmatched = labels["match_kind"] == ""
     labels["label"][unmatched] = label_unmatched
     for table in (per, labels):
@@ -462,9 +682,12 @@ def run_crossmatch(
                 "candidates": str(candidates_path),
                 "injected": str(injected_path),
                 "catalogues": list(map(str, catalogues)),
+                "truth": [str(p) for p in (truth_path, reference_truth_path) if p is not None],
             }
         )
     labels.meta["label_unmatched"] = label_unmatched
+    if promoted.any():
+        log.info("crossmatch: %d unmatched candidates on real truth kinds labelled true", int(promoted.sum()))
     write_table(per, out_table)
     write_dat(per, out_dat)
     write_table(labels, out_per_candidate)
@@ -560,7 +783,7 @@ def label_cutouts(
     Parameters
     ----------
     per_candidate_paths : sequence of path-like
-        Per-candidate ECSV tables of :func:`run_crossmatch` (columns id, label).
+        Per-candidate ECSV tables of :func:`run_crossmatch` (columns id, label; truth_kind optional).
     cutout_dirs : sequence of path-like
         Cutout folders of :func:`rbflow.cutouts.write_cutouts` (each with its manifest).
     training_dir : path-like
@@ -570,8 +793,9 @@ def label_cutouts(
     -------
     astropy.table.Table
         id, key (candidate identity), label_auto, label_folder (where the FITS file now is),
-        action ('linked', 'copied', 'kept' or 'relabelled') and refreshed (a kept file's content
-        was updated from the cutout folder).
+        action ('linked', 'copied', 'kept' or 'relabelled'), refreshed (a kept file's content
+        was updated from the cutout folder) and truth_kind (of the per-candidate table, ``''`` when
+        it has none; a person's move changes the label, never the truth kind).
 
     Raises
     ------
@@ -587,18 +811,23 @@ def _label_cutouts(
 ) -> Table:
     """:func:`label_cutouts` under the training folder's lock."""
     auto: dict[str, str] = {}
+    truth_kind: dict[str, str] = {}
     for path in per_candidate_paths:
         table = read_table(path)
         if not {"id", "label"} <= set(table.colnames):
             raise InputError(f"per-candidate table '{path}' lacks columns id/label: rerun the crossmatch stage")
-        auto.update(zip(np.asarray(table["id"]).astype(str), np.asarray(table["label"]).astype(str)))
+        ids = np.asarray(table["id"]).astype(str)
+        auto.update(zip(ids, np.asarray(table["label"]).astype(str)))
+        if "truth_kind" in table.colnames:  # per-candidate tables of older rbflow versions have none
+            # ECSV reads '' back as masked: fill it
+            truth_kind.update(zip(ids, np.asarray(np.ma.filled(table["truth_kind"], "")).astype(str)))
     folders = {lab: training_dir / lab for lab in LABELS}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     present = {lab: {p.name for p in folder.iterdir()} for lab, folder in folders.items()}
     previous = _previous_labels(training_dir / "labels.ecsv")
 
-    rows: list[tuple[str, str, str, str, str, bool]] = []
+    rows: list[tuple[str, str, str, str, str, bool, str]] = []
     unlabelled = voided = 0
     for cdir in map(Path, cutout_dirs):
         manifest = read_table(cdir / MANIFEST)
@@ -625,18 +854,18 @@ def _label_cutouts(
                     _refresh(cdir / fname, folders[lab] / fname)
                     if (cdir / files[1]).exists() and files[1] in present[lab]:
                         _refresh(cdir / files[1], folders[lab] / files[1])
-                    rows.append((cand_id, key, lab, lab, "relabelled", True))
+                    rows.append((cand_id, key, lab, lab, "relabelled", True, truth_kind.get(cand_id, "")))
                     continue
             if where is not None:
                 refreshed = _refresh(cdir / fname, folders[where] / fname)
                 if (cdir / files[1]).exists() and (folders[where] / files[1]).exists():
                     _refresh(cdir / files[1], folders[where] / files[1])
-                rows.append((cand_id, key, lab, where, "kept", refreshed))
+                rows.append((cand_id, key, lab, where, "kept", refreshed, truth_kind.get(cand_id, "")))
                 continue
             done = _link(cdir / fname, folders[lab] / fname)
             if (cdir / files[1]).exists() and not any(files[1] in present[f] for f in LABELS):
                 _link(cdir / files[1], folders[lab] / files[1])
-            rows.append((cand_id, key, lab, lab, done, False))
+            rows.append((cand_id, key, lab, lab, done, False, truth_kind.get(cand_id, "")))
     if voided:
         log.warning(
             "%d files a person had moved now hold other candidates (an upstream stage was rerun): "
@@ -647,8 +876,8 @@ def _label_cutouts(
         log.warning("%d cutouts have no label in the given per-candidate tables and were not placed", unlabelled)
     out = Table(
         rows=rows or None,
-        names=("id", "key", "label_auto", "label_folder", "action", "refreshed"),
-        dtype=[str, str, str, str, str, bool],
+        names=("id", "key", "label_auto", "label_folder", "action", "refreshed", "truth_kind"),
+        dtype=[str, str, str, str, str, bool, str],
         meta={"made_by": made_by("rbflow.crossmatch.label_cutouts"), "training_dir": str(training_dir)},
     )
     if not rows:
