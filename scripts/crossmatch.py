@@ -16,4 +16,6 @@ call_in_job(
     radius=cfg["radius"],
     catalogues=list(sm.input.catalogues),
     label_unmatched=cfg["label_unmatched"],
+    truth_path=sm.input.get("truth"),  # synthetic telescopes only
+    reference_truth_path=sm.input.get("reference_truth"),
 )

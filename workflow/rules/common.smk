@@ -174,6 +174,17 @@ def catalogues_of(wildcards):
     return TELESCOPES[wildcards.telescope]["crossmatch"]["catalogues"]
 
 
+def truth_tables_of(wildcards):
+    """Truth tables of the science frame of an image and of its reference frame (synthetic telescopes; none else)."""
+    if wildcards.telescope not in SKY_TELESCOPES:
+        return {}
+    spec = frame_spec(wildcards)
+    return {
+        "truth": f"resources/{wildcards.telescope}/truth/{spec.name}.ecsv",
+        "reference_truth": f"resources/{wildcards.telescope}/truth/{spec.reference}.ecsv",
+    }
+
+
 def label_inputs(wildcards):
     """Per-candidate tables and cutout folders of every injected image of a telescope (same order)."""
     return {

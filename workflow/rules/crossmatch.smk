@@ -2,8 +2,9 @@
 
 
 rule crossmatch:
-    """Match one image's candidates with its injected sources and the catalogues of known variables."""
+    """Match one image's candidates with its injected sources and known variables; tag what each sits on (truth)."""
     input:
+        unpack(truth_tables_of),
         candidates="results/{telescope}/sim/detect/{image}.ecsv",
         injected="results/{telescope}/sim/inject/{image}.ecsv",
         catalogues=catalogues_of,
