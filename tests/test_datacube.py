@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from helpers import synthetic_stamps, write_cutout, write_training
 from numpy.testing import assert_allclose
 
@@ -128,3 +129,33 @@ def test_listing_digest_follows_relabelling(tmp_path):
     assert listing_digest(tmp_path / "t") != before
     meta = build_datacube(tmp_path / "t", tmp_path / "c.npz", channels=["DIFF"], crop=None, frac_true=None, seed=0)
     assert meta["file_list_sha256"] == listing_digest(tmp_path / "t")
+
+
+def test_truth_kind_round_trip_and_old_cubes(tmp_path):
+    """truth_kind comes from labels.ecsv by candidate id; a person's move changes the label, not the kind."""
+    root = tmp_path / "t"
+    write_training(root, 12, seed=7)
+    files = sorted((root / "true").glob("*.fits")) + sorted((root / "false").glob("*.fits"))
+    ids = [p.stem for p in files]
+    kinds = ["injected" if p.parent.name == "true" else ("ref:bleed" if k % 2 else "") for k, p in enumerate(files)]
+    # labels.ecsv as label_cutouts writes it; one candidate is missing from it
+    Table({"id": ids[:-1], "label_auto": [p.parent.name for p in files[:-1]], "truth_kind": kinds[:-1]}).write(
+        root / "labels.ecsv"
+    )
+    moved = files[0]  # a person calls a true stamp bogus
+    moved.rename(root / "false" / moved.name)
+    build_datacube(root, tmp_path / "c.npz", channels=["DIFF"], crop=None, frac_true=None, seed=0)
+    cube = load_datacube(tmp_path / "c.npz")
+    got = dict(zip(cube["ids"], cube["truth_kind"]))
+    assert got == {**dict(zip(ids[:-1], kinds[:-1])), ids[-1]: ""}
+    assert cube["y"][list(cube["ids"]).index(moved.stem)] == 0 and got[moved.stem] == "injected"
+    # without labels.ecsv every kind is unknown
+    (root / "labels.ecsv").unlink()
+    build_datacube(root, tmp_path / "d.npz", channels=["DIFF"], crop=None, frac_true=None, seed=0)
+    assert set(load_datacube(tmp_path / "d.npz")["truth_kind"]) == {""}
+    # a datacube of an older rbflow (no truth_kind array) still loads, with '' kinds
+    with np.load(tmp_path / "c.npz") as npz:
+        old = {k: npz[k] for k in npz.files if k != "truth_kind"}
+    np.savez(tmp_path / "old.npz", **old)
+    cube = load_datacube(tmp_path / "old.npz")
+    assert cube["truth_kind"].shape == cube["y"].shape and set(cube["truth_kind"]) == {""}

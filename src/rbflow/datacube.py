@@ -20,7 +20,7 @@ from astropy.io import fits
 from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.frames import parse_image
-from rbflow.io import atomic_path
+from rbflow.io import atomic_path, read_table
 
 __all__ = [
     "NORMALISATION",
@@ -214,6 +214,17 @@ def listing_digest(training_dir: str | os.PathLike) -> str:
     return hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for _, p in files).encode()).hexdigest()
 
 
+def _truth_kinds(labels_path: Path) -> dict[str, str]:
+    """Candidate id -> truth kind of a training folder's ``labels.ecsv`` (empty when it has none)."""
+    if not labels_path.exists():
+        return {}
+    table = read_table(labels_path)
+    if not {"id", "truth_kind"} <= set(table.colnames):
+        return {}
+    # ECSV reads '' back as masked: fill it
+    return dict(zip(np.asarray(table["id"]).astype(str), np.asarray(np.ma.filled(table["truth_kind"], "")).astype(str)))
+
+
 def build_datacube(
     training_dir: str | os.PathLike,
     out_npz: str | os.PathLike,
@@ -227,6 +238,9 @@ def build_datacube(
 
     Files are read one at a time; a bad cutout (unreadable, missing channel, NaN-only channel, shape
     different from the first good cutout) is logged with its reason and skipped. ``unsorted/`` is ignored.
+    The truth kind of each stamp (what it sits on in a synthetic sky) comes from the ``truth_kind``
+    column of ``training_dir/labels.ecsv`` (:func:`rbflow.crossmatch.label_cutouts`), ``''`` when that
+    table or column is missing or the candidate is not in it; the folder still gives the label.
 
     Parameters
     ----------
@@ -234,7 +248,7 @@ def build_datacube(
         Folder holding ``true/`` and ``false/`` (the folder is the label).
     out_npz : path-like
         Datacube to write (atomically): arrays X (N, C, H, W) float32 normalised, y (1 = real),
-        ids, image, frame, mag, snr, channels and meta (JSON text).
+        ids, image, frame, mag, snr, truth_kind, channels and meta (JSON text).
     channels : list of str
         Channels (EXTNAMEs) to stack, in order.
     crop : int or None
@@ -264,6 +278,7 @@ def build_datacube(
                 f"{'real' if label else 'bogus'} (move their cutouts there) or rerun the label stage"
             )
     digest = listing_digest(training_dir)
+    kinds = _truth_kinds(training_dir / "labels.ecsv")
 
     X: np.ndarray | None = None
     size = 0
@@ -314,6 +329,7 @@ def build_datacube(
         "skipped": len(skipped),
         "dropped_by_balance": len(y) - len(keep),
     }
+    truth_kind = np.asarray([kinds.get(i, "") for i in ids], dtype=str)[keep]
     meta = {
         "cutout_size": size,
         "stamp_size": int(X.shape[-1]),
@@ -337,6 +353,7 @@ def build_datacube(
         frame=np.asarray(frames, dtype=str)[keep],
         mag=np.asarray(mags, dtype=np.float64)[keep],
         snr=np.asarray(snrs, dtype=np.float64)[keep],
+        truth_kind=truth_kind,
         channels=channels,
         meta=meta,
     )
@@ -364,6 +381,7 @@ def write_datacube(
     snr: np.ndarray,
     channels: list[str],
     meta: dict[str, Any],
+    truth_kind: np.ndarray | None = None,
 ) -> None:
     """Write a datacube ``.npz`` atomically, in the format :func:`load_datacube` reads.
 
@@ -383,7 +401,12 @@ def write_datacube(
         Channel names, in the order of ``X``'s axis 1.
     meta : dict
         JSON-serialisable description (cutout size, normalisation, source...).
+    truth_kind : numpy.ndarray of str, optional
+        Per stamp: what it sits on in a synthetic sky (:func:`rbflow.crossmatch.truth_kinds`);
+        default ``''`` (unknown) for every stamp.
     """
+    if truth_kind is None:
+        truth_kind = np.full(len(y), "", dtype="U1")
     with atomic_path(out_npz) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(
@@ -395,6 +418,7 @@ def write_datacube(
                 frame=np.asarray(frame, dtype=str),
                 mag=np.asarray(mag, dtype=np.float64),
                 snr=np.asarray(snr, dtype=np.float64),
+                truth_kind=np.asarray(truth_kind, dtype=str),
                 channels=np.asarray(channels, dtype=str),
                 meta=np.asarray(json.dumps(meta)),
             )
@@ -411,7 +435,8 @@ def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
     Returns
     -------
     dict
-        Arrays X, y, ids, image, frame, mag, snr, channels and ``meta`` parsed from JSON.
+        Arrays X, y, ids, image, frame, mag, snr, truth_kind, channels and ``meta`` parsed from JSON.
+        Datacubes of older rbflow versions have no truth_kind: it is ``''`` for every stamp.
 
     Raises
     ------
@@ -430,4 +455,5 @@ def load_datacube(path: str | os.PathLike) -> dict[str, Any]:
     missing = {"X", "y", "ids", "image", "frame", "mag", "snr", "channels"} - set(cube)
     if missing:
         raise InputError(f"datacube '{path}' lacks {sorted(missing)}: rerun the convert stage with this rbflow")
+    cube.setdefault("truth_kind", np.full(len(cube["y"]), "", dtype="U1"))
     return cube

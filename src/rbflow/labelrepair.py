@@ -117,7 +117,7 @@ def out_of_fold(
             sub / "datacube.npz",
             cube["X"][fit],
             cube["y"][fit],
-            **{name: cube[name][fit] for name in ("ids", "image", "frame", "mag", "snr")},
+            **{name: cube[name][fit] for name in ("ids", "image", "frame", "mag", "snr", "truth_kind")},
             channels=[str(c) for c in cube["channels"]],
             meta={**cube["meta"], "label_repair_fold": k, "source_cube": str(cube_path)},
         )
@@ -212,7 +212,7 @@ def repair_cube(
         out_path,
         cube["X"][keep],
         y[keep],
-        **{name: cube[name][keep] for name in ("ids", "image", "frame", "mag", "snr")},
+        **{name: cube[name][keep] for name in ("ids", "image", "frame", "mag", "snr", "truth_kind")},
         channels=[str(c) for c in cube["channels"]],
         meta=meta,
     )
