@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.table import Table
 from helpers import synthetic_stamps
 
-from rbflow.checkinfer import FILES, evaluate_test_split, run_checkinfer
+from rbflow.checkinfer import FILES, evaluate_test_split, kind_table, run_checkinfer
 from rbflow.datacube import NORMALISATION, normalise
 from rbflow.errors import InputError
 from rbflow.train import train
@@ -27,7 +27,13 @@ CFG = {"widths": [8, 16, 32], "epochs": 2, "batch_size": 64, "lr": 0.01, "patien
 N, N_FRAMES, PSF_FWHM = 500, 6, 3.0
 
 
-def _write_cube(path: Path, X: np.ndarray, y: np.ndarray, frames: np.ndarray, mag: np.ndarray) -> Path:
+#: Truth kinds of the synthetic false stamps, by index (the trues sit on their injected source).
+FALSE_KINDS = ["star", "cosmic_ray", "ref:bleed", ""]
+
+
+def _write_cube(
+    path: Path, X: np.ndarray, y: np.ndarray, frames: np.ndarray, mag: np.ndarray, truth_kind: np.ndarray
+) -> Path:
     meta = {
         "cutout_size": 31,
         "stamp_size": 31,
@@ -45,6 +51,7 @@ def _write_cube(path: Path, X: np.ndarray, y: np.ndarray, frames: np.ndarray, ma
         frame=frames,
         mag=mag,
         snr=np.linspace(3, 60, len(y)),
+        truth_kind=truth_kind,
         channels=np.array(meta["channels"]),
         meta=np.asarray(json.dumps(meta)),
     )
@@ -58,7 +65,8 @@ def trained(tmp_path_factory):
     X, y = synthetic_stamps(N, seed=5)
     frames = np.array([f"f{i % N_FRAMES:02d}" for i in range(N)])
     mag = np.where(y == 1, np.random.default_rng(1).uniform(18.0, 22.0, N), np.nan)
-    cube = _write_cube(root / "cube.npz", X, y, frames, mag)
+    kinds = np.where(y == 1, "injected", np.array(FALSE_KINDS)[(np.arange(N) // N_FRAMES) % len(FALSE_KINDS)])
+    cube = _write_cube(root / "cube.npz", X, y, frames, mag, kinds)
     meta = train(cube, root / "model", CFG, seed=3, checkpoint_dir=root / "ckpt")
     # cutout files of the test frames (FWHM 1.0x the PSF for trues, 2.0x for falses) and truth tables
     test = np.isin(frames, meta["split"]["test"])
@@ -133,6 +141,22 @@ def test_run_checkinfer_outputs_and_consistency(trained, tmp_path):
     assert "fwhm_ratio.png" in summary["files"]
     # every test candidate has a cutout (FWHM in its header) and a truth table of its image
     assert summary["counts"]["n_fwhm_ratio"] == summary["counts"]["n"]
+    # the per-kind table, by hand from the predictions: every kind of the cube, both labels where present
+    kinds = Table.read(out / "kinds.ecsv")
+    kinds["kind"] = np.asarray(kinds["kind"].filled("")).astype(str)  # ECSV reads '' back as masked
+    pk = np.asarray(np.ma.filled(pred["truth_kind"], "")).astype(str)
+    assert set(zip(kinds["kind"], kinds["label"])) == {("injected", "true")} | {(k, "false") for k in FALSE_KINDS}
+    for row in kinds:
+        sel = (pk == row["kind"]) & (yt == (row["label"] == "true"))
+        assert row["n"] == sel.sum() and row["n_kept"] == np.sum(p[sel] >= t)
+        assert math.isclose(row["median_p_real"], np.median(p[sel])) and math.isclose(
+            row["frac_kept"], np.mean(p[sel] >= t)
+        )
+    assert list(kinds["label"]) == ["false"] * len(FALSE_KINDS) + ["true"]
+    assert list(kinds["frac_kept"][:-1]) == sorted(kinds["frac_kept"][:-1], reverse=True)  # most kept bogus first
+    assert [r["kind"] for r in summary["kinds"]] == list(kinds["kind"])
+    page = (out / "kinds.html").read_text()
+    assert "ref:bleed" in page and "(none)" in page and page.count("<tr") == len(kinds) + 1
 
 
 def test_threshold_argument_and_skipped_fwhm(trained, tmp_path, caplog):
@@ -198,3 +222,28 @@ def test_checkinfer_script_wiring(trained, tmp_path):
     assert summary["threshold"]["value"] == 0.4 and list(summary["efficiency"]) == ["0.5"]
     assert summary["counts"]["n_fwhm_ratio"] == summary["counts"]["n"]
     assert "checkinfer:" in (tmp_path / "checkinfer.log").read_text()
+
+
+def test_kind_table_on_known_scores():
+    table = Table(
+        {
+            "truth_kind": ["star", "star", "", "injected", "ref:bleed", "star"],
+            "y": [0, 0, 0, 1, 0, 1],
+            "label1": [0.9, 0.1, 0.2, 0.8, 0.6, 0.3],
+        }
+    )
+    kinds = kind_table(table, 0.5)
+    # bogus rows, most kept first (ties by kind), then real rows, least kept first
+    assert list(zip(kinds["kind"], kinds["label"])) == [
+        ("ref:bleed", "false"),
+        ("star", "false"),
+        ("", "false"),
+        ("star", "true"),
+        ("injected", "true"),
+    ]
+    assert list(kinds["n"]) == [1, 2, 1, 1, 1] and list(kinds["n_kept"]) == [1, 1, 0, 0, 1]
+    np.testing.assert_allclose(kinds["median_p_real"], [0.6, 0.5, 0.2, 0.3, 0.8])
+    np.testing.assert_allclose(kinds["frac_kept"], [1.0, 0.5, 0.0, 0.0, 1.0])
+    assert kinds.meta["threshold"] == 0.5
+    empty = kind_table(table[:0], 0.5)
+    assert len(empty) == 0 and empty["frac_kept"].dtype == float

@@ -6,7 +6,10 @@ prediction path as :mod:`rbflow.infer`. :func:`run_checkinfer` turns these predi
 plots and numbers needed to choose a threshold: score histograms, ROC and DET curves, error rates
 and precision/recall/F1/MCC against the threshold, detection efficiency against injected magnitude,
 a reliability diagram, the confusion matrix, galleries of the worst mistakes and the FWHM ratio of
-the candidates. Figures are made with :class:`matplotlib.figure.Figure` (Agg canvas), never pyplot.
+the candidates. On a synthetic sky, :func:`kind_table` and its plots show the scores per truth kind
+(what each candidate sits on: a star, a cosmic ray, the reference's bleed trail...), so that one sees
+which artefacts the model still lets through. Figures are made with :class:`matplotlib.figure.Figure`
+(Agg canvas), never pyplot.
 
 Threshold conventions
 ---------------------
@@ -16,6 +19,7 @@ A candidate is kept (called real) when ``P(real) >= t``. FNR is the fraction of 
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
@@ -31,7 +35,7 @@ from rbflow.datacube import crop_stamps, load_datacube, normalise
 from rbflow.errors import InputError
 from rbflow.frames import parse_image
 from rbflow.infer import check_compatible, load_model, predict
-from rbflow.io import file_sha256, jsonable, made_by, read_table, write_figure, write_json, write_table
+from rbflow.io import atomic_path, file_sha256, jsonable, made_by, read_table, write_figure, write_json, write_table
 from rbflow.metrics import (
     ECE_BINS,
     binary_metrics,
@@ -49,7 +53,7 @@ from rbflow.seeds import derive
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["FILES", "evaluate_test_split", "run_checkinfer"]
+__all__ = ["FILES", "evaluate_test_split", "kind_table", "run_checkinfer"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,10 @@ FILES: dict[str, str] = {
     "false_positives": "worst_false_positives.png",
     "false_negatives": "worst_false_negatives.png",
     "fwhm_ratio": "fwhm_ratio.png",
+    "kinds": "kinds.png",
+    "kinds_gallery": "kinds_gallery.png",
+    "kinds_table": "kinds.ecsv",
+    "kinds_html": "kinds.html",
     "summary": "summary.json",
     "predictions": "test_predictions.ecsv",
 }
@@ -74,6 +82,10 @@ FILES: dict[str, str] = {
 _TARGET_RATE = 0.01
 #: Stamps per gallery of worst mistakes.
 _GALLERY = 16
+#: Example stamps per row (truth kind and label) of the kind gallery.
+_KIND_EXAMPLES = 4
+#: How a kind shows in the plots and the HTML table when a candidate sits on nothing known.
+_NO_KIND = "(none)"
 #: Display range of normalised stamps (robust sigma units).
 _VMIN, _VMAX = -4.0, 12.0
 
@@ -92,7 +104,8 @@ def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.P
     -------
     astropy.table.Table
         One row per test stamp, in datacube order: id, image, frame, y (1 = real), mag (injected
-        magnitude of injected trues, NaN otherwise), snr, label0 = P(bogus), label1 = P(real).
+        magnitude of injected trues, NaN otherwise), snr, truth_kind (``''`` when unknown), label0 =
+        P(bogus), label1 = P(real).
 
     Raises
     ------
@@ -139,6 +152,7 @@ def evaluate_test_split(datacube_path: str | os.PathLike, model_path: str | os.P
             "y": cube["y"][sel].astype(np.int64),
             "mag": cube["mag"][sel].astype(np.float64),
             "snr": cube["snr"][sel].astype(np.float64),
+            "truth_kind": cube["truth_kind"][sel].astype(str),
             "label0": 1.0 - p_real,
             "label1": p_real,
         }
@@ -200,6 +214,12 @@ def run_checkinfer(
     * ``fwhm_ratio.png``: candidate FWHM (cutout header) / PSF FWHM of its image (median
       ``psf_fwhm`` of the injection truth table) for the true and all test candidates; it says so
       (and a warning is logged) when no candidate has both FWHMs;
+    * ``kinds.png``: P(real) of the test stamps per truth kind and label (:func:`kind_table`), each
+      stamp a dot, with the median, the threshold and per row the count and the fraction kept;
+      ``kinds_gallery.png``: up to 4 stamps per row, the bogus ones with the highest P(real) (what
+      gets through) and the real ones with the lowest; ``kinds.ecsv`` and ``kinds.html``: the table
+      (also under ``kinds`` in ``summary.json``); the kind is ``''`` (shown ``(none)``) for stamps that
+      sit on nothing known and on real frames;
     * ``summary.json`` (the returned dict) and ``test_predictions.ecsv`` (:func:`evaluate_test_split`).
 
     Parameters
@@ -225,7 +245,8 @@ def run_checkinfer(
         Per-injected-source crossmatch tables (columns mag, detected; ``image`` or the file name
         gives the image); only rows of test frames are used.
     seed : int, optional
-        Seed of the bootstrap intervals of AUC, accuracy, MCC and ECE.
+        Seed of the bootstrap intervals of AUC, accuracy, MCC and ECE, and of the jitter of the dots
+        of ``kinds.png``.
     threads : int, optional
         CPU threads of torch's operators for the test-split inference (``torch.set_num_threads``);
         default: torch's own choice.
@@ -238,7 +259,8 @@ def run_checkinfer(
         ``at_threshold`` (accuracy, precision, recall, f1, mcc, fpr, fnr, ece and the confusion
         counts tp, fp, tn, fn), ``bootstrap`` (95 % intervals of auc, accuracy, mcc, ece),
         ``efficiency`` (per threshold: injected trues with ``P >= t``), ``counts`` (with
-        ``n_fwhm_ratio``, the candidates of the FWHM-ratio plot) and ``files``.
+        ``n_fwhm_ratio``, the candidates of the FWHM-ratio plot), ``kinds`` (the rows of
+        :func:`kind_table`) and ``files``.
 
     Raises
     ------
@@ -315,10 +337,20 @@ def run_checkinfer(
     )
     _plot_reliability(y, p, ece, out_dir / FILES["reliability"])
     _plot_confusion(at, threshold, out_dir / FILES["confusion"])
-    _plot_galleries(datacube_path, table, cutouts, at, threshold, out_dir)
+    cube = load_datacube(datacube_path)
+    X = cube["X"][np.flatnonzero(np.isin(cube["frame"].astype(str), list(table.meta["test_frames"])))]
+    channels = [str(c) for c in cube["channels"]]
+    del cube
+    _plot_galleries(X, channels, table, cutouts, at, threshold, out_dir)
     summary["counts"]["n_fwhm_ratio"] = _fwhm_ratio(
         table, cutouts, truth_paths, threshold, out_dir / FILES["fwhm_ratio"]
     )
+    kinds = kind_table(table, threshold)
+    write_table(kinds, out_dir / FILES["kinds_table"])
+    _write_kind_html(kinds, threshold, out_dir / FILES["kinds_html"])
+    _plot_kinds(table, kinds, threshold, derive(seed, "checkinfer", "kinds"), out_dir / FILES["kinds"])
+    _plot_kind_gallery(X, channels, table, kinds, cutouts, out_dir / FILES["kinds_gallery"])
+    summary["kinds"] = [{name: row[name] for name in kinds.colnames} for row in kinds]
     summary["files"] = sorted(FILES.values())
     write_json(summary, out_dir / FILES["summary"])
     log.info(
@@ -558,17 +590,15 @@ def _stamp(cutouts: dict[str, Path], cand_id: str, fallback: np.ndarray, channel
 
 
 def _plot_galleries(
-    datacube_path: str | os.PathLike,
+    X: np.ndarray,
+    channels: list[str],
     table: Table,
     cutouts: dict[str, Path],
     at: dict[str, np.ndarray],
     threshold: float,
     out_dir: Path,
 ) -> None:
-    """The galleries of the worst false positives and false negatives (stamps of ``cutouts``, else the datacube's)."""
-    cube = load_datacube(datacube_path)
-    X = cube["X"][np.flatnonzero(np.isin(cube["frame"].astype(str), list(table.meta["test_frames"])))]
-    channels = [str(c) for c in cube["channels"]]
+    """The galleries of the worst false positives and false negatives (stamps of ``cutouts``, else ``X``'s)."""
     y = np.asarray(table["y"])
     p = np.asarray(table["label1"], dtype=float)
     fp_idx = np.flatnonzero(y == 0)[np.argsort(-p[y == 0], kind="stable")][:_GALLERY]
@@ -581,6 +611,12 @@ def _plot_galleries(
         _plot_gallery(stamps, [f"P={p[i]:.3f}\n{table['id'][i]}" for i in idx], channels, what, out_dir / FILES[key])
 
 
+def _channel_row(stamp: np.ndarray) -> np.ndarray:
+    """The channels of a ``(C, S, S)`` stamp side by side, one NaN column between them."""
+    gap = np.full((stamp.shape[-2], 1), np.nan, dtype=np.float32)
+    return np.hstack([part for c in stamp for part in (c, gap)][:-1])
+
+
 def _plot_gallery(stamps: list[np.ndarray], titles: list[str], channels: list[str], what: str, path: Path) -> None:
     ncol = 4
     nrow = max(1, math.ceil(len(stamps) / ncol))
@@ -589,9 +625,7 @@ def _plot_gallery(stamps: list[np.ndarray], titles: list[str], channels: list[st
     for ax in axes:
         ax.set_axis_off()
     for ax, stamp, title in zip(axes, stamps, titles):
-        gap = np.full((stamp.shape[-2], 1), np.nan, dtype=np.float32)
-        row = np.hstack([part for c in stamp for part in (c, gap)][:-1])
-        ax.imshow(row, origin="lower", cmap="gray", vmin=_VMIN, vmax=_VMAX, interpolation="nearest")
+        ax.imshow(_channel_row(stamp), origin="lower", cmap="gray", vmin=_VMIN, vmax=_VMAX, interpolation="nearest")
         ax.set_title(title, fontsize=7)
     fig.suptitle(f"{what} ({' | '.join(channels)}, robust sigma units)", fontsize=9)
     if not stamps:
@@ -658,3 +692,154 @@ def _fwhm_ratio(
     ax.set(xlabel="candidate FWHM / PSF FWHM of its image", ylabel="test candidates", title="FWHM ratio")
     _save(fig, path)
     return int(ok.sum())
+
+
+def kind_table(table: Table, threshold: float) -> Table:
+    """P(real) per truth kind and label of the test stamps: which artefacts the model lets through.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Test-split predictions of :func:`evaluate_test_split` (columns truth_kind, y, label1).
+    threshold : float
+        Threshold on P(real): a stamp is kept when ``P(real) >= threshold``.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per (kind, label) present: kind (``''``: nothing known under the stamp, or no truth,
+        e.g. real frames), label ('true' or 'false', the folder's), n, median_p_real, n_kept and
+        frac_kept. The bogus rows come first, most kept first; then the real rows, least kept first
+        (ties by kind).
+    """
+    kinds = np.asarray(table["truth_kind"]).astype(str)
+    y = np.asarray(table["y"], dtype=np.int64)
+    p = np.asarray(table["label1"], dtype=float)
+    rows = []
+    for kind in sorted(set(kinds)):
+        for label in (0, 1):
+            sel = (kinds == kind) & (y == label)
+            if sel.any():
+                kept = int((p[sel] >= threshold).sum())
+                rows.append(
+                    (
+                        kind,
+                        "true" if label else "false",
+                        int(sel.sum()),
+                        float(np.median(p[sel])),
+                        kept,
+                        kept / sel.sum(),
+                    )
+                )
+    rows.sort(key=lambda r: (r[1] == "true", -r[5] if r[1] == "false" else r[5], r[0]))
+    out = Table(
+        rows=rows or None,
+        names=("kind", "label", "n", "median_p_real", "n_kept", "frac_kept"),
+        dtype=[str, str, np.int64, float, np.int64, float],
+    )
+    out.meta.update(
+        {
+            "made_by": made_by("rbflow.checkinfer.kind_table"),
+            "threshold": float(threshold),
+            "columns": "kind = truth kind under the stamp ('' = none known; 'ref:' = in the reference frame); "
+            "label = the training folder's; kept = P(real) >= threshold",
+        }
+    )
+    return out
+
+
+def _kind_name(kind: str) -> str:
+    return kind or _NO_KIND
+
+
+def _write_kind_html(kinds: Table, threshold: float, path: Path) -> None:
+    """The per-kind table as a small self-contained HTML page (shown in the Snakemake report)."""
+    head = "".join(f"<th>{h}</th>" for h in ("truth kind", "label", "n", "median P(real)", "kept", "fraction kept"))
+    body = "".join(
+        f"<tr class='{row['label']}'><td>{html.escape(_kind_name(str(row['kind'])))}</td><td>{row['label']}</td>"
+        f"<td>{row['n']}</td><td>{row['median_p_real']:.3f}</td><td>{row['n_kept']}</td>"
+        f"<td>{100 * row['frac_kept']:.1f} %</td></tr>"
+        for row in kinds
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>P(real) per truth kind</title><style>"
+        "body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+        "tr.false td:last-child{color:#b00}</style></head><body>"
+        f"<p>Test stamps per truth kind and label; kept: P(real) &ge; {threshold:.3f}. {_NO_KIND}: nothing known "
+        "under the stamp; ref:&lt;kind&gt;: a feature of the reference frame.</p>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+
+
+def _plot_kinds(table: Table, kinds: Table, threshold: float, seed: int, path: Path) -> None:
+    """P(real) per truth kind and label: a dot per stamp (jittered), the median, count and fraction kept."""
+    k = np.asarray(table["truth_kind"]).astype(str)
+    y = np.asarray(table["y"], dtype=np.int64)
+    p = np.asarray(table["label1"], dtype=float)
+    rng = np.random.default_rng(seed)
+    n_rows = len(kinds)
+    fig = _figure((8.0, 1.4 + 0.32 * max(n_rows, 1)))
+    ax = fig.subplots()
+    for i, row in enumerate(kinds):
+        sel = (k == row["kind"]) & (y == (row["label"] == "true"))
+        colour = "C0" if row["label"] == "true" else "C3"
+        ax.scatter(p[sel], i + rng.uniform(-0.28, 0.28, sel.sum()), s=6, color=colour, alpha=0.5, lw=0)
+        ax.plot([row["median_p_real"]] * 2, [i - 0.38, i + 0.38], color="k", lw=2)
+    ax.axvline(threshold, color="k", ls="--", lw=1)
+    ax.set_yticks(range(n_rows), [f"{_kind_name(str(r['kind']))} ({r['label']})" for r in kinds], fontsize=8)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(range(n_rows), [f"n={r['n']}, kept {100 * r['frac_kept']:.0f} %" for r in kinds], fontsize=8)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    ax.set(xlim=(-0.02, 1.02), xlabel="P(real)")
+    ax.set_title(
+        f"P(real) per truth kind (test frames; red bogus, blue real; bar: median; dashed: t={threshold:.3f})",
+        fontsize=9,
+    )
+    if n_rows == 0:
+        ax.text(0.5, 0.5, "no test stamp", transform=ax.transAxes, ha="center")
+    _save(fig, path)
+
+
+def _plot_kind_gallery(
+    X: np.ndarray, channels: list[str], table: Table, kinds: Table, cutouts: dict[str, Path], path: Path
+) -> None:
+    """Up to 4 stamps per kind and label: the bogus with the highest P(real), the reals with the lowest."""
+    k = np.asarray(table["truth_kind"]).astype(str)
+    y = np.asarray(table["y"], dtype=np.int64)
+    p = np.asarray(table["label1"], dtype=float)
+    nrow = max(1, len(kinds))
+    fig = _figure((3.2 * _KIND_EXAMPLES + 1.6, 1.5 * nrow + 0.6))
+    # first column: the row's kind, label and count; then the example stamps
+    axes = fig.subplots(nrow, 1 + _KIND_EXAMPLES, squeeze=False, width_ratios=[0.5] + [1.0] * _KIND_EXAMPLES)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for r, row in enumerate(kinds):
+        real = row["label"] == "true"
+        idx = np.flatnonzero((k == row["kind"]) & (y == real))
+        idx = idx[np.argsort(p[idx] if real else -p[idx], kind="stable")][:_KIND_EXAMPLES]
+        axes[r, 0].text(
+            0.5,
+            0.5,
+            f"{_kind_name(str(row['kind']))}\n({row['label']}, n={row['n']})",
+            transform=axes[r, 0].transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
+        for c, i in enumerate(idx, start=1):
+            stamp = _stamp(cutouts, str(table["id"][i]), X[i], channels)
+            axes[r, c].imshow(
+                _channel_row(stamp), origin="lower", cmap="gray", vmin=_VMIN, vmax=_VMAX, interpolation="nearest"
+            )
+            axes[r, c].set_title(f"P={p[i]:.3f}  {table['id'][i]}", fontsize=6)
+    if len(kinds) == 0:
+        axes[0, 1].text(0.5, 0.5, "none", ha="center", transform=axes[0, 1].transAxes)
+    fig.suptitle(
+        f"per truth kind: the bogus stamps with the highest P(real), the real ones with the lowest "
+        f"({' | '.join(channels)}, robust sigma units)",
+        fontsize=9,
+    )
+    _save(fig, path)
