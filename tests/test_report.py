@@ -4,7 +4,7 @@ Every embedded plot is decoded from the report's data URIs; the browser is Debia
 (installed with apt when missing and the tests run as root, as ``tests/cluster/slurm.sh`` does for
 SLURM; the browser tests skip otherwise). A copy of the report gets a small probe script that opens the
 training plot through the report's own JavaScript app and writes what the page shows into the DOM,
-which ``--dump-dom`` returns; a screenshot of the same page must not be blank. (Decoding all 21 plots in
+which ``--dump-dom`` returns; a screenshot of the same page must not be blank. (Decoding all 23 plots in
 the browser is not done: under ``--virtual-time-budget`` the report's inline Tailwind rescans the 4 MB
 page and chromium spins for minutes.)
 """
@@ -53,7 +53,12 @@ EXPECTED = {
             "fwhm_ratio",
         ]
     },
+    "Artefact kinds": {
+        f"results/tiny/plots/checkinfer/{name}" for name in ["kinds.png", "kinds_gallery.png", "kinds.html"]
+    },
 }
+#: Report items that are HTML pages (shown in a frame), not plots.
+PAGES = {"results/tiny/plots/checkinfer/kinds.html"}
 SHOWN = "results/tiny/model/training.png"
 
 PROBE = """
@@ -141,7 +146,13 @@ def test_report_is_self_contained_with_every_plot(report):
     results = json.loads(match[1])
     assert set(results) == set().union(*EXPECTED.values())
     for path, entry in results.items():
-        assert entry["mime_type"] == "image/png" and len(entry["caption"]) > 50, path  # a real caption
+        assert len(entry["caption"]) > 50, path  # a real caption
+        if path in PAGES:  # the per-kind table: a page with one row per truth kind and label
+            assert entry["mime_type"] == "text/html", path
+            page = base64.b64decode(entry["data_uri"].split(",", 1)[1]).decode()
+            assert "<table>" in page and page.count("<tr") >= 2, path
+            continue
+        assert entry["mime_type"] == "image/png", path
         head, data = entry["data_uri"].split(",", 1)
         assert head.startswith("data:image/png") and head.endswith(";base64"), head
         pixels = imread(io.BytesIO(base64.b64decode(data)), format="png")
@@ -161,7 +172,15 @@ def test_report_plots_render_in_headless_chromium(chromium, probed, tmp_path):
     # the report's app decoded the training plot (12 x 3.6 in at 100 dpi) and shows it in its content panel
     assert [shown[:2] for shown in seen["shown"]] == [[1200, 360]]
     assert seen["shown"][0][2] > 300
-    for text in ["RESULTS", "Injection recovery", "PSF models", "Threshold choice", "Training", "Apply path"]:
+    for text in [
+        "RESULTS",
+        "Injection recovery",
+        "PSF models",
+        "Threshold choice",
+        "Training",
+        "Apply path",
+        "Artefact kinds",
+    ]:
         assert text in seen["text"], text
 
 

@@ -92,7 +92,7 @@ rule infer_image:
 
 
 rule checkinfer_plots:
-    """Threshold diagnostics of the model on its held-out test frames (ROC, DET, error rates, galleries)."""
+    """Threshold diagnostics of the model on its held-out test frames (ROC, DET, error rates, galleries, per truth kind)."""
     input:
         unpack(checkinfer_inputs),
         unpack(checkinfer_sources),
@@ -154,6 +154,22 @@ rule checkinfer_plots:
             caption="../report/checkinfer.rst",
             category="Threshold choice",
         ),
+        kinds=report(
+            "results/{telescope}/plots/checkinfer/kinds.png",
+            caption="../report/checkinfer_kinds.rst",
+            category="Artefact kinds",
+        ),
+        kinds_gallery=report(
+            "results/{telescope}/plots/checkinfer/kinds_gallery.png",
+            caption="../report/checkinfer_kinds.rst",
+            category="Artefact kinds",
+        ),
+        kinds_html=report(
+            "results/{telescope}/plots/checkinfer/kinds.html",
+            caption="../report/checkinfer_kinds.rst",
+            category="Artefact kinds",
+        ),
+        kinds_table="results/{telescope}/plots/checkinfer/kinds.ecsv",
     log:
         "logs/{telescope}/plots/checkinfer.log",
     conda:
