@@ -358,7 +358,11 @@ def test_legacysurvey_reference(science, tmp_path):
         settings = _settings(f"{service.url}/viewer", tmp_path / "cache", survey="legacysurvey")
         result = survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
         survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+        # 'decals' is the same viewer service: the same cutout, from the cache
+        decals = _settings(f"{service.url}/viewer", tmp_path / "cache", survey="decals")
+        survey_reference(path, tmp_path / "decals.fits", tel, settings=decals)
         assert sum(service.requests.values()) == 1
+    assert fits.getheader(tmp_path / "decals.fits")["SURVEY"] == "decals"
     assert result["n"] == 1 and result["zeropoint"] == 22.5
     ref = read_image(tmp_path / "ref.fits")
     _check_against_truth(ref, stars)
@@ -529,3 +533,24 @@ def test_colour_term_makes_a_filter_the_survey_lacks(science, tmp_path):
     assert np.max(np.abs(dmag - np.median(dmag))) < 0.02, np.sort(np.abs(dmag))[-5:]
     assert ref.header["SURVBAND"] == "r,g" and ref.header["SURVCREF"].startswith("Tonry et al. 2012")
     assert ref.header["SURVCSIG"] == 0.012 and 0.0 < ref.header["SURVCMED"] < 1.4
+
+
+def test_colour_term_lookup():
+    from rbflow.survey import COLOUR_TERMS, colour_term
+
+    given = {
+        "base": "g",
+        "colour": ["g", "r"],
+        "coefficients": [-0.02, 0.6],
+        "range": [0.0, 1.2],
+        "scatter": 0.02,
+        "citation": "a made-up term for this test",
+    }
+    term = colour_term("skymapper", "B", {"colour_terms": {"B": given}})
+    assert term.citation == given["citation"] and term.colour == ("g", "r") and term.colour_range == (0.0, 1.2)
+    assert np.allclose(term.offset(np.array([0.0, 1.0])), [-0.02, 0.58])
+    assert term.formula("B") == "B = g - 0.020 + 0.600 (g-r)"
+    assert colour_term("skymapper", "V", {"colour_terms": {"B": given}}) is None  # no built-in one for SkyMapper
+    assert colour_term("ps1", "I", {}) is COLOUR_TERMS["ps1"]["I"]
+    # the built-in V reproduces Tonry et al. (2012) Table 6 at g-r = 0.5: V - r = 0.005 + 0.231 + 0.00325
+    assert abs(COLOUR_TERMS["ps1"]["V"].offset(0.5) - 0.23925) < 1e-12

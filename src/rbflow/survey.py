@@ -1,12 +1,15 @@
-"""Reference frames made from a public survey's images (Pan-STARRS1 3pi, Legacy Surveys), for telescopes without their own.
+"""Reference frames made from a public survey's images (Pan-STARRS1, Legacy Surveys, SkyMapper, any HiPS), for telescopes without their own.
 
 For each science frame, the survey images covering it in the frame's filter (or the survey band
-``frames.reference.filters`` maps it to) are found through the survey's file-listing service,
+``frames.reference.filters`` maps it to, or the bands a colour term makes it from) are found
+through the survey's file-listing service,
 fetched as FITS cutouts and cached (:func:`rbflow.download.cached_fetch`: a rerun downloads
 nothing), reprojected onto the science frame's pixel grid with flux conserved
 (:func:`reproject.reproject_adaptive`, an anti-aliased resampling suited to going from the
 survey's fine pixels to coarser ones), scaled to the zeropoint of the first image and combined
-by an inverse-variance weighted mean (pixels masked in an image are left out of it).
+by an inverse-variance weighted mean (pixels masked in an image are left out of it, and so is
+every output pixel whose resampling kernel reaches a masked or blank survey pixel: the valid-pixel
+map is resampled alike).
 
 Pan-STARRS1 (Chambers et al. 2016; Flewelling et al. 2020), through the STScI image service:
 
@@ -45,13 +48,14 @@ resamples the HiPS tiles onto a TAN grid at ``frames.reference.pixscale`` (the H
 ``hips_pixel_scale``), in the HiPS's units, whose zeropoint ``frames.reference.zeropoint`` gives;
 blank (NaN) pixels are outside its coverage.
 
-When the survey lacks the frame's filter, a colour term makes it from two survey bands (see
+When the survey lacks the frame's filter, a colour term makes it from the survey's bands (see
 :data:`COLOUR_TERMS`; ``frames.reference.colour_terms`` adds others): ``X = m_base + a0 + a1 c + a2 c^2``
 with the colour ``c = m_1 - m_2``. Both bands' references are built, the colour of every pixel is
 measured on the two images smoothed by a Gaussian (:data:`COLOUR_SMOOTH` px) where their S/N is
 above :data:`COLOUR_SNR` (elsewhere the median of those colours), clipped to the term's range,
 and the base band's reference is scaled by ``10^(-0.4 P(c))``: each star is transformed with its
-own colour. The term, its citation and its published scatter go into the reference header.
+own colour. The term, its citation and its published scatter go into the reference header; the
+reference's zeropoint is then in the term's system (Vega for Tonry et al.'s B V R I).
 """
 
 from __future__ import annotations
@@ -582,7 +586,7 @@ def _fetch_skymapper(
     ids = sorted({str(r["unique_image_id"]) for r in table if r["band"] == band and r["image_type"] == "main"})
     if not ids:
         raise InputError(
-            f"SkyMapper has no main exposure in band {band} at ({ra_c:.5f}, {dec_c:.5f}) (it covers dec < +16 deg): "
+            f"SkyMapper has no main exposure in band {band} at ({ra_c:.5f}, {dec_c:.5f}) (it covers the southern sky): "
             "choose another survey or give the reference frames yourself"
         )
     images = []
