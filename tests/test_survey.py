@@ -3,9 +3,10 @@
 The fake service answers ``ps1filenames.py`` with the listing table as PS1 writes it and
 ``fitscut.cgi`` with FITS cutouts rendered from the demo field's true star catalogue at PS1's
 0.25 arcsec/px: two sky cells split at the frame's centre declination (so the reference is a
-mosaic), stacks stored as asinh luptitudes (BSOFTEN/BOFFSET), warps linear with their own
-exposure and ``FPA.ZP``, and mask images flagging blank pixels outside each cell and a
-saturated blob.
+mosaic), stacks and warps in linear counts (fitscut.cgi converts the full sky-cell stacks' asinh
+luptitudes to linear flux and drops BSOFTEN/BOFFSET: PS1 image documentation), stacks at
+zeropoint 25 + 2.5 log10(EXPTIME), warps with their own exposure and ``FPA.ZP``, and mask images
+flagging blank pixels outside each cell and a saturated blob.
 """
 
 from __future__ import annotations
@@ -120,11 +121,7 @@ def _service(stars: Table, centre: tuple[float, float], mags: dict | None = None
         image[blob] = 10 ** (0.4 * (zp - 12.0))  # a saturated star's core, masked
         image[blank] = 0.0
         header["EXPTIME"] = f["exptime"]
-        if f["kind"] == "stack":
-            soften, offset = 10 ** (0.4 * (zp - 25.0)), 0.0
-            header.update(BSOFTEN=soften, BOFFSET=offset)
-            image = A * np.arcsinh((image - offset) / (2 * soften))
-        else:
+        if f["kind"] == "warp":
             header["HIERARCH FPA.ZP"] = f["zp"]
         return 200, "application/fits", _fits_bytes(image.astype(np.float32), header)
 
@@ -369,6 +366,20 @@ def test_legacysurvey_reference(science, tmp_path):
     assert ref.header["SURVEY"] == "legacysurvey"
     with pytest.raises(InputError, match="serves coadds only"):
         survey_reference(path, tmp_path / "x.fits", tel, settings={**settings, "mode": "individual"})
+
+
+def test_full_skycell_stack_is_linearised(tmp_path):
+    """A full sky-cell stack (asinh luptitudes, BSOFTEN/BOFFSET) comes back as the linear counts it encodes."""
+    from rbflow.survey import read_ps1
+
+    linear = np.array([[0.0, 1.0, 10.0], [100.0, 1e3, 1e4], [-5.0, 3.0, 5e4]])
+    soften, offset = 2.5, 0.3
+    header = _tan(150.0, 2.0, 3, 0.25)
+    header.update(EXPTIME=620.0, BSOFTEN=soften, BOFFSET=offset)
+    (tmp_path / "stk.fits").write_bytes(_fits_bytes(A * np.arcsinh((linear - offset) / (2 * soften)), header))
+    image = read_ps1(tmp_path / "stk.fits", kind="stack")
+    assert np.allclose(image.data, linear, rtol=1e-9, atol=1e-9)
+    assert image.zeropoint == pytest.approx(25.0 + 2.5 * math.log10(620.0))
 
 
 def test_a_file_filled_by_hand_is_taken(tmp_path):

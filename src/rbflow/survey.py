@@ -20,8 +20,10 @@ Pan-STARRS1 (Chambers et al. 2016; Flewelling et al. 2020), through the STScI im
 
 ``mode: stack`` uses the 3pi stacks (``type=stack``, mosaicked where the frame spans several
 sky cells); ``mode: individual`` uses every single-exposure warp (``type=warp``) and stacks
-them here. Stack pixels are stored as asinh "luptitudes": linear flux = ``BOFFSET + BSOFTEN * 2
-sinh(v / (2.5 / ln 10))``. The zeropoint of a stack is ``25 + 2.5 log10(EXPTIME)`` (PS1 image
+them here. Pixels are counts: fitscut.cgi cutouts are linear; full sky-cell stack files store
+asinh "luptitudes" with ``BSOFTEN``/``BOFFSET`` cards, linear flux = ``BOFFSET + BSOFTEN * 2
+sinh(v / (2.5 / ln 10))``, applied whenever the cards are present (PS1 image documentation:
+cutouts are converted to linear fluxes and warps never use the asinh scaling). The zeropoint of a stack is ``25 + 2.5 log10(EXPTIME)`` (PS1 image
 documentation); of a warp, the header's ``FPA.ZP`` plus ``2.5 log10(EXPTIME)`` when present, else
 the same formula. Mask images (``type=stack.mask`` / ``warp.mask``) remove the pixels with any of
 ``mask_bits``. The reference header carries the telescope's header keys: zeropoint, gain (from
