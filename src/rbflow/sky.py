@@ -9,7 +9,8 @@ Each *frame* of the field (one deep reference ``{field}_{band}_ref`` and science
 (optionally with what real PSFs add: a broad halo, coma-like asymmetry growing outwards, and
 small-scale changes across the frame; see :func:`psf_stamp`), transparency (zeropoint), sky with a gradient, flat-field residuals, Poisson and read noise,
 saturation with bleed trails, cosmic rays, satellite trails, and the detector's hot pixels and bad
-columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame).
+columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame). The
+``artefacts`` block adds the bogus zoo of real survey cameras (:mod:`rbflow.artefacts`).
 
 Geometry
 --------
@@ -876,10 +877,14 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         DATE-OBS, MJD-OBS, MAGZP, SEEING (px), FIELD, EPOCHID ('ref' or the epoch number; not
         ``EPOCH``, which FITS reserves as an old synonym of EQUINOX), plus the seed and realism switches.
     truth : astropy.table.Table
-        One row per rendered object and artefact with its centre in the frame: ``id, kind, x, y``
-        (true 0-based pixel position), ``ra, dec`` (deg), ``mag`` (NaN for artefacts), ``flux``
-        (ADU), ``fwhm`` (PSF FWHM there, px), ``saturated``, ``r_eff`` (galaxy half-light radius,
-        px), ``host`` (host galaxy id of a transient).
+        One row per rendered object and artefact with its centre in the frame: ``id, kind`` (one of
+        :data:`TRUTH_KINDS`), ``x, y`` (true 0-based pixel position; one end of a linear artefact),
+        ``x1, y1`` (its other end; NaN for compact things), ``ra, dec, ra1, dec1`` (deg, the same
+        points), ``mag`` (NaN for artefacts but asteroids), ``flux`` (ADU; see
+        :class:`rbflow.artefacts.Artefact`), ``fwhm`` (PSF FWHM there, px), ``saturated``,
+        ``r_eff`` (galaxy half-light radius, px), ``host`` (host galaxy of a transient; the star
+        that made a ghost, spike or halo or that a trail was aimed through), ``extent`` (radius of
+        influence beyond the point or segment, px; 0 for objects).
 
     Raises
     ------
