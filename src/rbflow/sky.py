@@ -1002,12 +1002,12 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         if fringe is not None:
             sky_map = sky_map + fringe
         rows += found
-    gap, vignette = np.zeros(cond.shape, bool), None
+    gap, vignette, gap_rows = None, None, []
     if on("chip_edges"):
-        gap, vignette, found = artefacts.chip_edges(
+        gap, vignette, gap_rows = artefacts.chip_edges(
             rng("chip_edge"), zoo["chip_edges"], scale=a_scale, shape=cond.shape
         )
-        rows += found
+        rows += gap_rows
     expected = (expected + sky_map) * flat
     if vignette is not None:
         expected *= vignette
@@ -1083,9 +1083,8 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     np.minimum(data, satur, out=data)
 
     # The pipeline's masks come last: chip gaps and masked blocks read NaN or 0.
-    for row in rows:
-        if row.kind == "chip_edge":
-            data[gap] = row.flux
+    if gap_rows:
+        data[gap] = gap_rows[0].flux
     if on("masked"):
         blocks, found = artefacts.masked_blocks(rng("masked"), zoo["masked"], scale=a_scale, shape=cond.shape)
         for ys, xs, fill in blocks:
