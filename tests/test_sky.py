@@ -410,6 +410,15 @@ def test_artefacts_cosmic_rays_hot_pixels_bad_columns():
     assert "cosmic_ray" not in set(ref["kind"]) and "satellite" not in set(ref["kind"])  # clean stack
     assert (e1["kind"] == "cosmic_ray").sum() > 5 and (e1["kind"] == "satellite").sum() == 1
     assert e1_hdu.header["NCOSMIC"] == (e1["kind"] == "cosmic_ray").sum()
+    # Linear artefacts are segments: the satellite trail crosses the frame from border to border, a
+    # cosmic ray runs from its entry to its exit, a bad column along its column.
+    trail = e1[e1["kind"] == "satellite"][0]
+    ends = np.array([[trail["x"], trail["y"]], [trail["x1"], trail["y1"]]])
+    assert (np.isclose(ends, 0) | np.isclose(ends, 255)).any(axis=1).all() and trail["extent"] > 0
+    cr = e1[e1["kind"] == "cosmic_ray"]
+    assert np.all(np.isfinite(cr["x1"])) and np.all(np.hypot(cr["x1"] - cr["x"], cr["y1"] - cr["y"]) < 40)
+    cols = e1[e1["kind"] == "bad_column"]
+    assert np.all(cols["x1"] == cols["x"]) and np.all(cols["y1"] > cols["y"])
     # Hot pixels and bad columns belong to the detector: the same pixels in every frame.
     for kind in ("hot_pixel", "bad_column"):
         assert_allclose(ref["x"][ref["kind"] == kind], e1["x"][e1["kind"] == kind])

@@ -9,7 +9,8 @@ Each *frame* of the field (one deep reference ``{field}_{band}_ref`` and science
 (optionally with what real PSFs add: a broad halo, coma-like asymmetry growing outwards, and
 small-scale changes across the frame; see :func:`psf_stamp`), transparency (zeropoint), sky with a gradient, flat-field residuals, Poisson and read noise,
 saturation with bleed trails, cosmic rays, satellite trails, and the detector's hot pixels and bad
-columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame).
+columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame). The
+``artefacts`` block adds the bogus zoo of real survey cameras (:mod:`rbflow.artefacts`).
 
 Geometry
 --------
@@ -39,7 +40,8 @@ from astropy.table import Table, vstack
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage, signal
 
-from rbflow import __version__
+from rbflow import __version__, artefacts
+from rbflow.artefacts import ZOO_KINDS
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import frames_of
 from rbflow.io import write_fits, write_table
@@ -56,6 +58,7 @@ __all__ = [
     "variables_catalogue",
     "write_variables_catalogue",
     "TRUTH_KINDS",
+    "REAL_KINDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,11 @@ TRUTH_KINDS = (
     "bad_column",
     "satellite",
     "bleed",
+    *ZOO_KINDS,
 )
+
+#: Kinds that are real astrophysical sources: a candidate on one of them is real.
+REAL_KINDS = ("variable", "transient", "asteroid")
 
 #: Densities in the ``sky`` block (stars, galaxies, cosmic rays, hot pixels) are per this many pixels.
 _REF_AREA = 1024 * 1024
@@ -383,6 +390,8 @@ class FrameConditions:
     ripple : numpy.ndarray
         Small-scale PSF change across the frame: fractional FWHM amplitude, wave numbers along x
         and y (cycles per frame), phase (all 0: none).
+    artefact_scale : float
+        Multiplier of every artefact rate of ``sky.artefacts`` (and of ``satellite_rate``) in this frame.
     """
 
     frame: str
@@ -409,6 +418,7 @@ class FrameConditions:
     halo_beta: float = 2.0
     coma: float = 0.0
     ripple: np.ndarray = dc_field(default_factory=lambda: np.zeros(4), repr=False)
+    artefact_scale: float = 1.0
 
     @property
     def header_wcs(self) -> WCS:
@@ -867,10 +877,14 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         DATE-OBS, MJD-OBS, MAGZP, SEEING (px), FIELD, EPOCHID ('ref' or the epoch number; not
         ``EPOCH``, which FITS reserves as an old synonym of EQUINOX), plus the seed and realism switches.
     truth : astropy.table.Table
-        One row per rendered object and artefact with its centre in the frame: ``id, kind, x, y``
-        (true 0-based pixel position), ``ra, dec`` (deg), ``mag`` (NaN for artefacts), ``flux``
-        (ADU), ``fwhm`` (PSF FWHM there, px), ``saturated``, ``r_eff`` (galaxy half-light radius,
-        px), ``host`` (host galaxy id of a transient).
+        One row per rendered object and artefact with its centre in the frame: ``id, kind`` (one of
+        :data:`TRUTH_KINDS`), ``x, y`` (true 0-based pixel position; one end of a linear artefact),
+        ``x1, y1`` (its other end; NaN for compact things), ``ra, dec, ra1, dec1`` (deg, the same
+        points), ``mag`` (NaN for artefacts but asteroids), ``flux`` (ADU; see
+        :class:`rbflow.artefacts.Artefact`), ``fwhm`` (PSF FWHM there, px), ``saturated``,
+        ``r_eff`` (galaxy half-light radius, px), ``host`` (host galaxy of a transient; the star
+        that made a ghost, spike or halo or that a trail was aimed through), ``extent`` (radius of
+        influence beyond the point or segment, px; 0 for objects).
 
     Raises
     ------
@@ -917,25 +931,86 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     detector = _detector(telescope, cond.shape, seed)
     sky_map = cond.sky_map()
     flat = _flat(cond, detector, sky["flat_residual"], seed)
-    expected = (expected + sky_map) * flat
     science = cond.epoch > 0
+    zoo = sky["artefacts"]
+    a_scale = cond.artefact_scale
 
-    artefacts: list[tuple[str, float, float, float]] = []  # kind, x, y, ADU
+    def rng(kind: str) -> np.random.Generator:
+        return np.random.default_rng(derive(seed, frame, kind))
 
-    # Satellite trail: a PSF-wide line of light across the frame (science frames only).
-    g = np.random.default_rng(derive(seed, frame, "satellite"))
-    if science and g.random() < sky["satellite_rate"]:
-        px, py, ang = g.uniform(0, nx - 1), g.uniform(0, ny - 1), g.uniform(0, np.pi)
-        peak = 10 ** g.uniform(math.log10(30.0), math.log10(3000.0))
-        sigma = cond.seeing / 2.3548
-        cols = np.arange(nx)[None, :] - px
-        rows = np.arange(ny)[:, None] - py
-        dist = -cols * math.sin(ang) + rows * math.cos(ang)
-        trail = np.where(np.abs(dist) < 6 * sigma, peak * np.exp(-0.5 * (dist / sigma) ** 2), 0.0)
-        expected += trail * flat
-        t = (nx - 1) / 2 - px, (ny - 1) / 2 - py
-        along = t[0] * math.cos(ang) + t[1] * math.sin(ang)
-        artefacts.append(("satellite", px + along * math.cos(ang), py + along * math.sin(ang), trail.sum()))
+    def points(image: np.ndarray, px: np.ndarray, py: np.ndarray, f: np.ndarray) -> None:
+        _render_points(image, px, py, f, cond, noise)
+
+    def on(kind: str) -> bool:
+        return artefacts.active(zoo[kind], cond.epoch)
+
+    inside = present & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+    stars = _frame_stars(obj, np.flatnonzero(inside & ~is_gal), x, y, flux, cond, satur)
+    aim = _subset(stars, stars.flux > 100 * noise)  # trails are aimed through visible stars
+    through = zoo["trails_through_stars"]
+    rows: list[artefacts.Artefact] = []
+
+    # Light of the optics and of moving things joins the objects' before the flat and the noise.
+    g = rng("satellite")
+    if science:
+        rate = min(1.0, sky["satellite_rate"] * a_scale)
+        rows += artefacts.satellite_trails(expected, g, rate=rate, seeing=cond.seeing, stars=aim, through_star=through)
+    if on("glints"):
+        rows += artefacts.glints(
+            expected,
+            rng("glint"),
+            zoo["glints"],
+            scale=a_scale,
+            zeropoint=cond.zeropoint,
+            fwhm=cond.seeing,
+            stars=aim,
+            through_star=through,
+            render_points=points,
+        )
+    if on("flares"):
+        rows += artefacts.flares(
+            expected, rng("flare"), zoo["flares"], scale=a_scale, seeing=cond.seeing, stars=aim, through_star=through
+        )
+    optics = dict(scale=a_scale, saturation=satur, stars=stars)
+    if on("ghosts"):
+        rows += artefacts.ghosts(expected, rng("ghost"), zoo["ghosts"], **optics)
+    if on("spikes"):
+        rows += artefacts.spikes(expected, rng("spike"), zoo["spikes"], seeing=cond.seeing, **optics)
+    if on("halos"):
+        rows += artefacts.halos(expected, rng("halo"), zoo["halos"], seeing=cond.seeing, **optics)
+    if on("asteroids"):
+        rows += artefacts.asteroids(
+            expected,
+            rng("asteroid"),
+            zoo["asteroids"],
+            scale=a_scale,
+            zeropoint=cond.zeropoint,
+            exptime=cond.exptime,
+            pixel_scale=float(telescope["pixel_scale"]),
+            fwhm=cond.seeing,
+            render_points=points,
+        )
+    if on("fringing"):
+        fringe, found = artefacts.fringing(
+            sky_map,
+            rng("fringe"),
+            np.random.default_rng(derive(seed, telescope["name"], "fringe")),
+            zoo["fringing"],
+            scale=a_scale,
+            band=cond.filter,
+        )
+        if fringe is not None:
+            sky_map = sky_map + fringe
+        rows += found
+    gap, vignette, gap_rows = None, None, []
+    if on("chip_edges"):
+        gap, vignette, gap_rows = artefacts.chip_edges(
+            rng("chip_edge"), zoo["chip_edges"], scale=a_scale, shape=cond.shape
+        )
+        rows += gap_rows
+    expected = (expected + sky_map) * flat
+    if vignette is not None:
+        expected *= vignette
 
     # Dead columns record a fraction of the light.
     bad = detector["bad"]
@@ -943,9 +1018,9 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         expected[bad["y0"][k] : bad["y1"][k], bad["x"][k]] *= bad["qe"][k]
 
     sat_mask, trails = _bleed(expected, satur, trails=bool(sky["bleed_trails"]))
-    artefacts += [("bleed", *trail) for trail in trails]
+    rows += _bleed_rows(sat_mask, trails)
 
-    g = np.random.default_rng(derive(seed, frame, "noise"))
+    g = rng("noise")
     data = g.poisson(np.clip(expected, 0, None) * gain).astype(float)
     data += g.normal(0.0, rn, cond.shape)
     data /= gain
@@ -954,19 +1029,24 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     dark = cond.exptime / sky["exptime"]
     for k in np.flatnonzero(bad["hot"]):
         data[bad["y0"][k] : bad["y1"][k], bad["x"][k]] += bad["level"][k] * dark
-    artefacts += [
-        (
+    rows += [
+        artefacts.Artefact(
             "bad_column",
-            bad["x"][k],
-            0.5 * (bad["y0"][k] + bad["y1"][k] - 1),
-            bad["level"][k] * dark if bad["hot"][k] else 0.0,
+            float(bad["x"][k]),
+            float(bad["y0"][k]),
+            float(bad["x"][k]),
+            float(bad["y1"][k] - 1),
+            flux=float(bad["level"][k] * dark if bad["hot"][k] else 0.0),
         )
         for k in range(len(bad["x"]))
     ]
     hot = detector["hot"]
     np.add.at(data, (hot["y"], hot["x"]), hot["adu"] * dark)
-    artefacts += [("hot_pixel", hot["x"][k], hot["y"][k], hot["adu"][k] * dark) for k in range(len(hot["x"]))]
-    g = np.random.default_rng(derive(seed, frame, "cosmic_rays"))
+    rows += [
+        artefacts.Artefact("hot_pixel", float(hot["x"][k]), float(hot["y"][k]), flux=float(hot["adu"][k] * dark))
+        for k in range(len(hot["x"]))
+    ]
+    g = rng("cosmic_rays")
     n_cr = int(g.poisson(sky["cosmic_rays"] * nx * ny / _REF_AREA)) if science else 0
     for _ in range(n_cr):
         cx, cy = g.uniform(-0.5, nx - 0.5), g.uniform(-0.5, ny - 0.5)
@@ -977,56 +1057,45 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
         py = np.clip(np.rint(cy + steps * math.sin(ang)).astype(int), 0, ny - 1)
         deposit = per_px * max(length, 1.0) / len(steps)
         np.add.at(data, (py, px), deposit)
-        mid = (cx + 0.5 * length * math.cos(ang), cy + 0.5 * length * math.sin(ang))
-        artefacts.append(("cosmic_ray", *mid, deposit * len(steps)))
+        end = (cx + length * math.cos(ang), cy + length * math.sin(ang))
+        rows.append(artefacts.Artefact("cosmic_ray", cx, cy, *end, extent=0.5, flux=deposit * len(steps)))
+
+    # The electronics: crosstalk of saturated sources, amplifier steps, correlated read noise.
+    n_amp = zoo["amplifiers"]
+    if on("crosstalk"):
+        rows += artefacts.crosstalk(
+            data,
+            expected,
+            sat_mask,
+            rng("crosstalk"),
+            zoo["crosstalk"],
+            scale=a_scale,
+            saturation=satur,
+            amplifiers=n_amp,
+        )
+    if on("amp_steps"):
+        rows += artefacts.amp_steps(
+            data, rng("amp_step"), zoo["amp_steps"], scale=a_scale, sky=cond.sky, amplifiers=n_amp
+        )
+    if on("pattern_noise"):
+        rows += artefacts.pattern_noise(data, rng("pattern_noise"), zoo["pattern_noise"], scale=a_scale, gain=gain)
     data[sat_mask] = satur
     np.minimum(data, satur, out=data)
 
-    # Objects with their centre in the frame, then artefacts.
-    idx = np.flatnonzero(present & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5))
-    ix = np.clip(np.rint(x[idx]).astype(int), 0, nx - 1)
-    iy = np.clip(np.rint(y[idx]).astype(int), 0, ny - 1)
-    a_kind = [a[0] for a in artefacts]
-    a_x = np.array([a[1] for a in artefacts], dtype=float)
-    a_y = np.array([a[2] for a in artefacts], dtype=float)
-    a_ra, a_dec = cond.pixel_to_world(a_x, a_y) if artefacts else (np.zeros(0), np.zeros(0))
-    counts: dict[str, int] = {}
-    a_ids = []
-    for kind in a_kind:
-        a_ids.append(f"{frame}_{kind}{counts.get(kind, 0):03d}")
-        counts[kind] = counts.get(kind, 0) + 1
-    n_a = len(artefacts)
-    table = Table(
-        {
-            "id": np.concatenate([np.asarray(obj["id"][idx], dtype=str), np.array(a_ids, dtype=str)]),
-            "kind": np.concatenate([np.asarray(obj["kind"][idx], dtype=str), np.array(a_kind, dtype=str)]),
-            "x": np.concatenate([x[idx], a_x]),
-            "y": np.concatenate([y[idx], a_y]),
-            "ra": np.concatenate([np.asarray(obj["ra"][idx]), a_ra]),
-            "dec": np.concatenate([np.asarray(obj["dec"][idx]), a_dec]),
-            "mag": np.concatenate([mags[idx], np.full(n_a, np.nan)]),
-            "flux": np.concatenate([flux[idx], np.array([a[3] for a in artefacts], dtype=float)]),
-            "fwhm": np.concatenate([cond.psf_at(x[idx], y[idx])[0], cond.psf_at(a_x, a_y)[0]]),
-            "saturated": np.concatenate([sat_mask[iy, ix], np.zeros(n_a, bool)]),
-            "r_eff": np.concatenate([np.asarray(obj["r_eff"][idx]) / scale, np.full(n_a, np.nan)]),
-            "host": np.concatenate([np.asarray(obj["host"][idx], dtype=str), np.full(n_a, "", dtype=str)]),
-        }
-    )
-    for col, unit in (
-        ("x", "pix"),
-        ("y", "pix"),
-        ("ra", "deg"),
-        ("dec", "deg"),
-        ("mag", "mag"),
-        ("flux", "adu"),
-        ("fwhm", "pix"),
-        ("r_eff", "pix"),
-    ):
-        table[col].unit = unit
+    # The pipeline's masks come last: chip gaps and masked blocks read NaN or 0.
+    if gap_rows:
+        data[gap] = gap_rows[0].flux
+    if on("masked"):
+        blocks, found = artefacts.masked_blocks(rng("masked"), zoo["masked"], scale=a_scale, shape=cond.shape)
+        for ys, xs, fill in blocks:
+            data[ys, xs] = fill
+        rows += found
+
+    table, counts = _truth_table(obj, np.flatnonzero(inside), x, y, mags, flux, sat_mask, rows, cond, frame, scale)
     table.meta.update(
         {
             "description": "truth of a synthetic frame: every rendered object and artefact "
-            "(0-based true pixel positions)",
+            "(0-based true pixel positions; linear artefacts run from x, y to x1, y1)",
             "made_by": "rbflow.sky.simulate_frame",
             "telescope": telescope["name"],
             "frame": frame,
@@ -1038,13 +1107,13 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
             "sky_adu": cond.sky,
         }
     )
-    header = _frame_header(telescope, cond, seed, n_cr, "satellite" in counts)
+    header = _frame_header(telescope, cond, seed, n_cr, counts)
     hdu = fits.PrimaryHDU(data.astype(np.float32), header=header)
     log.info(
         "%s: %d objects, %d artefacts, seeing %.2f px, MAGZP %.3f, sky %.1f ADU, %d saturated pixels",
         frame,
-        len(idx),
-        len(table) - len(idx),
+        int(inside.sum()),
+        len(rows),
         cond.seeing,
         cond.zeropoint,
         cond.sky,
@@ -1053,8 +1122,144 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     return hdu, table
 
 
+_HEADER_COUNTS = {
+    "glint": ("NGLINT", "dotted satellite glint rows"),
+    "flare": ("NFLARE", "tumbling-satellite flare trails"),
+    "ghost": ("NGHOST", "internal-reflection ghosts of bright stars"),
+    "spike": ("NSPIKE", "diffraction spike lines"),
+    "halo": ("NHALO", "scattered-light halos of saturated stars"),
+    "crosstalk": ("NXTALK", "crosstalk images of saturated sources"),
+    "amp_step": ("NAMPSTEP", "amplifier level steps"),
+    "chip_edge": ("NCHIPEDG", "chip edges or gaps"),
+    "masked": ("NMASKED", "masked blocks (NaN or 0)"),
+    "fringe": ("NFRINGE", "fringe patterns"),
+    "pattern_noise": ("NPATTERN", "correlated read-noise patterns"),
+    "asteroid": ("NASTEROI", "trailed asteroids"),
+}
+
+
+def _frame_stars(obj: Table, idx: np.ndarray, x, y, flux, cond: FrameConditions, saturation: float) -> artefacts.Stars:
+    """The point sources of a frame (centres inside it) with their brightest pixel, sky included (ADU).
+
+    A round Moffat's central surface brightness bounds the peak from above; the stars it puts above
+    5 % of the saturation level (the optics artefacts start at half of it) get their brightest
+    pixel from the rendered PSF itself.
+    """
+    px, py, f = x[idx], y[idx], flux[idx]
+    fwhm, ell, theta = cond.psf_at(px, py)
+    peak = artefacts.moffat_peak(f, fwhm, cond.beta) + cond.sky
+    near = np.flatnonzero(peak >= 0.05 * saturation)
+    if near.size:
+        ix, iy = np.rint(px[near]), np.rint(py[near])
+        coma = cond.coma_at(px[near], py[near])
+        stamps = _point_stamps(px[near] - ix, py[near] - iy, fwhm[near], ell[near], theta[near], coma, cond, 8)
+        peak[near] = f[near] * stamps.max(axis=(1, 2)) + cond.sky
+    return artefacts.Stars(np.asarray(obj["id"][idx], dtype=str), px, py, f, peak)
+
+
+def _subset(stars: artefacts.Stars, keep: np.ndarray) -> artefacts.Stars:
+    return artefacts.Stars(stars.id[keep], stars.x[keep], stars.y[keep], stars.flux[keep], stars.peak[keep])
+
+
+def _bleed_rows(sat_mask: np.ndarray, trails: list[tuple]) -> list[artefacts.Artefact]:
+    """Bleed trails as segments: the top and bottom rows of the saturated region of each bled star."""
+    if not trails:
+        return []
+    labels, _ = ndimage.label(sat_mask)
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for cx, cy, total in trails:
+        lab = labels[int(round(cy)), int(round(cx))]
+        if lab == 0:  # the centre of an odd-shaped region can miss it: the nearest saturated pixel's
+            ys, xs = np.nonzero(sat_mask)
+            k = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
+            lab = labels[ys[k], xs[k]]
+        rs, cs = boxes[lab - 1]
+        half_width = 0.5 * (cs.stop - cs.start)
+        out.append(artefacts.Artefact("bleed", cx, float(rs.start), cx, float(rs.stop - 1), half_width, total))
+    return out
+
+
+def _truth_table(
+    obj: Table,
+    idx: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    mags: np.ndarray,
+    flux: np.ndarray,
+    sat_mask: np.ndarray,
+    rows: list[artefacts.Artefact],
+    cond: FrameConditions,
+    frame: str,
+    pixel_scale: float,
+) -> tuple[Table, dict[str, int]]:
+    """The truth table: objects with their centre in the frame, then the artefacts; and the count per kind."""
+    ny, nx = cond.shape
+    ix = np.clip(np.rint(x[idx]).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(y[idx]).astype(int), 0, ny - 1)
+    n_o, n_a = len(idx), len(rows)
+
+    def col(name: str) -> np.ndarray:
+        return np.array([getattr(r, name) for r in rows], dtype=float)
+
+    a_x, a_y, a_x1, a_y1 = col("x"), col("y"), col("x1"), col("y1")
+    a_ra, a_dec = cond.pixel_to_world(a_x, a_y) if n_a else (np.zeros(0), np.zeros(0))
+    a_ra1, a_dec1 = np.full(n_a, np.nan), np.full(n_a, np.nan)
+    lin = np.isfinite(a_x1)
+    if lin.any():
+        a_ra1[lin], a_dec1[lin] = cond.pixel_to_world(a_x1[lin], a_y1[lin])
+    counts: dict[str, int] = {}
+    a_ids = []
+    for r in rows:
+        a_ids.append(f"{frame}_{r.kind}{counts.get(r.kind, 0):03d}")
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    nan_o = np.full(n_o, np.nan)
+    table = Table(
+        {
+            "id": np.concatenate([np.asarray(obj["id"][idx], dtype=str), np.array(a_ids, dtype=str)]),
+            "kind": np.concatenate(
+                [np.asarray(obj["kind"][idx], dtype=str), np.array([r.kind for r in rows], dtype=str)]
+            ),
+            "x": np.concatenate([x[idx], a_x]),
+            "y": np.concatenate([y[idx], a_y]),
+            "x1": np.concatenate([nan_o, a_x1]),
+            "y1": np.concatenate([nan_o, a_y1]),
+            "ra": np.concatenate([np.asarray(obj["ra"][idx]), a_ra]),
+            "dec": np.concatenate([np.asarray(obj["dec"][idx]), a_dec]),
+            "ra1": np.concatenate([nan_o, a_ra1]),
+            "dec1": np.concatenate([nan_o, a_dec1]),
+            "mag": np.concatenate([mags[idx], col("mag")]),
+            "flux": np.concatenate([flux[idx], col("flux")]),
+            "fwhm": np.concatenate([cond.psf_at(x[idx], y[idx])[0], cond.psf_at(a_x, a_y)[0]]),
+            "saturated": np.concatenate([sat_mask[iy, ix], np.zeros(n_a, bool)]),
+            "r_eff": np.concatenate([np.asarray(obj["r_eff"][idx]) / pixel_scale, np.full(n_a, np.nan)]),
+            "host": np.concatenate(
+                [np.asarray(obj["host"][idx], dtype=str), np.array([r.host for r in rows], dtype=str)]
+            ),
+            "extent": np.concatenate([np.zeros(n_o), col("extent")]),
+        }
+    )
+    for name, unit in (
+        ("x", "pix"),
+        ("y", "pix"),
+        ("x1", "pix"),
+        ("y1", "pix"),
+        ("ra", "deg"),
+        ("dec", "deg"),
+        ("ra1", "deg"),
+        ("dec1", "deg"),
+        ("mag", "mag"),
+        ("flux", "adu"),
+        ("fwhm", "pix"),
+        ("r_eff", "pix"),
+        ("extent", "pix"),
+    ):
+        table[name].unit = unit
+    return table, counts
+
+
 def _frame_header(
-    telescope: dict[str, Any], cond: FrameConditions, seed: int, n_cr: int, satellite: bool
+    telescope: dict[str, Any], cond: FrameConditions, seed: int, n_cr: int, counts: dict[str, int]
 ) -> fits.Header:
     """Header of a frame: WCS cards, observation facts and the realism switches."""
     sky = telescope["sky"]
@@ -1090,9 +1295,11 @@ def _frame_header(
         ("HOTPIX", int(sky["hot_pixels"]), "hot pixels per 1024^2 detector area"),
         ("BADCOLS", int(sky["bad_columns"]), "bad columns of the detector"),
         ("SATRATE", float(sky["satellite_rate"]), "probability of a satellite trail"),
-        ("SATTRAIL", bool(satellite), "this frame has a satellite trail"),
+        ("SATTRAIL", "satellite" in counts, "this frame has a satellite trail"),
         ("WCSERR", float(sky["wcs_error"]), "[px] RMS error of the header WCS zero point"),
         ("DISTRES", float(sky["distortion_residual"]), "[px] distortion residual not in the WCS"),
+        ("ARTSCALE", float(cond.artefact_scale), "multiplier of the sky.artefacts rates"),
+        *((card, int(counts.get(kind, 0)), text) for kind, (card, text) in _HEADER_COUNTS.items()),
         ("RBFLOWV", __version__, "rbflow version that wrote this file"),
     ):
         h[key] = (value, comment)
