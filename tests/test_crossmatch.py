@@ -394,7 +394,7 @@ def test_truth_kinds_errors():
 
 def _kind_run(tmp_path, monkeypatch, real_kinds, *, reference=True):
     """run_crossmatch on KIND_CASES plus an injected source and a catalogue source, with the truth tables."""
-    monkeypatch.setattr(sky, "REAL_KINDS", real_kinds, raising=False)
+    monkeypatch.setattr(sky, "REAL_KINDS", real_kinds)
     cands = _with_sky(_kind_candidates(KIND_CASES[:-1] + [((20.0, 20.0), "injected"), ((10.0, 10.0), "catalogue")]))
     n = len(cands)
     cands["mag"], cands["mag_err"], cands["snr"] = np.full(n, 20.0), np.full(n, 0.1), np.full(n, 10.0)

@@ -668,7 +668,7 @@ def run_crossmatch(
             kinds[:] = truth_kinds(cands, read_table(truth_path), radius=radius, reference=reference)
         except InputError as exc:
             raise InputError(f"truth table(s) {names}: {exc}") from exc
-        real = set(getattr(sky, "REAL_KINDS", ("variable", "transient")))  # REAL_KINDS comes with the artefact zoo
+        real = set(sky.REAL_KINDS)
         promoted = ~matched & np.isin(kinds.astype(str), [k for k in TRUTH_MATCHED_KINDS if k in real])
     kinds[matched] = np.asarray(labels["match_kind"])[matched]
     labels["truth_kind"] = kinds.astype(str) if len(kinds) else np.array([], dtype="U1")
