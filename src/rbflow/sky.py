@@ -11,6 +11,14 @@ small-scale changes across the frame; see :func:`psf_stamp`), transparency (zero
 saturation with bleed trails, cosmic rays, satellite trails, and the detector's hot pixels and bad
 columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame).
 
+Domain randomisation
+--------------------
+With ``sky.randomise.enabled`` each field is seen through its own camera, drawn by
+:func:`field_randomisation` from ``derive(seed, field, 'randomise')``: sampling (an effective pixel
+scale at fixed seeing in arcsec, which rescales the sky's angular sizes and densities while the WCS
+keeps the telescope's ``pixel_scale``), depth, read noise, PSF family, astrometric errors, star
+density and a factor on the artefact rates (:attr:`FrameConditions.artefact_scale`).
+
 Geometry
 --------
 The *true* mapping from the sky to a frame's pixels is a TAN projection (the frame's pointing and
@@ -1237,7 +1245,7 @@ def _frame_header(
             ("PSFRIPL", float(cond.ripple[0]), "small-scale FWHM ripple (fraction)"),
         ):
             h.insert("RBFLOWV", (key, value, comment))
-    if sky["randomise"]["enabled"]:  # the field's drawn camera (sky.randomise)
+    if sky.get("randomise", {}).get("enabled", False):  # the field's drawn camera (sky.randomise)
         for key, value, comment in (
             ("RANDOMIS", True, "field drawn by sky.randomise"),
             ("PIXSCEFF", cond.pixel_scale, "[arcsec/px] effective pixel scale of the sky"),
