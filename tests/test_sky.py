@@ -339,12 +339,13 @@ def test_variables_differ_between_epochs_and_transients_not_in_reference(tmp_pat
     t2 = sky.simulate_frame(tel, "fld00_r_e2", seed=SEED)[1]
     for row in t2[np.isin(t2["kind"], ["variable", "transient"])]:
         assert_allclose(row["mag"], cat["mag_e2"][cat["id"] == row["id"]][0])
-    # Supernovae sit on their host galaxy, off its core.
+    # Supernovae sit on their host galaxy: at its nucleus (transient_nuclear_fraction) or off its core.
     e = sky.field_scene(tel, "fld00", seed=SEED).objects
     for row in tr[~fast]:
         host = e[e["id"] == row["host"]][0]
         sep = np.hypot((row["ra"] - host["ra"]) * np.cos(np.radians(host["dec"])), row["dec"] - host["dec"]) * 3600
-        assert 0.3 * host["q"] * host["r_eff"] - 1e-9 <= sep <= 1.5 * host["r_eff"] + 1e-9
+        nuclear = sep <= 0.1 * host["r_eff"] + 1e-9
+        assert nuclear or 0.3 * host["q"] * host["r_eff"] - 1e-9 <= sep <= 1.5 * host["r_eff"] + 1e-9
 
 
 def test_transient_light_appears_only_when_present():

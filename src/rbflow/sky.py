@@ -12,6 +12,14 @@ saturation with bleed trails, cosmic rays, satellite trails, and the detector's 
 columns (drawn from ``derive(seed, telescope, 'detector')``, the same in every frame). The
 ``artefacts`` block adds the bogus zoo of real survey cameras (:mod:`rbflow.artefacts`).
 
+Domain randomisation
+--------------------
+With ``sky.randomise.enabled`` each field is seen through its own camera, drawn by
+:func:`field_randomisation` from ``derive(seed, field, 'randomise')``: sampling (an effective pixel
+scale at fixed seeing in arcsec, which rescales the sky's angular sizes and densities while the WCS
+keeps the telescope's ``pixel_scale``), depth, read noise, PSF family, astrometric errors, star
+density and a factor on the artefact rates (:attr:`FrameConditions.artefact_scale`).
+
 Geometry
 --------
 The *true* mapping from the sky to a frame's pixels is a TAN projection (the frame's pointing and
@@ -50,6 +58,7 @@ from rbflow.seeds import derive
 __all__ = [
     "FieldScene",
     "FrameConditions",
+    "field_randomisation",
     "field_scene",
     "frame_conditions",
     "simulate_frame",
@@ -130,10 +139,108 @@ def _tel_source(telescope: dict[str, Any]) -> str:
 def _sky_block(telescope: dict[str, Any]) -> dict[str, Any]:
     if "sky" not in telescope:
         raise ConfigError(f"{_tel_source(telescope)} has no 'sky' block: only demo telescopes can be simulated")
+    rand = telescope["sky"].get("randomise", {})
+    drawn_rn = rand.get("enabled", False) and rand.get("read_noise") is not None
     for key in ("gain", "read_noise", "saturation"):
-        if telescope.get(key) is None:
+        if telescope.get(key) is None and not (key == "read_noise" and drawn_rn):
             raise ConfigError(f"{_tel_source(telescope)}: key '{key}' must be a number for a synthetic telescope")
+    if drawn_rn and telescope.get("read_noise") is not None:
+        raise ConfigError(
+            f"{_tel_source(telescope)}: 'sky.randomise.read_noise' draws each field's read noise, but "
+            f"'read_noise: {telescope['read_noise']}' would make every stage use that value instead of the "
+            "frames' RDNOISE cards; set 'read_noise: null' (or 'sky.randomise.read_noise: null')"
+        )
     return telescope["sky"]
+
+
+#: Keys of ``sky.randomise`` drawn log-uniform (the others uniform), and every drawn key in drawing order.
+_LOG_UNIFORM = ("sampling", "exptime_scale", "read_noise", "star_density", "artefact_scale")
+_RANDOMISED = (
+    "sampling",
+    "exptime_scale",
+    "zeropoint_offset",
+    "sky_offset",
+    "read_noise",
+    "moffat_beta",
+    "psf_variation",
+    "psf_ellipticity",
+    "psf_halo_fraction",
+    "psf_coma",
+    "psf_ripple",
+    "wcs_error",
+    "distortion_residual",
+    "star_density",
+    "artefact_scale",
+)
+
+
+def field_randomisation(telescope: dict[str, Any], field: str, *, seed: int) -> dict[str, float]:
+    """The camera and conditions one field is seen with (``sky.randomise``; the sky block's own when off).
+
+    Parameters
+    ----------
+    telescope : dict
+        Validated demo telescope (with its ``sky`` block).
+    field : str
+        Field id, e.g. ``"fld00"``.
+    seed : int
+        Global seed; the draws use ``derive(seed, field, 'randomise')``.
+
+    Returns
+    -------
+    dict
+        ``pixel_scale`` (effective arcsec/pixel of the field: the sky's angular sizes are scaled by
+        the telescope's ``pixel_scale`` over it), ``exptime_scale`` (factor), ``zeropoint_offset``
+        (mag), ``sky_offset`` (mag/arcsec^2), ``read_noise`` (e-), ``moffat_beta``,
+        ``psf_variation``, ``psf_ellipticity``, ``psf_halo_fraction``, ``psf_coma``, ``psf_ripple``
+        (as the sky keys), ``wcs_error``, ``distortion_residual`` (pixels), ``star_density`` and
+        ``artefact_scale`` (factors). With randomisation off: the telescope's pixel scale and read
+        noise, the sky block's values, factors 1 and offsets 0.
+
+    Raises
+    ------
+    ConfigError
+        The telescope is not a valid synthetic telescope.
+    """
+    sky = _sky_block(telescope)
+    rand = sky.get("randomise", {})
+    out = {
+        "pixel_scale": float(telescope["pixel_scale"]),
+        "exptime_scale": 1.0,
+        "zeropoint_offset": 0.0,
+        "sky_offset": 0.0,
+        "read_noise": telescope["read_noise"],
+        "moffat_beta": sky["moffat_beta"],
+        "star_density": 1.0,
+        "artefact_scale": 1.0,
+        **{
+            k: sky[k]
+            for k in (
+                "psf_variation",
+                "psf_ellipticity",
+                "psf_halo_fraction",
+                "psf_coma",
+                "psf_ripple",
+                "wcs_error",
+                "distortion_residual",
+            )
+        },
+    }
+    if rand.get("enabled", False):
+        g = np.random.default_rng(derive(seed, field, "randomise"))
+        for key in _RANDOMISED:
+            bounds = rand[key]
+            if bounds is None:  # read_noise: null keeps the telescope's (draw anyway: the others stay put)
+                g.random()
+                continue
+            lo, hi = sorted(float(b) for b in bounds)
+            if key in _LOG_UNIFORM and lo > 0:
+                out[key] = float(math.exp(g.uniform(math.log(lo), math.log(hi))))
+            else:
+                out[key] = float(g.uniform(lo, hi))
+        out["pixel_scale"] = 0.5 * (sky["seeing"][0] + sky["seeing"][1]) / out.pop("sampling")
+    out["read_noise"] = float(out["read_noise"])
+    return out
 
 
 def _filter_value(telescope: dict[str, Any], key: str, band: str) -> float:
@@ -222,6 +329,10 @@ def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldSce
     rng = np.random.default_rng(derive(seed, field))
     nx, ny = sky["size"]
     scale = telescope["pixel_scale"] / 3600.0
+    # Randomised sampling: the sky's angular sizes shrink by this factor (pixel_scale / effective scale)
+    # and its surface densities per pixel grow by its inverse square, as a coarser pixel would see them.
+    draw = field_randomisation(telescope, field, seed=seed)
+    shrink = telescope["pixel_scale"] / draw["pixel_scale"]
     ra_c, dec_c = _field_centre(telescope, index)
     m = _margin(sky)
     wx, wy = nx + 2 * m, ny + 2 * m
@@ -254,16 +365,16 @@ def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldSce
         rows["host"] += [""] * k if host is None else list(host)
 
     # Stars: a power-law luminosity function, constant in time.
-    n_star = int(rng.poisson(sky["stars"] * area))
+    n_star = int(rng.poisson(sky["stars"] * area * draw["star_density"] / shrink**2))
     ra, dec = positions(n_star)
     mag = _power_law_mags(rng, n_star, *sky["star_mags"], 0.3)
     add("star", "s", ra, dec, np.repeat(mag[:, None], n_ep + 1, axis=1))
 
     # Galaxies: Sérsic n = 1..4, half-light radius growing with brightness.
-    n_gal = int(rng.poisson(sky["galaxies"] * area))
+    n_gal = int(rng.poisson(sky["galaxies"] * area / shrink**2))
     g_ra, g_dec = positions(n_gal)
     g_mag = _power_law_mags(rng, n_gal, *sky["galaxy_mags"], 0.35)
-    g_re = np.clip(1.2 * 10 ** (-0.15 * (g_mag - 19.0) + rng.normal(0, 0.15, n_gal)), 0.4, 10.0)
+    g_re = np.clip(1.2 * 10 ** (-0.15 * (g_mag - 19.0) + rng.normal(0, 0.15, n_gal)), 0.4, 10.0) * shrink
     g_n = rng.uniform(1.0, 4.0, n_gal)
     g_q = rng.uniform(0.3, 1.0, n_gal)
     g_pa = rng.uniform(0.0, 180.0, n_gal)
@@ -281,7 +392,8 @@ def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldSce
     var_mags = base[:, None] + 0.5 * amp[:, None] * np.sin(2 * np.pi * (phase[:, None] + t / period[:, None]))
     add("variable", "v", ra, dec, np.column_stack([base, var_mags]))
 
-    # Transients: supernova-like on galaxies (60 %) and isolated fast ones; never in the reference.
+    # Transients: supernova-like on galaxies (60 %; a fraction at the nucleus; hosts chosen by flux^bias)
+    # and isolated fast ones; never in the reference.
     n_tr = sky["transients"]
     gx, gy = fwcs.wcs_world2pix(g_ra, g_dec, 0)
     inside = (gx > inner) & (gx < wx - inner) & (gy > inner) & (gy < wy - inner)
@@ -290,9 +402,17 @@ def field_scene(telescope: dict[str, Any], field: str, *, seed: int) -> FieldSce
     tr_mags = np.full((n_tr, n_ep + 1), np.nan)
     tr_ra, tr_dec, tr_host = np.zeros(n_tr), np.zeros(n_tr), [""] * n_tr
     if n_sn:
-        host = rng.choice(hosts_ok, n_sn)
-        # Offset from the core: 0.3-1.5 half-light radii along the host's ellipse.
+        bias = sky["transient_host_bias"]
+        if bias:
+            weight = 10 ** (-0.4 * bias * (g_mag[hosts_ok] - g_mag[hosts_ok].min()))
+            host = rng.choice(hosts_ok, n_sn, p=weight / weight.sum())
+        else:
+            host = rng.choice(hosts_ok, n_sn)
+        # Offset from the core: 0.3-1.5 half-light radii along the host's ellipse; nuclear ones within 0.1.
         rad = g_re[host] * rng.uniform(0.3, 1.5, n_sn) / 3600.0
+        if sky["transient_nuclear_fraction"]:
+            nuclear = rng.random(n_sn) < sky["transient_nuclear_fraction"]
+            rad[nuclear] = g_re[host[nuclear]] * rng.uniform(0.0, 0.1, int(nuclear.sum())) / 3600.0
         ang = rng.uniform(0, 2 * np.pi, n_sn)
         u, v = rad * np.cos(ang), rad * g_q[host] * np.sin(ang)
         pa = np.radians(g_pa[host])
@@ -370,6 +490,8 @@ class FrameConditions:
         Mean sky level (ADU per pixel).
     sky_slope : tuple of float
         Fractional sky change across the frame along x and y.
+    read_noise : float
+        Read noise (e-; the header's ``RDNOISE``).
     true_header : astropy.io.fits.Header
         TAN WCS cards of the true projection (before the distortion residual).
     header_wcs_cards : astropy.io.fits.Header
@@ -390,8 +512,14 @@ class FrameConditions:
     ripple : numpy.ndarray
         Small-scale PSF change across the frame: fractional FWHM amplitude, wave numbers along x
         and y (cycles per frame), phase (all 0: none).
+    wcs_error : float
+        RMS (per axis) that ``wcs_shift`` was drawn with (pixels).
+    pixel_scale : float
+        Effective pixel scale the field is seen with (arcsec/pixel; the telescope's unless
+        ``sky.randomise`` changes the sampling; the header WCS keeps the telescope's).
     artefact_scale : float
-        Multiplier of every artefact rate of ``sky.artefacts`` (and of ``satellite_rate``) in this frame.
+        Multiplier of every artefact rate of ``sky.artefacts`` (and of ``satellite_rate``) in this
+        frame (``sky.randomise.artefact_scale``; 1 when off).
     """
 
     frame: str
@@ -409,6 +537,7 @@ class FrameConditions:
     psf_angle: float
     sky: float
     sky_slope: tuple[float, float]
+    read_noise: float
     true_header: fits.Header = dc_field(repr=False)
     header_wcs_cards: fits.Header = dc_field(repr=False)
     wcs_shift: tuple[float, float] = (0.0, 0.0)
@@ -418,6 +547,8 @@ class FrameConditions:
     halo_beta: float = 2.0
     coma: float = 0.0
     ripple: np.ndarray = dc_field(default_factory=lambda: np.zeros(4), repr=False)
+    wcs_error: float = 0.0
+    pixel_scale: float = 1.0
     artefact_scale: float = 1.0
 
     @property
@@ -542,6 +673,8 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
     def rng(part: str) -> np.random.Generator:
         return np.random.default_rng(derive(seed, frame, part))
 
+    draw = field_randomisation(telescope, spec.field, seed=seed)
+
     scale = telescope["pixel_scale"] / 3600.0
     ra_c, dec_c = _field_centre(telescope, index)
     g = rng("pointing")
@@ -550,11 +683,11 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
     crpix = ((nx + 1) / 2 + offset[0], (ny + 1) / 2 + offset[1])
     true_header = _tan_header(ra_c, dec_c, crpix, scale, rot)
     g = rng("wcs")
-    shift = g.normal(0.0, sky["wcs_error"], 2)
+    shift = g.normal(0.0, draw["wcs_error"], 2)
     header_cards = _tan_header(ra_c, dec_c, (crpix[0] + shift[0], crpix[1] + shift[1]), scale, rot)
     distortion = np.column_stack(
         [
-            np.full(2, sky["distortion_residual"]),
+            np.full(2, draw["distortion_residual"]),
             g.uniform(0.3, 1.0, 2) * g.choice([-1, 1], 2),
             g.uniform(0.3, 1.0, 2) * g.choice([-1, 1], 2),
             g.uniform(0, 2 * np.pi, 2),
@@ -564,19 +697,20 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
     seeing_arcsec = sky["ref_seeing"] if epoch == 0 else g.uniform(*sky["seeing"])
     psf_angle = float(g.uniform(0, np.pi))
     g = rng("zeropoint")
-    exptime = sky["ref_exptime"] if epoch == 0 else sky["exptime"]
+    exptime = (sky["ref_exptime"] if epoch == 0 else sky["exptime"]) * draw["exptime_scale"]
     dzp = 0.0 if epoch == 0 else float(g.normal(0.0, sky["zeropoint_scatter"]))
-    zp = _filter_value(telescope, "zeropoint", spec.filter) + 2.5 * math.log10(exptime) + dzp
-    mu = _filter_value(telescope, "sky_brightness", spec.filter)
-    sky_adu = telescope["pixel_scale"] ** 2 * 10 ** (-0.4 * (mu - zp))
+    zp0 = _filter_value(telescope, "zeropoint", spec.filter) + draw["zeropoint_offset"]
+    zp = zp0 + 2.5 * math.log10(exptime) + dzp
+    mu = _filter_value(telescope, "sky_brightness", spec.filter) + draw["sky_offset"]
+    sky_adu = draw["pixel_scale"] ** 2 * 10 ** (-0.4 * (mu - zp))
     ang = rng("sky").uniform(0, 2 * np.pi)
     slope = (sky["sky_gradient"] * math.cos(ang), sky["sky_gradient"] * math.sin(ang))
     mjd = _MJD0 - _REF_LEAD if epoch == 0 else _MJD0 + _CADENCE * (epoch - 1)
     ripple = np.zeros(4)
-    if sky["psf_ripple"] > 0:
+    if draw["psf_ripple"] > 0:
         g = rng("psf_ripple")
         ripple = np.array(
-            [sky["psf_ripple"], *(g.uniform(2.0, 4.0, 2) * g.choice([-1, 1], 2)), g.uniform(0, 2 * np.pi)]
+            [draw["psf_ripple"], *(g.uniform(2.0, 4.0, 2) * g.choice([-1, 1], 2)), g.uniform(0, 2 * np.pi)]
         )
     return FrameConditions(
         frame=frame,
@@ -587,22 +721,26 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
         exptime=float(exptime),
         mjd=mjd + 0.01 * index,
         zeropoint=zp,
-        seeing=float(seeing_arcsec / telescope["pixel_scale"]),
-        beta=float(sky["moffat_beta"]),
-        psf_variation=float(sky["psf_variation"]),
-        psf_ellipticity=float(sky["psf_ellipticity"]),
+        seeing=float(seeing_arcsec / draw["pixel_scale"]),
+        beta=float(draw["moffat_beta"]),
+        psf_variation=float(draw["psf_variation"]),
+        psf_ellipticity=float(draw["psf_ellipticity"]),
         psf_angle=psf_angle,
         sky=float(sky_adu),
         sky_slope=slope,
+        read_noise=draw["read_noise"],
         true_header=true_header,
         header_wcs_cards=header_cards,
         wcs_shift=(float(shift[0]), float(shift[1])),
         distortion=distortion,
-        halo_fraction=float(sky["psf_halo_fraction"]),
+        halo_fraction=float(draw["psf_halo_fraction"]),
         halo_fwhm=float(sky["psf_halo_fwhm"]),
         halo_beta=float(sky["psf_halo_beta"]),
-        coma=float(sky["psf_coma"]),
+        coma=float(draw["psf_coma"]),
         ripple=ripple,
+        wcs_error=float(draw["wcs_error"]),
+        pixel_scale=draw["pixel_scale"],
+        artefact_scale=draw["artefact_scale"],
     )
 
 
@@ -896,7 +1034,7 @@ def simulate_frame(telescope: dict[str, Any], frame: str, *, seed: int) -> tuple
     sky = _sky_block(telescope)
     cond = frame_conditions(telescope, frame, seed=seed)
     scene = field_scene(telescope, cond.field, seed=seed)
-    gain, rn, satur = float(telescope["gain"]), float(telescope["read_noise"]), float(telescope["saturation"])
+    gain, rn, satur = float(telescope["gain"]), cond.read_noise, float(telescope["saturation"])
     ny, nx = cond.shape
     noise = math.sqrt(cond.sky * gain + rn**2) / gain
     obj = scene.objects
@@ -1278,15 +1416,15 @@ def _frame_header(
         ("DATE-OBS", date, "UTC start of exposure"),
         ("MJD-OBS", cond.mjd, "[d] MJD of DATE-OBS"),
         ("GAIN", float(telescope["gain"]), "[e-/ADU] gain"),
-        ("RDNOISE", float(telescope["read_noise"]), "[e-] read noise"),
+        ("RDNOISE", cond.read_noise, "[e-] read noise"),
         ("SATURATE", float(telescope["saturation"]), "[ADU] saturation level"),
         ("MAGZP", cond.zeropoint, "[mag] magnitude of 1 ADU in this exposure"),
         ("SEEING", cond.seeing, "[px] PSF FWHM at the frame centre"),
         ("SKYLEVEL", cond.sky, "[ADU] mean sky level"),
         ("PSFBETA", cond.beta, "Moffat beta"),
         ("SKYSEED", int(seed), "global seed of rbflow.sky"),
-        ("PSFVAR", float(sky["psf_variation"]), "FWHM change centre->corner (fraction)"),
-        ("PSFELL", float(sky["psf_ellipticity"]), "PSF ellipticity at the corners"),
+        ("PSFVAR", cond.psf_variation, "FWHM change centre->corner (fraction)"),
+        ("PSFELL", cond.psf_ellipticity, "PSF ellipticity at the corners"),
         ("SKYGRAD", float(sky["sky_gradient"]), "fractional sky gradient across the frame"),
         ("FLATRES", float(sky["flat_residual"]), "RMS flat-field residual (fraction)"),
         ("BLEED", bool(sky["bleed_trails"]), "saturated stars bleed along columns"),
@@ -1296,8 +1434,8 @@ def _frame_header(
         ("BADCOLS", int(sky["bad_columns"]), "bad columns of the detector"),
         ("SATRATE", float(sky["satellite_rate"]), "probability of a satellite trail"),
         ("SATTRAIL", "satellite" in counts, "this frame has a satellite trail"),
-        ("WCSERR", float(sky["wcs_error"]), "[px] RMS error of the header WCS zero point"),
-        ("DISTRES", float(sky["distortion_residual"]), "[px] distortion residual not in the WCS"),
+        ("WCSERR", cond.wcs_error, "[px] RMS error of the header WCS zero point"),
+        ("DISTRES", float(cond.distortion[0, 0]), "[px] distortion residual not in the WCS"),
         ("ARTSCALE", float(cond.artefact_scale), "multiplier of the sky.artefacts rates"),
         *((card, int(counts.get(kind, 0)), text) for kind, (card, text) in _HEADER_COUNTS.items()),
         ("RBFLOWV", __version__, "rbflow version that wrote this file"),
@@ -1310,6 +1448,12 @@ def _frame_header(
             ("PSFHALOB", cond.halo_beta, "Moffat beta of the halo"),
             ("PSFCOMA", cond.coma, "coma fraction at the corners"),
             ("PSFRIPL", float(cond.ripple[0]), "small-scale FWHM ripple (fraction)"),
+        ):
+            h.insert("RBFLOWV", (key, value, comment))
+    if sky.get("randomise", {}).get("enabled", False):  # the field's drawn camera (sky.randomise)
+        for key, value, comment in (
+            ("RANDOMIS", True, "field drawn by sky.randomise"),
+            ("PIXSCEFF", cond.pixel_scale, "[arcsec/px] effective pixel scale of the sky"),
         ):
             h.insert("RBFLOWV", (key, value, comment))
     return h
