@@ -44,7 +44,8 @@ the output table's ``meta['failures']``. Nothing is lost silently.
 Cutouts are decoded by :func:`read_fits_image`, a small reader of the simple FITS images alerts carry
 (header cards + ``numpy.frombuffer``, the layout parsed once per distinct header), a hundred times
 faster than ``astropy.io.fits`` on the decompressed bytes (bench/alerts.py) so that gunzip is what
-decoding costs, and tested equal to astropy's reading on every development packet.
+decoding costs, and tested equal to astropy's reading on every development packet. Gunzip is
+python-isal's ``isal_zlib`` (Intel ISA-L's inflate: 1.6 times faster than zlib on the cutouts).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from isal import isal_zlib
 
 from rbflow import __version__
 from rbflow.errors import InputError
@@ -248,8 +250,8 @@ def read_fits_image(data: bytes) -> np.ndarray:
     """
     if data[:2] == b"\x1f\x8b":
         try:
-            data = zlib.decompress(data, 31)
-        except zlib.error as exc:
+            data = isal_zlib.decompress(data, 31)  # the gzip member as zlib reads it, 1.6 times faster
+        except isal_zlib.error as exc:
             raise ValueError(f"the cutout is not valid gzip ({exc})") from exc
     if not data.startswith(b"SIMPLE  ="):
         raise ValueError(f"the cutout is not a FITS file (starts with {data[:16]!r})")
@@ -893,7 +895,7 @@ def _prefetch(items: Iterator[Any], *, depth: int = 2) -> Iterator[Any]:
     """Yield ``items`` computed ``depth`` ahead by a background thread.
 
     Reading alerts (fastavro, Python) and inferring (torch, outside the GIL) then share two cores:
-    zlib decompression and the network's kernels release the GIL, so decoding the next batch runs
+    inflating the cutouts (ISA-L) and the network's kernels release the GIL, so decoding the next batch runs
     while the current one is scored. An error in the thread is raised here; leaving the loop early
     stops the thread.
     """
