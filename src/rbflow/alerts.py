@@ -460,9 +460,9 @@ def _place(stamp: np.ndarray, size: int, pos: tuple[float, float]) -> tuple[np.n
 
 
 def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) -> np.ndarray:
-    planes = []
+    planes = np.empty((len(CHANNELS), size, size), np.float32)
     edge = False
-    for name, channel in zip(_CUTOUT_FIELDS, CHANNELS):
+    for plane, name, channel in zip(planes, _CUTOUT_FIELDS, CHANNELS):
         cutout = record.get(name)
         blob = cutout.get("stampData") if isinstance(cutout, dict) else cutout
         if not blob:
@@ -472,16 +472,17 @@ def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) 
         except ValueError as exc:
             raise _PacketError(f"{name}: {exc}") from exc
         # ZTF's templates mark pixels without data with -FLT_MAX (science and difference use NaN)
-        image[np.abs(image) >= _NO_DATA] = np.nan
-        placed, padded = _place(image, size, info["_pos"] if survey == "ztf" else (float("nan"), float("nan")))
+        no_data = np.abs(image) >= _NO_DATA
+        if no_data.any():
+            image[no_data] = np.nan
+        plane[...], padded = _place(image, size, info["_pos"] if survey == "ztf" else (float("nan"), float("nan")))
         edge |= padded and survey == "ztf" and min(image.shape) < size
-        planes.append(placed)
     sci = np.isnan(planes[0])
     info["edge"] = edge or bool(sci[0].all() or sci[-1].all() or sci[:, 0].all() or sci[:, -1].all())
     info["diff_flipped"] = negative == "flip" and info["isdiffpos"] == "f"
     if info["diff_flipped"]:
-        planes[2] = -planes[2]
-    return np.stack(planes)
+        np.negative(planes[2], out=planes[2])
+    return planes
 
 
 def _sources(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str, Path | None, bytes | None]]:
