@@ -1098,8 +1098,7 @@ def import_alerts(
             )
     if crop is not None:
         stamps = crop_stamps(stamps, crop)
-    with np.errstate(over="ignore"):  # huge pixel values overflow to +-inf, then clipped: a defined result
-        X = normalise(stamps)
+    X = normalise(stamps)
     meta = {
         "cutout_size": ALERT_SIZE,
         "stamp_size": int(X.shape[-1]),
