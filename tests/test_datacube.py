@@ -177,3 +177,11 @@ def test_normalise_planes_holding_flt_max():
     # 620 pixels at +FLT_MAX, 341 at -FLT_MAX: median +FLT_MAX, MAD 0 (|-FLT_MAX - FLT_MAX| = inf counts as large)
     assert (z[2, :20] == 0).all() and (z[2, 20:] == -clip).all()
     assert 0 < np.abs(z[0, 3:]).max() < clip  # the plane's other pixels stay normalised, unclipped
+
+
+def test_normalise_many_planes_equals_definition():
+    # more planes than normalise treats at once (4096): the chunks join without a seam
+    rng = np.random.default_rng(7)
+    x = rng.normal(5.0, 2.0, (1500, 3, 5, 5)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    np.testing.assert_array_equal(normalise(x), _nanmedian_normalise(x))

@@ -64,6 +64,18 @@ def normalise(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
+    out = np.empty(flat.shape, np.float32)
+    # in chunks of planes: the temporaries stay a few MB whatever the size of a training set
+    for i in range(0, len(flat), _PLANES_PER_CHUNK):
+        out[i : i + _PLANES_PER_CHUNK] = _normalise_planes(flat[i : i + _PLANES_PER_CHUNK])
+    return out.reshape(x.shape)
+
+
+_PLANES_PER_CHUNK = 4096
+
+
+def _normalise_planes(flat: np.ndarray) -> np.ndarray:
+    """:func:`normalise` of the rows of a float32 ``(planes, pixels)`` array."""
     # |x - med| and (x - med) / scale beyond float32's range are +-inf (then clipped to +-clip); inf - inf
     # (planes holding infinities) is NaN, an invalid pixel: both defined results, not warnings
     with np.errstate(over="ignore", invalid="ignore"):
@@ -73,7 +85,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
         scale = np.maximum(NORMALISATION["mad_factor"] * np.nan_to_num(mad), NORMALISATION["scale_floor"])
         out = np.clip((flat - med) / scale[:, None], -NORMALISATION["clip"], NORMALISATION["clip"])
     out[np.isnan(out)] = 0.0
-    return out.reshape(x.shape)
+    return out
 
 
 def _sorted_median(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
