@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -159,3 +160,59 @@ def test_truth_kind_round_trip_and_old_cubes(tmp_path):
     np.savez(tmp_path / "old.npz", **old)
     cube = load_datacube(tmp_path / "old.npz")
     assert cube["truth_kind"].shape == cube["y"].shape and set(cube["truth_kind"]) == {""}
+
+
+def _nanmedian_normalise(x: np.ndarray) -> np.ndarray:
+    """The normalisation's definition written with numpy.nanmedian (the reference normalise must equal)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN planes
+        med = np.nanmedian(x, axis=(-2, -1), keepdims=True)
+        mad = np.nanmedian(np.abs(x - med), axis=(-2, -1), keepdims=True)
+        scale = np.maximum(NORMALISATION["mad_factor"] * np.nan_to_num(mad), NORMALISATION["scale_floor"])
+        out = np.clip((x - med) / scale, -NORMALISATION["clip"], NORMALISATION["clip"])
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [1, 4, 21, 31, 63])
+def test_normalise_equals_nanmedian_definition(size):
+    # bit for bit: odd and even counts of valid pixels (NaN holes), ties, all-NaN and constant planes,
+    # infinities; sizes on both sides of numpy's 600-pixel switch between its two nanmedian methods
+    rng = np.random.default_rng(size)
+    x = rng.normal(rng.uniform(-100, 100, (6, 3, 1, 1)), rng.uniform(0.01, 100, (6, 3, 1, 1)), (6, 3, size, size))
+    x = x.astype(np.float32)
+    x[0][rng.random((3, size, size)) < 0.4] = np.nan
+    x[1, 0] = np.nan
+    x[1, 1] = 7.0
+    x[2] = np.round(x[2])
+    x[3, :, : size // 2 + 1] = np.nan
+    x[4][rng.random((3, size, size)) < 0.2] = np.inf
+    x[4][rng.random((3, size, size)) < 0.2] = -np.inf
+    z = normalise(x)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    np.testing.assert_array_equal(z, _nanmedian_normalise(x))
+    np.testing.assert_array_equal(normalise(x[5, 0]), z[5, 0])  # any leading shape, (H, W) included
+
+
+def test_normalise_planes_holding_flt_max():
+    # ZTF templates mark missing pixels with -FLT_MAX: such planes normalise without overflow warnings
+    # (pytest turns warnings into errors), the sentinel pixels end at -clip, the others as without them
+    big = np.finfo(np.float32).max
+    rng = np.random.default_rng(3)
+    x = rng.normal(10.0, 2.0, (3, 31, 31)).astype(np.float32)
+    x[1] = 5.0  # constant: MAD 0, floored scale 1e-6, so that (x - med) / scale overflows for FLT_MAX
+    x[0, :3], x[1, 0, 0], x[2, :20], x[2, 20:] = -big, big, big, -big
+    z = normalise(x)
+    clip = NORMALISATION["clip"]
+    assert np.isfinite(z).all()
+    assert (z[0, :3] == -clip).all() and z[1, 0, 0] == clip and (z[1].ravel()[1:] == 0).all()
+    # 620 pixels at +FLT_MAX, 341 at -FLT_MAX: median +FLT_MAX, MAD 0 (|-FLT_MAX - FLT_MAX| = inf counts as large)
+    assert (z[2, :20] == 0).all() and (z[2, 20:] == -clip).all()
+    assert 0 < np.abs(z[0, 3:]).max() < clip  # the plane's other pixels stay normalised, unclipped
+
+
+def test_normalise_many_planes_equals_definition():
+    # more planes than normalise treats at once (4096): the chunks join without a seam
+    rng = np.random.default_rng(7)
+    x = rng.normal(5.0, 2.0, (1500, 3, 5, 5)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    np.testing.assert_array_equal(normalise(x), _nanmedian_normalise(x))

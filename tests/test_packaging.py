@@ -19,7 +19,7 @@ import yaml
 from astropy.io import fits
 
 # conda-forge names of PyPI packages whose names differ
-CONDA_NAMES = {"torch": "pytorch"}
+CONDA_NAMES = {"torch": "pytorch", "isal": "python-isal"}
 
 
 def _req_name(spec: str) -> str:
@@ -36,7 +36,7 @@ def test_conda_env_mirrors_pyproject(repo):
     for spec in project["dependencies"]:
         name = CONDA_NAMES.get(_req_name(spec), _req_name(spec))
         assert name in conda, f"{spec!r} of pyproject.toml is missing from envs/rbflow.yaml"
-        assert conda[name].replace("pytorch", "torch") == spec, f"versions differ: {spec!r} vs {conda[name]!r}"
+        assert conda[name].replace(name, _req_name(spec), 1) == spec, f"versions differ: {spec!r} vs {conda[name]!r}"
     pypi_names = {CONDA_NAMES.get(_req_name(s), _req_name(s)) for s in project["dependencies"]}
     extra = set(conda) - pypi_names - {"python", "pip"}
     assert not extra, f"envs/rbflow.yaml has packages pyproject.toml lacks: {sorted(extra)}"

@@ -44,25 +44,28 @@ the output table's ``meta['failures']``. Nothing is lost silently.
 Cutouts are decoded by :func:`read_fits_image`, a small reader of the simple FITS images alerts carry
 (header cards + ``numpy.frombuffer``, the layout parsed once per distinct header), a hundred times
 faster than ``astropy.io.fits`` on the decompressed bytes (bench/alerts.py) so that gunzip is what
-decoding costs, and tested equal to astropy's reading on every development packet.
+decoding costs, and tested equal to astropy's reading on every development packet. Gunzip is
+python-isal's ``isal_zlib`` (Intel ISA-L's inflate: 1.6 times faster than zlib on the cutouts).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import io
 import logging
 import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from isal import isal_zlib
 
 from rbflow import __version__
 from rbflow.errors import InputError
@@ -76,6 +79,7 @@ __all__ = [
     "ALERT_SIZE",
     "ALERT_COLUMNS",
     "NEGATIVE_POLICIES",
+    "ENGINES",
     "RUBIN_MAJORS",
     "AlertFailure",
     "Alert",
@@ -95,6 +99,10 @@ CHANNELS = ("SCI", "REF", "DIFF")
 ALERT_SIZE = 63
 #: What to do with negative differences: flip DIFF's sign, keep it, or skip the alert.
 NEGATIVE_POLICIES = ("flip", "keep", "skip")
+#: Runtimes :func:`score_alerts` infers with: ``auto`` is ONNX Runtime when ``model.onnx`` lies next to
+#: ``model.pt`` and ``onnxruntime`` is installed (2 to 3 times faster on CPU, same scores within 1e-7),
+#: else torch.
+ENGINES = ("auto", "onnx", "torch")
 #: Rubin alert schema major versions read (``lsst.v7_x`` ... ``lsst.v11_x``).
 RUBIN_MAJORS = (7, 8, 9, 10, 11)
 #: Columns of an alert table: (name, dtype, description).
@@ -248,8 +256,8 @@ def read_fits_image(data: bytes) -> np.ndarray:
     """
     if data[:2] == b"\x1f\x8b":
         try:
-            data = zlib.decompress(data, 31)
-        except zlib.error as exc:
+            data = isal_zlib.decompress(data, 31)  # the gzip member as zlib reads it, 1.6 times faster
+        except isal_zlib.error as exc:
             raise ValueError(f"the cutout is not valid gzip ({exc})") from exc
     if not data.startswith(b"SIMPLE  ="):
         raise ValueError(f"the cutout is not a FITS file (starts with {data[:16]!r})")
@@ -452,9 +460,9 @@ def _place(stamp: np.ndarray, size: int, pos: tuple[float, float]) -> tuple[np.n
 
 
 def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) -> np.ndarray:
-    planes = []
+    planes = np.empty((len(CHANNELS), size, size), np.float32)
     edge = False
-    for name, channel in zip(_CUTOUT_FIELDS, CHANNELS):
+    for plane, name, channel in zip(planes, _CUTOUT_FIELDS, CHANNELS):
         cutout = record.get(name)
         blob = cutout.get("stampData") if isinstance(cutout, dict) else cutout
         if not blob:
@@ -464,16 +472,18 @@ def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) 
         except ValueError as exc:
             raise _PacketError(f"{name}: {exc}") from exc
         # ZTF's templates mark pixels without data with -FLT_MAX (science and difference use NaN)
-        image[np.abs(image) >= _NO_DATA] = np.nan
-        placed, padded = _place(image, size, info["_pos"] if survey == "ztf" else (float("nan"), float("nan")))
+        no_data = np.abs(image) >= _NO_DATA
+        if no_data.any():
+            image[no_data] = np.nan
+        plane[...], padded = _place(image, size, info["_pos"] if survey == "ztf" else (float("nan"), float("nan")))
         edge |= padded and survey == "ztf" and min(image.shape) < size
-        planes.append(placed)
     sci = np.isnan(planes[0])
-    info["edge"] = edge or bool(sci[0].all() or sci[-1].all() or sci[:, 0].all() or sci[:, -1].all())
+    ends = slice(None, None, max(size - 1, 1))  # first and last row or column
+    info["edge"] = edge or bool(sci[ends].all(axis=1).any() or sci[:, ends].all(axis=0).any())
     info["diff_flipped"] = negative == "flip" and info["isdiffpos"] == "f"
     if info["diff_flipped"]:
-        planes[2] = -planes[2]
-    return np.stack(planes)
+        np.negative(planes[2], out=planes[2])
+    return planes
 
 
 def _sources(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str, Path | None, bytes | None]]:
@@ -763,9 +773,10 @@ def score_alerts(
     kept_dir: str | os.PathLike | None = None,
     threshold: float | None = None,
     negative: str = "flip",
-    batch_size: int = 1024,
+    batch_size: int = 256,
     progress: bool | None = None,
     threads: int | None = None,
+    engine: str = "auto",
 ) -> Table:
     """P(real) of every alert under ``paths``; one table, and optionally the kept packets.
 
@@ -793,12 +804,16 @@ def score_alerts(
     negative : {'flip', 'keep', 'skip'}, optional
         Policy for negative differences.
     batch_size : int, optional
-        Alerts per forward pass.
+        Alerts per forward pass (256: torch's fastest on CPU for the compact network; ONNX Runtime is
+        as fast at any size from 256).
     progress : bool, optional
         Show a progress bar (default: when stderr is a terminal).
     threads : int, optional
-        CPU threads of torch's operators (``torch.set_num_threads``); default: torch's own choice.
-        Decoding runs in one more thread beside them.
+        CPU threads of the network: torch's operators (``torch.set_num_threads``; default: torch's
+        own choice) or ONNX Runtime's intra-op threads (default 1). Decoding runs in one more thread
+        beside them.
+    engine : {'auto', 'onnx', 'torch'}, optional
+        Inference runtime (see :data:`ENGINES`); the table's ``meta['engine']`` says which ran.
 
     Returns
     -------
@@ -808,12 +823,13 @@ def score_alerts(
     Raises
     ------
     InputError
-        Bad model, model larger than the alerts, missing inputs, or no alert read at all while some failed.
+        Bad model, model larger than the alerts, missing inputs, no alert read at all while some
+        failed, an unknown engine, or engine ``onnx`` without ``model.onnx`` or ``onnxruntime``.
     """
     from tqdm import tqdm
 
     from rbflow.datacube import crop_stamps, normalise
-    from rbflow.infer import load_model, predict
+    from rbflow.infer import load_model
 
     if threads is not None:
         import torch
@@ -823,6 +839,7 @@ def score_alerts(
     model_path = Path(model_path)
     model, meta = load_model(model_path)
     stamp = _model_size(meta, model_path, ALERT_SIZE)
+    engine, infer = _inference(model, meta, model_path, engine=engine, threads=threads, batch_size=batch_size)
     threshold = float(meta["threshold"] if threshold is None else threshold)
     order = [CHANNELS.index(c) for c in meta["channels"]]  # the model's channel order
     failures: list[AlertFailure] = []
@@ -831,8 +848,10 @@ def score_alerts(
     p_real: list[np.ndarray] = []
 
     def stamps_of(batch: list[Alert]) -> np.ndarray:
-        X = np.stack([a.stamps for a in batch])
-        return crop_stamps(X if order == [0, 1, 2] else X[:, order], stamp)
+        # cropped before stacking: a quarter of the bytes copied for a 31-px model, and normalise gets
+        # a contiguous array
+        X = np.stack([crop_stamps(a.stamps, stamp) for a in batch])
+        return X if order == [0, 1, 2] else X[:, order]
 
     def batches() -> Iterator[tuple[list[Alert], np.ndarray]]:
         batch: list[Alert] = []
@@ -846,9 +865,7 @@ def score_alerts(
 
     with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
         for batch, X in _prefetch(batches()):
-            with np.errstate(over="ignore"):  # huge pixel values overflow to +-inf, then clipped: a defined result
-                X = normalise(X)
-            p = predict(model, meta, X, batch_size=batch_size)
+            p = infer(normalise(X))
             p_real.append(p)
             rows.extend(a.info for a in batch)
             if writer is not None:
@@ -878,6 +895,7 @@ def score_alerts(
             "stamp_size": stamp,
             "crop": f"central {stamp} px of the {ALERT_SIZE}-px alert grid" if stamp < ALERT_SIZE else None,
             "negative": negative,
+            "engine": engine,
             "columns": "label0 = P(bogus), label1 = P(real), calibrated; kept = label1 >= threshold",
             "kept_dir": None if kept_dir is None else str(kept_dir),
             "n_failures": len(failures),
@@ -889,11 +907,49 @@ def score_alerts(
     return table
 
 
+def _inference(
+    model: Any, meta: dict[str, Any], model_path: Path, *, engine: str, threads: int | None, batch_size: int
+) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """The engine that runs (see :data:`ENGINES`) and its function: normalised stamps -> P(real)."""
+    from rbflow.infer import predict
+
+    if engine not in ENGINES:
+        raise InputError(f"inference engine {engine!r} is unknown: use one of {ENGINES}")
+    onnx_path = model_path.with_name("model.onnx")
+    if engine == "auto":
+        engine = "onnx" if onnx_path.exists() and importlib.util.find_spec("onnxruntime") is not None else "torch"
+    if engine == "torch":
+        return engine, lambda X: predict(model, meta, X, batch_size=batch_size)
+    if not onnx_path.exists():
+        raise InputError(
+            f"engine 'onnx' needs model.onnx next to '{model_path}' (rbflow train writes it): retrain, or use "
+            "engine 'torch'"
+        )
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise InputError("engine 'onnx' needs onnxruntime (pip install onnxruntime), or use engine 'torch'") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1 if threads is None else int(threads)
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def run(X: np.ndarray) -> np.ndarray:
+        out = [np.zeros(0)]
+        for i in range(0, len(X), batch_size):
+            xb = np.ascontiguousarray(X[i : i + batch_size], dtype=np.float32)
+            out.append(session.run(["p_real"], {"x": xb})[0].astype(np.float64))
+        return np.concatenate(out)
+
+    log.info("scoring with ONNX Runtime (%s)", onnx_path)
+    return engine, run
+
+
 def _prefetch(items: Iterator[Any], *, depth: int = 2) -> Iterator[Any]:
     """Yield ``items`` computed ``depth`` ahead by a background thread.
 
     Reading alerts (fastavro, Python) and inferring (torch, outside the GIL) then share two cores:
-    zlib decompression and the network's kernels release the GIL, so decoding the next batch runs
+    inflating the cutouts (ISA-L) and the network's kernels release the GIL, so decoding the next batch runs
     while the current one is scored. An error in the thread is raised here; leaving the loop early
     stops the thread.
     """
@@ -1045,8 +1101,7 @@ def import_alerts(
             )
     if crop is not None:
         stamps = crop_stamps(stamps, crop)
-    with np.errstate(over="ignore"):  # huge pixel values overflow to +-inf, then clipped: a defined result
-        X = normalise(stamps)
+    X = normalise(stamps)
     meta = {
         "cutout_size": ALERT_SIZE,
         "stamp_size": int(X.shape[-1]),

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,13 @@ NORMALISATION: dict[str, Any] = {"name": "robust_mad", "mad_factor": 1.4826, "sc
 def normalise(x: np.ndarray) -> np.ndarray:
     """Normalise stamps per stamp and per channel, robustly (see :data:`NORMALISATION`).
 
+    Each ``(H, W)`` plane becomes ``clip((x - median) / max(mad_factor * MAD, scale_floor))`` with the
+    median and the MAD (median absolute deviation) of its valid (non-NaN) pixels, the median of an
+    even count being the mean of the two middle values: the values ``numpy.nanmedian`` gives, computed
+    from one sort of every plane (several times faster than ``nanmedian`` on many small planes), and
+    without its float32 overflow on planes holding values near +-FLT_MAX (such pixels end at
+    +-``clip``).
+
     Parameters
     ----------
     x : numpy.ndarray
@@ -57,14 +63,42 @@ def normalise(x: np.ndarray) -> np.ndarray:
         ``+-clip``; invalid pixels and all-invalid planes are 0.
     """
     x = np.asarray(x, dtype=np.float32)
-    with warnings.catch_warnings():
-        # all-NaN planes (stamps fully off the frame) give NaN medians; they become 0 below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(x, axis=(-2, -1), keepdims=True)
-        mad = np.nanmedian(np.abs(x - med), axis=(-2, -1), keepdims=True)
-    scale = np.maximum(NORMALISATION["mad_factor"] * np.nan_to_num(mad), NORMALISATION["scale_floor"])
-    out = np.clip((x - med) / scale, -NORMALISATION["clip"], NORMALISATION["clip"])
-    return np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)
+    flat = x.reshape(-1, x.shape[-2] * x.shape[-1])
+    out = np.empty(flat.shape, np.float32)
+    # in chunks of planes: the temporaries stay a few MB whatever the size of a training set
+    for i in range(0, len(flat), _PLANES_PER_CHUNK):
+        out[i : i + _PLANES_PER_CHUNK] = _normalise_planes(flat[i : i + _PLANES_PER_CHUNK])
+    return out.reshape(x.shape)
+
+
+_PLANES_PER_CHUNK = 4096
+
+
+def _normalise_planes(flat: np.ndarray) -> np.ndarray:
+    """:func:`normalise` of the rows of a float32 ``(planes, pixels)`` array."""
+    # |x - med| and (x - med) / scale beyond float32's range are +-inf (then clipped to +-clip); inf - inf
+    # (planes holding infinities) is NaN, an invalid pixel: both defined results, not warnings
+    with np.errstate(over="ignore", invalid="ignore"):
+        med = _sorted_median(np.sort(flat, axis=1), flat)[:, None]
+        dev = np.abs(flat - med)
+        mad = _sorted_median(np.sort(dev, axis=1), dev)
+        scale = np.maximum(NORMALISATION["mad_factor"] * np.nan_to_num(mad), NORMALISATION["scale_floor"])
+        out = np.clip((flat - med) / scale[:, None], -NORMALISATION["clip"], NORMALISATION["clip"])
+    out[np.isnan(out)] = 0.0
+    return out
+
+
+def _sorted_median(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Median of the non-NaN values of each row of ``values``, given the rows sorted (NaN last).
+
+    The mean of the two middle values for an even count is taken in float64 (no overflow), then
+    rounded to float32: the float32 value numpy gives, wherever numpy's does not overflow. NaN for
+    an all-NaN row.
+    """
+    n = values.shape[1] - np.count_nonzero(np.isnan(values), axis=1)
+    low = np.take_along_axis(ordered, ((n - 1) // 2)[:, None], axis=1)[:, 0]
+    high = np.take_along_axis(ordered, (n // 2)[:, None], axis=1)[:, 0]
+    return ((low.astype(np.float64) + high) * 0.5).astype(np.float32)
 
 
 def crop_stamps(x: np.ndarray, size: int) -> np.ndarray:
