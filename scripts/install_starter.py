@@ -1,28 +1,12 @@
 """Snakemake script of rule starter: install the trained model as the package's starter model."""
 
 import csv
-import subprocess
 from pathlib import Path
 
 from rbflow.infer import install_starter
 from rbflow.runner import call_in_job
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
-
-
-def git_commit(repo: str) -> str:
-    """HEAD of the checkout, with ``-dirty`` when it has uncommitted changes; ``unknown`` outside git."""
-    try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run(
-            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def training_time(benchmark: Path) -> float | None:
@@ -41,6 +25,6 @@ call_in_job(
     command=sm.params.command,
     config=dict(sm.params.config),
     seed=sm.params.seed,
-    git_commit=git_commit(sm.params.repo),
+    git_commit=sm.params.git_commit,
     training_time_s=training_time(Path(sm.params.benchmark)),
 )
