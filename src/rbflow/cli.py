@@ -5,6 +5,9 @@ workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn
 
     rbflow infer results/demo/obs/cutouts/fld00_r_e1 --model results/demo/model/model.pt
 
+Without ``--model``, ``infer`` uses rbflow's starter model (:func:`rbflow.infer.starter_model_path`);
+``train --init starter`` fine-tunes it.
+
 Defaults come from ``config.schema.yaml`` (:func:`rbflow.config.schema_defaults`), as in the workflow.
 Each command is a subparser made by an ``_add_<command>`` function, whose ``func`` default is the
 function that runs it; heavy modules (torch, matplotlib) are imported only there.
