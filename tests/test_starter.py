@@ -77,6 +77,7 @@ def test_train_init_starter_and_install(tmp_path):
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     assert meta["init"]["path"] == str(starter_model_path()) and np.isfinite(meta["init"]["val_loss_before"])
 
+    (tmp_path / "train.tsv").write_text("s\th:m:s\tmax_rss\n482.07\t0:08:02\t900.0\n")  # Snakemake's benchmark
     prov = install_starter(
         tmp_path / "model",
         tmp_path / "starter",
@@ -84,12 +85,12 @@ def test_train_init_starter_and_install(tmp_path):
         config={"seed": 1},
         seed=1,
         git_commit="abc",
-        training_time_s=1.5,
+        benchmark=tmp_path / "train.tsv",
     )
     _, installed = load_model(tmp_path / "starter" / "model.pt")
     assert installed["provenance"] == json.loads(json.dumps(prov)) and PROVENANCE <= set(prov)
     assert prov["metrics"]["roc_auc"] == meta["metrics"]["test"]["roc_auc"]
-    assert prov["metrics"]["n_test"] == meta["split_counts"]["test"]
+    assert prov["metrics"]["n_test"] == meta["split_counts"]["test"] and prov["training_time_s"] == 482.07
     assert (tmp_path / "starter" / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
 
 

@@ -176,7 +176,7 @@ def install_starter(
     config: dict[str, Any],
     seed: int,
     git_commit: str,
-    training_time_s: float | None,
+    benchmark: str | os.PathLike | None,
 ) -> dict[str, Any]:
     """Copy a trained model into the starter folder, with its provenance in ``model.json``.
 
@@ -195,8 +195,9 @@ def install_starter(
         The global seed.
     git_commit : str
         The commit of the code (with ``-dirty`` when the checkout had changes).
-    training_time_s : float or None
-        Wall time of the training job (s), None when unknown.
+    benchmark : path-like or None
+        Snakemake benchmark file (TSV) of the training job: its ``s`` column, the job's wall time
+        (s), is recorded as ``training_time_s`` (None when the file is missing or not given).
 
     Returns
     -------
@@ -220,6 +221,12 @@ def install_starter(
             raise InputError(f"'{model_dir / name}' does not exist: train the model first (snakemake ... train)")
     meta = json.loads((model_dir / "model.json").read_text())
     test = meta["metrics"]["test"]
+    training_time_s = None
+    if benchmark is not None and Path(benchmark).exists():
+        import csv
+
+        with open(benchmark, newline="") as fh:
+            training_time_s = float(next(csv.DictReader(fh, delimiter="\t"))["s"])
     provenance = {
         "command": command,
         "config": config,
