@@ -18,6 +18,7 @@ Results tree (per telescope `{telescope}`; `{mode}` is `sim` for injected images
     results/{telescope}/obs/infer/{image}.ecsv        P(real) per candidate, kept list       (infer)
     results/{telescope}/plots/{checksim,checkinfer}/  diagnostics                            (checksim, checkinfer)
     results/alerts/alerts.ecsv, kept/                 P(real) of alert packets (alerts.folder) (alerts)
+    src/rbflow/models/starter/                        the starter model shipped with rbflow   (starter, config/starter.yaml)
     logs/, benchmarks/                                one per rule and wildcard set
 
 Editing the rbflow package does not rerun rules: outputs carry `RBFLOWV`/`rbflow_version`;
@@ -49,6 +50,7 @@ include: "workflow/rules/cnn.smk"
 include: "workflow/rules/targets.smk"
 include: "workflow/rules/scan.smk"
 include: "workflow/rules/alerts.smk"
+include: "workflow/rules/starter.smk"
 
 
 rule all:

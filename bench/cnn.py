@@ -1,12 +1,16 @@
 """Throughput and accuracy of the CNN architectures on synthetic stamps (prints; not a test).
 
-Usage: ``python bench/cnn.py [--threads 2] [--n-train 10000] [--epochs 5] [--repeats 3] [--no-accuracy]``
+Usage: ``python bench/cnn.py [--threads 2] [--n-train 10000] [--epochs 5] [--repeats 3] [--no-accuracy] [--starter]``
 
 Throughputs are the best of ``--repeats`` runs (robust to other load on the machine):
 
 * inference: stamps/s of ``rbflow.infer.predict`` (eval, no_grad, batch 1024) and of ONNX Runtime;
 * training: stamps/s of optimisation steps (batch 256, augmentation included) -> time of
   50,000 stamps x 20 epochs;
+* ``--starter``: the shipped starter model end to end on raw 63-px triplets
+  (``rbflow.infer.score_triplets``: crop, normalisation, forward pass) and its forward pass alone,
+  as ratios to the forward pass of a fresh ``compact`` model measured in the same run (its peer:
+  the ratio does not depend on the machine's load) and to the 5,000 stamps/s floor;
 * accuracy: each architecture trained by ``rbflow.train.train`` on the same harder synthetic set
   (reals of S/N 1-8), test ROC AUC and FNR at FPR = 1 %.
 """
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from rbflow.datacube import NORMALISATION, normalise
-from rbflow.infer import predict, predict_onnx
+from rbflow.infer import load_model, predict, predict_onnx, score_triplets, starter_model_path
 from rbflow.model import ARCHITECTURES, ModelConfig, build_model, count_parameters
 from rbflow.train import dihedral, export_onnx, train
 
@@ -69,6 +73,33 @@ def _throughput(arch: str, widths: list[int], tmp: Path, repeats: int) -> dict[s
 
     train_rate = _best_rate(fit, steps * 256, repeats)
     return {"parameters": count_parameters(model), "infer_per_s": infer, "onnx_per_s": onnx, "train_per_s": train_rate}
+
+
+def _starter(repeats: int) -> dict[str, float]:
+    """Stamps/s (wall) and stamps per CPU-second of the three, best of ``repeats`` interleaved rounds."""
+    raw = synthetic_stamps(4096, size=63, seed=2)[0]
+    model, meta = load_model(starter_model_path())
+    X = normalise(raw[..., 16:47, 16:47])
+    torch.manual_seed(0)
+    peer = build_model(ModelConfig()).eval()
+    runs = {
+        "peer": lambda: predict(peer, {"temperature": 1.0}, X),
+        "forward": lambda: predict(model, meta, X),
+        "triplets": lambda: score_triplets((model, meta), *raw.transpose(1, 0, 2, 3)),
+    }
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
+    for func in runs.values():
+        func()  # warm-up
+    for _ in range(repeats):  # interleaved: a burst of load on the machine hits the three alike
+        for key, func in runs.items():
+            t, c = time.perf_counter(), time.process_time()
+            func()
+            wall[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
+    out = {f"{k}_per_s": len(X) / min(v) for k, v in wall.items()}
+    out.update({f"{k}_per_cpu_s": len(X) / min(v) for k, v in cpu.items()})
+    return out
 
 
 def _accuracy(arch: str, widths: list[int], n: int, epochs: int, tmp: Path) -> dict[str, float]:
@@ -115,9 +146,20 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="throughput: best of this many runs")
     parser.add_argument("--no-accuracy", action="store_true", help="throughput only (skip the training runs)")
+    parser.add_argument("--starter", action="store_true", help="the starter model's throughput only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if args.starter:
+        r = _starter(args.repeats)
+        print(
+            f"starter: score_triplets (63 px raw) {r['triplets_per_s']:7.0f}/s ({r['triplets_per_cpu_s']:7.0f} per "
+            f"CPU-s), forward {r['forward_per_s']:7.0f}/s ({r['forward_per_cpu_s']:7.0f}); fresh compact peer "
+            f"{r['peer_per_s']:7.0f}/s ({r['peer_per_cpu_s']:7.0f}) | ratios to the peer (wall, CPU): score_triplets "
+            f"{r['triplets_per_s'] / r['peer_per_s']:.2f}, {r['triplets_per_cpu_s'] / r['peer_per_cpu_s']:.2f}; "
+            f"forward {r['forward_per_s'] / r['peer_per_s']:.2f}, {r['forward_per_cpu_s'] / r['peer_per_cpu_s']:.2f}"
+        )
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for arch in sorted(ARCHITECTURES):

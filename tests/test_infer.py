@@ -16,9 +16,17 @@ from helpers import make_cube, synthetic_stamps, write_cutout, write_training
 from numpy.testing import assert_allclose
 
 from rbflow.cli import main
-from rbflow.datacube import normalise
+from rbflow.datacube import build_datacube, load_datacube, normalise
 from rbflow.errors import InputError
-from rbflow.infer import check_compatible, infer_cutouts, load_model, predict, predict_onnx
+from rbflow.infer import (
+    centre_crop,
+    check_compatible,
+    infer_cutouts,
+    load_model,
+    predict,
+    predict_onnx,
+    score_triplets,
+)
 from rbflow.train import train
 
 torch.set_num_threads(2)
@@ -174,3 +182,80 @@ def test_console_script():
     exe = Path(sys.executable).with_name("rbflow")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     assert all(cmd in out for cmd in ("convert", "train", "infer"))
+
+
+def embed(X: np.ndarray, h: int, w: int, *, fill: float) -> np.ndarray:
+    """``(N, C, S, S)`` stamps placed in ``(N, C, h, w)`` arrays so that stamp pixel ``S // 2`` lands on
+    ``(h // 2, w // 2)``; the rest is ``fill``."""
+    s = X.shape[-1]
+    out = np.full((*X.shape[:2], h, w), fill, dtype=np.float32)
+    r0, c0 = h // 2 - s // 2, w // 2 - s // 2
+    out[..., r0 : r0 + s, c0 : c0 + s] = X
+    return out
+
+
+def test_centre_crop_convention():
+    # the crop keeps the pixel (H // 2, W // 2) in its centre: odd and even sides, as datacube.crop_stamps
+    x = np.arange(8 * 9).reshape(8, 9)
+    crop = centre_crop(x, 3)
+    assert crop.shape == (3, 3) and crop[1, 1] == x[4, 4]
+    from rbflow.datacube import crop_stamps
+
+    sq = np.arange(10 * 10).reshape(10, 10)
+    assert np.array_equal(centre_crop(sq, 5), crop_stamps(sq, 5))
+
+
+def test_score_triplets_equals_infer_path(model_dir, cutouts, tmp_path):
+    # the same P(real) as the folder path (read, normalise, predict) on the same cutouts, NaN edge stamp included
+    folder, X, _ = cutouts
+    table = infer_cutouts(folder, model_dir / "model.pt", tmp_path / "r.ecsv", mc_passes=2)
+    order = [int(i.split("_")[1]) for i in table["id"]]
+    p = score_triplets(model_dir / "model.pt", X[:, 0], X[:, 1], X[:, 2])
+    assert_allclose(p[order], table["label1"], atol=1e-6, rtol=0)
+    assert np.isfinite(p[3])  # the stamp with NaN columns
+
+
+def test_score_triplets_equals_datacube(model_dir, tmp_path):
+    # a datacube's own stamps (normalised by build_datacube, as training sees them) score as their raw pixels do
+    X, y = write_training(tmp_path / "training", 40, seed=13)
+    build_datacube(
+        tmp_path / "training", tmp_path / "cube.npz", channels=["SCI", "REF", "DIFF"], crop=None, frac_true=None, seed=0
+    )
+    cube = load_datacube(tmp_path / "cube.npz")
+    model, meta = load_model(model_dir / "model.pt")
+    index = [int(i.rsplit("_", 1)[1]) for i in cube["ids"]]
+    raw = X[index]
+    p = score_triplets((model, meta), raw[:, 0], raw[:, 1], raw[:, 2])
+    assert_allclose(p, predict(model, meta, cube["X"]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(31, 31), (40, 40), (41, 36), (63, 63)])
+def test_score_triplets_centre_crops_any_size(model_dir, cutouts, shape):
+    # larger stamps, odd or even sides: only the centred model-size crop counts (the rest is garbage here,
+    # so an off-by-one crop changes P)
+    _, X, _ = cutouts
+    big = embed(X, *shape, fill=1e4)
+    expected = score_triplets(model_dir, X[:, 0], X[:, 1], X[:, 2])
+    assert_allclose(score_triplets(model_dir, big[:, 0], big[:, 1], big[:, 2]), expected, atol=1e-6, rtol=0)
+    if shape != (31, 31):
+        shifted = np.roll(big, 1, axis=-1)
+        assert np.abs(score_triplets(model_dir, shifted[:, 0], shifted[:, 1], shifted[:, 2]) - expected).max() > 1e-3
+
+
+def test_score_triplets_refuses_bad_input(model_dir, cutouts):
+    _, X, _ = cutouts
+    model, meta = load_model(model_dir / "model.pt")
+    scorr = {**meta, "channels": ["SCI", "REF", "SCORR"]}
+    with pytest.raises(InputError, match="SCORR"):
+        score_triplets((model, scorr), X[:, 0], X[:, 1], X[:, 2])
+    with pytest.raises(InputError, match="one shape"):
+        score_triplets((model, meta), X[:, 0], X[:, 1], X[:5, 2])
+    with pytest.raises(InputError, match="one shape"):
+        score_triplets((model, meta), X[0, 0], X[0, 1], X[0, 2])
+    small = X[:, :, 1:-1, 1:-1]
+    with pytest.raises(InputError, match="smaller than the model's 31"):
+        score_triplets((model, meta), small[:, 0], small[:, 1], small[:, 2])
+    with pytest.raises(InputError, match="normalisation"):
+        score_triplets((model, {**meta, "normalisation": {"name": "minmax"}}), X[:, 0], X[:, 1], X[:, 2])
+    with pytest.raises(InputError, match="does not exist"):
+        score_triplets(model_dir / "none.pt", X[:, 0], X[:, 1], X[:, 2])

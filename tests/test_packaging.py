@@ -130,14 +130,17 @@ def _clean_env() -> dict[str, str]:
 def test_installed_package_loads_its_schemas_and_trains(installed, tmp_path):
     python, rbflow = installed / "bin" / "python", installed / "bin" / "rbflow"
     probe = (
-        "import rbflow, rbflow.config as c; print(rbflow.__file__); "
-        "print(c.schema_defaults('config.schema.yaml', 'train')['epochs'])"
+        "import rbflow, rbflow.config as c, rbflow.infer as i; print(rbflow.__file__); "
+        "print(c.schema_defaults('config.schema.yaml', 'train')['epochs']); "
+        "print(i.load_model(i.starter_model_path())[1]['provenance']['seed'], i.STARTER_DIR)"
     )
     proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=_clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    where, epochs = proc.stdout.split()
+    where, epochs, _, starter = proc.stdout.split()
     assert Path(where).is_relative_to(installed), f"rbflow was imported from {where}, not from the install"
     assert int(epochs) >= 1
+    assert Path(starter).is_relative_to(installed), "the starter model does not ship with the package"
+    assert (Path(starter) / "model.onnx").stat().st_size > 0
 
     rng = np.random.default_rng(5)
     for label in ("true", "false"):

@@ -5,6 +5,9 @@ workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn
 
     rbflow infer results/demo/obs/cutouts/fld00_r_e1 --model results/demo/model/model.pt
 
+Without ``--model``, ``infer`` uses rbflow's starter model (:func:`rbflow.infer.starter_model_path`);
+``train --init starter`` fine-tunes it.
+
 Defaults come from ``config.schema.yaml`` (:func:`rbflow.config.schema_defaults`), as in the workflow.
 Each command is a subparser made by an ``_add_<command>`` function, whose ``func`` default is the
 function that runs it; heavy modules (torch, matplotlib) are imported only there.
@@ -92,10 +95,10 @@ def _add_train(sub: Any, defaults: dict[str, Any]) -> None:
     )
     tr.add_argument(
         "--init",
-        type=Path,
         default=None,
         metavar="MODEL",
-        help="fine-tune: start from this model (folder or model.pt, with model.json beside it)",
+        help="fine-tune: start from this model (folder or model.pt, with model.json beside it; 'starter': "
+        "rbflow's starter model, ./starter for a folder of that name)",
     )
     tr.add_argument(
         "--checkpoint-dir",
@@ -123,13 +126,23 @@ def _run_train(args: argparse.Namespace) -> None:
         args.seed if args.seed is not None else int(config.get("seed", schema_defaults("config.schema.yaml")["seed"]))
     )
     ckpt = args.checkpoint_dir or args.outdir.with_name(args.outdir.name + ".checkpoint")
-    train(args.cube, args.outdir, cfg, seed=seed, checkpoint_dir=ckpt, init=args.init)
+    init = None
+    if args.init is not None:
+        from rbflow.infer import resolve_model
+
+        init = resolve_model(args.init)
+    train(args.cube, args.outdir, cfg, seed=seed, checkpoint_dir=ckpt, init=init)
 
 
 def _add_infer(sub: Any, defaults: dict[str, Any]) -> None:
     inf = sub.add_parser("infer", help="classify a folder of cutouts (the older tool's cnn_infer)")
     inf.add_argument("cutout_dir", type=Path, help="folder of {id}.fits cutouts")
-    inf.add_argument("--model", type=Path, required=True, help="model.pt (model.json next to it)")
+    inf.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model.pt (model.json next to it) or its folder (default: rbflow's starter model)",
+    )
     inf.add_argument(
         "--threshold",
         type=float,

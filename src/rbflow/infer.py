@@ -3,6 +3,10 @@
 ``model.pt`` holds only a ``state_dict`` (loaded with ``weights_only=True``: no pickle is executed);
 ``model.json`` next to it says how to rebuild the network and how to feed it (stamp size, channel
 order, normalisation, temperature, suggested threshold).
+
+The starter model (:data:`STARTER_DIR`, shipped with the package, made by ``snakemake --configfile
+config/starter.yaml starter``) is used when no model is given. :func:`score_triplets` scores raw
+science/reference/difference stamps made by any pipeline.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from rbflow.model import ModelConfig, build_model
 from rbflow.uncertainty import UNCERTAINTY_COLUMNS, mc_dropout, network_features, reference_ood
 
 __all__ = [
+    "STARTER_DIR",
+    "TRIPLET_CHANNELS",
+    "starter_model_path",
+    "resolve_model",
+    "install_starter",
+    "score_triplets",
+    "centre_crop",
     "load_model",
     "check_compatible",
     "predict",
@@ -37,6 +48,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Folder of the starter model shipped with the package (model.pt, model.json, model.onnx).
+STARTER_DIR = Path(__file__).resolve().parent / "models" / "starter"
+#: The channels :func:`score_triplets` takes, in its argument order.
+TRIPLET_CHANNELS = ("SCI", "REF", "DIFF")
 
 #: Candidate columns taken from the cutout headers when there is no manifest: (name, header key, dtype).
 CANDIDATE_COLUMNS: tuple[tuple[str, str, type], ...] = (
@@ -108,6 +124,239 @@ def load_model(model_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
             f"({str(exc).splitlines()[0]}): keep the two files of one training together"
         ) from exc
     return model.eval(), meta
+
+
+def starter_model_path() -> Path:
+    """The ``model.pt`` of the starter model shipped with rbflow.
+
+    Returns
+    -------
+    pathlib.Path
+        ``STARTER_DIR / "model.pt"`` (``model.json`` and ``model.onnx`` beside it).
+
+    Raises
+    ------
+    InputError
+        The installed package has no starter model (a checkout where it was never trained).
+    """
+    path = STARTER_DIR / "model.pt"
+    if not path.exists() or not path.with_suffix(".json").exists():
+        raise InputError(
+            f"the starter model '{path}' is not installed: make it with 'snakemake --configfile config/starter.yaml "
+            "starter', reinstall rbflow, or give a model (--model)"
+        )
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The ``model.pt`` a user means: the starter model, a model folder or a ``model.pt``.
+
+    Parameters
+    ----------
+    model : path-like or None
+        None or the word ``"starter"``: the starter model (:func:`starter_model_path`); a folder: its
+        ``model.pt``; otherwise the ``model.pt`` itself (``./starter`` names a folder called starter).
+
+    Returns
+    -------
+    pathlib.Path
+        The ``model.pt`` (its existence is checked by :func:`load_model`).
+    """
+    if model is None or (isinstance(model, str) and model == "starter"):
+        return starter_model_path()
+    path = Path(model)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def install_starter(
+    model_dir: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    command: str,
+    config: dict[str, Any],
+    seed: int,
+    git_commit: str,
+    benchmark: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """Copy a trained model into the starter folder, with its provenance in ``model.json``.
+
+    Parameters
+    ----------
+    model_dir : path-like
+        Folder of a training (:func:`rbflow.train.train`): model.pt, model.json, model.onnx.
+    dest : path-like
+        The starter folder (:data:`STARTER_DIR` in the workflow's ``starter`` rule); each file is
+        written atomically.
+    command : str
+        The command that made the model.
+    config : dict
+        The run configuration it was made with (telescope file, ``convert``, ``train``, ``seed``).
+    seed : int
+        The global seed.
+    git_commit : str
+        The commit of the code (with ``-dirty`` when the checkout had changes).
+    benchmark : path-like or None
+        Snakemake benchmark file (TSV) of the training job: its ``s`` column, the job's wall time
+        (s), is recorded as ``training_time_s`` (None when the file is missing or not given).
+
+    Returns
+    -------
+    dict
+        The provenance, stored as ``model.json``'s ``provenance``: command, config, seed, git_commit,
+        training_time_s, metrics (test ``roc_auc``, ``fnr_at_fpr1`` with their intervals,
+        ``threshold``, ``n_test``), made_by.
+
+    Raises
+    ------
+    InputError
+        A file of the training is missing.
+    """
+    import shutil
+
+    from rbflow.io import atomic_path, made_by, write_json
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    for name in ("model.pt", "model.json", "model.onnx"):
+        if not (model_dir / name).exists():
+            raise InputError(f"'{model_dir / name}' does not exist: train the model first (snakemake ... train)")
+    meta = json.loads((model_dir / "model.json").read_text())
+    test = meta["metrics"]["test"]
+    training_time_s = None
+    if benchmark is not None and Path(benchmark).exists():
+        import csv
+
+        with open(benchmark, newline="") as fh:
+            training_time_s = float(next(csv.DictReader(fh, delimiter="\t"))["s"])
+    provenance = {
+        "command": command,
+        "config": config,
+        "seed": seed,
+        "git_commit": git_commit,
+        "training_time_s": training_time_s,
+        "metrics": {
+            "split": "test frames of the training's frame split (model.json 'split')",
+            "roc_auc": test["roc_auc"],
+            "fnr_at_fpr1": test["fnr_at_fpr1"],
+            "threshold": meta["threshold"],
+            "n_test": meta["split_counts"]["test"],
+        },
+        "made_by": made_by("rbflow.infer.install_starter"),
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", "model.onnx"):
+        with atomic_path(dest / name) as tmp:
+            shutil.copyfile(model_dir / name, tmp)
+    write_json({**meta, "provenance": provenance}, dest / "model.json")
+    log.info("starter model installed in %s: test AUC %.4f", dest, test["roc_auc"]["value"])
+    return provenance
+
+
+def _as_model(model: Any) -> tuple[nn.Module, dict[str, Any], str]:
+    """(module, meta, name) of a model given as None, a path or a loaded ``(module, meta)`` pair."""
+    if isinstance(model, tuple):
+        if len(model) != 2 or not isinstance(model[0], nn.Module) or not isinstance(model[1], dict):
+            raise InputError("model must be a path, None (the starter model) or the (module, meta) pair of load_model")
+        return model[0], model[1], "the given (module, meta) model"
+    path = resolve_model(model)
+    module, meta = load_model(path)
+    return module, meta, str(path)
+
+
+def centre_crop(x: np.ndarray, size: int) -> np.ndarray:
+    """Central ``size`` x ``size`` crop of ``(..., H, W)`` stamps, H and W odd or even.
+
+    The centre is pixel ``(H // 2, W // 2)`` (0-based row, column): the middle pixel of an odd side,
+    and on an even side the pixel just above the middle, where a source lands in a stamp cut
+    around it with astropy's ``Cutout2D`` (the convention of :func:`rbflow.datacube.crop_stamps`,
+    of rbflow's own cutouts, centred on the candidate's pixel, and of :mod:`rbflow.alerts`). The
+    crop keeps rows ``H // 2 - size // 2`` to ``H // 2 + size // 2`` (likewise columns).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Stamps, shape ``(..., H, W)`` with ``H, W >= size``.
+    size : int
+        Odd crop side (pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        A view of shape ``(..., size, size)``.
+    """
+    h, w = x.shape[-2:]
+    r0, c0 = h // 2 - size // 2, w // 2 - size // 2
+    return x[..., r0 : r0 + size, c0 : c0 + size]
+
+
+def score_triplets(
+    model: str | os.PathLike | tuple[nn.Module, dict[str, Any]] | None,
+    sci: np.ndarray,
+    ref: np.ndarray,
+    diff: np.ndarray,
+    *,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Calibrated P(real) of raw science/reference/difference stamps made by any pipeline.
+
+    Each stamp is centre-cropped to the model's stamp size (:func:`centre_crop`: the candidate must
+    sit on pixel ``(H // 2, W // 2)``), the channels are stacked in the model's order and
+    normalised by :func:`rbflow.datacube.normalise` (the normalisation of training, per stamp and
+    channel, after the crop), then scored by :func:`predict`. Pixel values are in any consistent
+    unit (ADU, e-): the normalisation removes the median and the robust scale of each stamp. The
+    reference must be aligned to the science stamp and the difference positive for a brightening
+    (multiply a negative difference by -1 first, as :mod:`rbflow.alerts` does).
+
+    Parameters
+    ----------
+    model : path-like, (torch.nn.Module, dict) or None
+        None or ``"starter"``: the starter model shipped with rbflow; a ``model.pt`` or its folder;
+        or the ``(module, meta)`` pair returned by :func:`load_model`.
+    sci, ref, diff : numpy.ndarray
+        Float arrays of shape ``(N, H, W)``, all three the same shape, ``H`` and ``W`` (odd or even)
+        at least the model's stamp size; NaN marks invalid pixels (they become 0 after
+        normalisation, as in training).
+    batch_size : int, optional
+        Stamps per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(N,)`` P(real) = sigmoid(logit / temperature).
+
+    Raises
+    ------
+    InputError
+        Arrays not 3-D, of different shapes or smaller than the model's stamps; a model needing a
+        channel other than SCI, REF, DIFF (e.g. SCORR), or trained with another normalisation; a
+        model that cannot be loaded.
+    """
+    net, meta, name = _as_model(model)
+    channels = [str(c) for c in meta["channels"]]
+    other = [c for c in channels if c not in TRIPLET_CHANNELS]
+    if other:
+        raise InputError(
+            f"model {name} needs channels {channels}; score_triplets gives only {list(TRIPLET_CHANNELS)}, not "
+            f"{other}: score with a model trained on SCI, REF and DIFF (key 'convert.channels'), e.g. the starter"
+        )
+    if meta.get("normalisation") not in (None, NORMALISATION):
+        raise InputError(
+            f"model {name} was trained with normalisation {meta['normalisation']}, this rbflow applies "
+            f"{NORMALISATION}: retrain the model with this rbflow version"
+        )
+    arrays = {"sci": np.asarray(sci), "ref": np.asarray(ref), "diff": np.asarray(diff)}
+    shapes = {k: a.shape for k, a in arrays.items()}
+    if any(len(s) != 3 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        raise InputError(f"sci, ref and diff must be (N, H, W) arrays of one shape, got {shapes}")
+    size = int(meta["stamp_size"])
+    n, h, w = shapes["sci"]
+    if min(h, w) < size:
+        raise InputError(
+            f"stamps of {h} x {w} px are smaller than the model's {size} x {size} px: cut larger stamps around "
+            "the candidates (the model does not pad)"
+        )
+    by_channel = dict(zip(TRIPLET_CHANNELS, arrays.values()))
+    X = np.stack([centre_crop(by_channel[c], size) for c in channels], axis=1)
+    return predict(net, meta, normalise(X), batch_size=batch_size)
 
 
 def check_compatible(meta: dict[str, Any], channels: list[str], size: int, *, source: str | None = None) -> None:
@@ -303,7 +552,7 @@ def write_infer_dat(table: Table, filenames: list[str], path: str | os.PathLike)
 
 def infer_cutouts(
     cutout_dir: str | os.PathLike,
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | None,
     out_table: str | os.PathLike,
     *,
     out_dat: str | os.PathLike | None = None,
@@ -321,8 +570,10 @@ def infer_cutouts(
     cutout_dir : path-like
         Folder of cutout files (and optionally the ``cutouts.ecsv`` manifest, whose columns are used
         for the candidates when present; otherwise the cutout headers are).
-    model_path : path-like
-        ``model.pt`` (with ``model.json`` next to it).
+    model_path : path-like or None
+        ``model.pt`` (with ``model.json`` next to it) or its folder; None (or ``"starter"``): the
+        starter model shipped with rbflow (:func:`starter_model_path`), said in the log and in the
+        table's meta (``starter_model``).
     out_table : path-like
         ECSV: candidate columns + ``label0`` (P(bogus)) and ``label1`` (P(real)), one row per cutout,
         then the columns of :data:`rbflow.uncertainty.UNCERTAINTY_COLUMNS` (``p_real_mc``,
@@ -358,6 +609,10 @@ def infer_cutouts(
     cutout_dir = Path(cutout_dir)
     if not cutout_dir.is_dir():
         raise InputError(f"cutout folder '{cutout_dir}' does not exist: run the cutouts stage first")
+    starter = model_path is None or (isinstance(model_path, str) and model_path == "starter")
+    model_path = resolve_model(model_path)
+    if starter:
+        log.info("no model given: using rbflow's starter model %s", model_path)
     model, meta = load_model(model_path)
     threshold = float(meta["threshold"] if threshold is None else threshold)
     channels = list(meta["channels"])
@@ -404,6 +659,7 @@ def infer_cutouts(
             "made_by": "rbflow.infer.infer_cutouts",
             "cutout_dir": str(cutout_dir),
             "model": str(model_path),
+            "starter_model": starter,
             "temperature": meta.get("temperature", 1.0),
             "threshold": threshold,
             "columns": "label0 = P(bogus), label1 = P(real), calibrated; "

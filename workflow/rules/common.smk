@@ -1,5 +1,9 @@
 # Helpers shared by the rules: configuration, frame lists, input functions, wildcard constraints.
 import hashlib
+import os
+import shlex
+import subprocess
+import sys
 
 from rbflow.config import load_config
 from rbflow.errors import RbflowError
@@ -335,3 +339,50 @@ def survey_input(wildcards):
             "give 'frames.reference' a mapping with 'survey'"
         )
     return spec.inputs[0]
+
+
+# --- the starter model (workflow/rules/starter.smk) ---------------------------------------------
+
+STARTER_DIR = os.path.join(workflow.basedir, "src", "rbflow", "models", "starter")
+STARTER_COMMAND = shlex.join(["snakemake", *sys.argv[1:]])
+
+
+def starter_telescope():
+    """The one telescope of the run, whose model becomes the starter."""
+    if len(TELESCOPES) != 1:
+        raise WorkflowError(
+            f"the starter target trains one telescope, the run has {sorted(TELESCOPES)}: "
+            "use --configfile config/starter.yaml"
+        )
+    return next(iter(TELESCOPES))
+
+
+def starter_inputs(wildcards):
+    """The trained model of the starter telescope."""
+    model = f"results/{starter_telescope()}/model"
+    return {k: f"{model}/model.{k}" for k in ("pt", "json", "onnx")}
+
+
+def starter_config(wildcards):
+    """What the starter model was made from: its telescope file, the convert and train blocks, the seed."""
+    telescope = starter_telescope()
+    return {
+        "telescopes": [telescope],
+        "telescope": {k: v for k, v in TELESCOPES[telescope].items() if not k.startswith("_")},
+        "convert": config["convert"],
+        "train": config["train"],
+        "seed": config["seed"],
+    }
+
+
+def starter_git_commit(wildcards):
+    """HEAD of this checkout, with `-dirty` when it has uncommitted changes; `unknown` outside git."""
+    git = ["git", "-C", workflow.basedir]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")

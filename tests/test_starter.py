@@ -1,0 +1,151 @@
+"""The starter model shipped with rbflow: it loads, is the default of ``rbflow infer``, fine-tunes with
+``rbflow train --init starter``, and reproduces its recorded test metrics on its regenerated sky."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from astropy.table import Table
+from helpers import SNAKEMAKE, make_workdir, synthetic_stamps, write_cutout, write_training
+from numpy.testing import assert_allclose
+
+from rbflow.cli import main
+from rbflow.crossmatch import label_cutouts
+from rbflow.datacube import build_datacube, load_datacube, normalise
+from rbflow.frames import image_name
+from rbflow.infer import (
+    STARTER_DIR,
+    install_starter,
+    load_model,
+    predict,
+    predict_onnx,
+    resolve_model,
+    score_triplets,
+    starter_model_path,
+)
+from rbflow.metrics import point_metrics
+
+torch.set_num_threads(2)
+
+PROVENANCE = {"command", "config", "seed", "git_commit", "training_time_s", "metrics", "made_by"}
+
+
+def test_starter_model_ships_and_loads():
+    path = starter_model_path()
+    assert path == STARTER_DIR / "model.pt" and resolve_model(None) == path == resolve_model("starter")
+    model, meta = load_model(path)
+    assert meta["channels"] == ["SCI", "REF", "DIFF"] and meta["stamp_size"] == 31
+    prov = meta["provenance"]
+    assert PROVENANCE <= set(prov) and "starter" in prov["command"]
+    assert prov["seed"] == prov["config"]["seed"] == meta["training"]["seed"]
+    assert prov["metrics"]["roc_auc"] == meta["metrics"]["test"]["roc_auc"]
+    assert prov["metrics"]["threshold"] == meta["threshold"]
+    X = normalise(synthetic_stamps(64, seed=3)[0])
+    p = predict(model, meta, X)
+    # float32 forward passes of one graph in two runtimes agree to rounding (~1e-7 on P)
+    assert_allclose(predict_onnx(STARTER_DIR / "model.onnx", X), p, atol=1e-5)
+    raw = synthetic_stamps(64, seed=3)[0]
+    assert_allclose(score_triplets(None, raw[:, 0], raw[:, 1], raw[:, 2]), p, atol=1e-6, rtol=0)
+
+
+def test_infer_defaults_to_starter(tmp_path, caplog):
+    X, _ = synthetic_stamps(6, seed=4)
+    for i, stamp in enumerate(X):
+        write_cutout(tmp_path / "img0" / f"img0_{i}.fits", stamp, cid=f"img0_{i}", image="img0")
+    caplog.set_level(logging.INFO, logger="rbflow.infer")
+    assert main(["infer", str(tmp_path / "img0"), "--out", str(tmp_path / "r.ecsv")]) == 0
+    table = Table.read(tmp_path / "r.ecsv")
+    assert table.meta["starter_model"] is True and table.meta["model"] == str(starter_model_path())
+    assert "no model given: using rbflow's starter model" in caplog.text
+    model, meta = load_model(starter_model_path())
+    order = [int(i.split("_")[1]) for i in table["id"]]
+    assert_allclose(table["label1"], predict(model, meta, normalise(X[order])), atol=1e-6)
+
+
+def test_train_init_starter_and_install(tmp_path):
+    write_training(tmp_path / "training", 60, seed=8)
+    assert main(["convert", str(tmp_path / "training"), str(tmp_path / "cube.npz")]) == 0
+    args = ["train", str(tmp_path / "cube.npz"), str(tmp_path / "model"), "--init", "starter", "--epochs", "1"]
+    assert main([*args, "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["init"]["path"] == str(starter_model_path()) and np.isfinite(meta["init"]["val_loss_before"])
+
+    (tmp_path / "train.tsv").write_text("s\th:m:s\tmax_rss\n482.07\t0:08:02\t900.0\n")  # Snakemake's benchmark
+    prov = install_starter(
+        tmp_path / "model",
+        tmp_path / "starter",
+        command="snakemake --configfile config/starter.yaml starter",
+        config={"seed": 1},
+        seed=1,
+        git_commit="abc",
+        benchmark=tmp_path / "train.tsv",
+    )
+    _, installed = load_model(tmp_path / "starter" / "model.pt")
+    assert installed["provenance"] == json.loads(json.dumps(prov)) and PROVENANCE <= set(prov)
+    assert prov["metrics"]["roc_auc"] == meta["metrics"]["test"]["roc_auc"]
+    assert prov["metrics"]["n_test"] == meta["split_counts"]["test"] and prov["training_time_s"] == 482.07
+    assert (tmp_path / "starter" / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
+
+
+@pytest.mark.workflow
+def test_starter_reproduces_its_metrics(tmp_path):
+    """Regenerate the starter's test frames from the recorded config and seed and score them: the
+    recorded test metrics come back.
+
+    Only the test frames are made: the workflow's rules for their injected images (sky, PSF,
+    injection, subtraction, detection, cutouts, crossmatch; every frame's pixels derive from the
+    seed and its own name), then the functions of the label and datacube rules on them
+    (:func:`rbflow.crossmatch.label_cutouts`, :func:`rbflow.datacube.build_datacube` with the
+    recorded ``convert`` block). This equals the training's datacube restricted to its test frames
+    when no class balancing drops stamps (``convert.frac_true`` null, checked).
+
+    Tolerance 1e-6: the same stamps through the same weights; torch's thread count moves P(real) by
+    ~1e-7 at most, which can swap two P(real) equal to 1e-7 and move the AUC by less than 1e-6 on a
+    test set of several hundred stamps.
+    """
+    model, meta = load_model(starter_model_path())
+    recorded = meta["provenance"]["config"]
+    assert recorded["convert"]["frac_true"] is None, "a balanced datacube's test stamps depend on every frame"
+    telescope = recorded["telescope"]
+    name = telescope["name"]
+    (tmp_path / "telescopes").mkdir()
+    (tmp_path / "telescopes" / f"{name}.yaml").write_text(yaml.safe_dump(telescope))
+    run = {k: v for k, v in recorded.items() if k != "telescope"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**run, "telescope_dir": str(tmp_path / "telescopes")}))
+    images = [image_name(f, k) for f in meta["split"]["test"] for k in range(telescope["inject"]["realizations"])]
+    per_candidate = [f"results/{name}/sim/crossmatch/{i}.per_candidate.ecsv" for i in images]
+    cutouts = [f"results/{name}/sim/cutouts/{i}" for i in images]
+    work = make_workdir(tmp_path / "work")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--configfile", str(tmp_path / "run.yaml"), "--cores", "2", *per_candidate, *cutouts],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    label_cutouts([work / p for p in per_candidate], [work / c for c in cutouts], tmp_path / "training")
+    convert = recorded["convert"]
+    build_datacube(
+        tmp_path / "training",
+        tmp_path / "test.npz",
+        channels=convert["channels"],
+        crop=convert["crop"],
+        frac_true=None,
+        seed=recorded["seed"],
+    )
+    logging.getLogger(__name__).info("starter test frames regenerated in %.0f s", time.perf_counter() - t0)
+    cube = load_datacube(tmp_path / "test.npz")
+    assert sorted(set(cube["frame"])) == sorted(meta["split"]["test"])
+    assert len(cube["y"]) == meta["split_counts"]["test"]
+    got = point_metrics(cube["y"], predict(model, meta, cube["X"]), meta["threshold"])
+    want = meta["metrics"]["test"]
+    for key in ("roc_auc", "fnr_at_fpr1", "accuracy"):
+        assert got[key] == pytest.approx(want[key]["value"], abs=1e-6), key
