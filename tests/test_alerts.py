@@ -357,6 +357,21 @@ def test_cli_scores_agree_with_onnx_and_kept_packets_are_unchanged(tmp_path, mod
 
 
 @needs_dev
+def test_cli_without_a_model_scores_with_the_starter_model(tmp_path):
+    from astropy.table import Table
+
+    from rbflow.infer import score_triplets, starter_model_path
+
+    out = tmp_path / "alerts.ecsv"
+    assert main(["alerts", "score", str(DEV), "--out", str(out), "--engine", "torch"]) == 0
+    table = Table.read(out)
+    assert table.meta["model"] == str(starter_model_path())
+    _, stamps, _ = read_alerts([DEV])
+    # the same stamps through the public triplet scorer and the starter model: the same P(real)
+    assert_allclose(table["label1"], score_triplets(None, *(stamps[:, c] for c in range(3))), atol=1e-6)
+
+
+@needs_dev
 def test_engines_torch_and_onnx_give_the_same_scores(tmp_path, model_dir):
     files = dev_files()[:12]
     tables = {

@@ -179,12 +179,21 @@ def _add_alerts(sub: Any, defaults: dict[str, Any]) -> None:
     act = alerts.add_subparsers(dest="alerts_command", required=True, metavar="ACTION")
     sc = act.add_parser("score", help="P(real) of every alert; table and, optionally, the kept packets")
     sc.add_argument("paths", nargs="+", type=Path, help="Avro files, .tar.gz archives, Parquet files or folders")
-    sc.add_argument("--model", type=Path, required=True, help="model.pt (model.json next to it)")
+    sc.add_argument(
+        "--model", default=None, help="model.pt (model.json next to it), or 'starter'; default: the starter model"
+    )
     sc.add_argument("--out", type=Path, default=Path("alerts.ecsv"), help="output table (ECSV)")
     sc.add_argument("--kept-dir", type=Path, default=None, help="folder receiving the kept packets, unchanged")
     sc.add_argument("--threshold", type=float, default=None, help="P(real) threshold (default: the model's)")
     sc.add_argument("--negative", default="flip", help="negative differences (isdiffpos f): flip, keep or skip")
-    sc.add_argument("--batch-size", type=int, default=1024, help="alerts per forward pass")
+    sc.add_argument("--batch-size", type=int, default=256, help="alerts per forward pass")
+    sc.add_argument(
+        "--engine",
+        choices=("auto", "onnx", "torch"),
+        default="auto",
+        help="inference runtime: ONNX Runtime when model.onnx and onnxruntime are there (auto), or forced",
+    )
+    sc.add_argument("--threads", type=int, default=None, help="CPU threads of inference (default: the runtime's)")
     sc.set_defaults(func=_run_alerts_score)
     im = act.add_parser("import", help="build a datacube (.npz) from labelled alert packets, grouped by objectId")
     im.add_argument("paths", nargs="+", type=Path, help="Avro files, .tar.gz archives, Parquet files or folders")
@@ -200,15 +209,18 @@ def _add_alerts(sub: Any, defaults: dict[str, Any]) -> None:
 
 def _run_alerts_score(args: argparse.Namespace) -> None:
     from rbflow.alerts import score_alerts
+    from rbflow.infer import resolve_model
 
     score_alerts(
         args.paths,
-        args.model,
+        resolve_model(args.model),
         args.out,
         kept_dir=args.kept_dir,
         threshold=args.threshold,
         negative=args.negative,
         batch_size=args.batch_size,
+        engine=args.engine,
+        threads=args.threads,
     )
 
 
