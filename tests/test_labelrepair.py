@@ -50,8 +50,14 @@ def test_repair_cube_drops_or_flips_and_lists_the_changes(tmp_path):
     repair_cube(cube, tmp_path / "flip.npz", issue, mode="flip")
     flipped = load_datacube(tmp_path / "flip.npz")
     np.testing.assert_array_equal(flipped["y"], np.where(issue, 1 - src["y"], src["y"]))
+    meta = repair_cube(cube, tmp_path / "weight.npz", issue, mode="weight", weight=0.2)
+    weighted = load_datacube(tmp_path / "weight.npz")
+    np.testing.assert_array_equal(weighted["y"], src["y"])  # every stamp kept with its label
+    assert meta["label_repair"]["weight"] == 0.2 and len(meta["label_repair"]["changed"]) == 2
     with pytest.raises(ValueError, match="mode"):
-        repair_cube(cube, tmp_path / "x.npz", issue, mode="weight")
+        repair_cube(cube, tmp_path / "x.npz", issue, mode="reweight")
+    with pytest.raises(ValueError, match="weight must be"):
+        repair_cube(cube, tmp_path / "x.npz", issue, mode="weight", weight=1.5)
     with pytest.raises(ValueError, match="entries"):
         repair_cube(cube, tmp_path / "x.npz", issue[:5])
 
