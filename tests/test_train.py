@@ -47,7 +47,7 @@ def test_learns_separable_problem(trained):
     s = meta["split"]
     assert not (set(s["train"]) & set(s["test"])) and not (set(s["val"]) & set(s["test"]))
     assert not (set(s["train"]) & set(s["val"]))
-    for name in ("model.pt", "model.json", "model.onnx", "history.ecsv", "metrics.json", "training.png", "ood.npz"):
+    for name in ("model.pt", "model.json", "model.onnx", "history.ecsv", "metrics.json", "training.png", "model.ood"):
         assert (root / "model" / name).stat().st_size > 0
     hist = Table.read(root / "model" / "history.ecsv")
     assert list(hist["epoch"]) == list(range(1, len(hist) + 1))

@@ -21,7 +21,7 @@ Decisions recorded in ``model.json``
   down-weights its likely label errors in the training loss (:func:`stamp_weights`); model.json's
   ``label_repair`` lists them.
 * OOD reference: the network features of (at most 4000 of) the training stamps are written to
-  ``ood.npz`` (:mod:`rbflow.uncertainty`), so inference scores OOD without the datacube.
+  ``model.ood`` (:mod:`rbflow.uncertainty`), so inference scores OOD without the datacube.
 * Fine-tuning: with ``init``, training starts from that model's weights (same architecture,
   widths, stamp size and channels); its path, SHA-256 and validation loss before fine-tuning are
   recorded under ``init``.
@@ -922,8 +922,8 @@ def write_artefacts(
     ----------
     out_dir : pathlib.Path
         Created if needed. Receives model.pt (``state_dict``), model.onnx (with temperature and
-        sigmoid), history.ecsv, metrics.json, training.png (learning curves), ood.npz (the OOD
-        reference of :mod:`rbflow.uncertainty`) and model.json (whose ``ood`` entry names ood.npz
+        sigmoid), history.ecsv, metrics.json, training.png (learning curves), model.ood (the OOD
+        reference of :mod:`rbflow.uncertainty`) and model.json (whose ``ood`` entry names model.ood
         with its SHA-256 and provenance).
     model : torch.nn.Module
         The trained model (moved to the CPU, eval mode).
@@ -982,7 +982,7 @@ def train(
         Datacube from :func:`rbflow.datacube.build_datacube`.
     out_dir : path-like
         Output folder: model.pt (state_dict), model.json, model.onnx, history.ecsv, metrics.json,
-        training.png, ood.npz (the OOD reference inference reads).
+        training.png, model.ood (the OOD reference inference reads).
     cfg : dict
         The ``train`` config block (missing keys take the defaults of ``config.schema.yaml``).
     seed : int

@@ -62,8 +62,9 @@ UNCERTAINTY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ood_score", "distance of the L2-normalised network features to the k-th nearest training stamp's"),
     ("ood_quantile", "fraction of the training stamps with a smaller ood_score (leave-one-out)"),
 )
-#: File of the OOD reference, written by :func:`rbflow.train.train` next to ``model.pt``.
-OOD_FILE = "ood.npz"
+#: File of the OOD reference (a NumPy ``.npz`` archive, read without pickle), written by
+#: :func:`rbflow.train.train` next to ``model.pt``; named like it so the two travel together.
+OOD_FILE = "model.ood"
 #: Neighbour whose distance is the OOD score.
 OOD_K = 10
 #: At most this many training stamps are used as the OOD reference (seeded subsample).
