@@ -5,6 +5,8 @@ Two numbers per stamp, next to P(real):
 - **MC-dropout spread** (Gal & Ghahramani 2016): the dropout layer before the logit is left on at
   inference and the stamp is passed ``passes`` times with a seeded generator; the mean and standard
   deviation of the calibrated P(real) over the passes are reported. BatchNorm stays in eval mode.
+  The convolutions before the head are deterministic then, so they run once and only the head
+  (dropout and the linear logit) runs ``passes`` times.
 - **Out-of-distribution score** (Sun, Ming, Zhu & Li 2022, "Out-of-distribution detection with deep
   nearest neighbors"): the Euclidean distance of the stamp's L2-normalised network features to its
   ``k``-th nearest neighbour among the training stamps' features; and its quantile among the
@@ -136,7 +138,7 @@ def mc_dropout(
     Parameters
     ----------
     model : torch.nn.Module
-        An :mod:`rbflow.model` network; left in eval mode on return.
+        An :mod:`rbflow.model` network (its dropout is in its ``head``); left in eval mode on return.
     meta : dict
         model.json content (temperature).
     X : numpy.ndarray
@@ -157,26 +159,42 @@ def mc_dropout(
     ------
     ValueError
         ``passes`` < 2.
+    InputError
+        The model has no ``head`` module.
     """
     import torch
 
     if passes < 2:
         raise ValueError(f"MC dropout needs at least 2 passes, got {passes}")
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Module):
+        raise InputError(f"model {type(model).__name__} has no 'head' module: MC dropout needs an rbflow.model network")
     inv_t = 1.0 / float(meta.get("temperature", 1.0))
-    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
     if not dropouts or all(m.p == 0 for m in dropouts):
         log.warning("the model has no active dropout layer: MC-dropout spread is 0 for every stamp")
+    # the layers before the head are deterministic in eval mode: run them once, and only the head
+    # (where the dropout is) once per pass
+    inputs: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(X), batch_size):
+                model(torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32))
+    finally:
+        hook.remove()
+    out = np.empty((passes, len(X)))
     for m in dropouts:
         m.train()
-    out = np.empty((passes, len(X)))
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for k in range(passes):
-                for i in range(0, len(X), batch_size):
-                    xb = torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32)
-                    out[k, i : i + len(xb)] = torch.sigmoid(model(xb) * inv_t).double().numpy()
+                start = 0
+                for h in inputs:
+                    out[k, start : start + len(h)] = torch.sigmoid(head(h).reshape(-1) * inv_t).double().numpy()
+                    start += len(h)
     finally:
         model.eval()
     return out.mean(axis=0), out.std(axis=0)
