@@ -97,10 +97,13 @@ def test_cli_label_repair_and_the_scanning_page_queue(tmp_path):
     from rbflow.scan import create_app
 
     cube = make_cube(tmp_path / "cube.npz", 160, seed=6, n_frames=8)
-    assert main(["label-repair", str(cube), str(tmp_path / "rep"), "--folds", "2", "--epochs", "1", "--seed", "1"]) == 0
+    args = ["label-repair", str(cube), str(tmp_path / "rep"), "--folds", "2", "--epochs", "1", "--seed", "1"]
+    assert main([*args, "--mode", "weight", "--weight", "0.2"]) == 0
     table = read_table(tmp_path / "rep" / "label_issues.ecsv")
     assert len(table) == 160 and np.isfinite(table["p_oof"]).all() and set(table["fold"]) == {0, 1}
-    assert (tmp_path / "rep" / "datacube_repaired.npz").exists()
+    repaired = load_datacube(tmp_path / "rep" / "datacube_repaired.npz")
+    assert len(repaired["y"]) == 160 and repaired["meta"]["label_repair"]["weight"] == 0.2
+    assert sorted(repaired["meta"]["label_repair"]["changed"]) == sorted(table["id"][table["issue"]])
 
     results, labels = results_folder(tmp_path / "scan", n=8)
     y = np.array([1, 0, 1, 0, 1, 0, 1])  # the folders' labels of IMAGE_0..6 (IMAGE_7 is unsorted)
