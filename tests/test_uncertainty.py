@@ -128,9 +128,9 @@ def test_ood_score_separates_stamps_unlike_the_training_set(trained):
     host = 30 * np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 6.0**2))
     outside = reference.score(network_features(model, normalise(X + host * np.array([1, 1, 0])[:, None, None])))
     auc = _auc(inside, outside)
-    # measured 1.00 for these seeds (0.80 with the last block's pooled features only); 0.9 fails a
-    # score that does not see the shift (0.5)
-    assert auc > 0.9, auc
+    # measured 0.96 for these seeds (median quantile of the fresh stamps 0.50); 0.85 fails a score
+    # that does not see the shift (0.5)
+    assert auc > 0.85, auc
     assert np.median(reference.quantile(inside)) < 0.8  # fresh in-distribution stamps look typical
 
 
@@ -150,8 +150,8 @@ def test_ood_score_flags_real_ztf_alerts_against_held_out_stamps(trained):
     ztf = reference.score(network_features(model, normalise(crop_stamps(raw, 31))))
     fresh = reference.score(network_features(model, normalise(synthetic_stamps(300, seed=98)[0])))
     auc = _auc(fresh, ztf)
-    # a score blind to the shift gives 0.5, an inverted one (the class-mean Mahalanobis distance on
-    # faint stamps) less; 0.8 leaves room below the measured value
+    # measured 0.91 for these seeds; a score blind to the shift gives 0.5, an inverted one (the
+    # class-mean Mahalanobis distance ranking faint stamps typical) less; 0.8 leaves room for thread counts
     assert auc > 0.8, auc
 
 
