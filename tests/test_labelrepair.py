@@ -50,8 +50,14 @@ def test_repair_cube_drops_or_flips_and_lists_the_changes(tmp_path):
     repair_cube(cube, tmp_path / "flip.npz", issue, mode="flip")
     flipped = load_datacube(tmp_path / "flip.npz")
     np.testing.assert_array_equal(flipped["y"], np.where(issue, 1 - src["y"], src["y"]))
+    meta = repair_cube(cube, tmp_path / "weight.npz", issue, mode="weight", weight=0.2)
+    weighted = load_datacube(tmp_path / "weight.npz")
+    np.testing.assert_array_equal(weighted["y"], src["y"])  # every stamp kept with its label
+    assert meta["label_repair"]["weight"] == 0.2 and len(meta["label_repair"]["changed"]) == 2
     with pytest.raises(ValueError, match="mode"):
-        repair_cube(cube, tmp_path / "x.npz", issue, mode="weight")
+        repair_cube(cube, tmp_path / "x.npz", issue, mode="reweight")
+    with pytest.raises(ValueError, match="weight must be"):
+        repair_cube(cube, tmp_path / "x.npz", issue, mode="weight", weight=1.5)
     with pytest.raises(ValueError, match="entries"):
         repair_cube(cube, tmp_path / "x.npz", issue[:5])
 
@@ -91,10 +97,13 @@ def test_cli_label_repair_and_the_scanning_page_queue(tmp_path):
     from rbflow.scan import create_app
 
     cube = make_cube(tmp_path / "cube.npz", 160, seed=6, n_frames=8)
-    assert main(["label-repair", str(cube), str(tmp_path / "rep"), "--folds", "2", "--epochs", "1", "--seed", "1"]) == 0
+    args = ["label-repair", str(cube), str(tmp_path / "rep"), "--folds", "2", "--epochs", "1", "--seed", "1"]
+    assert main([*args, "--mode", "weight", "--weight", "0.2"]) == 0
     table = read_table(tmp_path / "rep" / "label_issues.ecsv")
     assert len(table) == 160 and np.isfinite(table["p_oof"]).all() and set(table["fold"]) == {0, 1}
-    assert (tmp_path / "rep" / "datacube_repaired.npz").exists()
+    repaired = load_datacube(tmp_path / "rep" / "datacube_repaired.npz")
+    assert len(repaired["y"]) == 160 and repaired["meta"]["label_repair"]["weight"] == 0.2
+    assert sorted(repaired["meta"]["label_repair"]["changed"]) == sorted(table["id"][table["issue"]])
 
     results, labels = results_folder(tmp_path / "scan", n=8)
     y = np.array([1, 0, 1, 0, 1, 0, 1])  # the folders' labels of IMAGE_0..6 (IMAGE_7 is unsorted)

@@ -20,7 +20,7 @@ from rbflow.config import schema_defaults
 from rbflow.datacube import NORMALISATION
 from rbflow.errors import InputError
 from rbflow.infer import load_model
-from rbflow.train import dihedral, split_frames, train, train_config
+from rbflow.train import dihedral, split_frames, stamp_weights, train, train_config, weighted_loss
 
 torch.set_num_threads(2)
 
@@ -47,7 +47,7 @@ def test_learns_separable_problem(trained):
     s = meta["split"]
     assert not (set(s["train"]) & set(s["test"])) and not (set(s["val"]) & set(s["test"]))
     assert not (set(s["train"]) & set(s["val"]))
-    for name in ("model.pt", "model.json", "model.onnx", "history.ecsv", "metrics.json", "training.png"):
+    for name in ("model.pt", "model.json", "model.onnx", "history.ecsv", "metrics.json", "training.png", "model.ood"):
         assert (root / "model" / name).stat().st_size > 0
     hist = Table.read(root / "model" / "history.ecsv")
     assert list(hist["epoch"]) == list(range(1, len(hist) + 1))
@@ -196,3 +196,33 @@ def test_cli_train_options(tmp_path, monkeypatch):
     assert kw["seed"] == 5 and cfg == {"epochs": 3, "lr": 0.01} and kw["init"] is None
     assert main(["train", "c.npz", "o", "--config", str(tmp_path / "run.yaml"), "--seed", "9"]) == 0
     assert calls[-1][1]["seed"] == 9
+
+
+def test_stamp_weights_scale_the_loss_of_single_stamps():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    class_w = torch.tensor([1.5, 0.75])
+    # a stamp of weight 0 is as if absent; weight 1 everywhere is the plain class-weighted loss
+    zero = weighted_loss(logits, y, class_w, stamp_w=torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(zero, weighted_loss(logits[[0, 1, 3]], y[[0, 1, 3]], class_w))
+    ones = weighted_loss(logits, y, class_w, stamp_w=torch.ones(4))
+    torch.testing.assert_close(ones, weighted_loss(logits, y, class_w))
+
+
+def test_training_down_weights_the_label_repair_issues(tmp_path):
+    from rbflow.datacube import load_datacube
+    from rbflow.labelrepair import repair_cube
+
+    cube = make_cube(tmp_path / "cube.npz", 300, seed=5, n_frames=6)
+    issue = np.zeros(300, bool)
+    issue[::10] = True  # 30 stamps
+    repair_cube(cube, tmp_path / "weighted.npz", issue, mode="weight", weight=0.25)
+    w = stamp_weights(load_datacube(tmp_path / "weighted.npz"))
+    np.testing.assert_array_equal(w, np.where(issue, 0.25, 1.0))
+    assert (stamp_weights(load_datacube(cube)) == 1).all()
+    meta = train(tmp_path / "weighted.npz", tmp_path / "m", {**CFG, "epochs": 1}, seed=1, checkpoint_dir=tmp_path / "c")
+    record = meta["label_repair"]
+    ids = load_datacube(cube)["ids"].astype(str)
+    assert record["mode"] == "weight" and record["weight"] == 0.25 and record["changed"] == list(ids[issue])
+    train_frames = np.isin(load_datacube(cube)["frame"].astype(str), meta["split"]["train"])
+    assert record["down_weighted_in_training"] == int((issue & train_frames).sum()) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from helpers import TRAIN_CFG as CFG
 from helpers import make_cube, results_folder, synthetic_stamps
 
 from rbflow.datacube import normalise
+from rbflow.errors import InputError
 from rbflow.explain import explain_cutouts, explanation_maps
 from rbflow.infer import infer_cutouts, load_model, predict
 from rbflow.train import train
-from rbflow.uncertainty import MahalanobisOOD, mc_dropout, network_features, reference_ood
+from rbflow.uncertainty import OOD_FILE, KnnOOD, mc_dropout, model_reference, network_features, reference_ood
 
 torch.set_num_threads(2)
 
@@ -56,17 +58,63 @@ def test_infer_adds_finite_seeded_uncertainty_and_ood_columns(trained, tmp_path)
     assert "p_real_std" in a.meta["columns"]
 
 
-def test_missing_reference_cube_gives_nan_ood_with_a_warning(trained, tmp_path, caplog):
+def _copy_model(src, dest, *, ood: bool, **changes):
+    """A copy of a trained model folder, with or without its OOD reference, model.json entries changed."""
+    dest.mkdir()
+    meta = json.loads((src / "model.json").read_text())
+    meta.update(changes)
+    if not ood:
+        meta.pop("ood")
+    (dest / "model.json").write_text(json.dumps(meta))
+    (dest / "model.pt").write_bytes((src / "model.pt").read_bytes())
+    if ood:
+        (dest / OOD_FILE).write_bytes((src / OOD_FILE).read_bytes())
+    return dest / "model.pt"
+
+
+def test_training_stores_the_ood_reference_and_infer_reads_no_datacube(trained, tmp_path, monkeypatch):
+    root, model, meta = trained
+    entry = meta["ood"]
+    assert entry["file"] == OOD_FILE and entry["k"] == 10 and "Sun et al. 2022" in entry["method"]
+    stored = model_reference(root / "model" / "model.pt", meta)
+    # the reference is the training frames' stamps only (the test frames stay held out)
+    assert len(stored.reference) == meta["split_counts"]["train"] == len(stored.reference_scores)
+    np.testing.assert_allclose(np.linalg.norm(stored.reference, axis=1), 1, rtol=1e-5)
+    results, _ = results_folder(tmp_path)
+    import rbflow.datacube
+
+    def no_cube(*_a, **_k):
+        raise AssertionError("infer read a datacube")
+
+    monkeypatch.setattr(rbflow.datacube, "load_datacube", no_cube)
+    t = infer_cutouts(results / "sim" / "cutouts" / IMAGE, root / "model" / "model.pt", tmp_path / "t.ecsv")
+    assert np.isfinite(t["ood_score"]).all()
+
+
+def test_model_without_stored_reference_gives_nan_ood_with_a_log_line(trained, tmp_path, caplog):
     root, _, _ = trained
     results, _ = results_folder(tmp_path)
-    meta = json.loads((root / "model" / "model.json").read_text())
-    meta["datacube"]["path"] = str(tmp_path / "gone.npz")
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
-    (tmp_path / "m" / "model.pt").write_bytes((root / "model" / "model.pt").read_bytes())
-    t = infer_cutouts(results / "sim" / "cutouts" / IMAGE, tmp_path / "m" / "model.pt", tmp_path / "t.ecsv")
-    assert np.isnan(t["ood_score"]).all() and np.isfinite(t["p_real_std"]).all()
-    assert "no OOD reference datacube" in caplog.text
+    old = _copy_model(root / "model", tmp_path / "m", ood=False, datacube={"path": str(root / "cube.npz")})
+    cutouts = results / "sim" / "cutouts" / IMAGE
+    t = infer_cutouts(cutouts, old, tmp_path / "t.ecsv")
+    assert np.isnan(t["ood_score"]).all() and np.isnan(t["ood_quantile"]).all()
+    assert np.isfinite(t["p_real_std"]).all()
+    assert "no stored OOD reference" in caplog.text and "retrain" in caplog.text
+    # an old model stays usable with its datacube given: the same score as a stored reference of it
+    given = infer_cutouts(cutouts, old, tmp_path / "g.ecsv", reference_cube=root / "cube.npz")
+    assert np.isfinite(given["ood_score"]).all()
+
+
+def test_a_reference_of_another_training_is_refused(trained, tmp_path):
+    root, _, _ = trained
+    bad = _copy_model(root / "model", tmp_path / "m", ood=True)
+    KnnOOD.fit(np.eye(12, dtype=np.float32), k=2).save(tmp_path / "m" / OOD_FILE)
+    results, _ = results_folder(tmp_path)
+    with pytest.raises(InputError, match="SHA-256 differs"):
+        infer_cutouts(results / "sim" / "cutouts" / IMAGE, bad, tmp_path / "t.ecsv")
+    (tmp_path / "m" / OOD_FILE).unlink()
+    with pytest.raises(InputError, match="missing"):
+        infer_cutouts(results / "sim" / "cutouts" / IMAGE, bad, tmp_path / "t.ecsv")
 
 
 def test_ood_score_separates_stamps_unlike_the_training_set(trained):
@@ -80,22 +128,62 @@ def test_ood_score_separates_stamps_unlike_the_training_set(trained):
     host = 30 * np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 6.0**2))
     outside = reference.score(network_features(model, normalise(X + host * np.array([1, 1, 0])[:, None, None])))
     auc = _auc(inside, outside)
-    # measured 1.00 for these seeds (0.80 with the last block's pooled features only); 0.9 fails a
-    # score that does not see the shift (0.5)
-    assert auc > 0.9, auc
+    # measured 0.96 for these seeds (median quantile of the fresh stamps 0.50); 0.85 fails a score
+    # that does not see the shift (0.5)
+    assert auc > 0.85, auc
     assert np.median(reference.quantile(inside)) < 0.8  # fresh in-distribution stamps look typical
 
 
-def test_mahalanobis_on_known_gaussians():
-    rng = np.random.default_rng(0)
-    feats = rng.normal(0, 1, (4000, 3)) * [1, 2, 4]
-    ood = MahalanobisOOD.fit(feats, np.zeros(4000))
-    # a point 3 sigma along each axis is sqrt(27) = 5.2 sigmas away; shrinkage (5 %) and sampling
-    # change the covariance by a few per cent
-    np.testing.assert_allclose(ood.score(np.array([[3.0, 6.0, 12.0]])), [np.sqrt(27)], rtol=0.08)
-    assert ood.quantile(np.array([0.0]))[0] == 0.0 and ood.quantile(np.array([100.0]))[0] == 1.0
-    with pytest.raises(ValueError, match="at least 2"):
-        MahalanobisOOD.fit(feats[:1], np.zeros(1))
+ZTF_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ztf-alerts-dev"
+
+
+@pytest.mark.skipif(not ZTF_DEV.is_dir(), reason=f"ZTF development packets not found at {ZTF_DEV}")
+def test_ood_score_flags_real_ztf_alerts_against_held_out_stamps(trained):
+    """Real ZTF packets (63 px, cut to the model's 31 px as rbflow.alerts does) are out of distribution
+    for a model trained on synthetic stamps; fresh synthetic stamps are not."""
+    from rbflow.alerts import read_alerts
+    from rbflow.datacube import crop_stamps
+
+    root, model, meta = trained
+    reference = model_reference(root / "model" / "model.pt", meta)
+    _, raw, _ = read_alerts([ZTF_DEV])
+    ztf = reference.score(network_features(model, normalise(crop_stamps(raw, 31))))
+    fresh = reference.score(network_features(model, normalise(synthetic_stamps(300, seed=98)[0])))
+    auc = _auc(fresh, ztf)
+    # measured 0.91 for these seeds; a score blind to the shift gives 0.5, an inverted one (the
+    # class-mean Mahalanobis distance ranking faint stamps typical) less; 0.8 leaves room for thread counts
+    assert auc > 0.8, auc
+
+
+def test_knn_score_on_known_geometry(tmp_path):
+    # reference: 8 unit vectors, 4 at angle 0 and 4 at 90 degrees in the plane of the first two axes
+    ref = np.zeros((8, 3), np.float32)
+    ref[:4, 0] = 1
+    ref[4:, 1] = 1
+    ood = KnnOOD.fit(ref, k=2)
+    # each reference vector's 2nd other neighbour is an identical one: leave-one-out distance 0
+    np.testing.assert_allclose(ood.reference_scores, 0, atol=1e-6)
+    # 45 degrees from both groups: chord length 2 sin(22.5 deg); orthogonal to all: sqrt(2)
+    diag = np.array([[np.sqrt(0.5), np.sqrt(0.5), 0]], np.float32)
+    np.testing.assert_allclose(ood.score(diag), [2 * np.sin(np.pi / 8)], rtol=1e-5)
+    np.testing.assert_allclose(ood.score(np.array([[0, 0, 1.0]])), [np.sqrt(2)], rtol=1e-6)
+    assert ood.quantile(np.array([0.5]))[0] == 1.0
+    ood.save(tmp_path / "r.npz")
+    back = KnnOOD.load(tmp_path / "r.npz")
+    assert back.k == 2 and np.array_equal(back.reference, ood.reference)
+    with pytest.raises(ValueError, match="more than k"):
+        KnnOOD.fit(ref[:2], k=2)
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(InputError, match="cannot be read"):
+        KnnOOD.load(tmp_path / "bad.npz")
+
+
+def test_ood_features_have_unit_length(trained):
+    _, model, _ = trained
+    X = normalise(synthetic_stamps(50, seed=12)[0])
+    f = network_features(model, X)
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1, rtol=1e-5)
+    assert f.dtype == np.float32 and f.shape == (50, 2 * sum(CFG["widths"]))
 
 
 def test_mc_dropout_is_seeded_and_leaves_eval_mode(trained):

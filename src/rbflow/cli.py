@@ -266,7 +266,13 @@ def _add_label_repair(sub: Any, defaults: dict[str, Any]) -> None:
     rep.add_argument("--config", type=Path, default=None, help="YAML run config; its 'train' block is used")
     rep.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (overrides the config)")
     rep.add_argument("--folds", type=int, default=5, help="number of frame groups")
-    rep.add_argument("--mode", choices=["drop", "flip"], default="drop", help="what the repaired cube does to them")
+    rep.add_argument(
+        "--mode",
+        choices=["drop", "flip", "weight"],
+        default="drop",
+        help="what the repaired cube does to them (weight: kept, down-weighted in training by --weight)",
+    )
+    rep.add_argument("--weight", type=float, default=0.1, help="loss weight of the issues with --mode weight")
     rep.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the folds and trainings")
     rep.set_defaults(func=_run_label_repair)
 
@@ -278,7 +284,7 @@ def _run_label_repair(args: argparse.Namespace) -> None:
     cfg = dict(load_yaml(args.config, "run config").get("train", {})) if args.config is not None else {}
     if args.epochs is not None:
         cfg["epochs"] = args.epochs
-    run_label_repair(args.cube, args.outdir, cfg, folds=args.folds, seed=args.seed, mode=args.mode)
+    run_label_repair(args.cube, args.outdir, cfg, folds=args.folds, seed=args.seed, mode=args.mode, weight=args.weight)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from rbflow.datacube import NORMALISATION, crop_stamps, normalise, read_stamp
 from rbflow.errors import ConfigError, InputError
 from rbflow.io import read_table, write_table
 from rbflow.model import ModelConfig, build_model
-from rbflow.uncertainty import UNCERTAINTY_COLUMNS, mc_dropout, network_features, reference_ood
+from rbflow.uncertainty import UNCERTAINTY_COLUMNS, mc_dropout, model_reference, network_features, reference_ood
 
 __all__ = [
     "STARTER_DIR",
@@ -466,20 +466,27 @@ def _empty_candidates() -> Table:
 
 
 def _uncertainty(
-    model: nn.Module, meta: dict[str, Any], X: np.ndarray, *, mc_passes: int, seed: int, cube: Any
+    model: nn.Module,
+    meta: dict[str, Any],
+    X: np.ndarray,
+    *,
+    mc_passes: int,
+    seed: int,
+    model_path: str | os.PathLike,
+    cube: str | os.PathLike | None,
 ) -> dict[str, np.ndarray]:
-    """The :data:`UNCERTAINTY_COLUMNS` of normalised stamps ``X``."""
+    """The :data:`UNCERTAINTY_COLUMNS` of normalised stamps ``X``.
+
+    The OOD reference is the one stored with the model at training time
+    (:func:`rbflow.uncertainty.model_reference`); ``cube``, when given, replaces it with one fitted
+    on that datacube (models trained before references were stored). Without either, the OOD
+    columns are NaN (logged).
+    """
     mean, std = mc_dropout(model, meta, X, passes=mc_passes, seed=seed)
-    cube = cube if cube is not None else meta.get("datacube", {}).get("path")
-    if cube is None or not Path(cube).exists():
-        log.warning(
-            "no OOD reference datacube (model.json names %r): ood_score and ood_quantile are NaN; give "
-            "reference_cube=the training datacube",
-            cube,
-        )
+    reference = reference_ood(model, cube, seed=seed) if cube is not None else model_reference(model_path, meta)
+    if reference is None:
         ood = quantile = np.full(len(X), np.nan)
     else:
-        reference = reference_ood(model, cube, seed=seed)
         ood = reference.score(network_features(model, X))
         quantile = reference.quantile(ood)
     return {"p_real_mc": mean, "p_real_std": std, "ood_score": ood, "ood_quantile": quantile}
@@ -577,9 +584,9 @@ def infer_cutouts(
     out_table : path-like
         ECSV: candidate columns + ``label0`` (P(bogus)) and ``label1`` (P(real)), one row per cutout,
         then the columns of :data:`rbflow.uncertainty.UNCERTAINTY_COLUMNS` (``p_real_mc``,
-        ``p_real_std``: MC-dropout mean and spread; ``ood_score``, ``ood_quantile``: Mahalanobis
-        distance of the network features to the training stamps, NaN when no reference
-        datacube is found).
+        ``p_real_std``: MC-dropout mean and spread; ``ood_score``, ``ood_quantile``: nearest-neighbour
+        distance of the network features to the training stamps', NaN when the model has no stored
+        OOD reference and no ``reference_cube`` is given).
     out_dat : path-like, optional
         The older tool's ``infer_results.dat`` (see :func:`write_infer_dat`).
     out_kept : path-like, optional
@@ -591,10 +598,10 @@ def infer_cutouts(
     mc_passes : int, optional
         MC-dropout passes (>= 2) of ``p_real_mc`` and ``p_real_std``.
     seed : int, optional
-        Seed of the dropout masks and of the OOD reference subsample (same seed, same columns).
+        Seed of the dropout masks and of a ``reference_cube``'s subsample (same seed, same columns).
     reference_cube : path-like, optional
-        Datacube of the OOD reference; default: the training datacube named in model.json
-        (``datacube.path``), when it exists.
+        Fit the OOD reference on this datacube instead of using the one stored with the model
+        (for models trained before rbflow stored one; reads the whole datacube).
 
     Returns
     -------
@@ -651,7 +658,8 @@ def infer_cutouts(
             table.remove_column("_row")
         table["label0"] = 1.0 - p_real
         table["label1"] = p_real
-        for name, values in _uncertainty(model, meta, X, mc_passes=mc_passes, seed=seed, cube=reference_cube).items():
+        extra = _uncertainty(model, meta, X, mc_passes=mc_passes, seed=seed, model_path=model_path, cube=reference_cube)
+        for name, values in extra.items():
             table[name] = values
         names = [str(p) for p in files]
     table.meta.update(

@@ -8,8 +8,10 @@ Jiang & Chuang 2021): with per-class thresholds ``t_j`` = the mean out-of-fold p
 ``j`` over the stamps labelled ``j``, a stamp whose probability of the *other* class reaches that
 class's threshold (and exceeds its own class's margin) is a likely label error; issues are ranked by
 the self-confidence (the out-of-fold probability of the given label), lowest first.
-:func:`repair_cube` writes a datacube without them (``drop``) or with their labels flipped
-(``flip``), listing the candidates it changed in its meta.
+:func:`repair_cube` writes a datacube without them (``drop``), with their labels flipped
+(``flip``), or with them kept but down-weighted in the training loss (``weight``: the datacube's
+meta carries the weight, which :func:`rbflow.train.stamp_weights` applies), listing the candidates
+it changed in its meta.
 """
 
 from __future__ import annotations
@@ -27,12 +29,22 @@ from rbflow.errors import InputError
 from rbflow.io import made_by, write_table
 from rbflow.seeds import derive
 
-__all__ = ["MODES", "frame_folds", "out_of_fold", "find_label_issues", "repair_cube", "run_label_repair"]
+__all__ = [
+    "MODES",
+    "DEFAULT_WEIGHT",
+    "frame_folds",
+    "out_of_fold",
+    "find_label_issues",
+    "repair_cube",
+    "run_label_repair",
+]
 
 log = logging.getLogger(__name__)
 
 #: What :func:`repair_cube` does to the likely label errors.
-MODES = ("drop", "flip")
+MODES = ("drop", "flip", "weight")
+#: Default loss weight of a likely label error in mode ``weight`` (a tenth of a clean stamp's).
+DEFAULT_WEIGHT = 0.1
 
 
 def frame_folds(frames: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
@@ -166,9 +178,14 @@ def find_label_issues(y: np.ndarray, p_real: np.ndarray) -> tuple[np.ndarray, np
 
 
 def repair_cube(
-    cube_path: str | os.PathLike, out_path: str | os.PathLike, issue: np.ndarray, *, mode: str = "drop"
+    cube_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    issue: np.ndarray,
+    *,
+    mode: str = "drop",
+    weight: float = DEFAULT_WEIGHT,
 ) -> dict[str, Any]:
-    """Write a datacube with the likely label errors dropped or flipped.
+    """Write a datacube with the likely label errors dropped, flipped or down-weighted.
 
     Parameters
     ----------
@@ -178,8 +195,10 @@ def repair_cube(
         Repaired datacube (written atomically).
     issue : numpy.ndarray
         bool ``(N,)`` from :func:`find_label_issues`.
-    mode : {'drop', 'flip'}
-        Remove the stamps, or give them the other label.
+    mode : {'drop', 'flip', 'weight'}
+        Remove the stamps, give them the other label, or keep them with loss weight ``weight``.
+    weight : float, optional
+        Loss weight of the issues in mode ``weight``, in [0, 1].
 
     Returns
     -------
@@ -189,10 +208,12 @@ def repair_cube(
     Raises
     ------
     ValueError
-        Unknown mode, or ``issue`` of another length.
+        Unknown mode, ``weight`` outside [0, 1], or ``issue`` of another length.
     """
     if mode not in MODES:
         raise ValueError(f"label repair mode {mode!r} must be one of {', '.join(MODES)}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"label repair weight must be in [0, 1], got {weight}")
     cube = load_datacube(cube_path)
     issue = np.asarray(issue, dtype=bool)
     if len(issue) != len(cube["y"]):
@@ -205,6 +226,7 @@ def repair_cube(
             "made_by": made_by("rbflow.labelrepair.repair_cube"),
             "source": str(cube_path),
             "mode": mode,
+            **({"weight": float(weight)} if mode == "weight" else {}),
             "changed": [str(i) for i in cube["ids"][issue]],
         },
     }
@@ -228,6 +250,7 @@ def run_label_repair(
     folds: int = 5,
     seed: int,
     mode: str = "drop",
+    weight: float = DEFAULT_WEIGHT,
 ) -> Table:
     """Out-of-fold pass, label issues and repaired datacube of one datacube.
 
@@ -245,8 +268,10 @@ def run_label_repair(
         Number of frame groups.
     seed : int
         Seed of the folds and trainings.
-    mode : {'drop', 'flip'}
+    mode : {'drop', 'flip', 'weight'}
         What the repaired datacube does to the issues.
+    weight : float, optional
+        Loss weight of the issues in mode ``weight``.
 
     Returns
     -------
@@ -285,6 +310,6 @@ def run_label_repair(
     )
     table = table[np.lexsort((conf, ~issue))]
     write_table(table, out_dir / "label_issues.ecsv")
-    repair_cube(cube_path, out_dir / "datacube_repaired.npz", issue, mode=mode)
+    repair_cube(cube_path, out_dir / "datacube_repaired.npz", issue, mode=mode, weight=weight)
     log.info("label repair: %d likely label errors among %d stamps", int(issue.sum()), len(issue))
     return table

@@ -17,6 +17,11 @@ Decisions recorded in ``model.json``
 * Calibration: a temperature ``T`` (P(real) = sigmoid(logit / T)) minimises the validation NLL.
 * Suggested threshold: the calibrated P(real) maximising the Matthews correlation (MCC) on the
   validation set.
+* Label repair: a datacube from :func:`rbflow.labelrepair.repair_cube` with mode ``weight``
+  down-weights its likely label errors in the training loss (:func:`stamp_weights`); model.json's
+  ``label_repair`` lists them.
+* OOD reference: the network features of (at most 4000 of) the training stamps are written to
+  ``model.ood`` (:mod:`rbflow.uncertainty`), so inference scores OOD without the datacube.
 * Fine-tuning: with ``init``, training starts from that model's weights (same architecture,
   widths, stamp size and channels); its path, SHA-256 and validation loss before fine-tuning are
   recorded under ``init``.
@@ -51,6 +56,7 @@ from rbflow.io import atomic_path, file_sha256, jsonable, made_by, write_figure,
 from rbflow.metrics import BOOTSTRAP_RESAMPLES, best_mcc_threshold, binary_metrics, expected_calibration_error
 from rbflow.model import ModelConfig, build_model, count_parameters
 from rbflow.seeds import derive
+from rbflow.uncertainty import OOD_FILE, KnnOOD, fit_reference
 
 __all__ = [
     "SNR_BINS",
@@ -63,6 +69,7 @@ __all__ = [
     "load_init",
     "seeded_model",
     "dihedral",
+    "stamp_weights",
     "weighted_loss",
     "predict_logits",
     "train_one_epoch",
@@ -210,6 +217,9 @@ class TrainingData:
         Stamps per set.
     class_weights : torch.Tensor
         Loss weight of a bogus and of a real stamp, so that each class weighs half of the loss.
+    w_train : torch.Tensor
+        Loss weight of each training stamp (1, or the down-weight of a likely label error; see
+        :func:`stamp_weights`), on the training device.
     """
 
     X_train: torch.Tensor
@@ -222,6 +232,31 @@ class TrainingData:
     frames: dict[str, list[str]]
     counts: dict[str, int]
     class_weights: torch.Tensor
+    w_train: torch.Tensor
+
+
+def stamp_weights(cube: dict[str, Any]) -> np.ndarray:
+    """Per-stamp loss weights of a datacube: the down-weight of its likely label errors, else 1.
+
+    A datacube written by :func:`rbflow.labelrepair.repair_cube` with mode ``weight`` lists the
+    candidates found as likely label errors (``meta['label_repair']['changed']``) and their weight
+    (``meta['label_repair']['weight']``); any other datacube weighs every stamp 1.
+
+    Parameters
+    ----------
+    cube : dict
+        From :func:`rbflow.datacube.load_datacube`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N,)`` weights in [0, 1].
+    """
+    repair = cube["meta"].get("label_repair") or {}
+    w = np.ones(len(cube["y"]), np.float32)
+    if repair.get("mode") == "weight":
+        w[np.isin(cube["ids"].astype(str), [str(i) for i in repair["changed"]])] = float(repair["weight"])
+    return w
 
 
 def split_data(
@@ -278,6 +313,7 @@ def split_data(
         frames=split,
         counts={k: int(len(v)) for k, v in idx.items()},
         class_weights=torch.tensor([len(ytr) / (2 * n_neg), len(ytr) / (2 * n_pos)], device=device),
+        w_train=torch.from_numpy(stamp_weights(cube)[idx["train"]]).to(device),
     )
 
 
@@ -383,7 +419,9 @@ def seeded_model(
     return model.to(device)
 
 
-def weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor) -> torch.Tensor:
+def weighted_loss(
+    logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor, *, stamp_w: torch.Tensor | None = None
+) -> torch.Tensor:
     """Class-weighted binary cross-entropy of ``logits`` against labels ``y`` (float, 1 = real).
 
     Parameters
@@ -392,13 +430,15 @@ def weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor) 
         ``(N,)`` logits and labels.
     class_w : torch.Tensor
         Weight of a bogus and of a real stamp.
+    stamp_w : torch.Tensor, optional
+        ``(N,)`` extra weight of each stamp (:func:`stamp_weights`), multiplied with its class weight.
 
     Returns
     -------
     torch.Tensor
         The weighted mean loss (a scalar).
     """
-    w = class_w[y.long()]
+    w = class_w[y.long()] if stamp_w is None else class_w[y.long()] * stamp_w
     return (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / w.sum()
 
 
@@ -475,7 +515,7 @@ def train_one_epoch(
             xb = dihedral(data.X_train[b], k_all[b])
             yb = data.y_train[b]
             logits = model(xb)
-            loss = weighted_loss(logits, yb, data.class_weights)
+            loss = weighted_loss(logits, yb, data.class_weights, stamp_w=data.w_train[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -769,6 +809,19 @@ def _plot_history(history: Table, path: Path) -> None:
     write_figure(fig, path, dpi=100)
 
 
+def _label_repair_record(cube: dict[str, Any], data: TrainingData) -> dict[str, Any] | None:
+    repair = cube["meta"].get("label_repair")
+    if not repair:
+        return None
+    changed = [str(i) for i in repair.get("changed", [])]
+    record = {k: repair[k] for k in ("mode", "weight", "source", "made_by") if k in repair}
+    if repair.get("mode") == "weight":
+        n = int((data.w_train.cpu().numpy() != 1).sum())
+        log.info("label repair: %d of %d training stamps down-weighted to %s", n, len(data.w_train), repair["weight"])
+        record["down_weighted_in_training"] = n
+    return {**record, "changed": changed}
+
+
 def describe_model(
     model: nn.Module,
     mcfg: ModelConfig,
@@ -820,8 +873,9 @@ def describe_model(
     -------
     dict
         model, stamp_size, cutout_size, crop, channels, normalisation, output, temperature,
-        threshold, threshold_rule, training, init, parameters, datacube, split, split_counts,
-        metrics, rbflow_version.
+        threshold, threshold_rule, training, init, label_repair (None, or how the datacube's likely
+        label errors were treated and which training stamps that changed), parameters, datacube,
+        split, split_counts, metrics, rbflow_version; :func:`write_artefacts` adds ``ood``.
     """
     return {
         "model": mcfg.to_dict(),
@@ -836,6 +890,7 @@ def describe_model(
         "threshold_rule": "maximum MCC of the calibrated P(real) on the validation frames",
         "training": {**cfg, "seed": seed, "device_used": str(device), "epochs_run": epochs_run},
         "init": init,
+        "label_repair": _label_repair_record(cube, data),
         "parameters": count_parameters(model),
         "datacube": {
             "path": str(datacube_path),
@@ -859,14 +914,17 @@ def write_artefacts(
     meta: dict[str, Any],
     sample_shape: tuple[int, int, int],
     datacube_path: Path,
+    ood: KnnOOD,
 ) -> None:
-    """Write the six outputs of a training into ``out_dir``, each atomically.
+    """Write the seven outputs of a training into ``out_dir``, each atomically.
 
     Parameters
     ----------
     out_dir : pathlib.Path
         Created if needed. Receives model.pt (``state_dict``), model.onnx (with temperature and
-        sigmoid), history.ecsv, metrics.json, training.png (learning curves) and model.json.
+        sigmoid), history.ecsv, metrics.json, training.png (learning curves), model.ood (the OOD
+        reference of :mod:`rbflow.uncertainty`) and model.json (whose ``ood`` entry names model.ood
+        with its SHA-256 and provenance).
     model : torch.nn.Module
         The trained model (moved to the CPU, eval mode).
     cal : Calibration
@@ -881,6 +939,8 @@ def write_artefacts(
         ``(C, H, W)`` of one stamp (the ONNX input).
     datacube_path : pathlib.Path
         Recorded in the history's meta.
+    ood : rbflow.uncertainty.KnnOOD
+        The OOD reference fitted on the training stamps.
     """
     table = Table(rows=[[r[k] for k in history[0]] for r in history], names=list(history[0]))
     table.meta.update({"made_by": made_by("rbflow.train.train"), "datacube": str(datacube_path)})
@@ -891,6 +951,16 @@ def write_artefacts(
     write_table(table, out_dir / "history.ecsv")
     write_json(metrics, out_dir / "metrics.json")
     _plot_history(table, out_dir / "training.png")
+    ood.save(out_dir / OOD_FILE)
+    meta["ood"] = {
+        "file": OOD_FILE,
+        "sha256": file_sha256(out_dir / OOD_FILE),
+        "made_by": made_by("rbflow.train.write_artefacts"),
+        "method": "distance to the k-th nearest training stamp of the L2-normalised block mean+max features "
+        "(Sun et al. 2022)",
+        "k": ood.k,
+        "stamps": f"{len(ood.reference)} of the {meta['split_counts']['train']} training-frame stamps (seeded)",
+    }
     write_json(meta, out_dir / "model.json")
 
 
@@ -912,7 +982,7 @@ def train(
         Datacube from :func:`rbflow.datacube.build_datacube`.
     out_dir : path-like
         Output folder: model.pt (state_dict), model.json, model.onnx, history.ecsv, metrics.json,
-        training.png.
+        training.png, model.ood (the OOD reference inference reads).
     cfg : dict
         The ``train`` config block (missing keys take the defaults of ``config.schema.yaml``).
     seed : int
@@ -994,6 +1064,8 @@ def train(
 
     model.load_state_dict(progress.best_state)
     cal = calibrate(model, data, batch_size=4 * bs)
+    model.cpu()
+    ood = fit_reference(model, data.X_train.cpu().numpy(), seed=derive(seed, "train", "ood"))
     metrics = held_out_metrics(data, cal, seed=derive(seed, "train", "bootstrap"))
     meta = describe_model(
         model,
@@ -1019,6 +1091,7 @@ def train(
         meta=meta,
         sample_shape=shape,
         datacube_path=datacube_path,
+        ood=ood,
     )
     log.info(
         "model written to %s: test AUC %.4f, FNR@FPR1%% %.3f, T = %.2f, threshold %.3f",

@@ -5,13 +5,29 @@ Two numbers per stamp, next to P(real):
 - **MC-dropout spread** (Gal & Ghahramani 2016): the dropout layer before the logit is left on at
   inference and the stamp is passed ``passes`` times with a seeded generator; the mean and standard
   deviation of the calibrated P(real) over the passes are reported. BatchNorm stays in eval mode.
-- **Out-of-distribution score** (Lee et al. 2018): the Mahalanobis distance of the network's
-  features to the nearest class mean of the training stamps, with a shared, slightly shrunk
-  covariance; and its quantile among the training stamps' own distances (0.5: typical, 0.99:
-  farther than 99 % of them). The features are the per-channel mean and standard deviation of
-  every convolution block's output (Lee et al.'s feature ensemble over layers): on synthetic stamps
-  the early blocks see shifts (a wider PSF, an extended host) that the last pooled features
-  average away (tests/test_uncertainty.py).
+  The convolutions before the head are deterministic then, so they run once and only the head
+  (dropout and the linear logit) runs ``passes`` times.
+- **Out-of-distribution score** (Sun, Ming, Zhu & Li 2022, "Out-of-distribution detection with deep
+  nearest neighbors"): the Euclidean distance of the stamp's L2-normalised network features to its
+  ``k``-th nearest neighbour among the training stamps' features; and its quantile among the
+  training stamps' own (leave-one-out) distances (0.5: typical, 0.99: farther than 99 % of them).
+  The features are, for every convolution block, the per-channel spatial mean and maximum of its
+  output (the pooling the classifier head applies to the last block).
+
+Why normalised features and a nearest-neighbour distance rather than a Mahalanobis distance to the
+class means (Lee et al. 2018, this module's first score): the length of a feature vector grows with
+the signal in the stamp, so a class-mean distance ranks bright stamps as unusual and faint,
+noise-like ones as typical, whatever survey they come from. ZTF alert stamps (63 px cut to the
+model's 31 px, their DIFF nearly free of > 5 sigma pixels) are fainter than the demo's, and that
+score ranked them *more* typical than the demo's own test stamps (AUROC 0.12 on the tiny run's
+model, 0.59 on the demo model). Normalising removes the length and compares the pattern of
+activations; the nearest-neighbour distance makes no Gaussian assumption about either class
+(measured in ``bench/uncertainty.py --ood``).
+
+The reference (the features of at most 4000 training-frame stamps, their leave-one-out distances
+and ``k``) is computed once at training time and written next to the model
+(:data:`OOD_FILE`, named with its SHA-256 in ``model.json``'s ``ood`` entry), so inference never
+reads the training datacube.
 """
 
 from __future__ import annotations
@@ -25,8 +41,19 @@ from typing import Any
 import numpy as np
 
 from rbflow.errors import InputError
+from rbflow.io import atomic_path, file_sha256, made_by
 
-__all__ = ["network_features", "mc_dropout", "MahalanobisOOD", "reference_ood", "UNCERTAINTY_COLUMNS"]
+__all__ = [
+    "OOD_FILE",
+    "OOD_K",
+    "UNCERTAINTY_COLUMNS",
+    "network_features",
+    "mc_dropout",
+    "KnnOOD",
+    "fit_reference",
+    "reference_ood",
+    "model_reference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +61,22 @@ log = logging.getLogger(__name__)
 UNCERTAINTY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("p_real_mc", "mean calibrated P(real) over the MC-dropout passes"),
     ("p_real_std", "standard deviation of P(real) over the MC-dropout passes"),
-    ("ood_score", "Mahalanobis distance of the network features to the nearest training class mean"),
-    ("ood_quantile", "fraction of the training stamps with a smaller ood_score"),
+    ("ood_score", "distance of the L2-normalised network features to the k-th nearest training stamp's"),
+    ("ood_quantile", "fraction of the training stamps with a smaller ood_score (leave-one-out)"),
 )
-#: Covariance shrinkage towards its mean variance (fraction): keeps the precision finite for
-#: features that are constant on the training set (dead ReLU channels).
-_SHRINK = 0.05
-#: At most this many training stamps are used to fit the OOD reference (seeded subsample).
+#: File of the OOD reference (a NumPy ``.npz`` archive, read without pickle), written by
+#: :func:`rbflow.train.train` next to ``model.pt``; named like it so the two travel together.
+OOD_FILE = "model.ood"
+#: Neighbour whose distance is the OOD score.
+OOD_K = 10
+#: At most this many training stamps are used as the OOD reference (seeded subsample).
 _MAX_REFERENCE = 4000
+#: Stamps scored against the reference per matrix product (bounds the memory to ~16 MB).
+_CHUNK = 1024
 
 
 def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """Per-channel spatial mean and standard deviation of every convolution block's output.
+    """Per-channel spatial mean and maximum of every convolution block's output, L2-normalised.
 
     Parameters
     ----------
@@ -59,7 +90,8 @@ def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.
     Returns
     -------
     numpy.ndarray
-        float64 ``(N, F)`` features, ``F`` = twice the sum of the block widths.
+        float32 ``(N, F)`` unit-length features, ``F`` = twice the sum of the block widths (a stamp
+        whose features are all 0 keeps a zero vector).
 
     Raises
     ------
@@ -76,7 +108,11 @@ def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.
             "rbflow.model network"
         )
     layers: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o, store=layers: store.append(o)) for m in relus]
+
+    def pool(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        layers.append(torch.cat([output.mean(dim=(2, 3)), output.amax(dim=(2, 3))], dim=1))
+
+    hooks = [m.register_forward_hook(pool) for m in relus]
     out = []
     model.eval()
     try:
@@ -84,13 +120,14 @@ def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.
             for i in range(0, len(X), batch_size):
                 layers.clear()
                 model(torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32))
-                stats = [s for o in layers for s in (o.mean(dim=(2, 3)), o.std(dim=(2, 3)))]
-                out.append(torch.cat(stats, dim=1).double().numpy())
+                out.append(torch.cat(layers, dim=1).double().numpy())
     finally:
         for hook in hooks:
             hook.remove()
     width = 2 * sum(int(m.out_channels) for m in stack.modules() if isinstance(m, torch.nn.Conv2d))
-    return np.concatenate(out) if out else np.zeros((0, width))
+    feats = np.concatenate(out) if out else np.zeros((0, width))
+    norm = np.linalg.norm(feats, axis=1, keepdims=True)
+    return (feats / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 def mc_dropout(
@@ -101,7 +138,7 @@ def mc_dropout(
     Parameters
     ----------
     model : torch.nn.Module
-        An :mod:`rbflow.model` network; left in eval mode on return.
+        An :mod:`rbflow.model` network (its dropout is in its ``head``); left in eval mode on return.
     meta : dict
         model.json content (temperature).
     X : numpy.ndarray
@@ -122,96 +159,169 @@ def mc_dropout(
     ------
     ValueError
         ``passes`` < 2.
+    InputError
+        The model has no ``head`` module.
     """
     import torch
 
     if passes < 2:
         raise ValueError(f"MC dropout needs at least 2 passes, got {passes}")
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Module):
+        raise InputError(f"model {type(model).__name__} has no 'head' module: MC dropout needs an rbflow.model network")
     inv_t = 1.0 / float(meta.get("temperature", 1.0))
-    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [m for m in head.modules() if isinstance(m, torch.nn.Dropout)]
     if not dropouts or all(m.p == 0 for m in dropouts):
         log.warning("the model has no active dropout layer: MC-dropout spread is 0 for every stamp")
+    # the layers before the head are deterministic in eval mode: run them once, and only the head
+    # (where the dropout is) once per pass
+    inputs: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(X), batch_size):
+                model(torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32))
+    finally:
+        hook.remove()
+    out = np.empty((passes, len(X)))
     for m in dropouts:
         m.train()
-    out = np.empty((passes, len(X)))
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for k in range(passes):
-                for i in range(0, len(X), batch_size):
-                    xb = torch.as_tensor(np.ascontiguousarray(X[i : i + batch_size]), dtype=torch.float32)
-                    out[k, i : i + len(xb)] = torch.sigmoid(model(xb) * inv_t).double().numpy()
+                start = 0
+                for h in inputs:
+                    out[k, start : start + len(h)] = torch.sigmoid(head(h).reshape(-1) * inv_t).double().numpy()
+                    start += len(h)
     finally:
         model.eval()
     return out.mean(axis=0), out.std(axis=0)
 
 
+def _kth_distance(features: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
+    """Euclidean distance of unit vectors to their ``k``-th nearest reference vector (1-based)."""
+    out = np.empty(len(features))
+    for i in range(0, len(features), _CHUNK):
+        sim = np.asarray(features[i : i + _CHUNK], dtype=np.float32) @ reference.T
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        out[i : i + len(sim)] = np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
+    return out
+
+
 @dataclass
-class MahalanobisOOD:
-    """Class-conditional Mahalanobis distance with a shared covariance (Lee et al. 2018).
+class KnnOOD:
+    """Deep nearest-neighbour OOD score (Sun et al. 2022) against a reference set of features.
 
     Attributes
     ----------
-    means : numpy.ndarray
-        ``(K, F)`` class means of the reference features.
-    precision : numpy.ndarray
-        ``(F, F)`` inverse of the shrunk shared covariance.
     reference : numpy.ndarray
-        Sorted distances of the reference stamps themselves (for :meth:`quantile`).
+        float32 ``(M, F)`` unit-length features of the reference (training) stamps.
+    k : int
+        The neighbour whose distance is the score.
+    reference_scores : numpy.ndarray
+        Sorted leave-one-out scores of the reference stamps themselves (for :meth:`quantile`).
     """
 
-    means: np.ndarray
-    precision: np.ndarray
     reference: np.ndarray
+    k: int
+    reference_scores: np.ndarray
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray) -> MahalanobisOOD:
-        """Fit class means and the shared covariance.
+    def fit(cls, features: np.ndarray, *, k: int = OOD_K) -> KnnOOD:
+        """Keep the reference features and their leave-one-out score distribution.
 
         Parameters
         ----------
         features : numpy.ndarray
-            ``(N, F)`` reference features (N > F is not required: the covariance is shrunk).
-        labels : numpy.ndarray
-            ``(N,)`` class of each reference stamp.
+            ``(M, F)`` features of :func:`network_features`.
+        k : int, optional
+            Neighbour rank (>= 1).
 
         Returns
         -------
-        MahalanobisOOD
+        KnnOOD
 
         Raises
         ------
         ValueError
-            Fewer than 2 reference stamps.
+            ``k`` < 1, or fewer than ``k + 1`` reference stamps.
         """
-        features = np.asarray(features, dtype=np.float64)
-        labels = np.asarray(labels)
-        if len(features) < 2:
-            raise ValueError(f"the OOD reference needs at least 2 stamps, got {len(features)}")
-        classes = np.unique(labels)
-        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
-        centred = features - means[np.searchsorted(classes, labels)]
-        cov = centred.T @ centred / len(features)
-        mean_var = max(float(np.trace(cov)) / cov.shape[0], 1e-12)
-        cov = (1 - _SHRINK) * cov + _SHRINK * mean_var * np.eye(cov.shape[0])
-        ood = cls(means=means, precision=np.linalg.inv(cov), reference=np.zeros(0))
-        ood.reference = np.sort(ood.score(features))
-        return ood
+        reference = np.ascontiguousarray(features, dtype=np.float32)
+        if k < 1 or len(reference) < k + 1:
+            raise ValueError(f"the OOD reference needs k >= 1 and more than k stamps, got k={k}, {len(reference)}")
+        # each reference stamp is its own nearest neighbour: its k-th other neighbour is rank k + 1
+        own = np.sort(_kth_distance(reference, reference, k + 1))
+        return cls(reference=reference, k=int(k), reference_scores=own)
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Distance to the nearest class mean (in units of the shared covariance), ``(N,)`` float64."""
-        features = np.asarray(features, dtype=np.float64)
-        d2 = np.stack([np.einsum("nf,fg,ng->n", features - m, self.precision, features - m) for m in self.means])
-        return np.sqrt(np.maximum(d2.min(axis=0), 0.0))
+        """Distance to the ``k``-th nearest reference stamp, ``(N,)`` float64 in [0, 2]."""
+        return _kth_distance(np.asarray(features, dtype=np.float32), self.reference, self.k)
 
     def quantile(self, scores: np.ndarray) -> np.ndarray:
-        """Fraction of the reference stamps with a smaller distance, ``(N,)`` in [0, 1]."""
-        return np.searchsorted(self.reference, np.asarray(scores, dtype=np.float64)) / max(len(self.reference), 1)
+        """Fraction of the reference stamps with a smaller score, ``(N,)`` in [0, 1]."""
+        scores = np.asarray(scores, dtype=np.float64)
+        return np.searchsorted(self.reference_scores, scores) / max(len(self.reference_scores), 1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the reference to an ``.npz`` file (atomically; read back without pickle by :meth:`load`)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                reference=self.reference,
+                k=np.int64(self.k),
+                reference_scores=self.reference_scores,
+                made_by=np.str_(made_by("rbflow.uncertainty.KnnOOD.save")),
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KnnOOD:
+        """Read a reference written by :meth:`save`.
+
+        Raises
+        ------
+        InputError
+            The file is missing, unreadable or lacks an array.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return cls(
+                    reference=npz["reference"].astype(np.float32),
+                    k=int(npz["k"]),
+                    reference_scores=npz["reference_scores"].astype(np.float64),
+                )
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(
+                f"OOD reference '{path}' cannot be read ({exc}): keep the files of one training together or retrain"
+            ) from exc
 
 
-def reference_ood(model: Any, cube_path: str | os.PathLike, *, seed: int) -> MahalanobisOOD:
-    """Fit the OOD reference on the network features of a datacube's stamps.
+def fit_reference(model: Any, X: np.ndarray, *, seed: int, k: int = OOD_K) -> KnnOOD:
+    """Fit the OOD reference on (a seeded subsample of at most 4000 of) the stamps ``X``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network.
+    X : numpy.ndarray
+        ``(N, C, H, W)`` normalised training stamps.
+    seed : int
+        Seed of the subsample.
+    k : int, optional
+        Neighbour rank of the score.
+
+    Returns
+    -------
+    KnnOOD
+    """
+    if len(X) > _MAX_REFERENCE:
+        X = X[np.sort(np.random.default_rng(seed).choice(len(X), _MAX_REFERENCE, replace=False))]
+    return KnnOOD.fit(network_features(model, X), k=k)
+
+
+def reference_ood(model: Any, cube_path: str | os.PathLike, *, seed: int) -> KnnOOD:
+    """Fit the OOD reference on a datacube's stamps (for models trained before the reference was stored).
 
     Parameters
     ----------
@@ -224,7 +334,7 @@ def reference_ood(model: Any, cube_path: str | os.PathLike, *, seed: int) -> Mah
 
     Returns
     -------
-    MahalanobisOOD
+    KnnOOD
 
     Raises
     ------
@@ -233,16 +343,53 @@ def reference_ood(model: Any, cube_path: str | os.PathLike, *, seed: int) -> Mah
     """
     from rbflow.datacube import load_datacube
 
-    cube = load_datacube(cube_path)
-    X, y = cube["X"], cube["y"]
-    if len(X) > _MAX_REFERENCE:
-        keep = np.sort(np.random.default_rng(seed).choice(len(X), _MAX_REFERENCE, replace=False))
-        X, y = X[keep], y[keep]
+    X = load_datacube(cube_path)["X"]
     try:
-        feats = network_features(model, X)
+        return fit_reference(model, X, seed=seed)
     except RuntimeError as exc:
         raise InputError(
             f"datacube '{Path(cube_path)}' stamps {X.shape[1:]} do not fit the model ({str(exc).splitlines()[0]}): "
             "give the datacube the model was trained on"
         ) from exc
-    return MahalanobisOOD.fit(feats, y)
+
+
+def model_reference(model_path: str | os.PathLike, meta: dict[str, Any]) -> KnnOOD | None:
+    """The OOD reference stored with a model at training time, or None (logged) when it has none.
+
+    Parameters
+    ----------
+    model_path : path-like
+        The ``model.pt``; the reference is the file ``meta['ood']['file']`` next to it.
+    meta : dict
+        model.json content.
+
+    Returns
+    -------
+    KnnOOD or None
+        None for a model trained before references were stored.
+
+    Raises
+    ------
+    InputError
+        The reference named in model.json is missing, unreadable or not the one of this training
+        (its SHA-256 differs).
+    """
+    entry = meta.get("ood")
+    if not entry:
+        log.warning(
+            "model '%s' has no stored OOD reference (trained before rbflow stored one): ood_score and "
+            "ood_quantile are NaN; retrain the model, or give the training datacube as reference_cube",
+            model_path,
+        )
+        return None
+    path = Path(model_path).parent / entry["file"]
+    if not path.is_file():
+        raise InputError(
+            f"OOD reference '{path}' named in model.json is missing: keep the files of one training together"
+        )
+    if file_sha256(path) != entry["sha256"]:
+        raise InputError(
+            f"OOD reference '{path}' is not the one model.json names (SHA-256 differs): keep the files of one "
+            "training together or retrain"
+        )
+    return KnnOOD.load(path)

@@ -43,6 +43,7 @@ rule train_model:
         onnx="results/{telescope}/model/model.onnx",
         history="results/{telescope}/model/history.ecsv",
         metrics="results/{telescope}/model/metrics.json",
+        ood="results/{telescope}/model/model.ood",
         plot=report(
             "results/{telescope}/model/training.png",
             caption="../report/training.rst",
@@ -73,6 +74,7 @@ rule infer_image:
         cutouts="results/{telescope}/{mode}/cutouts/{image}",
         model="results/{telescope}/model/model.pt",
         meta="results/{telescope}/model/model.json",  # read by rbflow.infer next to model.pt
+        ood="results/{telescope}/model/model.ood",  # the OOD reference (npz), read next to model.pt
     output:
         table="results/{telescope}/{mode}/infer/{image}.ecsv",
         compat="results/{telescope}/{mode}/infer/{image}.dat",
