@@ -140,7 +140,7 @@ def test_installed_package_loads_its_schemas_and_trains(installed, tmp_path):
     assert Path(where).is_relative_to(installed), f"rbflow was imported from {where}, not from the install"
     assert int(epochs) >= 1
     assert Path(starter).is_relative_to(installed), "the starter model does not ship with the package"
-    assert (Path(starter) / "model.onnx").stat().st_size > 0
+    assert all((Path(starter) / name).stat().st_size > 0 for name in ("model.onnx", "model.ood"))
 
     rng = np.random.default_rng(5)
     for label in ("true", "false"):

@@ -91,7 +91,8 @@ def test_train_init_starter_and_install(tmp_path):
     assert installed["provenance"] == json.loads(json.dumps(prov)) and PROVENANCE <= set(prov)
     assert prov["metrics"]["roc_auc"] == meta["metrics"]["test"]["roc_auc"]
     assert prov["metrics"]["n_test"] == meta["split_counts"]["test"] and prov["training_time_s"] == 482.07
-    assert (tmp_path / "starter" / "model.onnx").read_bytes() == (tmp_path / "model" / "model.onnx").read_bytes()
+    for name in ("model.onnx", "model.ood"):
+        assert (tmp_path / "starter" / name).read_bytes() == (tmp_path / "model" / name).read_bytes()
 
 
 @pytest.mark.workflow

@@ -183,7 +183,8 @@ def install_starter(
     Parameters
     ----------
     model_dir : path-like
-        Folder of a training (:func:`rbflow.train.train`): model.pt, model.json, model.onnx.
+        Folder of a training (:func:`rbflow.train.train`): model.pt, model.json, model.onnx and
+        model.ood (the OOD score's reference, :data:`rbflow.uncertainty.OOD_FILE`).
     dest : path-like
         The starter folder (:data:`STARTER_DIR` in the workflow's ``starter`` rule); each file is
         written atomically.
@@ -216,7 +217,7 @@ def install_starter(
     from rbflow.io import atomic_path, made_by, write_json
 
     model_dir, dest = Path(model_dir), Path(dest)
-    for name in ("model.pt", "model.json", "model.onnx"):
+    for name in ("model.pt", "model.json", "model.onnx", "model.ood"):
         if not (model_dir / name).exists():
             raise InputError(f"'{model_dir / name}' does not exist: train the model first (snakemake ... train)")
     meta = json.loads((model_dir / "model.json").read_text())
@@ -243,7 +244,7 @@ def install_starter(
         "made_by": made_by("rbflow.infer.install_starter"),
     }
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pt", "model.onnx"):
+    for name in ("model.pt", "model.onnx", "model.ood"):
         with atomic_path(dest / name) as tmp:
             shutil.copyfile(model_dir / name, tmp)
     write_json({**meta, "provenance": provenance}, dest / "model.json")

@@ -616,7 +616,7 @@ def _model_scores(store: ScanStore, model_path: Path, *, seed: int) -> dict[str,
     """P(real), MC-dropout spread and OOD score of the training candidates with the run's model."""
     from rbflow.datacube import crop_stamps, normalise, read_stamp
     from rbflow.infer import check_compatible, load_model, predict
-    from rbflow.uncertainty import mc_dropout, network_features, reference_ood
+    from rbflow.uncertainty import mc_dropout, model_reference, network_features, reference_ood
 
     model, meta = load_model(model_path)
     channels, ids, stamps = list(meta["channels"]), [], []
@@ -634,9 +634,12 @@ def _model_scores(store: ScanStore, model_path: Path, *, seed: int) -> dict[str,
     X = normalise(np.stack(stamps))
     out = {"p_real": predict(model, meta, X)}
     out["p_real_mc"], out["p_real_std"] = mc_dropout(model, meta, X, passes=20, seed=seed)
+    # the reference train stored beside the model; for older models, the run's training cube
+    reference = model_reference(model_path, meta)
     cube = store.training / "datacube.npz"
-    if cube.is_file():
+    if reference is None and cube.is_file():
         reference = reference_ood(model, cube, seed=seed)
+    if reference is not None:
         out["ood_score"] = reference.score(network_features(model, X))
         out["ood_quantile"] = reference.quantile(out["ood_score"])
     return {cid: {k: float(v[i]) for k, v in out.items()} for i, cid in enumerate(ids)}

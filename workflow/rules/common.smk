@@ -360,7 +360,7 @@ def starter_telescope():
 def starter_inputs(wildcards):
     """The trained model of the starter telescope."""
     model = f"results/{starter_telescope()}/model"
-    return {k: f"{model}/model.{k}" for k in ("pt", "json", "onnx")}
+    return {k: f"{model}/model.{k}" for k in ("pt", "json", "onnx", "ood")}
 
 
 def starter_config(wildcards):

@@ -12,6 +12,7 @@ rule starter:
         pt=os.path.join(STARTER_DIR, "model.pt"),
         json=os.path.join(STARTER_DIR, "model.json"),
         onnx=os.path.join(STARTER_DIR, "model.onnx"),
+        ood=os.path.join(STARTER_DIR, "model.ood"),
     log:
         "logs/starter.log",
     conda:
