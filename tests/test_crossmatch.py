@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose
 from rbflow import sky
 from rbflow.crossmatch import (
     REF_PREFIX,
+    RETIRED,
     crossmatch,
     label_cutouts,
     read_catalogue,
@@ -21,6 +22,7 @@ from rbflow.crossmatch import (
     truth_kinds,
 )
 from rbflow.cutouts import MANIFEST
+from rbflow.datacube import labelled_files
 from rbflow.errors import InputError
 from rbflow.io import write_table
 
@@ -493,6 +495,26 @@ def test_label_cutouts_keeps_the_truth_kind_when_a_person_moves_a_cutout(tmp_pat
         labels, overwrite=True
     )
     assert list(label_cutouts([labels], [d0], train)["truth_kind"]) == ["", "", ""]
+
+
+def test_label_cutouts_retires_the_files_of_candidates_a_rerun_no_longer_makes(tmp_path):
+    d0 = _cutout_dir(tmp_path, "a_sim0", 3)
+    labels = tmp_path / "labels.ecsv"
+    Table({"id": ["a_sim0_0", "a_sim0_1", "a_sim0_2"], "label": ["true", "false", "false"]}).write(labels)
+    train = tmp_path / "training"
+    label_cutouts([labels], [d0], train)
+    (train / "false" / "a_sim0_2.fits").rename(train / "true" / "a_sim0_2.fits")  # a person's move
+    # the rerun makes two candidates only: the third one's files leave the label folders, kept aside
+    Table({"id": ["a_sim0_0", "a_sim0_1"], "label": ["true", "false"]}).write(labels, overwrite=True)
+    out = label_cutouts([labels], [d0], train)
+    assert list(out["id"]) == ["a_sim0_0", "a_sim0_1"]
+    assert sorted(p.name for p in (train / "true").glob("*.fits")) == ["a_sim0_0.fits"]
+    assert sorted(p.name for p in (train / "false").glob("*.fits")) == ["a_sim0_1.fits"]
+    assert sorted(p.name for p in (train / RETIRED).iterdir()) == sorted(
+        p.name for p in d0.iterdir() if p.stem == "a_sim0_2" and p.suffix in (".fits", ".png")
+    )
+    # what a datacube is built from
+    assert [(y, p.name) for y, p in labelled_files(train)] == [(1, "a_sim0_0.fits"), (0, "a_sim0_1.fits")]
 
 
 @pytest.mark.workflow

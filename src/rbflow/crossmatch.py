@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LABELS",
+    "RETIRED",
     "REF_PREFIX",
     "TRUTH_MATCHED_KINDS",
     "table_pixel_scale",
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 #: Label folders of the training set.
 LABELS = ("true", "false", "unsorted")
+#: Folder of a training folder that receives the cutout files of candidates a rerun no longer makes.
+RETIRED = "retired"
 #: Prefix of the truth kinds found in the reference frame's truth table (e.g. ``ref:bleed``).
 REF_PREFIX = "ref:"
 #: Real truth kinds (of :data:`rbflow.sky.REAL_KINDS`) that label an otherwise unmatched candidate true,
@@ -779,6 +782,10 @@ def label_cutouts(
       the voided moves are counted in the log.
 
     Folders without a previous ``labels.ecsv`` (or one without ``key``) are trusted as they are.
+    Files in the label folders that belong to no candidate of this labelling (a rerun with other
+    settings made fewer candidates, or other images) are moved to ``training_dir/retired/``
+    (:data:`RETIRED`), so that the datacube holds only the current candidates; they are kept there,
+    not deleted, and counted in the log.
 
     Parameters
     ----------
@@ -828,6 +835,7 @@ def _label_cutouts(
     previous = _previous_labels(training_dir / "labels.ecsv")
 
     rows: list[tuple[str, str, str, str, str, bool, str]] = []
+    placed: set[str] = set()  # file names of this labelling's candidates
     unlabelled = voided = 0
     for cdir in map(Path, cutout_dirs):
         manifest = read_table(cdir / MANIFEST)
@@ -841,6 +849,7 @@ def _label_cutouts(
                 raise InputError(f"label {lab!r} of candidate {cand_id} is not one of {', '.join(LABELS)}")
             key = _identity(row)
             files = [fname, Path(fname).with_suffix(".png").name]
+            placed.update(files)
             where = next((f for f in LABELS if fname in present[f]), None)
             if where is not None and where != lab and previous is not None:
                 before = previous.get(cand_id)
@@ -866,6 +875,14 @@ def _label_cutouts(
             if (cdir / files[1]).exists() and not any(files[1] in present[f] for f in LABELS):
                 _link(cdir / files[1], folders[lab] / files[1])
             rows.append((cand_id, key, lab, lab, done, False, truth_kind.get(cand_id, "")))
+    retired = _retire_stale(folders, present, placed, training_dir / RETIRED)
+    if retired:
+        log.warning(
+            "%d files of candidates that no longer exist (an upstream stage was rerun with other settings) moved "
+            "from the label folders to '%s', so that they leave the training set",
+            retired,
+            training_dir / RETIRED,
+        )
     if voided:
         log.warning(
             "%d files a person had moved now hold other candidates (an upstream stage was rerun): "
@@ -892,6 +909,20 @@ def _label_cutouts(
     )
     write_table(out, training_dir / "labels.ecsv")
     return out
+
+
+def _retire_stale(folders: dict[str, Path], present: dict[str, set[str]], placed: set[str], retired: Path) -> int:
+    """Move the cutout files (FITS, PNG) of the label folders that belong to no candidate of this
+    labelling into ``retired`` (kept, not deleted: a person may have sorted them); returns how many."""
+    n = 0
+    for lab, folder in folders.items():
+        for name in sorted(present[lab] - placed):
+            if Path(name).suffix not in (".fits", ".png") or not (folder / name).is_file():
+                continue
+            retired.mkdir(exist_ok=True)
+            os.replace(folder / name, retired / name)
+            n += name.endswith(".fits")
+    return n
 
 
 def relabel_digest(training_dir: str | os.PathLike) -> str:
