@@ -252,6 +252,36 @@ def server(results, tmp_path):
         raise
 
 
+def test_server_stops_on_sigterm_and_on_sigint_even_when_started_with_sigint_ignored(results, tmp_path):
+    """A shell's background job starts with SIGINT ignored: the page must still stop on Ctrl-C and SIGTERM."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rbflow.cli", "scan", str(results), "--port", str(port), "--user", "ada"],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the scan server did not start"
+                time.sleep(0.2)
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"the scan server ignored {signal.Signals(sig).name}")
+        assert proc.returncode == 0 and "scanning page stopped" in err, err[-2000:]
+
+
 def test_server_listens_on_loopback_only(server):
     _, port = server
     listening = []

@@ -786,6 +786,10 @@ def serve(
 ) -> None:
     """Serve the scanning page on ``http://127.0.0.1:port/`` until interrupted.
 
+    SIGINT (Ctrl-C) and SIGTERM stop it cleanly, also when it was started with SIGINT ignored (as
+    a shell's background job or a process started by one is): the server closes its socket, and
+    every decision already written stays written.
+
     Parameters
     ----------
     results_dir : path-like
@@ -799,12 +803,20 @@ def serve(
     seed : int, optional
         See :func:`create_app`.
     """
+    import signal
+
     from werkzeug.serving import make_server
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     app = create_app(results_dir, user=user, model_path=model_path, seed=seed)
     server = make_server("127.0.0.1", port, app, threaded=True)
     log.info("scanning page on http://127.0.0.1:%d/ (Ctrl-C to stop)", server.server_port)
     try:
-        server.serve_forever()
+        server.serve_forever()  # werkzeug's returns on KeyboardInterrupt
     finally:
         server.server_close()
+    log.info("scanning page stopped")
