@@ -339,11 +339,7 @@ def score_triplets(
             f"model {name} needs channels {channels}; score_triplets gives only {list(TRIPLET_CHANNELS)}, not "
             f"{other}: score with a model trained on SCI, REF and DIFF (key 'convert.channels'), e.g. the starter"
         )
-    if meta.get("normalisation") not in (None, NORMALISATION):
-        raise InputError(
-            f"model {name} was trained with normalisation {meta['normalisation']}, this rbflow applies "
-            f"{NORMALISATION}: retrain the model with this rbflow version"
-        )
+    _check_normalisation(meta, f"model {name}")
     arrays = {"sci": np.asarray(sci), "ref": np.asarray(ref), "diff": np.asarray(diff)}
     shapes = {k: a.shape for k, a in arrays.items()}
     if any(len(s) != 3 for s in shapes.values()) or len(set(shapes.values())) != 1:
@@ -395,9 +391,14 @@ def check_compatible(meta: dict[str, Any], channels: list[str], size: int, *, so
             f"the model expects stamps of {meta['stamp_size']} px (cutouts of {meta.get('cutout_size')} px), "
             f"the cutouts are {size} px{named}: remake the cutouts with size {meta.get('cutout_size')} or retrain"
         )
+    _check_normalisation(meta, "the model")
+
+
+def _check_normalisation(meta: dict[str, Any], which: str) -> None:
+    """Refuse a model (``which`` names it in the message) trained with another normalisation than this rbflow's."""
     if meta.get("normalisation") not in (None, NORMALISATION):
         raise InputError(
-            f"the model was trained with normalisation {meta['normalisation']}, this rbflow applies "
+            f"{which} was trained with normalisation {meta['normalisation']}, this rbflow applies "
             f"{NORMALISATION}: retrain the model with this rbflow version"
         )
 
