@@ -222,6 +222,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
+def _wait_until_listening(proc: subprocess.Popen, port: int, why_exited) -> None:
+    """Wait (60 s at most) until the scan server ``proc`` accepts connections on ``port``."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, why_exited()
+            assert time.monotonic() < deadline, "the scan server did not start"
+            time.sleep(0.2)
+
+
 @pytest.fixture
 def server(results, tmp_path):
     port = _free_port()
@@ -233,15 +246,7 @@ def server(results, tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, logfile.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the scan server did not start"
-            time.sleep(0.2)
+    _wait_until_listening(proc, port, lambda: logfile.read_text()[-2000:])
     yield f"http://127.0.0.1:{port}/", port
     proc.send_signal(signal.SIGINT)
     try:
@@ -264,14 +269,7 @@ def test_server_stops_on_sigterm_and_on_sigint_even_when_started_with_sigint_ign
             text=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the scan server did not start"
-                time.sleep(0.2)
+        _wait_until_listening(proc, port, lambda: "the scan server exited")
         proc.send_signal(sig)
         try:
             _, err = proc.communicate(timeout=60)
