@@ -19,6 +19,7 @@ from rbflow.checksim import (
     fit_logistic,
     frame_limits,
     gaussian_nea,
+    image_offsets,
     limiting_mag,
     logistic,
     run_checksim,
@@ -122,6 +123,47 @@ def test_frame_limits_use_the_psf_of_the_difference_and_its_noise_factor(tmp_pat
     assert old - lim == pytest.approx(
         2.5 * math.log10(corr * math.sqrt(sigma_d**2 + 1 / 12) / (4.0 * 0.4246609)), abs=0.002
     )
+
+
+def _subtraction(path, noise: float, sigma_d: float = 2.0) -> None:
+    """A subtraction MEF of uniform noise (ADU) and a Gaussian PSF of D, FLXECORR 1."""
+    psfd = fits.ImageHDU(_gauss_stamp(sigma_d)[None].astype(np.float32), name="PSFD")
+    psfd.header.update(NTILES=1, TCX0=64, TCY0=64)
+    var = fits.ImageHDU(np.full((128, 128), noise**2, np.float32), name="VAR")
+    fits.HDUList([fits.PrimaryHDU(), var, psfd]).writeto(path)
+
+
+def test_each_image_is_compared_with_its_own_limit(tmp_path):
+    # Three r images 0.6 mag apart in depth, each detecting its isolated sources at its own limit
+    # (width 0.15 mag) and its sources on hosts 0.5 mag shallower (which the fit leaves out): image
+    # by image the offset is the fit's error only (500 isolated sources uniform over 2.4 mag:
+    # Fisher error of m50 ~0.02 mag; 0.06 is 3 sigma).
+    zp, cms, subs = 30.0, [], []
+    for k, noise in enumerate((8.0, 14.0, 24.0)):
+        subs.append(tmp_path / f"s{k}.fits")
+        _subtraction(subs[-1], noise)
+        nea = 4 * math.pi * (2.0**2 + 1 / 12)
+        limit = limiting_mag(nea, noise, zp)
+        rng = np.random.default_rng(derive(11, k))
+        n = 600
+        on_host = np.arange(n) < 100
+        mags = rng.uniform(limit - 1.2, limit + 1.2, n)
+        det = rng.random(n) < logistic(mags, np.where(on_host, limit - 0.5, limit), 0.15)
+        table = Table(
+            {"filter": ["r"] * n, "zeropoint": [zp] * n, "mag": mags, "detected": det, "on_host": on_host,
+             "mag_meas": np.where(det, mags, np.nan), "snr": np.where(det, 5.0, np.nan)}
+        )  # fmt: skip
+        cms.append(tmp_path / f"c{k}.ecsv")
+        write_table(table, cms[-1])
+    per_image = image_offsets(cms, subs)
+    assert len(per_image) == 3 and set(per_image["band"]) == {"r"} and list(per_image["n"]) == [500] * 3
+    assert np.all(np.abs(per_image["offset"]) < 0.06)
+    summary = run_checksim(cms, tmp_path / "plots", subtract_paths=subs)
+    r = summary["bands"]["r"]
+    assert r["n_images_fitted"] == 3 and abs(r["limit_minus_m50_median"]) < 0.06
+    assert r["limiting_mag"] == pytest.approx(float(np.median(per_image["limiting_mag"])))
+    saved = Table.read(tmp_path / "plots" / "limits.ecsv")
+    assert_allclose(saved["offset"], per_image["offset"])
 
 
 def _crossmatch_table(band: str, m50: float, seed: int, n: int = 600) -> Table:

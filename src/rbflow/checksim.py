@@ -35,6 +35,8 @@ __all__ = [
     "logistic",
     "limiting_mag",
     "frame_limits",
+    "image_limit",
+    "image_offsets",
     "run_checksim",
 ]
 
@@ -145,43 +147,62 @@ def gaussian_nea(fwhm_px: float) -> float:
     return 4.0 * math.pi * (fwhm_px * _FWHM_TO_SIGMA) ** 2
 
 
+def image_limit(crossmatch_path: str | os.PathLike, subtract_path: str | os.PathLike) -> tuple[str, float]:
+    """Band and theoretical 5-sigma limiting magnitude of one difference image.
+
+    From its subtraction file: the noise is the median of ``sqrt(VAR)`` (the noise the detection
+    sees), the noise-equivalent area ``1 / sum(PSFD**2)`` (median over the tiles) and the
+    correlated-noise factor ``FLXECORR``; the zeropoint is the median of the injected sources'
+    ``zeropoint``. See :func:`limiting_mag`: the limit is where :func:`expected_snr` is 5 on
+    uniform noise.
+
+    Parameters
+    ----------
+    crossmatch_path, subtract_path : path-like
+        The image's per-injected-source crossmatch table and its subtraction MEF.
+
+    Returns
+    -------
+    tuple of (str, float)
+        The band (``filter`` of the table, ``'all'`` without one) and the limit (mag; NaN when the
+        table is empty).
+    """
+    from astropy.io import fits
+
+    table = read_table(crossmatch_path)
+    band = str(table["filter"][0]) if "filter" in table.colnames and len(table) else "all"
+    if len(table) == 0:
+        return band, float("nan")
+    with fits.open(subtract_path, memmap=True) as hdul:
+        var = np.asarray(hdul["VAR"].data)
+        sigma = float(np.sqrt(np.nanmedian(var[np.isfinite(var) & (var > 0)])))
+        psfd = np.asarray(hdul["PSFD"].data, float)
+        corr = float(hdul[0].header.get("FLXECORR", 1.0))
+    nea = float(np.median([1.0 / np.sum(p**2) for p in psfd.reshape(-1, *psfd.shape[-2:])]))
+    return band, limiting_mag(nea, sigma, float(np.nanmedian(table["zeropoint"])), flux_err_corr=corr)
+
+
 def frame_limits(
     crossmatch_paths: Sequence[str | os.PathLike], subtract_paths: Sequence[str | os.PathLike]
 ) -> dict[str, float]:
     """Median theoretical 5-sigma limiting magnitude per band of a set of difference images.
 
-    For each image, from its subtraction file: the noise is the median of ``sqrt(VAR)`` (the noise
-    the detection sees), the noise-equivalent area ``1 / sum(PSFD**2)`` (median over the tiles)
-    and the correlated-noise factor ``FLXECORR``; the zeropoint is the median of the injected
-    sources' ``zeropoint``. See :func:`limiting_mag`: the limit is where :func:`expected_snr` is 5
-    on uniform noise.
-
     Parameters
     ----------
     crossmatch_paths, subtract_paths : sequences of path-like
-        Per-injected-source crossmatch tables and the matching subtraction MEFs, in the same order.
+        Per-injected-source crossmatch tables and the matching subtraction MEFs, in the same order
+        (see :func:`image_limit`).
 
     Returns
     -------
     dict of str to float
         Band -> median limiting magnitude over its images (mag).
     """
-    from astropy.io import fits
-
     per_band: dict[str, list[float]] = {}
     for cm_path, sub_path in zip(crossmatch_paths, subtract_paths, strict=True):
-        table = read_table(cm_path)
-        if len(table) == 0:
-            continue
-        with fits.open(sub_path, memmap=True) as hdul:
-            var = np.asarray(hdul["VAR"].data)
-            sigma = float(np.sqrt(np.nanmedian(var[np.isfinite(var) & (var > 0)])))
-            psfd = np.asarray(hdul["PSFD"].data, float)
-            corr = float(hdul[0].header.get("FLXECORR", 1.0))
-        nea = float(np.median([1.0 / np.sum(p**2) for p in psfd.reshape(-1, *psfd.shape[-2:])]))
-        band = str(table["filter"][0]) if "filter" in table.colnames else "all"
-        mag = limiting_mag(nea, sigma, float(np.nanmedian(table["zeropoint"])), flux_err_corr=corr)
-        per_band.setdefault(band, []).append(mag)
+        band, mag = image_limit(cm_path, sub_path)
+        if np.isfinite(mag):
+            per_band.setdefault(band, []).append(mag)
     return {band: float(np.median(mags)) for band, mags in per_band.items()}
 
 
@@ -225,6 +246,59 @@ def expected_snr(subtract_path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
         if v.shape == p.shape and np.all(np.isfinite(v) & (v > 0)):
             out[k] = fk * math.sqrt(float(np.sum(p**2 / v))) / corr
     return out
+
+
+def image_offsets(crossmatch_paths: Sequence[str | os.PathLike], subtract_paths: Sequence[str | os.PathLike]) -> Table:
+    """Each image's 50 % completeness against its own 5-sigma limit.
+
+    The limit is a property of one image (its noise, PSF and zeropoint: :func:`image_limit`), so
+    completeness is compared with it image by image: ``m50`` is the logistic fit
+    (:func:`fit_logistic`) of the image's isolated injected sources (``on_host`` false, where the
+    table has that column: a host adds its own photon noise, which the sky-limited limit leaves
+    out). A band's efficiency curve pooled over images of different depths is a mixture whose 50 %
+    point is not the median of their limits, however right each limit is.
+
+    Parameters
+    ----------
+    crossmatch_paths, subtract_paths : sequences of path-like
+        Per-injected-source crossmatch tables (one image each) and the matching subtraction MEFs.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per image: ``image`` (the table's file stem), ``band``, ``n`` (isolated sources),
+        ``limiting_mag``, ``m50``, ``width`` and ``offset`` = ``limiting_mag - m50`` (mag; NaN where
+        the fit is impossible, e.g. every source detected).
+    """
+    rows = []
+    for cm_path, sub_path in zip(crossmatch_paths, subtract_paths, strict=True):
+        band, limit = image_limit(cm_path, sub_path)
+        table = read_table(cm_path)
+        iso = ~np.asarray(table["on_host"], bool) if "on_host" in table.colnames else np.ones(len(table), bool)
+        m50, width = (
+            fit_logistic(np.asarray(table["mag"], float)[iso], np.asarray(table["detected"], bool)[iso])
+            if iso.any()
+            else (float("nan"), float("nan"))
+        )
+        rows.append((Path(cm_path).stem, band, int(iso.sum()), limit, m50, width, limit - m50))
+    names = ("image", "band", "n", "limiting_mag", "m50", "width", "offset")
+    if not rows:
+        return Table(names=names, dtype=(str, str, int, float, float, float, float))
+    return Table(rows=rows, names=names)
+
+
+def _offset_summary(per_image: Table | None, band: str) -> dict[str, float | int]:
+    """Median per-image ``limiting_mag - m50`` of a band (``'all'``: every image) and how many images gave it."""
+    if per_image is None:
+        return {}
+    sel = np.isfinite(np.asarray(per_image["offset"], float))
+    if band != "all":
+        sel &= np.asarray(per_image["band"]).astype(str) == band
+    offsets = np.asarray(per_image["offset"], float)[sel]
+    return {
+        "limit_minus_m50_median": float(np.median(offsets)) if len(offsets) else float("nan"),
+        "n_images_fitted": int(sel.sum()),
+    }
 
 
 def _bins(mags: np.ndarray) -> np.ndarray:
@@ -274,18 +348,22 @@ def run_checksim(
         detected, mag_meas, snr; ``filter`` optional).
     out_dir : path-like
         Folder of the outputs: ``hist_mag.png``, ``efficiency.png``, ``mag_bias.png``,
-        ``snr_mag.png``, ``efficiency.ecsv`` and ``summary.json``.
+        ``snr_mag.png``, ``efficiency.ecsv``, ``summary.json`` and, with ``subtract_paths``,
+        ``limits.ecsv`` (:func:`image_offsets`).
     limiting : dict of str to float, optional
         5-sigma limiting magnitude per band (see :func:`limiting_mag`), drawn on the efficiency plot.
     subtract_paths : sequence of path-like, optional
-        Subtraction MEFs matching ``crossmatch_paths``; when given (and ``limiting`` is not), the
-        limits are computed from them with :func:`frame_limits`.
+        Subtraction MEFs matching ``crossmatch_paths``; when given, each image's m50 is compared
+        with its own limit (:func:`image_offsets`) and, unless ``limiting`` is given, a band's
+        limit is the median of its images' limits.
 
     Returns
     -------
     dict
         The summary written to ``summary.json``: per band and ``all``: n_injected, n_detected,
-        m50, m90, width, limiting_mag and bias (per bin: mag_mid, n, bias, scatter).
+        m50, m90, width, limiting_mag, bias (per bin: mag_mid, n, bias, scatter) and, with
+        ``subtract_paths``, limit_minus_m50_median (median over the images of their limit minus
+        their m50, mag) and n_images_fitted.
 
     Raises
     ------
@@ -293,8 +371,15 @@ def run_checksim(
         A table is missing, unreadable or lacks the needed columns.
     """
     out_dir = Path(out_dir)
-    if limiting is None and subtract_paths is not None:
-        limiting = frame_limits(crossmatch_paths, subtract_paths)
+    per_image = None if subtract_paths is None else image_offsets(crossmatch_paths, subtract_paths)
+    if limiting is None and per_image is not None:
+        limiting = {
+            b: float(
+                np.median(per_image["limiting_mag"][(per_image["band"] == b) & np.isfinite(per_image["limiting_mag"])])
+            )
+            for b in sorted(set(per_image["band"]))
+            if np.isfinite(per_image["limiting_mag"][per_image["band"] == b]).any()
+        }
     limiting = limiting or {}
     tables = []
     for path in crossmatch_paths:
@@ -338,6 +423,7 @@ def run_checksim(
             "m90": m50 - width * math.log(9.0),
             "width": width,
             "limiting_mag": limiting.get(name, float("nan")),
+            **_offset_summary(per_image, name),
             "bias": _bias(mag[sel & det], meas[sel & det] - mag[sel & det], bins),
         }
     summary = jsonable(summary)  # NaN (no fit, no limit, empty bin) as None, in the file and the result
@@ -345,10 +431,13 @@ def run_checksim(
     eff_all.meta.update({"made_by": summary["made_by"], "interval": "Wilson score, 68.3 %"})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(eff_all, out_dir / "efficiency.ecsv")
+    if per_image is not None:
+        per_image.meta["made_by"] = summary["made_by"]
+        write_table(per_image, out_dir / "limits.ecsv")
     write_json(summary, out_dir / "summary.json")
 
     _plot_hist(mag, det, groups, bins, out_dir / "hist_mag.png")
-    _plot_efficiency(eff_all, groups, fitted, limiting, bins, out_dir / "efficiency.png")
+    _plot_efficiency(eff_all, groups, fitted, limiting, bins, out_dir / "efficiency.png", per_image)
     _plot_bias(mag, meas, det, band, bands, bins, out_dir / "mag_bias.png")
     _plot_snr(mag, snr, det, band, bands, out_dir / "snr_mag.png")
     log.info("checksim: %d injected, %d detected; plots in '%s'", len(mag), int(det.sum()), out_dir)
@@ -369,12 +458,22 @@ def _plot_hist(mag: np.ndarray, det: np.ndarray, groups: list, bins: np.ndarray,
 
 
 def _plot_efficiency(
-    eff: Table, groups: list, fitted: dict, limiting: dict[str, float], bins: np.ndarray, path: Path
+    eff: Table,
+    groups: list,
+    fitted: dict,
+    limiting: dict[str, float],
+    bins: np.ndarray,
+    path: Path,
+    per_image: Table | None,
 ) -> None:
+    """Efficiency per band with its fit and limits; with ``per_image``, a second panel of each image's
+    m50 against its own limit (the comparison the pooled curve cannot make)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    ax = fig.subplots()
+    panels = 1 if per_image is None or len(per_image) == 0 else 2
+    fig = Figure(figsize=(6.4 * panels, 4.4), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
     grid = np.linspace(bins[0], bins[-1], 300)
     text = []
     for k, (name, _) in enumerate(groups):
@@ -396,10 +495,36 @@ def _plot_efficiency(
             text.append(f"{name}: m50={m50:.2f}  m90={m50 - width * math.log(9.0):.2f}")
         if name in limiting and np.isfinite(limiting[name]):
             ax.axvline(limiting[name], color=colour, ls="--", lw=1)
-            text.append(f"{name}: 5σ limit={limiting[name]:.2f}")
+            text.append(f"{name}: 5σ limit={limiting[name]:.2f} (median of the images)")
     ax.text(0.02, 0.03, "\n".join(text), transform=ax.transAxes, fontsize="small", va="bottom")
     ax.set(xlabel="injected magnitude", ylabel="detection efficiency", ylim=(-0.03, 1.05))
     _legend(ax)
+    if panels == 2:
+        ax = axes[1]
+        lim = np.asarray(per_image["limiting_mag"], float)
+        m50 = np.asarray(per_image["m50"], float)
+        ok = np.isfinite(lim) & np.isfinite(m50)
+        text = []
+        for k, (name, _) in enumerate(groups[1:], start=1):
+            sel = ok & (np.asarray(per_image["band"]).astype(str) == name)
+            ax.plot(lim[sel], m50[sel], "o", ms=4, color=f"C{k}", label=name)
+            if sel.any():
+                text.append(
+                    f"{name}: median limit - m50 = {np.median(lim[sel] - m50[sel]):+.2f} mag ({sel.sum()} images)"
+                )
+        if ok.any():
+            lo, hi = float(min(lim[ok].min(), m50[ok].min())) - 0.2, float(max(lim[ok].max(), m50[ok].max())) + 0.2
+            line = np.array([lo, hi])
+            ax.plot(line, line, color="0.3", lw=1, label="m50 = limit")
+            ax.fill_between(line, line - 0.1, line + 0.1, color="0.85", label="± 0.1 mag")
+            ax.set(xlim=(lo, hi), ylim=(lo, hi))
+        ax.text(0.02, 0.97, "\n".join(text), transform=ax.transAxes, fontsize="small", va="top")
+        ax.set(
+            xlabel="5σ limit of the image (mag)",
+            ylabel="m50 of its isolated injected sources (mag)",
+            title="each image against its own limit",
+        )
+        _legend(ax)
     _save(fig, path)
 
 

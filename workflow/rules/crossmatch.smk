@@ -77,6 +77,7 @@ rule checksim_plots:
             category="Injection recovery",
         ),
         table="results/{telescope}/plots/checksim/efficiency.ecsv",
+        limits="results/{telescope}/plots/checksim/limits.ecsv",
     log:
         "logs/{telescope}/plots/checksim.log",
     conda:
