@@ -158,8 +158,72 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     assert sum(q["blobs_pos"] + q["blobs_neg"] for q in default.values()) < 0.6 * sum(
         q["blobs_pos"] + q["blobs_neg"] for q in zogy.values()
     )
-    # bright stars (> 100 sigma, 18 in the five frames) still leave a >= 5 sigma residual within
-    # 2 FWHM with every method (sfft called directly too): issue 15's <= 5 % is not reached. The
-    # residuals are weaker: median largest residual 11.8 sigma against zogy's 20.8.
+    # bright stars (> 100 sigma, 18 in the five frames): before the astrometric-noise term and the
+    # kernel fit without stars that moved, all 18 kept a >= 5 sigma residual within 2 FWHM (sfft
+    # called directly too, median largest 9.8 sigma). Measured now 9 of 18, median largest 4.3
+    # sigma (zogy 29.7): the brightest star's proper motion (0.3 px between the epochs) counts at
+    # its expected size; the stars left are the 45k ADU ones (178, 202) and (104, 233), whose cores
+    # keep 3-4 % of their flux in single frames (under 1.5 % in the stacked pair, below). Issue
+    # 15's <= 5 % is not reached on single frames.
+    hits = sum(q["bright_hit"] for q in default.values())
+    assert sum(q["bright_n"] for q in default.values()) == 18
+    assert hits <= 10
     peak = np.median([q["bright_peak"] for q in default.values()])
-    assert peak < 0.75 * np.median([q["bright_peak"] for q in zogy.values()])
+    assert peak < 6.0 and peak < 0.3 * np.median([q["bright_peak"] for q in zogy.values()])
+    for name in SCIENCE:
+        hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
+        # ZOGY's astrometric noise of the stars that did not move: measured x 0.13-0.16, y 0.06-0.08 px
+        assert hdr["ASTNOISE"] is True and 0.02 < hdr["ASTSIGX"] < 0.2 and 0.0 < hdr["ASTSIGY"] < 0.2, name
+
+
+@pytest.fixture(scope="module")
+def stacked_pair(decam_run, tmp_path_factory):
+    """The five OBS18 frames stacked (the telescope's frames.stack) against the workflow's OBS04 reference."""
+    from rbflow.psf import run_psf
+    from rbflow.reference import run_reference
+
+    tel = load_telescope(REPO / "config" / "telescopes" / "decam.yaml")
+    work = tmp_path_factory.mktemp("stacked")
+    frames = [str(DATA / f"{name}.mini.fits") for name in SCIENCE]
+    run_reference(frames=frames, out_fits=str(work / "stackB.fits"), telescope=tel, stack=tel["frames"]["stack"])
+    run_psf(work / "stackB.fits", work / "stackB.psf.fits", work / "stackB.psf.png", tel)
+    ref = decam_run / "resources/decam/reference/decam_ref.fits"
+    run_subtract(
+        work / "stackB.fits",
+        ref,
+        work / "stackB.psf.fits",
+        decam_run / "results/decam/psf/decam_ref.fits",
+        work / "stackB-stackA.fits",
+        tel,
+    )
+    return work / "stackB-stackA.fits"
+
+
+@pytest.mark.workflow
+def test_stacked_epochs_leave_only_the_real_transient(stacked_pair):
+    with fits.open(stacked_pair) as h:
+        hdr = h[0].header
+        diff, var, sci = (h[n].data.astype(float) for n in ("DIFF", "VAR", "SCI"))
+    assert hdr["METHOD"] == "sfft"
+    q = difference_quality(diff, var, sci, hdr["FWHMSCI"])
+    # measured 1.13 (before: 1.12); blobs 4/8 (before 5/8)
+    assert q["noise"] <= 1.15
+    assert q["blobs_pos"] + q["blobs_neg"] <= 14
+    # 5 bright sources, one of them the galaxy at (131, 129) whose transient faded between the
+    # epochs (a 27 sigma negative point source 1.5 px off its centre): the only residual left
+    # (before: 5 of 5). The galaxy moved > 0.5 px and is left out of the kernel fit.
+    assert q["bright_n"] == 5 and q["bright_hit"] == 1
+    assert hdr["NMOVERS"] >= 1
+    s = diff / np.sqrt(var)
+    assert np.nanmin(s[120:140, 120:140]) < -10  # the faded transient stays a detection (-13.1; before -13.6)
+    # DIFF/sqrt(VAR) within 2 FWHM of the four stars (galaxy left out): std 2.83, robust std 1.35,
+    # 33 of 708 pixels beyond 5 before; now 0.86, 0.68 and 1: the astrometric variance is somewhat
+    # high here (its sigma_x, 0.14 px, holds the proper-motion star the kernel follows), near 1 on
+    # single frames (robust std 0.99-1.27)
+    yy, xx = np.indices(s.shape)
+    near = np.zeros(s.shape, bool)
+    for x, y in ((100, 73), (57, 180), (178, 202), (104, 233)):
+        near |= (xx - x) ** 2 + (yy - y) ** 2 <= (2 * hdr["FWHMSCI"]) ** 2
+    z = s[near & np.isfinite(s)]
+    assert 0.5 < 1.4826 * np.median(np.abs(z - np.median(z))) < 1.3
+    assert (np.abs(z) > 5).sum() <= 3

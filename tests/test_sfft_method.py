@@ -20,6 +20,7 @@ from scipy.spatial import cKDTree
 from rbflow import sfft_method
 from rbflow import subtract as sub
 from rbflow.detect import FLAGS, detect
+from rbflow.difference import PreparedPair
 from rbflow.errors import ConfigError
 
 SFFT = {**CFG, "method": "sfft"}
@@ -40,6 +41,9 @@ def test_outputs_follow_the_zogy_contract(sfft_run):
     assert hdr["METHOD"] == "sfft" and hdr["CONVD"] == "REF"  # the reference is the sharper image
     assert hdr["KERHW"] == 8 and hdr["NTILES"] == 1  # twice the science FWHM of 4 px; 256 px < tile
     assert hdr["FLXRATIO"] == pytest.approx(1.6, rel=0.01)
+    # exact registration: no star moved, the astrometric noise of the 160 stars is small
+    assert hdr["ASTNOISE"] is True and hdr["NMOVERS"] == 0
+    assert 0 < hdr["ASTSIGX"] < 0.1 and 0 < hdr["ASTSIGY"] < 0.1
     for name in ("DIFF", "SCORR", "VAR"):
         assert h[name].data.dtype == np.float32
     assert np.array_equal(np.isnan(h["DIFF"].data), h["MASK"].data != 0)
@@ -182,3 +186,47 @@ def test_auto_runs_decorrelated_sfft_for_few_star_psf_models():
     hdr = subtract_pair(few, {**CFG, "method": "auto"})[0].header
     assert hdr["METHOD"] == "sfft" and hdr["DECORR"] is True
     assert hdr["METHAUTO"] == "sfft: PSF stars per cell sci 4, ref 7 < 8"
+
+
+def _gaussian_stars(shape, xs, ys, fluxes, sigma):
+    yy, xx = np.indices(shape)
+    img = np.zeros(shape)
+    for x, y, f in zip(xs, ys, fluxes):
+        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return img.astype(np.float32)
+
+
+def _pair_with_offsets(offsets):
+    """A noise-free PreparedPair: 6 isolated Gaussian stars, the reference's displaced by ``offsets`` (px)."""
+    xs, ys = np.array([40.0, 100.3, 160.6, 40.2, 100.5, 160.1]), np.array([50.0, 50.4, 49.8, 150.2, 149.7, 150.5])
+    fluxes = np.array([4e5, 1e5, 5e4, 5e4, 3e4, 2e4])
+    fwhm_s, fwhm_r = 3.7, 4.9
+    N = _gaussian_stars((200, 200), xs, ys, fluxes, fwhm_s / 2.3548)
+    R = _gaussian_stars((200, 200), xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548)
+    zero = np.zeros_like(N)
+    ainfo = {"stars": {"x": xs, "y": ys, "snr": np.sqrt(fluxes)}}
+    return PreparedPair(
+        N=N, R=R, var_n=zero + 1, var_r=zero + 1, mask=zero.astype(np.uint8), bad_sci=zero.astype(bool),
+        nbkg=zero, sn=1.0, sr=1.0, fr=1.0, fr_err=0.0, n_flux=6, fwhm_s=fwhm_s, fwhm_r=fwhm_r, size=41,
+        ainfo=ainfo, gain_n=4.0, gain_r=4.0,
+    )  # fmt: skip
+
+
+def test_stars_that_moved_are_found_and_the_rest_give_the_registration_noise():
+    # a common shift (the kernel takes it), a scatter of ~0.05 px, and the brightest star moved by
+    # 1 px (a galaxy whose centroid a transient shifted); DECam: 1.5 px for such a galaxy, 0.33 px
+    # for a proper-motion star, under 0.07 px for the others
+    jitter = np.array([[0.0, 0.0], [0.05, -0.04], [-0.06, 0.03], [0.02, 0.07], [-0.03, -0.05], [0.04, 0.0]])
+    offsets = np.array([0.3, -0.1]) + jitter
+    offsets[0] += [1.0, 0.0]
+    moved, sx, sy = sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=0.5)
+    assert moved.tolist() == [True, False, False, False, False, False]
+    # windowed centroids of noise-free Gaussians recover the offsets to ~1e-3 px
+    assert sx == pytest.approx(np.std(jitter[1:, 0]), abs=0.005)
+    assert sy == pytest.approx(np.std(jitter[1:, 1]), abs=0.005)
+    # a 0.33 px motion stays under the 0.5 px default (the kernel follows it); None flags nothing
+    offsets[0] -= [0.67, 0.0]
+    assert not sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=0.5)[0].any()
+    offsets[0] += [0.67, 0.0]
+    moved, sx_all, _ = sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=None)
+    assert not moved.any() and sx_all > 0.3

@@ -21,6 +21,21 @@ SCORR, is the matched filter of D with its PSF over the white-noise prediction o
 map (ZOGY's S), then normalised on the empty sky by :func:`rbflow.subtract.subtract_images` like
 the ZOGY S_corr (the normalisation stays near 1 because the noise is white).
 
+Two corrections for real frames with few stars (issue 15, measured on the DECam frames of
+``../shared/data/decam-sfft``, 4-6 alignment stars per 256² frame):
+
+* Stars that moved between the epochs (:func:`astrometric_outliers`: a galaxy whose light
+  centroid a transient shifts by 1.5 px there) are left out of the kernel fit through sfft's
+  prior-ban images, so that the kernel is not bent to follow them.
+* ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) is part of VAR and of the score map's
+  variance: ``sigma_x² (∂M/∂x)² + sigma_y² (∂M/∂y)²`` for each of the two images M as they enter
+  D (their matched-filtered versions for the score), sigma_x, sigma_y the rms scatter of the
+  offsets of the alignment stars that did not move. There a star 2000 sigma bright moved
+  0.3 px between the epochs relative to the others (a proper motion of ~80 mas, the same in all
+  five OBS18 frames and under 0.07 px within each epoch): no smooth registration takes out such
+  residuals, which without the term are 5-15 sigma at every bright star; with it they count at
+  their expected size. The cost is sensitivity on the flanks of bright stars (see the schema).
+
 sfft is an optional dependency (``pip install "rbflow[sfft]"``); it is imported only when the
 method is chosen.
 """
@@ -44,7 +59,15 @@ from astropy.io import fits
 from rbflow.difference import Difference, PreparedPair, PSFLike, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError
 
-__all__ = ["DEFAULTS", "decorrelation_kernel", "matching_kernel", "numba_cache_dir", "require_sfft", "sfft_difference"]
+__all__ = [
+    "DEFAULTS",
+    "astrometric_outliers",
+    "decorrelation_kernel",
+    "matching_kernel",
+    "numba_cache_dir",
+    "require_sfft",
+    "sfft_difference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +78,16 @@ DEFAULTS: dict[str, Any] = {
     "bg_poly_order": 2,
     "tile": 1024,
     "overlap": 64,
+    "astrometric_noise": True,
+    "moved_star_offset": 0.5,
 }
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
 _KERHW_PER_FWHM = 2.0
 _KERHW_LIMITS = (2, 20)
 #: Size of the decorrelation kernel in matching-kernel sizes (as sfft's ``DeCorrelation_Calculator``).
 _DECORR_SIZE_RATIO = 2.0
+#: Radius (broader FWHMs) of the disc around a star that moved (:func:`astrometric_outliers`) left out of the kernel fit.
+_BAN_RADIUS = 3.0
 
 
 def numba_cache_dir() -> Path:
@@ -191,15 +218,21 @@ def _run_packet(
     kpo: int,
     bpo: int,
     threads: int,
+    ban: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``Customized_Packet`` subtraction of a NaN-free pair; returns sfft's solution vector and
-    difference: ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is."""
+    difference: ``SCI - K * REF`` when the reference is convolved, ``K * SCI - REF`` when the science is.
+    Pixels where ``ban`` is True are left out of the kernel fit (sfft's prior-ban mask: 0 in both
+    fitted images) but subtracted like the others."""
     import numba
 
     ref, sci = (conv, other) if conv_side == "REF" else (other, conv)
     with tempfile.TemporaryDirectory(prefix="rbflow-sfft-") as tmp:
         paths = {}
-        for name, data in (("ref", ref), ("sci", sci)):
+        planes = [("ref", ref), ("sci", sci)]
+        if ban is not None and ban.any():
+            planes += [("mref", np.where(ban, 0.0, ref)), ("msci", np.where(ban, 0.0, sci))]
+        for name, data in planes:
             paths[name] = Path(tmp) / f"{name}.fits"
             fits.PrimaryHDU(np.ascontiguousarray(data, np.float32)).writeto(paths[name])
         out = io.StringIO()
@@ -210,8 +243,8 @@ def _run_packet(
                 solution, diff = cp(
                     str(paths["ref"]),
                     str(paths["sci"]),
-                    str(paths["ref"]),
-                    str(paths["sci"]),
+                    str(paths.get("mref", paths["ref"])),
+                    str(paths.get("msci", paths["sci"])),
                     conv_side,
                     kerhw,
                     KerPolyOrder=kpo,
@@ -228,13 +261,81 @@ def _run_packet(
     return np.asarray(solution), np.asarray(diff, np.float32).T
 
 
+def astrometric_outliers(pp: PreparedPair, *, offset: float | None) -> tuple[np.ndarray, float, float]:
+    """Alignment stars that moved relative to the others, and the registration noise of the rest.
+
+    The offsets reference - science of the matched alignment stars (Gaussian-windowed centroids
+    in each image, the window of its PSF) are compared, one star at a time, with the median of
+    the other stars: the star farthest from it, when more than ``offset`` px away, moved between
+    the epochs (proper motion, the differential chromatic refraction of an odd colour, or a
+    galaxy whose light centroid a transient moves) and is set aside, and the test repeats on the
+    rest while at least 3 remain. A kernel fitted through such a star (sfft's least squares are
+    dominated by the brightest star) shifts every other star by its motion. The registration
+    noise is the rms scatter of the remaining stars about their mean, per axis (ZOGY's
+    sigma_x, sigma_y).
+
+    Parameters
+    ----------
+    pp : rbflow.difference.PreparedPair
+        The prepared pair (its ``ainfo['stars']`` are the matched alignment stars).
+    offset : float or None
+        Least distance (px) from the other stars' median offset that marks a star as moved; None
+        marks none.
+
+    Returns
+    -------
+    moved : numpy.ndarray
+        bool per alignment star.
+    sigma_x, sigma_y : float
+        Registration noise (px) of the stars that did not move (0 with fewer than 2).
+    """
+    from rbflow.stars import FWHM_TO_SIGMA, windowed_centroids
+
+    xs = np.asarray(pp.ainfo["stars"]["x"], float)
+    ys = np.asarray(pp.ainfo["stars"]["y"], float)
+    moved = np.zeros(xs.size, bool)
+    if xs.size == 0:
+        return moved, 0.0, 0.0
+    xn, yn = windowed_centroids(pp.N, xs, ys, pp.fwhm_s * FWHM_TO_SIGMA)
+    xr, yr = windowed_centroids(pp.R, xs, ys, pp.fwhm_r * FWHM_TO_SIGMA)
+    d = np.c_[xr - xn, yr - yn]
+    ok = np.all(np.isfinite(d), axis=1)
+    while offset is not None and (ok & ~moved).sum() > 3:
+        idx = np.flatnonzero(ok & ~moved)
+        dist = np.array([np.hypot(*(d[i] - np.median(d[idx[idx != i]], axis=0))) for i in idx])
+        if dist.max() <= offset:
+            break
+        moved[idx[np.argmax(dist)]] = True
+    keep = ok & ~moved
+    if keep.sum() < 2:
+        return moved, 0.0, 0.0
+    sx, sy = np.std(d[keep], axis=0)
+    return moved, float(sx), float(sy)
+
+
+def _grad_sq(a: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """``sx² (da/dx)² + sy² (da/dy)²`` (central differences; ``sx``, ``sy`` in px)."""
+    gy, gx = np.gradient(a)
+    return sx**2 * gx**2 + sy**2 * gy**2
+
+
 def _score(
-    D: np.ndarray, V: np.ndarray, psfs: list[np.ndarray], boxes: list[tuple[slice, slice, slice, slice]]
+    D: np.ndarray,
+    V: np.ndarray,
+    M: np.ndarray | None,
+    psfs: list[np.ndarray],
+    boxes: list[tuple[slice, slice, slice, slice]],
+    *,
+    sx: float,
+    sy: float,
 ) -> np.ndarray:
     """Matched filter of D with the PSF of each tile, over its white-noise prediction from V.
 
-    ``boxes`` holds each tile's window and core (y, x slices); the filter runs on the window and
-    fills the core.
+    With the source image ``M`` (the unconvolved image decorrelated, in D's units; D's
+    convolved part is then ``M - D``), the astrometric-noise variance of ZOGY's S_corr (Zackay
+    et al. 2016, sec. 3.3) is added: ``sx² (∂S_M/∂x)² + sy² (∂S_M/∂y)²`` for each part, S_M its
+    matched-filtered image. ``boxes`` holds each tile's window and core (y, x slices); the filter
+    runs on the window and fills the core.
     """
     from scipy.signal import fftconvolve
 
@@ -243,6 +344,9 @@ def _score(
         flip = pd[::-1, ::-1]
         s = fftconvolve(D[wy, wx], flip, mode="same")
         v = fftconvolve(V[wy, wx], flip**2, mode="same")
+        if M is not None:
+            s_o = fftconvolve(M[wy, wx], flip, mode="same")
+            v = v + _grad_sq(s_o, sx, sy) + _grad_sq(s_o - s, sx, sy)
         core = (slice(cy.start - wy.start, cy.stop - wy.start), slice(cx.start - wx.start, cx.stop - wx.start))
         SC[cy, cx] = (s / np.sqrt(np.maximum(v, np.finfo(np.float32).tiny)))[core]
     return SC
@@ -266,8 +370,11 @@ def sfft_difference(
         The telescope's ``subtract`` block; its ``sfft`` block holds ``kernel_half_width`` (px,
         null: twice the broader FWHM, within 2-20), ``kernel_poly_order`` and ``bg_poly_order``
         (polynomial degrees, 0-3, of the kernel's and the differential background's variation
-        over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile) and
-        ``overlap`` (px, common margin of neighbouring tiles).
+        over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile),
+        ``overlap`` (px, common margin of neighbouring tiles), ``astrometric_noise`` (bool: ZOGY's
+        astrometric-noise variance in VAR and the score) and ``moved_star_offset`` (px, or None:
+        alignment stars off the others' median offset by more than this are left out of the
+        kernel fit; see :func:`astrometric_outliers`).
     threads : int, optional
         Threads of sfft's numpy backend and of numba.
 
@@ -276,7 +383,7 @@ def sfft_difference(
     rbflow.difference.Difference
         D in science flux units, decorrelated per tile (white noise); its variance
         ``var_o + K0² var_c`` (background plus source Poisson noise, K0 the flux scaling of the
-        fitted kernel at the tile centre); the raw score map; the PSF of D at the centre of each
+        fitted kernel at the tile centre), plus the astrometric noise when asked; the raw score map; the PSF of D at the centre of each
         tile's core (decorrelation kernel * PSF of the unconvolved image) and the header cards.
 
     Raises
@@ -301,6 +408,19 @@ def sfft_difference(
     ny, nx = pp.N.shape
     D = np.zeros((ny, nx), np.float32)
     V = np.zeros((ny, nx), np.float32)
+    astro = bool(scfg["astrometric_noise"])
+    moved_px = scfg["moved_star_offset"]
+    outlier, sx, sy = astrometric_outliers(pp, offset=None if moved_px is None else float(moved_px))
+    if not astro:
+        sx = sy = 0.0
+    ban = np.zeros((ny, nx), bool)
+    yy, xx = np.ogrid[:ny, :nx]
+    r_ban = _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
+    for x, y in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier]):
+        ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
+        log.info("sfft: star at (%.1f, %.1f) moved relative to the field; left out of the kernel fit", x, y)
+    # the unconvolved image decorrelated, signed so that D = M - (convolved part): the astrometric term's source
+    M = np.zeros((ny, nx), np.float32) if astro else None
     boxes, psfs, centres, k0s = [], [], [], []
     dc_size = 0
     for wy0, wy1, cy0, cy1 in _windows(ny, tile, overlap):
@@ -316,6 +436,7 @@ def sfft_difference(
                 kpo=kpo,
                 bpo=bpo,
                 threads=threads,
+                ban=ban[win],
             )
             tx, ty = (cx0 + cx1 - 1) // 2, (cy0 + cy1 - 1) // 2
             kernel = matching_kernel(solution, diff.shape, tx - wx0, ty - wy0, kerhw=kerhw, kpo=kpo, bpo=bpo)
@@ -327,6 +448,9 @@ def sfft_difference(
             core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
             D[cy0:cy1, cx0:cx1] = diff[core]
             V[cy0:cy1, cx0:cx1] = var[core]
+            if M is not None:
+                m = fftconvolve(other_img[win], dc, mode="same")
+                M[cy0:cy1, cx0:cx1] = (m if conv_side == "REF" else -m)[core]
             if conv_side == "REF":
                 p = psf_sci.stamp(tx, ty, pp.size, centred=True)
             else:
@@ -339,13 +463,17 @@ def sfft_difference(
     if conv_side == "SCI":  # reference units -> science units
         D /= pp.fr
         V /= pp.fr**2
+        if M is not None:
+            M /= pp.fr
     log.info(
         "sfft: %d tile(s), kernel flux scaling %s, decorrelated (%d px kernel)",
         len(centres),
         ", ".join(f"{k:.4f}" for k in k0s),
         dc_size,
     )
-    SC = _score(D, V, psfs, boxes)
+    SC = _score(D, V, M, psfs, boxes, sx=sx, sy=sy)
+    if M is not None:  # ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) of D itself, in VAR
+        V += (_grad_sq(M, sx, sy) + _grad_sq(M - D, sx, sy)).astype(np.float32)
     cards = [
         ("METHOD", "sfft", "Hu et al. 2022, sfft Customized_Packet"),
         ("NTILES", len(centres), "sfft tiles, each with its own kernel fit"),
@@ -358,5 +486,9 @@ def sfft_difference(
         ("KERSUM", float(np.median(k0s)), "sfft kernel flux scaling (median of tiles)"),
         ("DECORR", True, "DIFF noise decorrelated (sfft DeCorrelation)"),
         ("DCSIZE", dc_size, "[pix] decorrelation kernel size"),
+        ("NMOVERS", int(outlier.sum()), "alignment stars that moved, not in kernel fit"),
+        ("ASTNOISE", astro, "VAR, SCORR incl. ZOGY astrometric noise"),
+        ("ASTSIGX", sx, "[pix] its sigma_x, stars that did not move"),
+        ("ASTSIGY", sy, "[pix] its sigma_y"),
     ]
     return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards)
