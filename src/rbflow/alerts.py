@@ -59,9 +59,12 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
+import sys
 import tarfile
+import types
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -201,9 +204,9 @@ class _Container:
 class _Piece:
     """What one decoding step reads: a container, or part of one (sent to a worker process).
 
-    ``span``: for Avro, ``(header_end, start, stop)`` byte offsets (the header, then the blocks from
-    ``start`` to ``stop``); for Parquet, ``(start, stop)`` row groups; None for all of it. ``first``
-    is the index of the piece's first record in its container.
+    ``span``: the blocks from byte ``start`` to ``stop`` of an Avro file, or the row groups ``start``
+    to ``stop`` of a Parquet file; None for all of it. ``first`` is the index of the piece's first
+    record in its container.
     """
 
     source: str
@@ -609,7 +612,7 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
 
 def _avro_header(data: bytes) -> tuple[dict[bytes, bytes], bytes, int]:
     """Metadata, sync marker and length of the header of an Avro object container file."""
-    if not data.startswith(_AVRO_MAGIC):
+    if data[: len(_AVRO_MAGIC)] != _AVRO_MAGIC:
         raise ValueError(f"not an Avro object container file (starts with {data[:4]!r})")
     meta: dict[bytes, bytes] = {}
     pos = len(_AVRO_MAGIC)
@@ -667,56 +670,60 @@ def _inflate_block(raw: bytes, codec: str) -> bytes:
     return out
 
 
-def _piece_bytes(piece: _Piece) -> bytes:
-    """The bytes of an Avro piece: the container's, or its header followed by its blocks."""
-    if piece.data is not None:
-        return piece.data
-    if piece.span is None:
-        return piece.path.read_bytes()
-    header_end, start, stop = piece.span
-    with open(piece.path, "rb") as fh:
-        head = fh.read(header_end)
-        fh.seek(start)
-        return head + fh.read(stop - start)
-
-
 def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     """(survey, schema name, record) of an Avro piece, projected on the fields rbflow uses.
 
     The object container format is walked here (header, blocks, sync markers) and each record
-    decoded by ``fastavro.schemaless_reader`` with the parsed schemas of :func:`_avro_schema`.
+    decoded by ``fastavro.schemaless_reader`` with the parsed schemas of :func:`_avro_schema`. Files
+    are memory-mapped (not copied into memory), and only the blocks of the piece's span are read.
     """
     from fastavro import schemaless_reader
 
-    data = _piece_bytes(piece)
-    meta, sync, pos = _avro_header(data)
-    survey, name, writer, reader = _avro_schema(meta)
-    codec = meta.get(b"avro.codec", b"null").decode() or "null"
-    if codec not in _AVRO_CODECS:
-        raise _PacketError(f"Avro codec {codec!r} is not read: rbflow reads {', '.join(_AVRO_CODECS)}")
-    whole = io.BytesIO(data)
-    while pos < len(data):
-        count, pos = _long(data, pos)
-        size, pos = _long(data, pos)
-        end = pos + size
-        if count < 0 or size < 0 or end + _AVRO_SYNC > len(data):
-            raise EOFError(f"a block of {count} alert(s) is truncated ({len(data) - pos} of {size + _AVRO_SYNC} bytes)")
-        if data[end : end + _AVRO_SYNC] != sync:
-            raise ValueError("a block's sync marker is not the header's (corrupt file)")
-        if codec == "null":
-            block = whole
-            block.seek(pos)
-        else:
-            block = io.BytesIO(_inflate_block(data[pos:end], codec))
-        for _ in range(count):
-            yield survey, name, schemaless_reader(block, writer, reader)
-        if codec == "null" and block.tell() != end:
-            raise ValueError(f"a block's {count} record(s) do not fill its {size} bytes (corrupt file)")
-        pos = end + _AVRO_SYNC
+    mapped = None
+    if piece.data is not None:
+        data: Any = piece.data
+        whole: Any = io.BytesIO(data)
+    elif piece.path.stat().st_size == 0:
+        raise ValueError("the file is empty")
+    else:
+        with open(piece.path, "rb") as fh:
+            data = whole = mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        meta, sync, pos = _avro_header(data)
+        survey, name, writer, reader = _avro_schema(meta)
+        codec = meta.get(b"avro.codec", b"null").decode() or "null"
+        if codec not in _AVRO_CODECS:
+            raise _PacketError(f"Avro codec {codec!r} is not read: rbflow reads {', '.join(_AVRO_CODECS)}")
+        stop = len(data)
+        if piece.span is not None:
+            pos, stop = piece.span
+        while pos < stop:
+            count, pos = _long(data, pos)
+            size, pos = _long(data, pos)
+            end = pos + size
+            if count < 0 or size < 0 or end + _AVRO_SYNC > len(data):
+                raise EOFError(
+                    f"a block of {count} alert(s) is truncated ({len(data) - pos} of {size + _AVRO_SYNC} bytes)"
+                )
+            if data[end : end + _AVRO_SYNC] != sync:
+                raise ValueError("a block's sync marker is not the header's (corrupt file)")
+            if codec == "null":
+                block = whole
+                block.seek(pos)
+            else:
+                block = io.BytesIO(_inflate_block(data[pos:end], codec))
+            for _ in range(count):
+                yield survey, name, schemaless_reader(block, writer, reader)
+            if codec == "null" and block.tell() != end:
+                raise ValueError(f"a block's {count} record(s) do not fill its {size} bytes (corrupt file)")
+            pos = end + _AVRO_SYNC
+    finally:
+        if mapped is not None:
+            mapped.close()
 
 
-def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int, int], int]] | None:
-    """Pieces of about ``split_bytes`` of a large Avro file: ((header_end, start, stop), first record index).
+def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int], int]] | None:
+    """Pieces of about ``split_bytes`` of a large Avro file: ((start, stop) bytes of blocks, first record index).
 
     Only block headers are read. None when the header cannot be read (the file is then decoded whole,
     which reports why). Whatever cannot be scanned goes into the last piece, whose decoding reports it.
@@ -727,7 +734,7 @@ def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int, int]
             _, _, header_end = _avro_header(fh.read(1 << 20))
         except (ValueError, EOFError):
             return None
-        spans: list[tuple[tuple[int, int, int], int]] = []
+        spans: list[tuple[tuple[int, int], int]] = []
         start = pos = header_end
         first = count_in = 0
         while pos < size:
@@ -742,10 +749,10 @@ def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int, int]
             pos += q + nbytes + _AVRO_SYNC
             count_in += count
             if pos - start >= split_bytes:
-                spans.append(((header_end, start, pos), first))
+                spans.append(((start, pos), first))
                 first, count_in, start = first + count_in, 0, pos
     if start < size:
-        spans.append(((header_end, start, size), first))
+        spans.append(((start, size), first))
     return spans
 
 
@@ -1106,19 +1113,19 @@ def score_alerts(
         worker processes (``spawn`` start method, safe beside torch's threads) decode pieces of the
         input (groups of files or archive members, runs of blocks of a large Avro file, row groups of
         Parquet), crop and normalise them, while this process infers and writes; the table is the
-        same as with 1 (same order, same inference batches). As with any ``spawn``, a script calling
-        this with N > 1 must guard its top level with ``if __name__ == "__main__":``.
+        same as with 1 (same order, same inference batches).
 
     Returns
     -------
     astropy.table.Table
-        The table written.
+        The table written; ``meta['workers']`` says how many decoding processes ran (0: a thread).
 
     Raises
     ------
     InputError
         Bad model, model larger than the alerts, missing inputs, no alert read at all while some
-        failed, an unknown engine, or engine ``onnx`` without ``model.onnx`` or ``onnxruntime``.
+        failed, an unknown engine, engine ``onnx`` without ``model.onnx`` or ``onnxruntime``, or
+        ``workers`` < 1.
     """
     from tqdm import tqdm
 
@@ -1166,7 +1173,8 @@ def score_alerts(
         bar.update(n)
 
     with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
-        for pieces, (counts, cols, X) in _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, workers):
+        processes, results = _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, int(workers))
+        for pieces, (counts, cols, X) in results:
             for (container, _), (n_read, found, n_alerts) in zip(pieces, counts):
                 container.n_records += n_read
                 _report(found, failures)
@@ -1201,6 +1209,7 @@ def score_alerts(
             "crop": f"central {stamp} px of the {ALERT_SIZE}-px alert grid" if stamp < ALERT_SIZE else None,
             "negative": negative,
             "engine": engine,
+            "workers": processes,
             "columns": "label0 = P(bogus), label1 = P(real), calibrated; kept = label1 >= threshold",
             "kept_dir": None if kept_dir is None else str(kept_dir),
             "n_failures": len(failures),
@@ -1267,7 +1276,7 @@ def _tasks(paths: Iterable[str | os.PathLike], *, keep_bytes: bool) -> Iterator[
             elif piece.span is None:
                 nbytes += piece.path.stat().st_size
             else:
-                nbytes += piece.span[2] - piece.span[1] if piece.kind == "avro" else _TASK_BYTES
+                nbytes += piece.span[1] - piece.span[0] if piece.kind == "avro" else _TASK_BYTES
             if nbytes >= _TASK_BYTES:
                 yield task
                 task, nbytes = [], 0
@@ -1308,34 +1317,47 @@ def _score_task(
 
 def _run_tasks(
     tasks: Iterator[list[tuple[_Container, _Piece]]], func: Callable[[list[_Piece]], Any], workers: int
-) -> Iterator[tuple[list[tuple[_Container, _Piece]], Any]]:
-    """``(task, func(its pieces))`` for every task, in order.
+) -> tuple[int, Iterator[tuple[list[tuple[_Container, _Piece]], Any]]]:
+    """The decoding processes used, and ``(task, func(its pieces))`` for every task, in order.
 
-    With one worker (or a single task) ``func`` runs in a thread of this process (:func:`_prefetch`);
-    otherwise in ``workers`` processes started with ``spawn`` (a fresh interpreter: no torch thread
-    pool or lock inherited), at most ``2 * workers + 1`` tasks in flight. Leaving early cancels the rest.
+    With one worker (or a single task) ``func`` runs in a thread of this process (:func:`_prefetch`;
+    0 processes); otherwise in ``workers`` processes started with ``spawn`` (a fresh interpreter: no
+    torch thread pool or lock inherited), at most ``2 * workers + 1`` tasks in flight.
     """
     head = list(itertools.islice(tasks, 2))
     tasks = itertools.chain(head, tasks)
     if workers == 1 or len(head) < 2:
-        yield from _prefetch((task, func([piece for _, piece in task])) for task in tasks)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        return 0, _prefetch((task, func([piece for _, piece in task])) for task in tasks)
+    return workers, _in_pool(tasks, func, workers)
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+def _in_pool(
+    tasks: Iterator[list[tuple[_Container, _Piece]]], func: Callable[[list[_Piece]], Any], workers: int
+) -> Iterator[tuple[list[tuple[_Container, _Piece]], Any]]:
+    """``(task, func(its pieces))`` computed by ``workers`` spawned processes, in order; leaving early stops them."""
+    import multiprocessing
+
+    # spawn re-runs the caller's main module in every worker: an unguarded script would run again,
+    # and its imports (torch) be paid per worker. The workers run rbflow code only: started without it.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        sys.modules["__main__"] = main
     flight: collections.deque = collections.deque()
     try:
         for task in tasks:
-            flight.append((task, pool.submit(func, [piece for _, piece in task])))
+            flight.append((task, pool.apply_async(func, ([piece for _, piece in task],))))
             if len(flight) > 2 * workers:
-                done, future = flight.popleft()
-                yield done, future.result()
+                done, result = flight.popleft()
+                yield done, result.get()
         while flight:
-            done, future = flight.popleft()
-            yield done, future.result()
+            done, result = flight.popleft()
+            yield done, result.get()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.terminate()  # every result was fetched, or the caller stopped: nothing left to wait for
+        pool.join()
 
 
 def _prefetch(items: Iterator[Any], *, depth: int = 2) -> Iterator[Any]:
