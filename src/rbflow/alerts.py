@@ -738,9 +738,8 @@ def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int], int
         start = pos = header_end
         first = count_in = 0
         while pos < size:
-            fh.seek(pos)
             try:
-                count, q = _long(head := fh.read(20), 0)
+                count, q = _long(head := os.pread(fh.fileno(), 20, pos), 0)  # no read-ahead buffer filled
                 nbytes, q = _long(head, q)
             except EOFError:
                 break
