@@ -228,7 +228,7 @@ def _run_alerts_score(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         engine=args.engine,
         threads=args.threads,
-        workers=args.workers or _cores(),
+        workers=_cores() if args.workers is None else args.workers,
     )
 
 
