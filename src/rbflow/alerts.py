@@ -694,12 +694,11 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     mapped = None
     if piece.data is not None:
         data: Any = piece.data
-        whole: Any = io.BytesIO(data)
     elif piece.path.stat().st_size == 0:
         raise ValueError("the file is empty")
     else:
         with open(piece.path, "rb") as fh:
-            data = whole = mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            data = mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         meta, sync, pos = _avro_header(data)
         survey, name, writer, reader = _avro_schema(meta)
@@ -719,14 +718,11 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
                 )
             if data[end : end + _AVRO_SYNC] != sync:
                 raise ValueError("a block's sync marker is not the header's (corrupt file)")
-            if codec == "null":
-                block = whole
-                block.seek(pos)
-            else:
-                block = io.BytesIO(_inflate_block(data[pos:end], codec))
+            # the block copied out of the map: fastavro reads a BytesIO field by field faster than a map
+            block = io.BytesIO(data[pos:end] if codec == "null" else _inflate_block(data[pos:end], codec))
             for _ in range(count):
                 yield survey, name, schemaless_reader(block, writer, reader)
-            if codec == "null" and block.tell() != end:
+            if codec == "null" and block.tell() != size:
                 raise ValueError(f"a block's {count} record(s) do not fill its {size} bytes (corrupt file)")
             pos = end + _AVRO_SYNC
     finally:
@@ -840,7 +836,8 @@ def _decode(
     Packets that cannot be read are appended to ``failures`` with their log level (the caller logs
     them). The last item is always yielded, possibly empty, with the piece's final record count.
     """
-    stamps = np.empty((chunk, len(CHANNELS), size, size), np.float32)
+    # grown as alerts come (a single-alert file needs one plane triplet, not a chunk's 12 MB)
+    stamps = np.empty((1, len(CHANNELS), size, size), np.float32)
     infos: list[dict[str, Any]] = []
     edges: list[bool] = []
     n_read = 0
@@ -861,6 +858,8 @@ def _decode(
                 if negative == "skip" and info["isdiffpos"] == "f":
                     fail(candid, "negative difference (policy 'skip')", logging.INFO)
                     continue
+                if len(infos) == len(stamps):
+                    stamps = np.concatenate([stamps, np.empty_like(stamps[: min(len(stamps), chunk - len(stamps))])])
                 edges.append(_fill(stamps[len(infos)], record, info, survey))
             except (_PacketError, KeyError, TypeError, ValueError) as exc:
                 fail(candid, str(exc) if isinstance(exc, _PacketError) else f"{exc!r}")
@@ -871,7 +870,7 @@ def _decode(
             infos.append(info)
             if len(infos) == chunk:
                 yield infos, _finish(stamps, infos, edges, negative), n_read
-                stamps = np.empty_like(stamps)
+                stamps = np.empty_like(stamps)  # a full chunk: the next one will be too, most likely
                 infos, edges = [], []
     except _PacketError as exc:
         fail(None, str(exc))
@@ -1310,20 +1309,17 @@ def _score_task(
 
     counts: list[tuple[int, list[tuple[AlertFailure, int]], int]] = []
     infos: list[dict[str, Any]] = []
-    parts: list[np.ndarray] = []
+    parts: list[np.ndarray] = [np.zeros((0, len(order), stamp, stamp), np.float32)]
     for piece in pieces:
         found: list[tuple[AlertFailure, int]] = []
         n_read = n_alerts = 0
         for chunk, stamps, read in _decode(piece, found, size=size, negative=negative):
             n_read = read
-            if chunk:
-                infos.extend(chunk)
-                X = crop_stamps(stamps, stamp)
-                parts.append(normalise(X if order == [0, 1, 2] else X[:, order]))
-                n_alerts += len(chunk)
+            infos.extend(chunk)
+            parts.append(crop_stamps(stamps, stamp)[:, order])  # a copy: the chunk's 63-px planes are freed
+            n_alerts += len(chunk)
         counts.append((n_read, found, n_alerts))
-    X = np.concatenate(parts) if parts else np.zeros((0, len(order), stamp, stamp), np.float32)
-    return counts, _columns(infos), X
+    return counts, _columns(infos), normalise(np.concatenate(parts))  # once per task (single-alert pieces)
 
 
 def _run_tasks(
