@@ -61,6 +61,7 @@ are printed by ``bench/alerts.py``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import csv
 import functools
@@ -1182,8 +1183,9 @@ def score_alerts(
             indices[:] = [index[n:]]
         bar.update(n)
 
-    with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
-        processes, results = _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, int(workers))
+    processes, results = _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, int(workers))
+    bar = tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts")
+    with bar, contextlib.closing(results):  # an error here stops the decoding thread or processes at once
         for pieces, (counts, cols, X) in results:
             for (container, _), (n_read, found, n_alerts) in zip(pieces, counts):
                 container.n_records += n_read
