@@ -385,11 +385,12 @@ def test_worker_processes_give_the_same_table_kept_packets_and_failures(tmp_path
 def test_cli_scores_agree_with_onnx_and_kept_packets_are_unchanged(tmp_path, model_dir):
     out, kept = tmp_path / "alerts.ecsv", tmp_path / "kept"
     assert main(["alerts", "score", str(DEV), "--model", str(model_dir / "model.pt"), "--out", str(out),
-                 "--kept-dir", str(kept), "--threshold", "0.5"]) == 0  # fmt: skip
+                 "--kept-dir", str(kept), "--threshold", "0.5", "--workers", "2"]) == 0  # fmt: skip
     from astropy.table import Table
 
     table = Table.read(out)
     assert len(table) == 86 and table.meta["crop"].startswith("central 31 px")
+    assert table.meta["workers"] == 0  # 6 MB of packets: one decoding task, in a thread (no process started)
     _, stamps, _ = read_alerts([DEV])
     p_onnx = predict_onnx(model_dir / "model.onnx", normalise(crop_stamps(stamps, 31)))
     # float32 network, two runtimes: they agree to ~1e-7; 1e-5 leaves room for kernel differences
