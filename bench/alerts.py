@@ -1,6 +1,6 @@
 """Alert throughput, end to end and per stage, on the ZTF development packets (prints; not a test).
 
-Usage: ``python bench/alerts.py [--n 10000] [--model MODEL.pt] [--threads 1] [--repeats 3] [--codec null]``
+Usage: ``python bench/alerts.py [--n 10000] [--model MODEL.pt] [--threads 1] [--repeats 3] [--codec null] [--workers 2]``
 
 The 86 development packets (``../shared/data/ztf-alerts-dev``) are repeated into one multi-alert Avro
 file of ``--n`` alerts in a temporary folder. Every figure is CPU time per alert (``time.process_time``:
@@ -9,16 +9,20 @@ machine inflates far less than wall-clock time, next to a peer run in the same p
 
 * ``end to end``: :func:`rbflow.alerts.score_alerts` (read the Avro file, decode three gzip-FITS
   cutouts per alert, place, crop to the model's stamp size, normalise, infer, write the table) with
-  each inference engine; its wall-clock rate is printed too;
+  each inference engine, with ``workers`` 1 (decoding in a thread beside inference) and ``--workers``
+  (default 2: decoding processes, inference in the parent). CPU time there is the parent's and its
+  worker processes' (``resource.getrusage``, RUSAGE_SELF + RUSAGE_CHILDREN), start-up of the workers
+  included (printed apart: a fixed cost per call); the wall-clock rates of both are printed side by
+  side, with their ratio, and the load average (a loaded machine makes wall clock noise);
 * per stage: Avro records (all fields, and the fields rbflow reads), inflating the cutouts (ISA-L,
   peer zlib), parsing them (:func:`rbflow.alerts.read_fits_image`, peer ``astropy.io.fits``), all of
   reading (:func:`rbflow.alerts.iter_alerts`), normalisation (:func:`rbflow.datacube.normalise`, peer
   the same definition with ``numpy.nanmedian``) and inference (torch, ONNX Runtime).
 
 The rate on two cores is ``2 x 1000 / (end-to-end CPU-ms per alert)``: what two cores give when the
-pipeline keeps both busy (score_alerts decodes in a thread beside inference; the GIL-bound part of
-decoding, Avro and Python, limits how far a single process gets there, see the printed wall rate
-on an idle machine).
+pipeline keeps both busy, which worker processes do (one process is bound by the GIL: decoding,
+Avro and Python, runs beside inference but not beside itself; see the wall rates on an idle machine).
+A further stage reads the same alerts as single-alert files in a ``.tar.gz`` (ZTF's nightly archives).
 
 Without ``--model``, an untrained ``compact`` network of 31 px (the demo telescope's stamp size) is
 used, with its ONNX export: inference cost does not depend on the weights.
@@ -27,9 +31,12 @@ used, with its ONNX export: inference cost does not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
+import resource
+import tarfile
 import tempfile
 import time
 import warnings
@@ -64,6 +71,50 @@ def cpu_ms(func: Callable[[], object], n: int, repeats: int) -> float:
         func()
         times.append(time.process_time() - t)
     return 1e3 * min(times) / n
+
+
+def cpu_wall(func: Callable[[], object]) -> tuple[float, float, float]:
+    """CPU time (s) of ``func`` in this process and its waited-for children, of it the children's, wall time (s)."""
+
+    def used() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    (me0, kids0), t = used(), time.perf_counter()
+    func()
+    wall = time.perf_counter() - t
+    me1, kids1 = used()
+    return me1 - me0 + kids1 - kids0, kids1 - kids0, wall
+
+
+def spawn_workers(n: int) -> None:
+    """Start and stop ``n`` worker processes as score_alerts does (spawn, rbflow.alerts imported in each)."""
+    import multiprocessing
+    import sys
+    import types
+
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        # each worker imports what it decodes with, as score_alerts's do
+        pool = multiprocessing.get_context("spawn").Pool(
+            n, initializer=importlib.import_module, initargs=("rbflow.alerts",)
+        )
+    finally:
+        sys.modules["__main__"] = main
+    pool.map(abs, range(n))  # every worker started and ready
+    pool.close()
+    pool.join()
+
+
+def single_alert_archive(n: int, out: Path) -> Path:
+    """A ``.tar.gz`` of ``n`` single-alert Avro files (the development packets repeated), as ZTF's nightly archives."""
+    files = sorted(DEV.glob("*.avro"))
+    with tarfile.open(out, "w:gz", compresslevel=1) as tar:
+        for i in range(n):
+            f = files[i % len(files)]
+            tar.add(f, arcname=f"night/{i:06d}_{f.name}")
+    return out
 
 
 def untrained_model(folder: Path, *, stamp_size: int, seed: int = 0) -> Path:
@@ -119,6 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="inference threads (decoding takes one more)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--codec", choices=["null", "deflate", "snappy"], default="null", help="Avro codec")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes of the second end-to-end run")
     args = parser.parse_args()
     if not DEV.is_dir():
         raise SystemExit(f"development packets not found at {DEV}")
@@ -134,18 +186,23 @@ def main() -> None:
         engines = ["torch", "onnx"] if model_path.with_name("model.onnx").exists() else ["torch"]
         print(
             f"{n} alerts ({avro.stat().st_size / 2**20:.0f} MiB, codec {args.codec}), model {stamp} px, "
-            f"{args.threads} inference thread(s) + 1 decoding thread"
+            f"{args.threads} inference thread(s); decoding: 1 thread (workers 1) or {args.workers} processes"
         )
-        e2e: dict[str, float] = {}
-        wall: dict[str, float] = {}
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start", flush=True)
+        e2e: dict[tuple[str, int], tuple[float, float, float]] = {}  # CPU s, of it the workers', wall s
         for engine in engines:
+            for workers in (1, args.workers):
 
-            def run(engine: str = engine) -> None:
-                t = time.perf_counter()
-                score_alerts([avro], model_path, tmp / "out.ecsv", progress=False, threads=args.threads, engine=engine)
-                wall[engine] = min(wall.get(engine, np.inf), time.perf_counter() - t)
+                def run(engine: str = engine, workers: int = workers) -> None:
+                    score_alerts(
+                        [avro], model_path, tmp / "out.ecsv", progress=False, threads=args.threads, engine=engine,
+                        workers=workers,
+                    )  # fmt: skip
 
-            e2e[engine] = cpu_ms(run, n, args.repeats)
+                if workers == 1:
+                    run()  # warm-up
+                e2e[engine, workers] = min((cpu_wall(run) for _ in range(args.repeats)), key=lambda r: r[0])
+        startup, _, startup_wall = cpu_wall(lambda: spawn_workers(args.workers))  # of starting the workers
 
         data = avro.read_bytes()
 
@@ -198,6 +255,13 @@ def main() -> None:
                 pass
 
         rows.append(("all of reading (iter_alerts)", cpu_ms(read_decode, n, args.repeats), "", None))
+        night = single_alert_archive(min(n, 2000), tmp / "night.tar.gz")
+
+        def read_night() -> None:
+            for _ in iter_alerts([night], failures=[]):
+                pass
+
+        rows.append(("  same, single-alert files .tar.gz", cpu_ms(read_night, min(n, 2000), args.repeats), "", None))
         X = crop_stamps(np.stack([a.stamps for _, a in zip(range(4096), iter_alerts([avro], failures=[]))]), stamp)
         rows.append(
             (
@@ -233,11 +297,23 @@ def main() -> None:
     for stage, ms, peer, peer_ms in rows:
         print(f"{stage:<32} {ms:12.3f}   {peer:<16} {'' if peer_ms is None else f'{peer_ms:12.3f}'}")
     for engine in engines:
+        ms1, _, wall1 = (1e3 * e2e[engine, 1][0] / n, 0.0, e2e[engine, 1][2])
+        msw, ms_children, wallw = (1e3 * e2e[engine, args.workers][0] / n, 1e3 * e2e[engine, args.workers][1] / n,
+                                   e2e[engine, args.workers][2])  # fmt: skip
         print(
-            f"end to end, engine {engine:<5}: {e2e[engine]:.3f} CPU-ms per alert -> {2e3 / e2e[engine]:,.0f} alerts/s on "
-            f"two cores kept busy ({1e7 * e2e[engine] / 2e3 / 3600:.2f} h for a 10-million-alert night); wall clock "
-            f"{n / wall[engine]:,.0f} alerts/s"
+            f"end to end, engine {engine:<5} workers 1: {ms1:.3f} CPU-ms per alert -> {2e3 / ms1:,.0f} alerts/s on two "
+            f"cores kept busy ({1e7 * ms1 / 2e3 / 3600:.2f} h for a 10-million-alert night); wall {n / wall1:,.0f} alerts/s"
         )
+        print(
+            f"end to end, engine {engine:<5} workers {args.workers}: {msw:.3f} CPU-ms per alert ({ms_children:.3f} in the "
+            f"workers, {1e3 * startup / n:.3f} of it their start-up) -> {2e3 / msw:,.0f} alerts/s on two cores kept busy; "
+            f"wall {n / wallw:,.0f} alerts/s, {wall1 / wallw:.2f} x workers 1 ({n / max(wallw - startup_wall, 1e-9):,.0f} "
+            f"alerts/s and {wall1 / max(wallw - startup_wall, 1e-9):.2f} x once the workers are up)"
+        )
+    print(
+        f"starting {args.workers} worker processes: {startup:.2f} CPU-s in all, {startup_wall:.1f} s wall (a fixed cost per call; "
+        f"{1e3 * startup / 1e7:.5f} ms per alert over a 10-million-alert night)"
+    )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
 
 

@@ -14,5 +14,6 @@ call_in_job(
     threshold=sm.params.alerts["threshold"],
     negative=sm.params.alerts["negative"],
     progress=False,
-    threads=sm.threads,
+    threads=1,  # inference is a tenth of the work: the job's cores decode
+    workers=sm.threads,
 )

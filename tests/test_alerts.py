@@ -219,6 +219,7 @@ def test_same_table_from_avro_files_multi_alert_file_snappy_tar_gz_and_parquet(t
         (single / f.name).write_bytes(f.read_bytes())
     multi = write_avro(tmp_path / "multi.avro", schema, records)
     snappy = write_avro(tmp_path / "snappy.avro", schema, records, codec="snappy")
+    deflate = write_avro(tmp_path / "deflate.avro", schema, records, codec="deflate")
     with tarfile.open(tmp_path / "night.tar.gz", "w:gz") as tar:
         for f in files:
             tar.add(f, arcname=f"night/{f.name}")
@@ -226,7 +227,7 @@ def test_same_table_from_avro_files_multi_alert_file_snappy_tar_gz_and_parquet(t
 
     ref, ref_stamps, _ = read_alerts([single])
     assert len(ref) == len(files) > 10
-    for path in (multi, snappy, tmp_path / "night.tar.gz", tmp_path / "dump.parquet"):
+    for path in (multi, snappy, deflate, tmp_path / "night.tar.gz", tmp_path / "dump.parquet"):
         table, stamps, failures = read_alerts([path])
         assert failures == [], path
         for name in ref.colnames:
@@ -336,14 +337,60 @@ def test_broken_packets_are_reported_by_file_and_candid_and_the_others_scored(tm
 
 
 @needs_dev
+def test_worker_processes_give_the_same_table_kept_packets_and_failures(tmp_path, model_dir):
+    """A multi-alert file large enough to be split between two worker processes, with broken packets."""
+    paths, info = broken_inputs(tmp_path)
+    schema, _, records = same_schema_files()
+    # 18 MB: more than twice a decoding task (8 MiB), so its blocks are shared out between the workers
+    per_alert = write_avro(tmp_path / "probe.avro", schema, records).stat().st_size / len(records)
+    n = int(18e6 / per_alert)
+    night = [dict(records[i % len(records)]) for i in range(n)]
+    night[n - 40] = dict(night[n - 40], cutoutScience=None, candid=1)
+    night[n - 3] = dict(night[n - 3], candid=2, cutoutTemplate={"fileName": "x", "stampData": b"not FITS"})
+    big = write_avro(tmp_path / "night.avro", schema, night)
+    assert big.stat().st_size > 16 * 2**20
+    tables = {}
+    for workers in (1, 2):
+        tables[workers] = score_alerts(
+            [big, *paths], model_dir / "model.pt", tmp_path / f"w{workers}.ecsv", workers=workers, threshold=0.5,
+            kept_dir=tmp_path / f"kept{workers}", engine="onnx",
+        )  # fmt: skip
+    one, two = tables[1], tables[2]
+    assert one.meta["workers"] == 0 and two.meta["workers"] == 2
+    for name in one.colnames:
+        if one[name].dtype.kind == "f":
+            assert_allclose(two[name], one[name], atol=1e-6, err_msg=name)  # the same batches: in fact equal
+        else:
+            assert_array_equal(two[name], one[name], err_msg=name)
+    assert two.meta["failures"] == one.meta["failures"]
+    # the broken packets of the split file: reported by file and candid, every other alert scored, in order
+    in_big = two[two["source"] == str(big)]
+    assert list(in_big["index"]) == [i for i in range(n) if i not in (n - 40, n - 3)]
+    failed = {f["candid"]: f["reason"] for f in two.meta["failures"] if f["source"] == str(big)}
+    assert set(failed) == {1, 2}
+    assert "the packet has no cutoutScience" in failed[1]
+    assert "cutoutTemplate: the cutout is not a FITS file" in failed[2]
+    n_truncated = int(sum(Path(s).name == "truncated.avro" for s in two["source"]))
+    assert two.meta["n_failures"] == 3 + 2 and len(two) == len(in_big) + info["good"] + n_truncated
+    for f in (tmp_path / "kept1").iterdir():  # the big file re-written (a new sync marker), the others copied
+        assert read_records(tmp_path / "kept2" / f.name) == read_records(f)
+        if f.name != big.name:
+            assert (tmp_path / "kept2" / f.name).read_bytes() == f.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "kept2").iterdir()) == sorted(
+        p.name for p in (tmp_path / "kept1").iterdir()
+    )
+
+
+@needs_dev
 def test_cli_scores_agree_with_onnx_and_kept_packets_are_unchanged(tmp_path, model_dir):
     out, kept = tmp_path / "alerts.ecsv", tmp_path / "kept"
     assert main(["alerts", "score", str(DEV), "--model", str(model_dir / "model.pt"), "--out", str(out),
-                 "--kept-dir", str(kept), "--threshold", "0.5"]) == 0  # fmt: skip
+                 "--kept-dir", str(kept), "--threshold", "0.5", "--workers", "2"]) == 0  # fmt: skip
     from astropy.table import Table
 
     table = Table.read(out)
     assert len(table) == 86 and table.meta["crop"].startswith("central 31 px")
+    assert table.meta["workers"] == 0  # 6 MB of packets: one decoding task, in a thread (no process started)
     _, stamps, _ = read_alerts([DEV])
     p_onnx = predict_onnx(model_dir / "model.onnx", normalise(crop_stamps(stamps, 31)))
     # float32 network, two runtimes: they agree to ~1e-7; 1e-5 leaves room for kernel differences

@@ -46,18 +46,36 @@ Cutouts are decoded by :func:`read_fits_image`, a small reader of the simple FIT
 faster than ``astropy.io.fits`` on the decompressed bytes (bench/alerts.py) so that gunzip is what
 decoding costs, and tested equal to astropy's reading on every development packet. Gunzip is
 python-isal's ``isal_zlib`` (Intel ISA-L's inflate: 1.6 times faster than zlib on the cutouts).
+
+Speed. Avro files are memory-mapped and walked block by block here, each record decoded by
+``fastavro.schemaless_reader`` with a reader schema projected on the fields rbflow reads (nested
+``candidate`` / ``diaSource`` included); a writer schema is parsed once per distinct schema, so the
+single-alert files of a nightly archive read as fast as one multi-alert file. Alerts are decoded 256
+at a time into one preallocated array. :func:`score_alerts` with ``workers`` > 1 spreads decoding,
+cropping and normalising over worker processes (pieces of about 8 MiB: groups of files or archive
+members, runs of blocks of a large Avro file, Parquet row groups) while the calling process infers
+and writes, in input order; the table is the same as with one worker. Measured CPU costs per alert
+are printed by ``bench/alerts.py``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import csv
+import functools
 import importlib.util
 import io
+import itertools
+import json
 import logging
+import mmap
 import os
 import re
+import sys
 import tarfile
+import types
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -180,15 +198,34 @@ class AlertFailure:
 
 @dataclass
 class _Container:
-    """One Avro or Parquet file the alerts came from (needed to write the kept packets)."""
+    """One Avro or Parquet file the alerts came from (needed to write the kept packets).
+
+    ``data`` holds the bytes of archive members (files are read from ``path``); ``n_records`` counts
+    the records read, the kept packets of a single-alert file being its original bytes.
+    """
 
     source: str
     kind: str
     path: Path | None
     data: bytes | None
-    schema: dict | None = None
-    codec: str = "null"
     n_records: int = 0
+
+
+@dataclass
+class _Piece:
+    """What one decoding step reads: a container, or part of one (sent to a worker process).
+
+    ``span``: the blocks from byte ``start`` to ``stop`` of an Avro file, or the row groups ``start``
+    to ``stop`` of a Parquet file; None for all of it. ``first`` is the index of the piece's first
+    record in its container.
+    """
+
+    source: str
+    kind: str
+    path: Path | None
+    data: bytes | None
+    span: tuple[int, ...] | None = None
+    first: int = 0
 
 
 @dataclass
@@ -254,6 +291,16 @@ def read_fits_image(data: bytes) -> np.ndarray:
     ValueError
         Not gzip or FITS, truncated, or not a 2-D image (the message says which).
     """
+    raw, scaling = _fits_data(data)
+    return _scaled(raw, scaling)
+
+
+def _fits_data(data: bytes) -> tuple[np.ndarray, tuple[float, float, int | None] | None]:
+    """The pixels of a cutout as stored (a view in the file's byte order), and their integer scaling.
+
+    The scaling is ``(BSCALE, BZERO, BLANK)`` for integer images, None for float images; raises
+    ValueError as :func:`read_fits_image` documents.
+    """
     if data[:2] == b"\x1f\x8b":
         try:
             data = isal_zlib.decompress(data, 31)  # the gzip member as zlib reads it, 1.6 times faster
@@ -276,7 +323,11 @@ def read_fits_image(data: bytes) -> np.ndarray:
         raise ValueError(
             f"the cutout's FITS data is truncated ({len(data) - offset} of {count * dtype.itemsize} bytes)"
         )
-    raw = np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
+    return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape), scaling
+
+
+def _scaled(raw: np.ndarray, scaling: tuple[float, float, int | None] | None) -> np.ndarray:
+    """Native float32 pixels of :func:`_fits_data`'s output (BSCALE, BZERO applied, BLANK set to NaN)."""
     if scaling is None:
         return raw.astype(np.float32)
     bscale, bzero, blank = scaling
@@ -459,8 +510,13 @@ def _place(stamp: np.ndarray, size: int, pos: tuple[float, float]) -> tuple[np.n
     return out, True
 
 
-def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) -> np.ndarray:
-    planes = np.empty((len(CHANNELS), size, size), np.float32)
+def _fill(planes: np.ndarray, record: dict, info: dict, survey: str) -> bool:
+    """Decode the three cutouts of ``record`` into ``planes`` (3, size, size); True for a ZTF edge cutout.
+
+    A full-size float cutout is copied straight from the FITS bytes (byte order swapped in the copy);
+    others are scaled and placed by :func:`_place`. No-data sentinels are set to NaN by :func:`_finish`.
+    """
+    size = planes.shape[-1]
     edge = False
     for plane, name, channel in zip(planes, _CUTOUT_FIELDS, CHANNELS):
         cutout = record.get(name)
@@ -468,26 +524,42 @@ def _stamps(record: dict, info: dict, survey: str, *, size: int, negative: str) 
         if not blob:
             raise _PacketError(f"the packet has no {name} ({channel}) cutout")
         try:
-            image = read_fits_image(blob)
+            raw, scaling = _fits_data(blob)
         except ValueError as exc:
             raise _PacketError(f"{name}: {exc}") from exc
-        # ZTF's templates mark pixels without data with -FLT_MAX (science and difference use NaN)
-        no_data = np.abs(image) >= _NO_DATA
-        if no_data.any():
-            image[no_data] = np.nan
-        plane[...], padded = _place(image, size, info["_pos"] if survey == "ztf" else (float("nan"), float("nan")))
+        if scaling is None and raw.shape == (size, size):
+            plane[...] = raw
+            continue
+        image = _scaled(raw, scaling)
+        plane[...], padded = _place(image, size, info["_pos"])
         edge |= padded and survey == "ztf" and min(image.shape) < size
-    sci = np.isnan(planes[0])
-    ends = slice(None, None, max(size - 1, 1))  # first and last row or column
-    info["edge"] = edge or bool(sci[ends].all(axis=1).any() or sci[:, ends].all(axis=0).any())
-    info["diff_flipped"] = negative == "flip" and info["isdiffpos"] == "f"
-    if info["diff_flipped"]:
-        np.negative(planes[2], out=planes[2])
-    return planes
+    return edge
 
 
-def _sources(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str, Path | None, bytes | None]]:
-    """(source name, kind, path, bytes) of every Avro/Parquet container under ``paths``, in order."""
+def _finish(stamps: np.ndarray, infos: list[dict[str, Any]], edges: list[bool], negative: str) -> np.ndarray:
+    """Sentinels to NaN, the ``edge`` and ``diff_flipped`` columns, DIFF flipped: for a chunk of alerts at once."""
+    # ZTF's templates mark pixels without data with -FLT_MAX (science and difference use NaN): the
+    # planes holding any found by two NaN-ignoring reductions (no temporary array), then replaced
+    planes = stamps.reshape(-1, stamps.shape[-2] * stamps.shape[-1])
+    hit = (np.fmin.reduce(planes, axis=1) <= -_NO_DATA) | (np.fmax.reduce(planes, axis=1) >= _NO_DATA)
+    for i in np.flatnonzero(hit).tolist():
+        planes[i][np.abs(planes[i]) >= _NO_DATA] = np.nan
+    sci = np.isnan(stamps[:, 0])
+    ends = slice(None, None, max(stamps.shape[-1] - 1, 1))  # first and last row or column
+    border = (sci[:, ends].all(axis=2).any(axis=1) | sci[:, :, ends].all(axis=1).any(axis=1)).tolist()
+    flipped = []
+    for i, (info, edge, nan_border) in enumerate(zip(infos, edges, border)):
+        info["edge"] = edge or nan_border
+        info["diff_flipped"] = negative == "flip" and info["isdiffpos"] == "f"
+        if info["diff_flipped"]:
+            flipped.append(i)
+    if flipped:
+        stamps[flipped, 2] = -stamps[flipped, 2]
+    return stamps
+
+
+def _sources(paths: Iterable[str | os.PathLike]) -> Iterator[_Container]:
+    """Every Avro/Parquet container under ``paths`` (archive members with their bytes), in order."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -504,15 +576,17 @@ def _sources(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str, Pat
         elif p.name.endswith(_ARCHIVE_SUFFIXES):
             yield from _archive_members(p)
         elif p.name.endswith(_PARQUET_SUFFIXES):
-            yield str(p), "parquet", p, None
+            yield _Container(str(p), "parquet", p, None)
         else:
-            yield str(p), "avro", p, None
+            yield _Container(str(p), "avro", p, None)
 
 
-def _archive_members(path: Path) -> Iterator[tuple[str, str, Path | None, bytes | None]]:
-    """Avro members of a ``.tar.gz`` read as a stream (``r|gz``: one pass, nothing written to disk)."""
+def _archive_members(path: Path) -> Iterator[_Container]:
+    """Avro members of a ``.tar.gz`` read as a stream (one pass, nothing written to disk; ISA-L's gunzip)."""
+    from isal import igzip
+
     try:
-        with tarfile.open(path, mode="r|gz") as tar:
+        with igzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -520,57 +594,299 @@ def _archive_members(path: Path) -> Iterator[tuple[str, str, Path | None, bytes 
                     log.info("archive '%s': skipping member %s (not .avro)", path, member.name)
                     continue
                 fh = tar.extractfile(member)
-                yield f"{path}:{member.name}", "avro", None, fh.read() if fh is not None else b""
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        yield str(path), "broken-archive", path, str(exc).encode()
+                yield _Container(f"{path}:{member.name}", "avro", None, fh.read() if fh is not None else b"")
+    except (tarfile.TarError, OSError, EOFError, zlib.error, isal_zlib.error) as exc:
+        yield _Container(str(path), "broken-archive", path, str(exc).encode())
 
 
-_PROJECTIONS: dict[str, Any] = {}
+# ------------------------------------------------------------------------------------------- Avro
+
+_AVRO_MAGIC = b"Obj\x01"
+_AVRO_SYNC = 16
+#: Avro codecs read (snappy needs cramjam).
+_AVRO_CODECS = ("null", "deflate", "snappy")
+#: schema JSON -> (survey, schema name, parsed writer schema, parsed projection or None)
+_SCHEMAS: dict[bytes, tuple[str, str, dict, dict | None]] = {}
 
 
-def _avro_records(container: _Container) -> Iterator[tuple[str, str, dict]]:
-    """(survey, schema name, record) of an Avro container, projected on the fields rbflow uses.
+def _long(data: bytes, pos: int) -> tuple[int, int]:
+    """The Avro long (zig-zag varint) at offset ``pos`` of ``data``, and the offset after it."""
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise EOFError("the file ends inside a block header (truncated)")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (value >> 1) ^ -(value & 1), pos
+        shift += 7
 
-    The writer schema and codec are stored on the container (to re-write its kept packets).
+
+def _avro_header(data: bytes) -> tuple[dict[bytes, bytes], bytes, int]:
+    """Metadata, sync marker and length of the header of an Avro object container file."""
+    if data[: len(_AVRO_MAGIC)] != _AVRO_MAGIC:
+        raise ValueError(f"not an Avro object container file (starts with {data[:4]!r})")
+    meta: dict[bytes, bytes] = {}
+    pos = len(_AVRO_MAGIC)
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            break
+        if count < 0:  # a block of the map written with its byte size
+            count = -count
+            _, pos = _long(data, pos)
+        for _ in range(count):
+            n, pos = _long(data, pos)
+            key = data[pos : pos + n]
+            n, pos = _long(data, pos + n)
+            meta[key] = data[pos : pos + n]
+            pos += n
+    if pos + _AVRO_SYNC > len(data):
+        raise EOFError("the Avro header is truncated")
+    return meta, data[pos : pos + _AVRO_SYNC], pos + _AVRO_SYNC
+
+
+def _avro_schema(meta: dict[bytes, bytes]) -> tuple[str, str, dict, dict | None]:
+    """(survey, schema name, writer schema, projection) of a header, parsed once per distinct schema.
+
+    The writer schema of a nightly archive's files is the same JSON: parsing it (30 kB for ZTF) once
+    instead of per file makes single-alert files as fast to read as one multi-alert file.
     """
     import fastavro
 
-    data = container.data if container.data is not None else container.path.read_bytes()
-    fo = io.BytesIO(data)
-    reader = fastavro.reader(fo)
-    container.schema = reader.writer_schema
-    container.codec = reader.codec
-    name = str(reader.writer_schema.get("name", ""))
-    survey = _survey_of_schema(name)
-    key = reader.metadata.get("avro.schema", name)
-    if key not in _PROJECTIONS:
-        proj = _projection(reader.writer_schema, survey)
-        _PROJECTIONS[key] = None if proj is None else fastavro.parse_schema(proj)
-    if _PROJECTIONS[key] is not None:
-        fo.seek(0)
-        reader = fastavro.reader(fo, reader_schema=_PROJECTIONS[key])
-    for record in reader:
-        yield survey, name, record
+    text = meta.get(b"avro.schema")
+    if text is None:
+        raise ValueError("the Avro header holds no schema")
+    if text not in _SCHEMAS:
+        writer = fastavro.parse_schema(json.loads(text))
+        name = str(writer.get("name", ""))
+        survey = _survey_of_schema(name)
+        proj = _projection({k: v for k, v in writer.items() if not k.startswith("__")}, survey)
+        if len(_SCHEMAS) > 64:
+            _SCHEMAS.clear()
+        _SCHEMAS[text] = (survey, name, writer, None if proj is None else fastavro.parse_schema(proj))
+    return _SCHEMAS[text]
 
 
-def _parquet_records(container: _Container) -> Iterator[tuple[str, str, dict]]:
+def _inflate_block(raw: bytes, codec: str) -> bytes:
+    """The records of a compressed Avro block."""
+    if codec == "deflate":
+        return isal_zlib.decompress(raw, -15)
+    try:
+        import cramjam
+    except ImportError as exc:
+        raise _PacketError("snappy-compressed Avro needs cramjam (pip install cramjam)") from exc
+    out = bytes(cramjam.snappy.decompress_raw(raw[:-4]))
+    if zlib.crc32(out) != int.from_bytes(raw[-4:], "big"):
+        raise ValueError("a snappy block fails its CRC check (corrupt file)")
+    return out
+
+
+def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
+    """(survey, schema name, record) of an Avro piece, projected on the fields rbflow uses.
+
+    The object container format is walked here (header, blocks, sync markers) and each record
+    decoded by ``fastavro.schemaless_reader`` with the parsed schemas of :func:`_avro_schema`. Files
+    are memory-mapped (not copied into memory), and only the blocks of the piece's span are read.
+    """
+    from fastavro import schemaless_reader
+
+    mapped = None
+    if piece.data is not None:
+        data: Any = piece.data
+    elif piece.path.stat().st_size == 0:
+        raise ValueError("the file is empty")
+    else:
+        with open(piece.path, "rb") as fh:
+            data = mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        meta, sync, pos = _avro_header(data)
+        survey, name, writer, reader = _avro_schema(meta)
+        codec = meta.get(b"avro.codec", b"null").decode() or "null"
+        if codec not in _AVRO_CODECS:
+            raise _PacketError(f"Avro codec {codec!r} is not read: rbflow reads {', '.join(_AVRO_CODECS)}")
+        stop = len(data)
+        if piece.span is not None:
+            pos, stop = piece.span
+        while pos < stop:
+            count, pos = _long(data, pos)
+            size, pos = _long(data, pos)
+            end = pos + size
+            if count < 0 or size < 0 or end + _AVRO_SYNC > len(data):
+                raise EOFError(
+                    f"a block of {count} alert(s) is truncated ({len(data) - pos} of {size + _AVRO_SYNC} bytes)"
+                )
+            if data[end : end + _AVRO_SYNC] != sync:
+                raise ValueError("a block's sync marker is not the header's (corrupt file)")
+            # the block copied out of the map: fastavro reads a BytesIO field by field faster than a map
+            block = io.BytesIO(data[pos:end] if codec == "null" else _inflate_block(data[pos:end], codec))
+            for _ in range(count):
+                yield survey, name, schemaless_reader(block, writer, reader)
+            if codec == "null" and block.tell() != size:
+                raise ValueError(f"a block's {count} record(s) do not fill its {size} bytes (corrupt file)")
+            pos = end + _AVRO_SYNC
+    finally:
+        if mapped is not None:
+            mapped.close()
+
+
+def _avro_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int], int]] | None:
+    """Pieces of about ``split_bytes`` of a large Avro file: ((start, stop) bytes of blocks, first record index).
+
+    Only block headers are read. None when the header cannot be read (the file is then decoded whole,
+    which reports why). Whatever cannot be scanned goes into the last piece, whose decoding reports it.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        try:
+            _, _, header_end = _avro_header(fh.read(1 << 20))
+        except (ValueError, EOFError):
+            return None
+        spans: list[tuple[tuple[int, int], int]] = []
+        start = pos = header_end
+        first = count_in = 0
+        while pos < size:
+            try:
+                count, q = _long(head := os.pread(fh.fileno(), 20, pos), 0)  # no read-ahead buffer filled
+                nbytes, q = _long(head, q)
+            except EOFError:
+                break
+            if count < 0 or nbytes < 0:
+                break
+            pos += q + nbytes + _AVRO_SYNC
+            count_in += count
+            if pos - start >= split_bytes:
+                spans.append(((start, pos), first))
+                first, count_in, start = first + count_in, 0, pos
+    if start < size:
+        spans.append(((start, size), first))
+    return spans
+
+
+# ---------------------------------------------------------------------------------------- Parquet
+
+
+def _parquet_layout(names: set[str]) -> tuple[str, str, str, tuple[str, ...], list[str]]:
+    """(survey, schema, sub-record, its fields, top-level columns) of a Parquet dump's column names."""
+    if "candidate" in names:
+        top = ["schemavsn", "objectId", "candid", "candidate", *_CUTOUT_FIELDS]
+        return "ztf", "ztf.alert", "candidate", _ZTF_CANDIDATE, [c for c in top if c in names]
+    if "diaSource" in names:
+        top = ["diaSourceId", "diaSource", *_CUTOUT_FIELDS]
+        return "rubin", "lsst.alert (parquet)", "diaSource", _RUBIN_SOURCE, [c for c in top if c in names]
+    raise _PacketError(f"Parquet columns {sorted(names)[:8]} are neither ZTF's (candidate) nor Rubin's (diaSource)")
+
+
+def _parquet_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(container.path)
-    names = set(pf.schema_arrow.names)
-    if "candidate" in names:
-        survey, schema, sub, subfields = "ztf", "ztf.alert", "candidate", _ZTF_CANDIDATE
-        top = ["schemavsn", "objectId", "candid", "candidate", *_CUTOUT_FIELDS]
-    elif "diaSource" in names:
-        survey, schema, sub, subfields = "rubin", "lsst.alert (parquet)", "diaSource", _RUBIN_SOURCE
-        top = ["diaSourceId", "diaSource", *_CUTOUT_FIELDS]
-    else:
-        raise _PacketError(f"Parquet columns {sorted(names)[:8]} are neither ZTF's (candidate) nor Rubin's (diaSource)")
-    columns = [c for c in top if c in names]
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    pf = pq.ParquetFile(piece.path)
+    survey, schema, sub, subfields, columns = _parquet_layout(set(pf.schema_arrow.names))
+    groups = None if piece.span is None else list(range(*piece.span))
+    for batch in pf.iter_batches(batch_size=1024, columns=columns, row_groups=groups):
         for row in batch.to_pylist():
             row[sub] = {k: v for k, v in (row.get(sub) or {}).items() if k in subfields}
             yield survey, schema, row
+
+
+def _parquet_spans(path: Path, split_bytes: int) -> list[tuple[tuple[int, int], int]] | None:
+    """Row-group pieces of about ``split_bytes`` of a Parquet file: ((start, stop), first row); None if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        md = pq.ParquetFile(path).metadata
+    except Exception:  # pyarrow raises several types for a broken file; decoding it whole reports why
+        return None
+    spans: list[tuple[tuple[int, int], int]] = []
+    start = first = rows = nbytes = 0
+    for i in range(md.num_row_groups):
+        nbytes += md.row_group(i).total_byte_size
+        rows += md.row_group(i).num_rows
+        if nbytes >= split_bytes or i == md.num_row_groups - 1:
+            spans.append(((start, i + 1), first))
+            start, first, nbytes = i + 1, first + rows, 0
+            rows = 0
+    return spans
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def _pieces(container: _Container, split_bytes: int | None) -> list[_Piece]:
+    """The pieces a container is decoded in: itself, or parts of ``split_bytes`` of a large file."""
+    whole = [_Piece(container.source, container.kind, container.path, container.data)]
+    if split_bytes is None or container.path is None or container.data is not None:
+        return whole
+    if container.kind == "avro" and container.path.stat().st_size >= 2 * split_bytes:
+        spans = _avro_spans(container.path, split_bytes)
+    elif container.kind == "parquet":
+        spans = _parquet_spans(container.path, split_bytes)
+    else:
+        return whole
+    if not spans:
+        return whole
+    return [_Piece(container.source, container.kind, container.path, None, span, first) for span, first in spans]
+
+
+def _decode(
+    piece: _Piece, failures: list[tuple[AlertFailure, int]], *, size: int, negative: str, chunk: int = 256
+) -> Iterator[tuple[list[dict[str, Any]], np.ndarray, int]]:
+    """Decode a piece, ``chunk`` alerts at a time: (their rows, their ``(n, 3, size, size)`` stamps, records read).
+
+    Packets that cannot be read are appended to ``failures`` with their log level (the caller logs
+    them). The last item is always yielded, possibly empty, with the piece's final record count.
+    """
+    # grown as alerts come (a single-alert file needs one plane triplet, not a chunk's 12 MB)
+    stamps = np.empty((1, len(CHANNELS), size, size), np.float32)
+    infos: list[dict[str, Any]] = []
+    edges: list[bool] = []
+    n_read = 0
+    last: int | None = None
+
+    def fail(candid: int | None, reason: str, level: int = logging.WARNING) -> None:
+        failures.append((AlertFailure(piece.source, candid, reason), level))
+
+    try:
+        if piece.kind == "broken-archive":
+            raise _PacketError(f"the archive cannot be read to its end ({piece.data.decode()})")
+        records = _parquet_records(piece) if piece.kind == "parquet" else _avro_records(piece)
+        for survey, schema, record in records:
+            n_read += 1
+            candid = _candid_of(record)
+            try:
+                info = _info_ztf(record, schema) if survey == "ztf" else _info_rubin(record, schema)
+                if negative == "skip" and info["isdiffpos"] == "f":
+                    fail(candid, "negative difference (policy 'skip')", logging.INFO)
+                    continue
+                if len(infos) == len(stamps):
+                    stamps = np.concatenate([stamps, np.empty_like(stamps[: min(len(stamps), chunk - len(stamps))])])
+                edges.append(_fill(stamps[len(infos)], record, info, survey))
+            except (_PacketError, KeyError, TypeError, ValueError) as exc:
+                fail(candid, str(exc) if isinstance(exc, _PacketError) else f"{exc!r}")
+                continue
+            last = info["candid"]
+            del info["_pos"]
+            info["source"], info["index"] = piece.source, piece.first + n_read - 1
+            infos.append(info)
+            if len(infos) == chunk:
+                yield infos, _finish(stamps, infos, edges, negative), n_read
+                stamps = np.empty_like(stamps)  # a full chunk: the next one will be too, most likely
+                infos, edges = [], []
+    except _PacketError as exc:
+        fail(None, str(exc))
+    except Exception as exc:  # fastavro/pyarrow raise many types for broken or truncated files
+        where = f"after {piece.first + n_read} alert(s)" + (f" (last candid {last})" if last is not None else "")
+        fail(None, f"unreadable {where}: {type(exc).__name__}: {exc}")
+    yield infos, _finish(stamps[: len(infos)], infos, edges, negative), n_read
+
+
+def _report(found: list[tuple[AlertFailure, int]], failures: list[AlertFailure]) -> None:
+    """Log the failures ``found`` (at their level), move them to ``failures``."""
+    for failure, level in found:
+        failures.append(failure)
+        log.log(level, "skipping alert packet %s", failure)
+    found.clear()
 
 
 def iter_alerts(
@@ -606,47 +922,22 @@ def iter_alerts(
     InputError
         A path does not exist, or ``negative`` is not a policy.
     """
-    if negative not in NEGATIVE_POLICIES:
-        raise InputError(f"negative-difference policy {negative!r} is unknown: use one of {NEGATIVE_POLICIES}")
-    for source, kind, path, data in _sources(paths):
-        if kind == "broken-archive":
-            _fail(failures, source, None, f"the archive cannot be read to its end ({data.decode()})")
-            continue
-        container = _Container(source, kind, path, data if keep_bytes or kind == "avro" else None)
-        last: int | None = None
-        try:
-            records = _parquet_records(container) if kind == "parquet" else _avro_records(container)
-            for survey, schema, record in records:
-                container.n_records += 1
-                candid = _candid_of(record)
-                try:
-                    info = _info_ztf(record, schema) if survey == "ztf" else _info_rubin(record, schema)
-                    if negative == "skip" and info["isdiffpos"] == "f":
-                        _fail(failures, source, candid, "negative difference (policy 'skip')", level=logging.INFO)
-                        continue
-                    stamps = _stamps(record, info, survey, size=size, negative=negative)
-                except (_PacketError, KeyError, TypeError, ValueError) as exc:
-                    _fail(failures, source, candid, str(exc) if isinstance(exc, _PacketError) else f"{exc!r}")
-                    continue
-                last = info["candid"]
-                info.pop("_pos")
-                info["source"], info["index"] = source, container.n_records - 1
-                yield Alert(info, stamps, container)
-        except _PacketError as exc:
-            _fail(failures, source, None, str(exc))
-        except Exception as exc:  # fastavro/pyarrow raise many types for broken or truncated files
-            where = f"after {container.n_records} alert(s)" + (f" (last candid {last})" if last is not None else "")
-            _fail(failures, source, None, f"unreadable {where}: {type(exc).__name__}: {exc}")
+    _check_negative(negative)
+    for container in _sources(paths):
+        found: list[tuple[AlertFailure, int]] = []
+        piece = _Piece(container.source, container.kind, container.path, container.data)
+        for infos, stamps, n_read in _decode(piece, found, size=size, negative=negative):
+            container.n_records = n_read
+            _report(found, failures)
+            for info, planes in zip(infos, stamps):
+                yield Alert(info, planes, container)
         if not keep_bytes:
             container.data = None  # the alerts keep a reference to their container: free the member's bytes
 
 
-def _fail(
-    failures: list[AlertFailure], source: str, candid: int | None, reason: str, *, level: int = logging.WARNING
-) -> None:
-    failure = AlertFailure(source, candid, reason)
-    failures.append(failure)
-    log.log(level, "skipping alert packet %s", failure)
+def _check_negative(negative: str) -> None:
+    if negative not in NEGATIVE_POLICIES:
+        raise InputError(f"negative-difference policy {negative!r} is unknown: use one of {NEGATIVE_POLICIES}")
 
 
 def read_alerts(
@@ -691,11 +982,23 @@ def alerts_table(rows: list[dict[str, Any]]) -> Table:
     astropy.table.Table
         Columns in :data:`ALERT_COLUMNS` order, with descriptions.
     """
+    return _table(_columns(rows))
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The typed column arrays of alert rows (:data:`ALERT_COLUMNS`)."""
+    return {
+        name: np.asarray([r[name] for r in rows], dtype=dtype) if rows else np.zeros(0, dtype=dtype)
+        for name, dtype, _ in ALERT_COLUMNS
+    }
+
+
+def _table(columns: dict[str, np.ndarray]) -> Table:
     from astropy.table import Table
 
     table = Table()
-    for name, dtype, desc in ALERT_COLUMNS:
-        table[name] = np.asarray([r[name] for r in rows], dtype=dtype) if rows else np.zeros(0, dtype=dtype)
+    for name, _, desc in ALERT_COLUMNS:
+        table[name] = columns[name]
         table[name].description = desc
     return table
 
@@ -713,11 +1016,11 @@ class _KeptWriter:
         self.names: set[str] = set()
         folder.mkdir(parents=True, exist_ok=True)
 
-    def add(self, alert: Alert) -> None:
-        if alert.container is not self.current:
+    def add(self, container: _Container, index: int) -> None:
+        if container is not self.current:
             self.flush()
-            self.current = alert.container
-        self.indices.append(int(alert.info["index"]))
+            self.current = container
+        self.indices.append(index)
 
     def flush(self) -> None:
         c, indices = self.current, self.indices
@@ -741,9 +1044,10 @@ class _KeptWriter:
 
                 data = c.data if c.data is not None else c.path.read_bytes()
                 wanted = set(indices)
-                records = [r for i, r in enumerate(fastavro.reader(io.BytesIO(data))) if i in wanted]
+                reader = fastavro.reader(io.BytesIO(data))
+                records = [r for i, r in enumerate(reader) if i in wanted]
                 with open(tmp, "wb") as fh:
-                    fastavro.writer(fh, fastavro.parse_schema(c.schema), records, codec=c.codec)
+                    fastavro.writer(fh, fastavro.parse_schema(reader.writer_schema), records, codec=reader.codec)
 
 
 def _model_size(meta: dict[str, Any], model_path: Path, size: int) -> int:
@@ -777,6 +1081,7 @@ def score_alerts(
     progress: bool | None = None,
     threads: int | None = None,
     engine: str = "auto",
+    workers: int = 1,
 ) -> Table:
     """P(real) of every alert under ``paths``; one table, and optionally the kept packets.
 
@@ -814,23 +1119,32 @@ def score_alerts(
         beside them.
     engine : {'auto', 'onnx', 'torch'}, optional
         Inference runtime (see :data:`ENGINES`); the table's ``meta['engine']`` says which ran.
+    workers : int, optional
+        Decoding processes. 1: decoding runs in a thread beside inference, in this process. N > 1: N
+        worker processes (``spawn`` start method, safe beside torch's threads) decode pieces of the
+        input (groups of files or archive members, runs of blocks of a large Avro file, row groups of
+        Parquet), crop and normalise them, while this process infers and writes; the table is the
+        same as with 1 (same order, same inference batches).
 
     Returns
     -------
     astropy.table.Table
-        The table written.
+        The table written; ``meta['workers']`` says how many decoding processes ran (0: a thread).
 
     Raises
     ------
     InputError
         Bad model, model larger than the alerts, missing inputs, no alert read at all while some
-        failed, an unknown engine, or engine ``onnx`` without ``model.onnx`` or ``onnxruntime``.
+        failed, an unknown engine, engine ``onnx`` without ``model.onnx`` or ``onnxruntime``, or
+        ``workers`` < 1.
     """
     from tqdm import tqdm
 
-    from rbflow.datacube import crop_stamps, normalise
     from rbflow.infer import load_model
 
+    _check_negative(negative)
+    if int(workers) < 1:
+        raise InputError(f"workers must be at least 1 (got {workers})")
     if threads is not None:
         import torch
 
@@ -844,44 +1158,55 @@ def score_alerts(
     order = [CHANNELS.index(c) for c in meta["channels"]]  # the model's channel order
     failures: list[AlertFailure] = []
     writer = _KeptWriter(Path(kept_dir)) if kept_dir is not None else None
-    rows: list[dict[str, Any]] = []
+    columns: list[dict[str, np.ndarray]] = []
     p_real: list[np.ndarray] = []
+    pending: list[np.ndarray] = []  # normalised stamps not yet inferred
+    owners: list[_Container] = []  # container of each alert not yet inferred
+    indices: list[np.ndarray] = []  # their index in it
+    task = functools.partial(_score_task, size=ALERT_SIZE, stamp=stamp, order=order, negative=negative)
 
-    def stamps_of(batch: list[Alert]) -> np.ndarray:
-        # cropped before stacking: a quarter of the bytes copied for a 31-px model, and normalise gets
-        # a contiguous array
-        X = np.stack([crop_stamps(a.stamps, stamp) for a in batch])
-        return X if order == [0, 1, 2] else X[:, order]
+    def score(bar: Any, *, final: bool) -> None:
+        # whole batches only (the rest waits for the next task): the same batches whatever the tasks
+        n_pending = sum(len(x) for x in pending)
+        n = n_pending if final else n_pending - n_pending % batch_size
+        if n == 0:
+            return
+        X = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        p = infer(X[:n])
+        p_real.append(p)
+        pending[:] = [X[n:]] if n < n_pending else []
+        if writer is not None:
+            index = np.concatenate(indices)
+            for k in np.flatnonzero(p >= threshold).tolist():
+                writer.add(owners[k], int(index[k]))
+            del owners[:n]
+            indices[:] = [index[n:]]
+        bar.update(n)
 
-    def batches() -> Iterator[tuple[list[Alert], np.ndarray]]:
-        batch: list[Alert] = []
-        for alert in iter_alerts(paths, failures=failures, negative=negative, keep_bytes=writer is not None):
-            batch.append(alert)
-            if len(batch) == batch_size:
-                yield batch, stamps_of(batch)
-                batch = []
-        if batch:
-            yield batch, stamps_of(batch)
-
-    with tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts") as bar:
-        for batch, X in _prefetch(batches()):
-            p = infer(normalise(X))
-            p_real.append(p)
-            rows.extend(a.info for a in batch)
+    processes, results = _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, int(workers))
+    bar = tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts")
+    with bar, contextlib.closing(results):  # an error here stops the decoding thread or processes at once
+        for pieces, (counts, cols, X) in results:
+            for (container, _), (n_read, found, n_alerts) in zip(pieces, counts):
+                container.n_records += n_read
+                _report(found, failures)
+                owners.extend([container] * (n_alerts if writer is not None else 0))
+            columns.append(cols)
+            pending.append(X)
             if writer is not None:
-                for a, pi in zip(batch, p):
-                    if pi >= threshold:
-                        writer.add(a)
-            bar.update(len(batch))
+                indices.append(cols["index"])
+            score(bar, final=False)
+        score(bar, final=True)
     if writer is not None:
         writer.flush()
-    if not rows and failures:
+    rows = {name: np.concatenate([c[name] for c in columns]) for name in columns[0]} if columns else _columns([])
+    if not len(rows["candid"]) and failures:
         raise InputError(
             f"no alert could be read from {[str(p) for p in paths]} ({len(failures)} failure(s), first: {failures[0]})"
         )
-    if not rows:
+    if not len(rows["candid"]):
         log.warning("no alert packet under %s: writing an empty table", [str(p) for p in paths])
-    table = alerts_table(rows)
+    table = _table(rows)
     p = np.concatenate(p_real) if p_real else np.zeros(0)
     table["label0"] = 1.0 - p
     table["label1"] = p
@@ -896,6 +1221,7 @@ def score_alerts(
             "crop": f"central {stamp} px of the {ALERT_SIZE}-px alert grid" if stamp < ALERT_SIZE else None,
             "negative": negative,
             "engine": engine,
+            "workers": processes,
             "columns": "label0 = P(bogus), label1 = P(real), calibrated; kept = label1 >= threshold",
             "kept_dir": None if kept_dir is None else str(kept_dir),
             "n_failures": len(failures),
@@ -943,6 +1269,104 @@ def _inference(
 
     log.info("scoring with ONNX Runtime (%s)", onnx_path)
     return engine, run
+
+
+#: Input bytes one decoding task reads (about 180 ZTF alerts); Avro files of twice this or more, and
+#: Parquet files, are split into pieces of about this size so that every worker has its share.
+_TASK_BYTES = 8 << 20
+
+
+def _tasks(paths: Iterable[str | os.PathLike], *, keep_bytes: bool) -> Iterator[list[tuple[_Container, _Piece]]]:
+    """The input in decoding tasks of about :data:`_TASK_BYTES`: lists of (container, piece), in order."""
+    task: list[tuple[_Container, _Piece]] = []
+    nbytes = 0
+    for container in _sources(paths):
+        for piece in _pieces(container, _TASK_BYTES):
+            task.append((container, piece))
+            if piece.data is not None:
+                nbytes += len(piece.data)
+            elif piece.span is None:
+                nbytes += piece.path.stat().st_size
+            else:
+                nbytes += piece.span[1] - piece.span[0] if piece.kind == "avro" else _TASK_BYTES
+            if nbytes >= _TASK_BYTES:
+                yield task
+                task, nbytes = [], 0
+        if not keep_bytes:
+            container.data = None  # its piece holds the member's bytes until it is decoded
+    if task:
+        yield task
+
+
+def _score_task(
+    pieces: list[_Piece], *, size: int, stamp: int, order: list[int], negative: str
+) -> tuple[list[tuple[int, list[tuple[AlertFailure, int]], int]], dict[str, np.ndarray], np.ndarray]:
+    """Decode, crop and normalise the alerts of some pieces (in a worker process, or a thread).
+
+    Returns, per piece, (records read, failures with their log level, alerts decoded); the alerts'
+    columns (:data:`ALERT_COLUMNS`); their normalised ``(n, C, stamp, stamp)`` stamps in the model's
+    channel ``order``.
+    """
+    from rbflow.datacube import crop_stamps, normalise
+
+    counts: list[tuple[int, list[tuple[AlertFailure, int]], int]] = []
+    infos: list[dict[str, Any]] = []
+    parts: list[np.ndarray] = [np.zeros((0, len(order), stamp, stamp), np.float32)]
+    for piece in pieces:
+        found: list[tuple[AlertFailure, int]] = []
+        n_read = n_alerts = 0
+        for chunk, stamps, read in _decode(piece, found, size=size, negative=negative):
+            n_read = read
+            infos.extend(chunk)
+            parts.append(crop_stamps(stamps, stamp)[:, order])  # a copy: the chunk's 63-px planes are freed
+            n_alerts += len(chunk)
+        counts.append((n_read, found, n_alerts))
+    return counts, _columns(infos), normalise(np.concatenate(parts))  # once per task (single-alert pieces)
+
+
+def _run_tasks(
+    tasks: Iterator[list[tuple[_Container, _Piece]]], func: Callable[[list[_Piece]], Any], workers: int
+) -> tuple[int, Iterator[tuple[list[tuple[_Container, _Piece]], Any]]]:
+    """The decoding processes used, and ``(task, func(its pieces))`` for every task, in order.
+
+    With one worker (or a single task) ``func`` runs in a thread of this process (:func:`_prefetch`;
+    0 processes); otherwise in ``workers`` processes started with ``spawn`` (a fresh interpreter: no
+    torch thread pool or lock inherited), at most ``2 * workers + 1`` tasks in flight.
+    """
+    head = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(head, tasks)
+    if workers == 1 or len(head) < 2:
+        return 0, _prefetch((task, func([piece for _, piece in task])) for task in tasks)
+    return workers, _in_pool(tasks, func, workers)
+
+
+def _in_pool(
+    tasks: Iterator[list[tuple[_Container, _Piece]]], func: Callable[[list[_Piece]], Any], workers: int
+) -> Iterator[tuple[list[tuple[_Container, _Piece]], Any]]:
+    """``(task, func(its pieces))`` computed by ``workers`` spawned processes, in order; leaving early stops them."""
+    import multiprocessing
+
+    # spawn re-runs the caller's main module in every worker: an unguarded script would run again,
+    # and its imports (torch) be paid per worker. The workers run rbflow code only: started without it.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        sys.modules["__main__"] = main
+    flight: collections.deque = collections.deque()
+    try:
+        for task in tasks:
+            flight.append((task, pool.apply_async(func, ([piece for _, piece in task],))))
+            if len(flight) > 2 * workers:
+                done, result = flight.popleft()
+                yield done, result.get()
+        while flight:
+            done, result = flight.popleft()
+            yield done, result.get()
+    finally:
+        pool.terminate()  # every result was fetched, or the caller stopped: nothing left to wait for
+        pool.join()
 
 
 def _prefetch(items: Iterator[Any], *, depth: int = 2) -> Iterator[Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,12 @@ def _add_alerts(sub: Any, defaults: dict[str, Any]) -> None:
         help="inference runtime: ONNX Runtime when model.onnx and onnxruntime are there (auto), or forced",
     )
     sc.add_argument("--threads", type=int, default=None, help="CPU threads of inference (default: the runtime's)")
+    sc.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes decoding the packets beside inference (default: the CPU cores this job may use; 1: a thread)",
+    )
     sc.set_defaults(func=_run_alerts_score)
     im = act.add_parser("import", help="build a datacube (.npz) from labelled alert packets, grouped by objectId")
     im.add_argument("paths", nargs="+", type=Path, help="Avro files, .tar.gz archives, Parquet files or folders")
@@ -221,7 +228,13 @@ def _run_alerts_score(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         engine=args.engine,
         threads=args.threads,
+        workers=_cores() if args.workers is None else args.workers,
     )
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity: a batch job's allocation, not the node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _run_alerts_import(args: argparse.Namespace) -> None:
