@@ -27,6 +27,10 @@ Usage: ``python bench/uncertainty.py RESULTS_DIR [--ztf DIR] [--passes 20] [--se
      relative deviation outside that range, normalised per block by its mean on a held-out quarter
      of the reference and summed;
 
+   and, as a ceiling for these unsupervised scores, a supervised linear probe (L2-regularised
+   logistic regression on standardised block features, 5-fold cross-validated, seeded) trained to
+   tell the packets from the test stamps: its AUROC says whether the network's features carry the
+   difference at all (a probe sees the packets; no stored score may);
 3. the wall and CPU time of ``infer_cutouts`` on the first observed cutout folder (best of 2 after a
    warm-up), with the OOD reference
    fitted from the datacube in the job (the cost before the reference was stored) and read from the
@@ -178,6 +182,34 @@ def _gram_deviation(
     return total
 
 
+def _probe_auroc(pos: np.ndarray, neg: np.ndarray, *, seed: int, folds: int = 5) -> float:
+    """Cross-validated AUROC of an L2-regularised (1e-2) logistic regression telling ``pos`` from ``neg`` rows."""
+    X = np.concatenate([pos, neg]).astype(np.float64)
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    X = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-9)
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    out = np.empty(len(X))
+    for f in range(folds):
+        fit = fold != f
+        Xt, yt = torch.from_numpy(X[fit]), torch.from_numpy(y[fit])
+        w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=200)
+        weight = (len(yt) - yt.sum()) / yt.sum()  # balanced classes
+
+        def closure(Xt=Xt, yt=yt, w=w, b=b, opt=opt, weight=weight) -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Xt @ w + b, yt, pos_weight=weight)
+            loss = loss + 1e-2 * (w**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            out[~fit] = (torch.from_numpy(X[~fit]) @ w + b).numpy()
+    return _auroc(out[y == 0], out[y == 1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
@@ -249,6 +281,10 @@ def main() -> None:
         print("| score | packets vs test | test vs held-out train |\n|---|---|---|")
         for name, s in scores.items():
             print(f"| {name} | {_auroc(s['test'], s['ztf']):.3f} | {_auroc(s['held-out train'], s['test']):.3f} |")
+        print("\nsupervised linear probe, packets vs test stamps (5-fold CV AUROC; a ceiling, not a stored score):")
+        for key, label in (("meanmax", "all blocks' mean+max"), ("corr", "all blocks' channel correlations")):
+            feats = {k: np.concatenate(stats[k][key], axis=1) for k in ("ztf", "test")}
+            print(f"  {label}: {_probe_auroc(feats['ztf'], feats['test'], seed=args.seed):.3f}")
 
     obs = res / "obs" / "cutouts"
     folder = next(iter(sorted(d for d in obs.iterdir() if d.is_dir())), None) if obs.is_dir() else None
