@@ -8,17 +8,35 @@ Usage: ``python bench/uncertainty.py RESULTS_DIR [--ztf DIR] [--passes 20] [--se
 
 1. the test stamps cut into deciles of their MC-dropout spread (rbflow.uncertainty.mc_dropout): each
    decile's spread range and the model's error rate at its threshold;
-2. with ``--ztf``, the AUROC of the OOD score for alert packets (read with rbflow.alerts, cut to the
-   model's stamp size and normalised as ``rbflow alerts score`` does) against the test stamps, and
-   for the test stamps against held-out training-frame stamps (near 0.5: the score does not flag
-   the model's own kind of data), for the stored score (deep kNN on normalised features, reference:
-   4000 training-frame stamps, as rbflow.train writes it) and for the class-mean Mahalanobis
-   distance on block mean/std features that rbflow used before (same reference stamps);
-3. the wall and CPU time of ``infer_cutouts`` on the first observed cutout folder (best of 2 after a
-   warm-up), with the OOD reference
-   fitted from the datacube in the job (the cost before the reference was stored) and read from the
-   model's ``model.ood`` (a copy of the model with the reference written as train writes it), in the
-   same process, and their ratio.
+2. with ``--ztf``, the AUROC of each candidate OOD score for alert packets (read with rbflow.alerts,
+   cut to the model's stamp size and normalised as ``rbflow alerts score`` does) against the test
+   stamps, and for the test stamps against held-out training-frame stamps (near 0.5: the score does
+   not flag the model's own kind of data), side by side, all fitted on the same reference (4000
+   training-frame stamps, as rbflow.train picks them):
+
+   - the stored score (deep kNN, k=10, on the L2-normalised mean+max features of all blocks
+     together, Sun et al. 2022: rbflow.uncertainty.KnnOOD);
+   - the class-mean Mahalanobis distance on block mean/std features that rbflow used before;
+   - deep kNN per block (mean+max, and the channel-correlation matrix of the block's output),
+     each block's distance standardised on the reference's own leave-one-out distances and the
+     standardised distances averaged;
+   - multi-layer Mahalanobis (Lee et al. 2018): per block, the distance of the channel means to the
+     nearest class mean under the shared covariance, standardised on the reference and summed;
+   - Gram-matrix deviations (Sastry & Oore 2020): per block and order p = 1..5, the row sums of the
+     p-th order Gram matrix, their min/max over the reference stamps of the predicted class, the
+     relative deviation outside that range, normalised per block by its mean on a held-out quarter
+     of the reference and summed;
+
+   and, as a ceiling for these unsupervised scores, a supervised linear probe (L2-regularised
+   logistic regression on standardised block features, 5-fold cross-validated, seeded) trained to
+   tell the packets from the test stamps: its AUROC says whether the network's features carry the
+   difference at all (a probe sees the packets; no stored score may);
+3. the CPU time of the stored OOD score (features and neighbour search) on the test stamps against
+   the plain P(real) pass on them; and the wall and CPU time of ``infer_cutouts`` on the first
+   observed cutout folder (best of 2 after a warm-up), with the OOD reference fitted from the
+   datacube in the job (the cost before the reference was stored) and read from the model's
+   ``model.ood`` (a copy of the model with the reference written as train writes it), in the same
+   process, and their ratio.
 """
 
 from __future__ import annotations
@@ -75,6 +93,124 @@ def _mahalanobis_before(model: torch.nn.Module, ref: np.ndarray, y_ref: np.ndarr
     return {k: score(feats(v)) for k, v in sets.items()}
 
 
+def _block_stats(model: torch.nn.Module, X: np.ndarray, *, orders: int = 5) -> dict[str, list[np.ndarray]]:
+    """Per block (ReLU output): channel mean+max, upper-triangle channel correlations, Gram row sums per order."""
+    relus = [m for m in model.features.modules() if isinstance(m, torch.nn.ReLU)]
+    out: dict[str, list[list[np.ndarray]]] = {"meanmax": [], "mean": [], "corr": [], "gram": []}
+    for key in out:
+        out[key] = [[] for _ in relus]
+    for i in range(0, len(X), 512):
+        store: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o, s=store: s.append(o.detach().clone())) for m in relus]
+        with torch.no_grad():
+            model(torch.as_tensor(np.ascontiguousarray(X[i : i + 512])))
+        for h in hooks:
+            h.remove()
+        for b, o in enumerate(store):
+            f = o.reshape(o.shape[0], o.shape[1], -1).double()
+            out["mean"][b].append(f.mean(2).numpy())
+            out["meanmax"][b].append(torch.cat([f.mean(2), f.amax(2)], 1).numpy())
+            g = f @ f.transpose(1, 2) / f.shape[2]
+            d = torch.sqrt(torch.diagonal(g, dim1=1, dim2=2).clamp_min(1e-12))
+            iu = np.triu_indices(f.shape[1], 1)
+            out["corr"][b].append((g / d[:, :, None] / d[:, None, :]).numpy()[:, iu[0], iu[1]])
+            rows = []
+            for p in range(1, orders + 1):
+                r = (f**p @ (f**p).transpose(1, 2)).sum(2)
+                rows.append((r.sign() * r.abs() ** (1 / p)).numpy())
+            out["gram"][b].append(np.concatenate(rows, 1))
+    return {k: [np.concatenate(v) for v in blocks] for k, blocks in out.items()}
+
+
+def _unit(f: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(f, axis=1, keepdims=True)
+    return (f / np.where(n > 0, n, 1.0)).astype(np.float32)
+
+
+def _knn_per_block(ref: list[np.ndarray], sets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Deep kNN (k=10) per block on unit features, standardised on the reference's leave-one-out distances, averaged."""
+    total = {k: 0.0 for k in sets}
+    for b, r in enumerate(ref):
+        knn = KnnOOD.fit(_unit(r))
+        mu, sd = knn.reference_scores.mean(), knn.reference_scores.std()
+        for k, v in sets.items():
+            total[k] = total[k] + (knn.score(_unit(v[b])) - mu) / sd / len(ref)
+    return total
+
+
+def _lee_mahalanobis(
+    ref: list[np.ndarray], y_ref: np.ndarray, sets: dict[str, list[np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Lee et al. 2018: per block, distance to the nearest class mean (shared covariance, 5 % shrinkage), standardised, summed."""
+    total = {k: 0.0 for k in sets}
+    for b, f in enumerate(ref):
+        classes = np.unique(y_ref)
+        means = np.stack([f[y_ref == c].mean(axis=0) for c in classes])
+        centred = f - means[np.searchsorted(classes, y_ref)]
+        cov = centred.T @ centred / len(f)
+        prec = np.linalg.inv(0.95 * cov + 0.05 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+
+        def score(g: np.ndarray, means=means, prec=prec) -> np.ndarray:
+            return np.sqrt(np.min([np.sum(((g - m) @ prec) * (g - m), axis=1) for m in means], axis=0))
+
+        own = score(f)
+        for k, v in sets.items():
+            total[k] = total[k] + (score(v[b]) - own.mean()) / own.std()
+    return total
+
+
+def _gram_deviation(
+    ref: list[np.ndarray], pred_ref: np.ndarray, sets: dict[str, list[np.ndarray]], preds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Sastry & Oore 2020: relative deviation of the Gram row sums outside the reference's per-class range."""
+    n_fit = 3 * len(pred_ref) // 4  # min/max on three quarters, the normaliser on the last quarter
+    total = {k: 0.0 for k in sets}
+    for b, f in enumerate(ref):
+        bounds = {c: (f[:n_fit][pred_ref[:n_fit] == c].min(0), f[:n_fit][pred_ref[:n_fit] == c].max(0)) for c in (0, 1)}
+
+        def dev(g: np.ndarray, pred: np.ndarray, bounds=bounds) -> np.ndarray:
+            out = np.empty(len(g))
+            for c, (lo, hi) in bounds.items():
+                m = pred == c
+                out[m] = (
+                    np.maximum(lo - g[m], 0) / (np.abs(lo) + 1e-6) + np.maximum(g[m] - hi, 0) / (np.abs(hi) + 1e-6)
+                ).sum(1)
+            return out
+
+        norm = dev(f[n_fit:], pred_ref[n_fit:]).mean() + 1e-12
+        for k, v in sets.items():
+            total[k] = total[k] + dev(v[b], preds[k]) / norm
+    return total
+
+
+def _probe_auroc(pos: np.ndarray, neg: np.ndarray, *, seed: int, folds: int = 5) -> float:
+    """Cross-validated AUROC of an L2-regularised (1e-2) logistic regression telling ``pos`` from ``neg`` rows."""
+    X = np.concatenate([pos, neg]).astype(np.float64)
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    X = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-9)
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    out = np.empty(len(X))
+    for f in range(folds):
+        fit = fold != f
+        Xt, yt = torch.from_numpy(X[fit]), torch.from_numpy(y[fit])
+        w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=200)
+        weight = (len(yt) - yt.sum()) / yt.sum()  # balanced classes
+
+        def closure(Xt=Xt, yt=yt, w=w, b=b, opt=opt, weight=weight) -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Xt @ w + b, yt, pos_weight=weight)
+            loss = loss + 1e-2 * (w**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            out[~fit] = (torch.from_numpy(X[~fit]) @ w + b).numpy()
+    return _auroc(out[y == 0], out[y == 1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
@@ -109,20 +245,50 @@ def main() -> None:
     pick = rng.permutation(train_idx)
     ref_idx, held_idx = np.sort(pick[:4000]), np.sort(pick[4000:7000])
     knn = KnnOOD.fit(network_features(model, cube["X"][ref_idx]))
+    # the stored score's cost at inference against the plain P(real) pass, on the test stamps
+    cpu = {}
+    for name, run in (
+        ("P(real)", lambda: predict(model, meta, X)),
+        ("OOD score", lambda: knn.quantile(knn.score(network_features(model, X)))),
+    ):
+        run()  # warm-up
+        c0 = time.process_time()
+        run()
+        cpu[name] = time.process_time() - c0
+    print(
+        f"\nstored OOD score on {len(X)} test stamps: {cpu['OOD score']:.2f} CPU-s, P(real) {cpu['P(real)']:.2f} CPU-s "
+        f"(ratio {cpu['OOD score'] / cpu['P(real)']:.2f})"
+    )
     if args.ztf is not None:
         from rbflow.alerts import read_alerts
 
         _, raw, _ = read_alerts([args.ztf])
         sets = {
-            "ztf": normalise(crop_stamps(raw, int(meta["stamp_size"]))),
+            "ztf": normalise(crop_stamps(raw, int(meta["stamp_size"]))).astype(np.float32),
             "test": X,
             "held-out train": cube["X"][held_idx],
         }
+        ref_X, y_ref = cube["X"][ref_idx], cube["y"][ref_idx]
+        stats = {k: _block_stats(model, v) for k, v in {"ref": ref_X, **sets}.items()}
+        preds = {k: (predict(model, meta, v) >= meta["threshold"]).astype(int) for k, v in sets.items()}
+        pred_ref = (predict(model, meta, ref_X) >= meta["threshold"]).astype(int)
+
+        def per(key: str) -> dict[str, list[np.ndarray]]:
+            return {k: stats[k][key] for k in sets}
+
         scores = {
-            "before (Mahalanobis, class means)": _mahalanobis_before(
-                model, cube["X"][ref_idx], cube["y"][ref_idx], sets
+            "stored: kNN k=10, all blocks' mean+max (Sun et al. 2022)": {
+                k: knn.score(network_features(model, v)) for k, v in sets.items()
+            },
+            "before: Mahalanobis, class means, block mean/std": _mahalanobis_before(model, ref_X, y_ref, sets),
+            "kNN per block, mean+max, standardised, averaged": _knn_per_block(stats["ref"]["meanmax"], per("meanmax")),
+            "kNN per block, channel correlations (Gram), averaged": _knn_per_block(stats["ref"]["corr"], per("corr")),
+            "multi-layer Mahalanobis (Lee et al. 2018), block means": _lee_mahalanobis(
+                stats["ref"]["mean"], y_ref, per("mean")
             ),
-            "now (kNN, k=10, normalised)": {k: knn.score(network_features(model, v)) for k, v in sets.items()},
+            "Gram deviations p=1..5 (Sastry & Oore 2020)": _gram_deviation(
+                stats["ref"]["gram"], pred_ref, per("gram"), preds
+            ),
         }
         print(
             f"\nOOD AUROC: {len(raw)} packets of {args.ztf}, {len(X)} test stamps, {len(held_idx)} held-out training-frame stamps"
@@ -130,8 +296,13 @@ def main() -> None:
         print("| score | packets vs test | test vs held-out train |\n|---|---|---|")
         for name, s in scores.items():
             print(f"| {name} | {_auroc(s['test'], s['ztf']):.3f} | {_auroc(s['held-out train'], s['test']):.3f} |")
+        print("\nsupervised linear probe, packets vs test stamps (5-fold CV AUROC; a ceiling, not a stored score):")
+        for key, label in (("meanmax", "all blocks' mean+max"), ("corr", "all blocks' channel correlations")):
+            feats = {k: np.concatenate(stats[k][key], axis=1) for k in ("ztf", "test")}
+            print(f"  {label}: {_probe_auroc(feats['ztf'], feats['test'], seed=args.seed):.3f}")
 
-    folder = next(iter(sorted(d for d in (res / "obs" / "cutouts").iterdir() if d.is_dir())), None)
+    obs = res / "obs" / "cutouts"
+    folder = next(iter(sorted(d for d in obs.iterdir() if d.is_dir())), None) if obs.is_dir() else None
     if folder is not None:
         with tempfile.TemporaryDirectory() as tmp:
             stored = Path(tmp) / "model"

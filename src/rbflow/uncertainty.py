@@ -24,6 +24,19 @@ model, 0.59 on the demo model). Normalising removes the length and compares the 
 activations; the nearest-neighbour distance makes no Gaussian assumption about either class
 (measured in ``bench/uncertainty.py --ood``).
 
+What it does not catch (measured with ``bench/uncertainty.py``, demo model of commit 135842c, the
+86 real ZTF development packets cut and normalised as ``rbflow alerts score`` does): the packets
+against the demo's own test stamps score AUROC 0.72 only, and the demo's test frames against
+held-out stamps of its training frames 0.64. The other published scores on the same reference do
+no better: kNN per block standardised and averaged 0.75, multi-layer Mahalanobis (Lee et al. 2018)
+0.48, Gram-matrix deviations (Sastry & Oore 2020, "Detecting out-of-distribution examples with
+Gram matrices") 0.66. A linear probe trained on the packets themselves tells them apart at 0.97
+(5-fold cross-validated): the network's features carry the difference, but the real packets lie
+inside the cloud of the synthetic stamps (their backgrounds are clean noise, the densest kind of
+training stamp), off it only along directions that the training stamps' own spread hides from any
+distance to them. Read a high score as "unlike the training stamps in what the network looks at"
+(a crowded field, an artefact the simulation never made), not as "from another survey".
+
 The reference (the features of at most 4000 training-frame stamps, their leave-one-out distances
 and ``k``) is computed once at training time and written next to the model
 (:data:`OOD_FILE`, named with its SHA-256 in ``model.json``'s ``ood`` entry), so inference never
