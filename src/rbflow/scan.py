@@ -74,7 +74,7 @@ QUEUES = {
     "name": "by candidate id",
     "uncertain": "most uncertain first (MC-dropout spread, else P(real) nearest 0.5)",
     "mislabel": "likely label errors first (out-of-fold P(real) against the folder's label)",
-    "ood": "out-of-distribution first (Mahalanobis distance of the network's features)",
+    "ood": "out-of-distribution first (distance of its network features to the 10th-nearest training stamp)",
 }
 #: A candidate id: a plain file stem (no path separator, no leading dot).
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
