@@ -390,20 +390,22 @@ def summarise(root: Path, telescope: str) -> dict:
         sim.setdefault(p.stem.rsplit("_sim", 1)[0], []).append(_table_len(p))
     out["obs_candidates"] = obs
     out["sim_candidates"] = {f: float(np.mean(v)) for f, v in sim.items()}
-    labels = Table.read(res / "training" / "labels.ecsv", format="ascii.ecsv")
-    auto = np.asarray(labels["label_auto"]).astype(str)
-    kind = np.asarray(np.ma.filled(labels["truth_kind"], "")).astype(str)
-    out["labels"] = {k: int((auto == k).sum()) for k in ("true", "false", "unsorted")}
-    out["labels"]["true_by_truth"] = int(((auto == "true") & (kind == "asteroid")).sum())
-    summary = json.loads((res / "plots" / "checksim" / "summary.json").read_text())["bands"]
-    out["recovery"] = {
-        b: {k: summary[b][k] for k in ("n_injected", "n_detected", "m50", "m90", "limiting_mag")} for b in summary
-    }
-    metrics = json.loads((res / "model" / "metrics.json").read_text())
-    test = metrics["test"]
-    out["test"] = {k: test[k] for k in ("roc_auc", "fnr_at_fpr1", "fpr_at_fnr1", "accuracy", "mcc")}
-    out["test"]["counts"] = test["counts"]
-    out["threshold"] = metrics["threshold"]
+    out["labels"], out["recovery"], out["test"], out["threshold"] = {}, {}, {}, None  # absent while running
+    if (res / "training" / "labels.ecsv").exists():
+        labels = Table.read(res / "training" / "labels.ecsv", format="ascii.ecsv")
+        auto = np.asarray(labels["label_auto"]).astype(str)
+        kind = np.asarray(np.ma.filled(labels["truth_kind"], "")).astype(str)
+        out["labels"] = {k: int((auto == k).sum()) for k in ("true", "false", "unsorted")}
+        out["labels"]["true_by_truth"] = int(((auto == "true") & (kind == "asteroid")).sum())
+    if (res / "plots" / "checksim" / "summary.json").exists():
+        summary = json.loads((res / "plots" / "checksim" / "summary.json").read_text())["bands"]
+        keys = ("n_injected", "n_detected", "m50", "m90", "limiting_mag")
+        out["recovery"] = {b: {k: summary[b][k] for k in keys} for b in summary}
+    if (res / "model" / "metrics.json").exists():
+        metrics = json.loads((res / "model" / "metrics.json").read_text())
+        test = metrics["test"]
+        out["test"] = {k: test[k] for k in ("roc_auc", "fnr_at_fpr1", "fpr_at_fnr1", "accuracy", "mcc", "counts")}
+        out["threshold"] = metrics["threshold"]
     return out
 
 
@@ -420,26 +422,27 @@ def table(arms: dict[str, dict]) -> str:
     names = list(arms)
     rows: list[tuple[str, ...]] = [("", *names)]
     frames = sorted(set().union(*(a["obs_candidates"] for a in arms.values())))
+
+    def cands(arm: dict, frame: str) -> str:
+        obs, sim = arm["obs_candidates"].get(frame), arm["sim_candidates"].get(frame)
+        return f"{_fmt(obs)} / {'-' if sim is None else f'{sim:.0f}'}"
+
     for f in frames:
-        rows.append((f"candidates {f} (obs)", *(_fmt(arms[n]["obs_candidates"].get(f)) for n in names)))
+        rows.append((f"candidates {f} (obs / sim mean)", *(cands(arms[n], f) for n in names)))
     tot = [sum(a["obs_candidates"].values()) for a in arms.values()]
     rows.append(("candidates, all frames (obs)", *map(str, tot)))
     sim = [sum(a["sim_candidates"].values()) for a in arms.values()]
     rows.append(("candidates per realization, all frames (sim)", *(f"{v:.1f}" for v in sim)))
     for k in ("true", "false", "unsorted", "true_by_truth"):
-        rows.append((f"labels {k}", *(str(arms[n]["labels"][k]) for n in names)))
+        rows.append((f"labels {k}", *(_fmt(arms[n]["labels"].get(k)) for n in names)))
     bands = sorted(set().union(*(a["recovery"] for a in arms.values())))
     for b in bands:
         for k in ("n_injected", "n_detected", "m50", "m90", "limiting_mag"):
             rows.append((f"recovery {b} {k}", *(_fmt(arms[n]["recovery"].get(b, {}).get(k)) for n in names)))
     for k in ("roc_auc", "fnr_at_fpr1", "fpr_at_fnr1", "accuracy", "mcc"):
-        rows.append((f"test {k} [95 % CI]", *(_fmt(arms[n]["test"][k]) for n in names)))
-    rows.append(
-        (
-            "test stamps (real)",
-            *(f"{a['test']['counts']['n']} ({a['test']['counts']['n_true']})" for a in arms.values()),
-        )
-    )
+        rows.append((f"test {k} [95 % CI]", *(_fmt(arms[n]["test"].get(k)) for n in names)))
+    counts = [a["test"].get("counts") for a in arms.values()]
+    rows.append(("test stamps (real)", *(f"{c['n']} ({c['n_true']})" if c else "-" for c in counts)))
     rows.append(("threshold", *(_fmt(arms[n]["threshold"]) for n in names)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
