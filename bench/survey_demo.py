@@ -380,6 +380,27 @@ def _table_len(path: Path) -> int:
     return len(Table.read(path, format="ascii.ecsv"))
 
 
+#: What an observed candidate sits on in the demo's truth tables (rbflow.crossmatch.truth_kinds), grouped.
+KIND_GROUPS = ("transient", "variable", "star", "galaxy", "science artefact", "reference artefact", "nothing")
+
+
+def _candidates_on(root: Path, res: Path, frames: list[str], *, reference: bool) -> dict[str, int]:
+    """Observed candidates of all frames by what they sit on (science truth; the own reference's truth too)."""
+    from rbflow.crossmatch import truth_kinds
+
+    counts = dict.fromkeys(KIND_GROUPS, 0)
+    truth_dir = root / "resources" / "demo" / "truth"
+    for frame in frames:
+        cands = Table.read(res / "obs" / "detect" / f"{frame}.ecsv", format="ascii.ecsv")
+        truth = Table.read(truth_dir / f"{frame}.ecsv", format="ascii.ecsv")
+        ref = Table.read(truth_dir / f"{frame.rsplit('_', 1)[0]}_ref.ecsv", format="ascii.ecsv") if reference else None
+        for kind in truth_kinds(cands, truth, radius=2.0, reference=ref):
+            kind = str(kind)
+            group = kind if kind in KIND_GROUPS else "nothing" if not kind else "science artefact"
+            counts["reference artefact" if kind.startswith("ref:") else group] += 1
+    return counts
+
+
 def summarise(root: Path, telescope: str) -> dict:
     """Candidates, labels, injection recovery and test metrics of a finished run (``root``: its working folder)."""
     res = root / "results" / telescope
@@ -389,6 +410,7 @@ def summarise(root: Path, telescope: str) -> dict:
     for p in sorted((res / "sim" / "detect").glob("*.ecsv")):
         sim.setdefault(p.stem.rsplit("_sim", 1)[0], []).append(_table_len(p))
     out["obs_candidates"] = obs
+    out["obs_on"] = _candidates_on(root, res, list(obs), reference=telescope == "demo")
     out["sim_candidates"] = {f: float(np.mean(v)) for f, v in sim.items()}
     out["labels"], out["recovery"], out["test"], out["threshold"] = {}, {}, {}, None  # absent while running
     if (res / "training" / "labels.ecsv").exists():
@@ -431,6 +453,8 @@ def table(arms: dict[str, dict]) -> str:
         rows.append((f"candidates {f} (obs / sim mean)", *(cands(arms[n], f) for n in names)))
     tot = [sum(a["obs_candidates"].values()) for a in arms.values()]
     rows.append(("candidates, all frames (obs)", *map(str, tot)))
+    for k in KIND_GROUPS:
+        rows.append((f"  of which on {k}", *(str(arms[n]["obs_on"][k]) for n in names)))
     sim = [sum(a["sim_candidates"].values()) for a in arms.values()]
     rows.append(("candidates per realization, all frames (sim)", *(f"{v:.1f}" for v in sim)))
     for k in ("true", "false", "unsorted", "true_by_truth"):
