@@ -261,6 +261,33 @@ def test_reference_matches_truth_and_rerun_downloads_nothing(science, tmp_path, 
         survey_reference(path, tmp_path / "ref3.fits", tel, settings=settings)
 
 
+def test_later_stages_read_the_survey_facts_not_the_telescope_file(science, tmp_path):
+    """A survey reference's gain, read noise, saturation and zeropoint come from its header, not the telescope file.
+
+    The telescope file describes its own detector (demo: gain 6.2 e-/ADU, saturation 50,000 ADU); a PS1
+    stack is in counts at zeropoint 25 + 2.5 log10(EXPTIME) whose stars peak far above 50,000: read with
+    the telescope's saturation, every star brighter than ~17.5 mag of a PS1 reference was masked as saturated
+    in the demo run of bench/survey_demo.py (its variable stars were lost). The science frame keeps the
+    telescope's facts.
+    """
+    tel, path, stars, wcs = science
+    centre = tuple(float(v) for v in wcs.all_pix2world([[127.5, 127.5]], 0)[0])
+    from rbflow.frames import frame_info
+    from rbflow.survey import survey_reference
+
+    with FakeService(_service(stars, centre)) as service:
+        settings = _settings(f"{service.url}/cgi-bin", tmp_path / "cache")
+        survey_reference(path, tmp_path / "ref.fits", tel, settings=settings)
+    header = fits.getheader(tmp_path / "ref.fits")
+    fixed = {**tel, "zeropoints": {"r": 20.0}}  # a telescope with a fixed zeropoint per filter
+    info = frame_info(header, fixed)
+    assert np.nanmax(fits.getdata(tmp_path / "ref.fits")) > tel["saturation"]  # the bug's premise
+    assert info.saturation == header["SATURATE"] and info.gain == header["GAIN"] == 1.0
+    assert info.read_noise == header["RDNOISE"] and info.zeropoint == header["MAGZP"] > 30.0
+    sci = frame_info(fits.getheader(path), fixed)
+    assert (sci.saturation, sci.gain, sci.read_noise, sci.zeropoint) == (50000.0, 6.2, 8.0, 20.0)
+
+
 def test_service_failures_are_clear_and_lose_nothing(science, tmp_path):
     tel, path, stars, wcs = science
     centre = tuple(float(v) for v in wcs.all_pix2world([[127.5, 127.5]], 0)[0])

@@ -317,6 +317,11 @@ def pixel_scale_of(telescope: dict[str, Any], wcs: Any, *, path: str | Path = "?
 def frame_info(header: fits.Header, telescope: dict[str, Any], *, path: str | Path = "?") -> FrameInfo:
     """Collect a frame's facts: the telescope file wins, then the header key it names.
 
+    A survey reference (header card ``SURVEY``, written by :func:`rbflow.survey.survey_reference`)
+    is in the survey's units: its header's gain, read noise, saturation and zeropoint win over the
+    telescope file's, which describe the telescope's own detector (its 50,000 ADU saturation would
+    mask every star of a survey stack whose peak exceeds that many survey counts).
+
     Parameters
     ----------
     header : astropy.io.fits.Header
@@ -337,9 +342,10 @@ def frame_info(header: fits.Header, telescope: dict[str, Any], *, path: str | Pa
     """
     keys = telescope["header"]
     tname = telescope["name"]
+    survey = "SURVEY" in header  # a survey reference: its own facts
 
     def fact(name: str, unit: str) -> float:
-        value = telescope.get(name)
+        value = None if survey and keys[name] in header else telescope.get(name)
         if value is None:
             key = keys[name]
             if key not in header:
@@ -363,7 +369,7 @@ def frame_info(header: fits.Header, telescope: dict[str, Any], *, path: str | Pa
             f"frame '{path}': header key '{keys['filter']}' (filter) is missing; set 'header.filter' "
             f"in telescope file '{tname}.yaml'"
         )
-    zp = telescope["zeropoints"].get(filt)
+    zp = None if survey and keys["zeropoint"] in header else telescope["zeropoints"].get(filt)
     if zp is None:
         key = keys["zeropoint"]
         if key not in header:
