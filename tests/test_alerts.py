@@ -359,7 +359,7 @@ def test_worker_processes_give_the_same_table_kept_packets_and_failures(tmp_path
     assert one.meta["workers"] == 0 and two.meta["workers"] == 2
     for name in one.colnames:
         if one[name].dtype.kind == "f":
-            assert_allclose(two[name], one[name], atol=1e-6, err_msg=name)  # the same batches: in fact equal
+            assert_allclose(two[name], one[name], atol=1e-6, err_msg=name)  # the workers score in their own batches
         else:
             assert_array_equal(two[name], one[name], err_msg=name)
     assert two.meta["failures"] == one.meta["failures"]

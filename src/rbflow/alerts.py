@@ -1123,8 +1123,9 @@ def score_alerts(
         Decoding processes. 1: decoding runs in a thread beside inference, in this process. N > 1: N
         worker processes (``spawn`` start method, safe beside torch's threads) decode pieces of the
         input (groups of files or archive members, runs of blocks of a large Avro file, row groups of
-        Parquet), crop and normalise them, while this process infers and writes; the table is the
-        same as with 1 (same order, same inference batches).
+        Parquet), crop and normalise them and, with the ONNX engine, score them (one ONNX Runtime
+        thread each; with torch this process infers), while this process writes; the table is the
+        same as with 1 (same order; scores within 1e-6: other inference batches).
 
     Returns
     -------
@@ -1163,7 +1164,21 @@ def score_alerts(
     pending: list[np.ndarray] = []  # normalised stamps not yet inferred
     owners: list[_Container] = []  # container of each alert not yet inferred
     indices: list[np.ndarray] = []  # their index in it
-    task = functools.partial(_score_task, size=ALERT_SIZE, stamp=stamp, order=order, negative=negative)
+    # with worker processes and ONNX Runtime, each worker also scores what it decoded (one thread
+    # each): only the scores come back, and both cores run the whole chain
+    onnx = (str(model_path.with_name("model.onnx")), batch_size) if engine == "onnx" and int(workers) > 1 else None
+    task = functools.partial(_score_task, size=ALERT_SIZE, stamp=stamp, order=order, negative=negative, onnx=onnx)
+
+    def take(p: np.ndarray, bar: Any) -> None:
+        # the scores of the next len(p) alerts in input order: the table's column and the kept packets
+        p_real.append(p)
+        if writer is not None:
+            index = np.concatenate(indices)
+            for k in np.flatnonzero(p >= threshold).tolist():
+                writer.add(owners[k], int(index[k]))
+            del owners[: len(p)]
+            indices[:] = [index[len(p) :]]
+        bar.update(len(p))
 
     def score(bar: Any, *, final: bool) -> None:
         # whole batches only (the rest waits for the next task): the same batches whatever the tasks
@@ -1172,30 +1187,25 @@ def score_alerts(
         if n == 0:
             return
         X = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        p = infer(X[:n])
-        p_real.append(p)
         pending[:] = [X[n:]] if n < n_pending else []
-        if writer is not None:
-            index = np.concatenate(indices)
-            for k in np.flatnonzero(p >= threshold).tolist():
-                writer.add(owners[k], int(index[k]))
-            del owners[:n]
-            indices[:] = [index[n:]]
-        bar.update(n)
+        take(infer(X[:n]), bar)
 
     processes, results = _run_tasks(_tasks(paths, keep_bytes=writer is not None), task, int(workers))
     bar = tqdm(unit="alert", disable=(None if progress is None else not progress), desc="alerts")
     with bar, contextlib.closing(results):  # an error here stops the decoding thread or processes at once
-        for pieces, (counts, cols, X) in results:
+        for pieces, (counts, cols, out) in results:
             for (container, _), (n_read, found, n_alerts) in zip(pieces, counts):
                 container.n_records += n_read
                 _report(found, failures)
                 owners.extend([container] * (n_alerts if writer is not None else 0))
             columns.append(cols)
-            pending.append(X)
             if writer is not None:
                 indices.append(cols["index"])
-            score(bar, final=False)
+            if out.ndim == 1:  # P(real), scored where it was decoded
+                take(out, bar)
+            else:
+                pending.append(out)
+                score(bar, final=False)
         score(bar, final=True)
     if writer is not None:
         writer.flush()
@@ -1274,6 +1284,8 @@ def _inference(
 #: Input bytes one decoding task reads (about 180 ZTF alerts); Avro files of twice this or more, and
 #: Parquet files, are split into pieces of about this size so that every worker has its share.
 _TASK_BYTES = 8 << 20
+#: ONNX Runtime sessions of this process by model path (:func:`_onnx_session`: one per worker process).
+_SESSIONS: dict[str, Any] = {}
 
 
 def _tasks(paths: Iterable[str | os.PathLike], *, keep_bytes: bool) -> Iterator[list[tuple[_Container, _Piece]]]:
@@ -1298,14 +1310,26 @@ def _tasks(paths: Iterable[str | os.PathLike], *, keep_bytes: bool) -> Iterator[
         yield task
 
 
+def _onnx_session(path: str) -> Any:
+    """This process's ONNX Runtime session of ``path`` (one intra-op thread), made on first use."""
+    if path not in _SESSIONS:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        _SESSIONS[path] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return _SESSIONS[path]
+
+
 def _score_task(
-    pieces: list[_Piece], *, size: int, stamp: int, order: list[int], negative: str
+    pieces: list[_Piece], *, size: int, stamp: int, order: list[int], negative: str, onnx: tuple[str, int] | None
 ) -> tuple[list[tuple[int, list[tuple[AlertFailure, int]], int]], dict[str, np.ndarray], np.ndarray]:
     """Decode, crop and normalise the alerts of some pieces (in a worker process, or a thread).
 
     Returns, per piece, (records read, failures with their log level, alerts decoded); the alerts'
     columns (:data:`ALERT_COLUMNS`); their normalised ``(n, C, stamp, stamp)`` stamps in the model's
-    channel ``order``.
+    channel ``order`` or, with ``onnx`` = (model.onnx path, batch size), their P(real) ``(n,)``
+    from that model.
     """
     from rbflow.datacube import crop_stamps, normalise
 
@@ -1321,7 +1345,14 @@ def _score_task(
             parts.append(crop_stamps(stamps, stamp)[:, order])  # a copy: the chunk's 63-px planes are freed
             n_alerts += len(chunk)
         counts.append((n_read, found, n_alerts))
-    return counts, _columns(infos), normalise(np.concatenate(parts))  # once per task (single-alert pieces)
+    X = normalise(np.concatenate(parts))  # once per task (single-alert pieces)
+    if onnx is None:
+        return counts, _columns(infos), X
+    session, batch = _onnx_session(onnx[0]), onnx[1]
+    p = [np.zeros(0)] + [
+        session.run(["p_real"], {"x": X[i : i + batch]})[0].astype(np.float64) for i in range(0, len(X), batch)
+    ]
+    return counts, _columns(infos), np.concatenate(p)
 
 
 def _run_tasks(
