@@ -14,6 +14,6 @@ call_in_job(
     threshold=sm.params.alerts["threshold"],
     negative=sm.params.alerts["negative"],
     progress=False,
-    threads=1,  # inference is a tenth of the work: the job's cores decode
-    workers=sm.threads,
+    threads=sm.threads,  # inference threads when this process infers (torch, or a single decoding task)
+    workers=sm.threads,  # decoding (and, with ONNX, scoring) processes
 )

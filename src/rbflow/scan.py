@@ -804,19 +804,30 @@ def serve(
         See :func:`create_app`.
     """
     import signal
+    import threading
 
     from werkzeug.serving import make_server
 
+    servers: list[Any] = []  # the server once made
+    stopping = threading.Event()
+
     def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        # no exception raised into whatever the main thread runs (a request being parsed): the
+        # server is asked to shut down from a thread, and serve_forever returns at its next poll
+        log.info("%s received: stopping the scanning page", signal.Signals(signum).name)
+        stopping.set()
+        if servers:
+            threading.Thread(target=servers[0].shutdown, daemon=True).start()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     app = create_app(results_dir, user=user, model_path=model_path, seed=seed)
     server = make_server("127.0.0.1", port, app, threaded=True)
+    servers.append(server)
     log.info("scanning page on http://127.0.0.1:%d/ (Ctrl-C to stop)", server.server_port)
     try:
-        server.serve_forever()  # werkzeug's returns on KeyboardInterrupt
+        if not stopping.is_set():  # a signal while the server was being made: do not start serving
+            server.serve_forever()
     finally:
         server.server_close()
     log.info("scanning page stopped")

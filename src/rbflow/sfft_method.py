@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "bg_poly_order": 2,
     "tile": 1024,
     "overlap": 64,
-    "astrometric_noise": True,
+    "astrometric_noise": False,
     "moved_star_offset": 0.5,
 }
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
