@@ -167,9 +167,13 @@ def image_limit(crossmatch_path: str | os.PathLike, subtract_path: str | os.Path
         The band (``filter`` of the table, ``'all'`` without one) and the limit (mag; NaN when the
         table is empty).
     """
+    return _table_limit(read_table(crossmatch_path), subtract_path)
+
+
+def _table_limit(table: Table, subtract_path: str | os.PathLike) -> tuple[str, float]:
+    """:func:`image_limit` of a crossmatch table already read."""
     from astropy.io import fits
 
-    table = read_table(crossmatch_path)
     band = str(table["filter"][0]) if "filter" in table.colnames and len(table) else "all"
     if len(table) == 0:
         return band, float("nan")
@@ -272,8 +276,8 @@ def image_offsets(crossmatch_paths: Sequence[str | os.PathLike], subtract_paths:
     """
     rows = []
     for cm_path, sub_path in zip(crossmatch_paths, subtract_paths, strict=True):
-        band, limit = image_limit(cm_path, sub_path)
         table = read_table(cm_path)
+        band, limit = _table_limit(table, sub_path)
         iso = ~np.asarray(table["on_host"], bool) if "on_host" in table.colnames else np.ones(len(table), bool)
         m50, width = (
             fit_logistic(np.asarray(table["mag"], float)[iso], np.asarray(table["detected"], bool)[iso])
