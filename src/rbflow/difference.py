@@ -23,7 +23,7 @@ import numpy as np
 
 from rbflow.align import PixelMap
 
-__all__ = ["PSFLike", "PreparedPair", "Difference", "Method", "ref_psf_on_sci_grid"]
+__all__ = ["PSFLike", "PreparedPair", "Difference", "Method", "astrometric_variance", "ref_psf_on_sci_grid"]
 
 
 class PSFLike(Protocol):
@@ -128,3 +128,33 @@ def ref_psf_on_sci_grid(psf_ref: PSFLike, to_ref: PixelMap, x: float, y: float, 
     ry = r0y + jac[1, 0] * ux + jac[1, 1] * uy - round(r0y) + big // 2
     out = ndimage.map_coordinates(st.astype(np.float64), [ry, rx], order=3, mode="constant", cval=0.0)
     return out / out.sum()
+
+
+def astrometric_variance(a: np.ndarray, dx: float, dy: float, *, core: tuple[slice, slice] | None = None) -> np.ndarray:
+    """ZOGY's astrometric-noise variance of an image: ``dx² (da/dx)² + dy² (da/dy)²``.
+
+    Zackay, Ofek & Gal-Yam (2016), sec. 3.3: a registration error of ``dx``, ``dy`` pixels (rms)
+    moves every source of ``a`` and leaves this variance in the difference.
+
+    Parameters
+    ----------
+    a : numpy.ndarray
+        The image (or its matched-filtered version for the score's variance).
+    dx, dy : float
+        Registration noise (px) along x and y.
+    core : tuple of slice, optional
+        (y, x) slices: the variance on that part only (central differences, one-sided at the
+        array's edges, as on the whole array); default the whole array.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    if core is None:
+        core = (slice(0, a.shape[0]), slice(0, a.shape[1]))
+    ys, xs = core
+    y0, x0 = max(ys.start - 1, 0), max(xs.start - 1, 0)
+    sub = a[y0 : min(ys.stop + 1, a.shape[0]), x0 : min(xs.stop + 1, a.shape[1])]
+    gy, gx = np.gradient(sub)
+    inner = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+    return dx**2 * gx[inner] ** 2 + dy**2 * gy[inner] ** 2

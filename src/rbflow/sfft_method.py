@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from rbflow.difference import Difference, PreparedPair, PSFLike, ref_psf_on_sci_grid
+from rbflow.difference import Difference, PreparedPair, PSFLike, astrometric_variance, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError
 
 __all__ = [
@@ -313,12 +313,6 @@ def astrometric_outliers(pp: PreparedPair, *, offset: float | None) -> tuple[np.
     return moved, float(sx), float(sy)
 
 
-def _grad_sq(a: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """``sx² (da/dx)² + sy² (da/dy)²`` (central differences; ``sx``, ``sy`` in px)."""
-    gy, gx = np.gradient(a)
-    return sx**2 * gx**2 + sy**2 * gy**2
-
-
 def _score(
     D: np.ndarray,
     V: np.ndarray,
@@ -346,7 +340,7 @@ def _score(
         v = fftconvolve(V[wy, wx], flip**2, mode="same")
         if M is not None:
             s_o = fftconvolve(M[wy, wx], flip, mode="same")
-            v = v + _grad_sq(s_o, sx, sy) + _grad_sq(s_o - s, sx, sy)
+            v = v + astrometric_variance(s_o, sx, sy) + astrometric_variance(s_o - s, sx, sy)
         core = (slice(cy.start - wy.start, cy.stop - wy.start), slice(cx.start - wx.start, cx.stop - wx.start))
         SC[cy, cx] = (s / np.sqrt(np.maximum(v, np.finfo(np.float32).tiny)))[core]
     return SC
@@ -473,7 +467,7 @@ def sfft_difference(
     )
     SC = _score(D, V, M, psfs, boxes, sx=sx, sy=sy)
     if M is not None:  # ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) of D itself, in VAR
-        V += (_grad_sq(M, sx, sy) + _grad_sq(M - D, sx, sy)).astype(np.float32)
+        V += (astrometric_variance(M, sx, sy) + astrometric_variance(M - D, sx, sy)).astype(np.float32)
     cards = [
         ("METHOD", "sfft", "Hu et al. 2022, sfft Customized_Packet"),
         ("NTILES", len(centres), "sfft tiles, each with its own kernel fit"),

@@ -34,7 +34,7 @@ from astropy.io import fits
 
 from rbflow.align import MASK_BITS, PixelMap, align
 from rbflow.background import backgrounds
-from rbflow.difference import Difference, Method, PreparedPair, PSFLike, ref_psf_on_sci_grid
+from rbflow.difference import Difference, Method, PreparedPair, PSFLike, astrometric_variance, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
@@ -196,16 +196,6 @@ def zogy_kernels(
     )
 
 
-def _grad_sq(a: np.ndarray, core: tuple[slice, slice], dx: float, dy: float) -> np.ndarray:
-    """``dx² (da/dx)² + dy² (da/dy)²`` on ``core`` (central differences, one-sided at the array edges)."""
-    ys, xs = core
-    y0, x0 = max(ys.start - 1, 0), max(xs.start - 1, 0)
-    sub = a[y0 : min(ys.stop + 1, a.shape[0]), x0 : min(xs.stop + 1, a.shape[1])]
-    gy, gx = np.gradient(sub)
-    inner = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-    return dx**2 * gx[inner] ** 2 + dy**2 * gy[inner] ** 2
-
-
 def zogy_apply(
     k: ZogyKernels,
     N: np.ndarray,
@@ -256,7 +246,7 @@ def zogy_apply(
         v_s = np.float32(sn**2 * k.sq[0][0, 0].real + sr**2 * k.sq[1][0, 0].real)
         v_d = np.broadcast_to(np.float32(sn**2 * k.sq[2][0, 0].real + sr**2 * k.sq[3][0, 0].real), D.shape).copy()
     if dx > 0 or dy > 0:
-        v_s = v_s + _grad_sq(s_n, core, dx, dy) + _grad_sq(s_r, core, dx, dy)
+        v_s = v_s + astrometric_variance(s_n, dx, dy, core=core) + astrometric_variance(s_r, dx, dy, core=core)
     scorr = S / np.sqrt(np.maximum(v_s, np.finfo(np.float32).tiny))
     return {"D": D, "var_D": v_d, "S": S, "Scorr": scorr}
 
