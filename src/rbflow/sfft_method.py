@@ -73,6 +73,7 @@ __all__ = [
     "DEFAULTS",
     "astrometric_outliers",
     "decorrelation_kernel",
+    "excess_scatter",
     "kernel_error",
     "kernel_error_variance",
     "moment_images",
@@ -350,6 +351,19 @@ def common_flux(D: np.ndarray, M: np.ndarray, conv_side: str) -> np.ndarray:
     return np.minimum(np.maximum(sci_part, 0), np.maximum(ref_part, 0)).astype(np.float32)
 
 
+def _derivatives(C: np.ndarray) -> tuple[np.ndarray, ...]:
+    """First and second derivatives of an image (x, y, xx, yy, xy): central differences of step 1
+    (``[1, -2, 1]`` for the second ones), the edge pixels repeated beyond the edges."""
+    c = np.pad(np.asarray(C, np.float64), 1, mode="edge")
+    mid = c[1:-1, 1:-1]
+    gx = (c[1:-1, 2:] - c[1:-1, :-2]) / 2
+    gy = (c[2:, 1:-1] - c[:-2, 1:-1]) / 2
+    gxx = c[1:-1, 2:] - 2 * mid + c[1:-1, :-2]
+    gyy = c[2:, 1:-1] - 2 * mid + c[:-2, 1:-1]
+    gxy = (c[2:, 2:] - c[2:, :-2] - c[:-2, 2:] + c[:-2, :-2]) / 4
+    return gx, gy, gxx, gyy, gxy
+
+
 def moment_images(C: np.ndarray) -> np.ndarray:
     """The images a small kernel error makes of ``C``: its first terms in the kernel error's moments.
 
@@ -360,7 +374,7 @@ def moment_images(C: np.ndarray) -> np.ndarray:
 
     with the moments of ``dK`` as coefficients: its flux (a fraction), its centroid (px, sign
     reversed) and its second moments (px²: size, and the two components of ellipticity). Central
-    differences (one-sided at the edges).
+    differences of step 1 (:func:`_derivatives`).
 
     Parameters
     ----------
@@ -372,11 +386,8 @@ def moment_images(C: np.ndarray) -> np.ndarray:
     numpy.ndarray
         ``(6, ny, nx)`` float64.
     """
-    c = np.asarray(C, np.float64)
-    gy, gx = np.gradient(c)
-    gxy, gxx = np.gradient(gx)
-    gyy = np.gradient(gy, axis=0)
-    return np.stack([c, gx, gy, (gxx + gyy) / 2, (gxx - gyy) / 2, gxy])
+    gx, gy, gxx, gyy, gxy = _derivatives(C)
+    return np.stack([np.asarray(C, np.float64), gx, gy, (gxx + gyy) / 2, (gxx - gyy) / 2, gxy])
 
 
 def kernel_error(
@@ -455,13 +466,23 @@ def kernel_error(
     scatter = np.zeros(_N_MOMENTS)
     if good.any():
         for j in range(_N_MOMENTS):
-            scatter[j] = _excess_scatter(moments[good, j], errors[good, j])
+            scatter[j] = excess_scatter(moments[good, j], errors[good, j])
     return scatter, moments, errors
 
 
-def _excess_scatter(m: np.ndarray, e: np.ndarray) -> float:
-    """Paule-Mandel scatter of estimates ``m`` with errors ``e`` about 0: the s with
-    ``Σ m² / (e² + s²) = n`` (0 when the errors explain the spread), by bisection."""
+def excess_scatter(m: np.ndarray, e: np.ndarray) -> float:
+    """Scatter of estimates about 0 beyond their errors (Paule & Mandel 1982).
+
+    Parameters
+    ----------
+    m, e : numpy.ndarray
+        The estimates and their (1 sigma) errors.
+
+    Returns
+    -------
+    float
+        The s with ``Σ m² / (e² + s²) = n`` (found by bisection), 0 when the errors explain the spread.
+    """
 
     def excess(s2: float) -> float:
         return float((m**2 / (e**2 + s2)).sum()) - m.size
@@ -478,12 +499,9 @@ def _excess_scatter(m: np.ndarray, e: np.ndarray) -> float:
 def kernel_error_variance(C: np.ndarray, scatter: np.ndarray) -> np.ndarray:
     """Variance the kernel's errors leave in an image: ``Σ_j scatter_j² B_j²`` over the
     :func:`moment_images` B_j of ``C``, the moments taken independent (float64, C's shape)."""
-    c = np.asarray(C, np.float64)
     s2 = np.asarray(scatter, np.float64) ** 2
-    gy, gx = np.gradient(c)
-    out = s2[0] * c**2 + s2[1] * gx**2 + s2[2] * gy**2
-    gxy, gxx = np.gradient(gx)
-    gyy = np.gradient(gy, axis=0)
+    gx, gy, gxx, gyy, gxy = _derivatives(C)
+    out = s2[0] * np.asarray(C, np.float64) ** 2 + s2[1] * gx**2 + s2[2] * gy**2
     out += s2[3] * ((gxx + gyy) / 2) ** 2 + s2[4] * ((gxx - gyy) / 2) ** 2 + s2[5] * gxy**2
     return out
 
