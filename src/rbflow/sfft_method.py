@@ -716,8 +716,10 @@ def sfft_difference(
         )
         extra += kernel_error_variance(C, scatter)
     S, VS, XS = _score(D, V, M if astro else None, psfs, boxes, sx=sx, sy=sy, C=C, scatter=scatter)
-    SC = (S / np.sqrt(np.maximum(VS + XS / _noise_scale(S, VS, ok), np.finfo(np.float32).tiny))).astype(np.float32)
-    V = (V + extra / _noise_scale(D, V, ok)).astype(np.float32)
+    if astro or kerr:
+        VS = VS + XS / _noise_scale(S, VS, ok)
+        V = (V + extra / _noise_scale(D, V, ok)).astype(np.float32)
+    SC = (S / np.sqrt(np.maximum(VS, np.finfo(np.float32).tiny))).astype(np.float32)
     cards = [
         ("METHOD", "sfft", "Hu et al. 2022, sfft Customized_Packet"),
         ("NTILES", len(centres), "sfft tiles, each with its own kernel fit"),
