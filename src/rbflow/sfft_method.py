@@ -21,7 +21,7 @@ SCORR, is the matched filter of D with its PSF over the white-noise prediction o
 map (ZOGY's S), then normalised on the empty sky by :func:`rbflow.subtract.subtract_images` like
 the ZOGY S_corr (the normalisation stays near 1 because the noise is white).
 
-Two corrections for real frames with few stars (issue 15, measured on the DECam frames of
+Three corrections for real frames with few stars (issue 15, measured on the DECam frames of
 ``../shared/data/decam-sfft``, 4-6 alignment stars per 256² frame):
 
 * Stars that moved between the epochs (:func:`astrometric_outliers`: a galaxy whose light
@@ -36,9 +36,10 @@ Two corrections for real frames with few stars (issue 15, measured on the DECam 
   residuals, which without the term are 5-15 sigma at every bright star; with it they count at
   their expected size. The cost is sensitivity on the flanks of bright stars (see the schema).
 * The kernel's own errors (:func:`kernel_error`): with few stars the degree-2 kernel cannot
-  match every star (there the brightest star, which sfft's least squares follow, is broader in
-  the single frames than the fainter ones), so the stars keep core deficits and rings of 5-20 %
-  of their peak. Near each star the difference is fitted with the first terms of a small kernel
+  match every star. There the stars' profiles differ with brightness: the brightest star, which
+  sfft's least squares follow, is matched, and the others come out too broad (size moments
+  0.1 px² for the brightest, 0.3-1.6 px² for the 10^4-10^5 ADU stars), keeping core deficits
+  and rings of 5-20 % of their peak. Near each star the difference is fitted with the first terms of a small kernel
   error acting on the flux common to both epochs (:func:`moment_images`: flux, shift, size,
   ellipticity); each term's scatter over the stars, its measurement noise taken out, gives the
   variance ``Σ s_j² B_j²`` (:func:`kernel_error_variance`) added to VAR and, with the
@@ -109,6 +110,7 @@ _N_MOMENTS = 6
 _MAX_COND = 1e12
 #: Bisection steps of the Paule-Mandel scatter in :func:`kernel_error` (relative precision 2^-60).
 _PM_ITER = 60
+#: Robust std per median absolute deviation (Gaussian noise).
 _MAD_TO_STD = 1.4826
 #: Radius (broader FWHMs) of the disc around a star that moved (:func:`astrometric_outliers`) left out of the kernel fit.
 _BAN_RADIUS = 3.0
@@ -690,7 +692,7 @@ def sfft_difference(
     extra = np.zeros((ny, nx))
     if astro:  # ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) of D itself
         extra += astrometric_variance(M, sx, sy) + astrometric_variance(M - D, sx, sy)
-    C, scatter, n_kerr = None, np.zeros(6), 0
+    C, scatter, n_kerr = None, np.zeros(_N_MOMENTS), 0
     if kerr:
         C = common_flux(D, M, conv_side)
         keep = ~outlier
