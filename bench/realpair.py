@@ -10,7 +10,8 @@ telescope's ``frames.stack`` settings), and so are the five OBS18 frames; then, 
 every method subtracts the same pair:
 
 * rbflow ``zogy``, rbflow ``sfft`` (decorrelated) and rbflow ``auto`` (the default: zogy or sfft
-  chosen per pair from the PSF models; the choice is printed) (``rbflow.subtract.run_subtract``
+  chosen per pair from the PSF models; the choice is printed, with the measured kernel error when
+  ``subtract.sfft.kernel_error`` is on, as in ``decam.yaml``) (``rbflow.subtract.run_subtract``
   with ``subtract.method`` set, alignment included; PSF models by ``rbflow.psf.run_psf``);
 * sfft's ``Customized_Packet`` called directly on the pair rbflow aligned (the ``SCI`` and
   ``REF`` planes of rbflow's zogy output: background-subtracted science, reference resampled
@@ -162,6 +163,11 @@ def main() -> None:
                     ref_plane = hdul["REF"].data.astype(np.float64)
                     fwhm_s, fwhm_r = float(hdul[0].header["FWHMSCI"]), float(hdul[0].header["FWHMREF"])
                     why = str(hdul[0].header.get("METHAUTO", ""))
+                    if hdul[0].header.get("KERNERR"):
+                        why += (
+                            f"; kernel error from {hdul[0].header['KERRNSTR']} stars: size "
+                            f"{hdul[0].header['KERRSIZ']:.2f} px², flux {hdul[0].header['KERRFLX']:.3f}"
+                        )
                 cands = len(Table.read(work / f"{sci}-{method}.ecsv", format="ascii.ecsv"))
                 rows[f"rbflow {method}"].append(
                     {

@@ -160,20 +160,37 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     )
     # bright stars (> 100 sigma, 18 in the five frames): before the astrometric-noise term and the
     # kernel fit without stars that moved, all 18 kept a >= 5 sigma residual within 2 FWHM (sfft
-    # called directly too, median largest 9.8 sigma). Measured now 9 of 18, median largest 4.3
-    # sigma (zogy 29.7): the brightest star's proper motion (0.3 px between the epochs) counts at
-    # its expected size; the stars left are the 45k ADU ones (178, 202) and (104, 233), whose cores
-    # keep 3-4 % of their flux in single frames (under 1.5 % in the stacked pair, below). Issue
-    # 15's <= 5 % is not reached on single frames.
+    # called directly too, median largest 9.8 sigma); with them 9 of 18, median largest 4.3 sigma
+    # (zogy 29.7). With the measured kernel-error variance (subtract.sfft.kernel_error) 1 of 18,
+    # median largest 2.0 sigma: the 45k ADU stars' core deficits and rings (a size mismatch of
+    # 0.4-1.6 px², the kernel follows the brightest star) count at their measured size. The one
+    # left is (104, 233) in DEC-OBS18b at 5.2 sigma: the kernel, following the brightest star's
+    # proper motion (0.3 px), shifts it by 0.33 px. Issue 15's <= 5 % would be 0 of 18.
     hits = sum(q["bright_hit"] for q in default.values())
     assert sum(q["bright_n"] for q in default.values()) == 18
-    assert hits <= 10
+    assert hits <= 1
     peak = np.median([q["bright_peak"] for q in default.values()])
-    assert peak < 6.0 and peak < 0.3 * np.median([q["bright_peak"] for q in zogy.values()])
+    assert peak < 3.0 and peak < 0.15 * np.median([q["bright_peak"] for q in zogy.values()])
     for name in SCIENCE:
         hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
         # ZOGY's astrometric noise of the stars that did not move: measured x 0.13-0.16, y 0.06-0.08 px
         assert hdr["ASTNOISE"] is True and 0.02 < hdr["ASTSIGX"] < 0.2 and 0.0 < hdr["ASTSIGY"] < 0.2, name
+        # the kernel error, measured at the 4-5 stars: size scatter 0.44-0.56 px², flux 1.8-2.7 %
+        # (a kernel that matched the stars would give ~0: the estimate takes out the fits' noise)
+        assert hdr["KERNERR"] is True and hdr["KERRNSTR"] >= 4, name
+        assert 0.2 < hdr["KERRSIZ"] < 1.0 and hdr["KERRFLX"] < 0.06, name
+    # VAR near the bright stars now predicts DIFF there: DIFF/sqrt(VAR) within 2 FWHM of the four
+    # bright stars has std 0.81-0.96 per frame (without the term: tails to 5-6 sigma)
+    for name in SCIENCE:
+        with fits.open(decam_run / f"results/decam/obs/subtract/{name}_mini.fits") as h:
+            s = h["DIFF"].data / np.sqrt(h["VAR"].data)
+            fwhm = h[0].header["FWHMSCI"]
+        yy, xx = np.indices(s.shape)
+        near = np.zeros(s.shape, bool)
+        for x, y in ((100, 73), (57, 180), (178, 202), (104, 233)):
+            near |= (xx - x) ** 2 + (yy - y) ** 2 <= (2 * fwhm) ** 2
+        z = s[near & np.isfinite(s)]
+        assert 0.6 < np.std(z) < 1.2, name
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +232,13 @@ def test_stacked_epochs_leave_only_the_real_transient(stacked_pair):
     assert q["bright_n"] == 5 and q["bright_hit"] == 1
     assert hdr["NMOVERS"] >= 1
     s = diff / np.sqrt(var)
-    assert np.nanmin(s[120:140, 120:140]) < -10  # the faded transient stays a detection (-13.1; before -13.6)
+    # the faded transient stays a detection (-12.7; -13.1 before the kernel-error term, -13.6 before
+    # the astrometric one): it is in one epoch only, so not in the common flux the term scales
+    assert np.nanmin(s[120:140, 120:140]) < -10
     # DIFF/sqrt(VAR) within 2 FWHM of the four stars (galaxy left out): std 2.83, robust std 1.35,
-    # 33 of 708 pixels beyond 5 before; now 0.86, 0.68 and 1: the astrometric variance is somewhat
-    # high here (its sigma_x, 0.14 px, holds the proper-motion star the kernel follows), near 1 on
-    # single frames (robust std 0.99-1.27)
+    # 33 of 708 pixels beyond 5 before the astrometric term; with it and the kernel error 0.68,
+    # 0.59 and 0: the astrometric variance is somewhat high here (its sigma_x, 0.14 px, holds the
+    # proper-motion star the kernel follows), near 1 on single frames (std 0.81-0.96)
     yy, xx = np.indices(s.shape)
     near = np.zeros(s.shape, bool)
     for x, y in ((100, 73), (57, 180), (178, 202), (104, 233)):

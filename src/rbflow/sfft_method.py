@@ -21,7 +21,7 @@ SCORR, is the matched filter of D with its PSF over the white-noise prediction o
 map (ZOGY's S), then normalised on the empty sky by :func:`rbflow.subtract.subtract_images` like
 the ZOGY S_corr (the normalisation stays near 1 because the noise is white).
 
-Two corrections for real frames with few stars (issue 15, measured on the DECam frames of
+Three corrections for real frames with few stars (issue 15, measured on the DECam frames of
 ``../shared/data/decam-sfft``, 4-6 alignment stars per 256² frame):
 
 * Stars that moved between the epochs (:func:`astrometric_outliers`: a galaxy whose light
@@ -35,6 +35,17 @@ Two corrections for real frames with few stars (issue 15, measured on the DECam 
   five OBS18 frames and under 0.07 px within each epoch): no smooth registration takes out such
   residuals, which without the term are 5-15 sigma at every bright star; with it they count at
   their expected size. The cost is sensitivity on the flanks of bright stars (see the schema).
+* The kernel's own errors (:func:`kernel_error`): with few stars the degree-2 kernel cannot
+  match every star. There the stars' profiles differ with brightness: the brightest star, which
+  sfft's least squares follow, is matched, and the others come out too broad (size moments
+  0.1 px² for the brightest, 0.3-1.6 px² for the 10^4-10^5 ADU stars), keeping core deficits
+  and rings of 5-20 % of their peak. Near each star the difference is fitted with the first terms of a small kernel
+  error acting on the flux common to both epochs (:func:`moment_images`: flux, shift, size,
+  ellipticity); each term's scatter over the stars, its measurement noise taken out, gives the
+  variance ``Σ s_j² B_j²`` (:func:`kernel_error_variance`) added to VAR and, with the
+  matched-filtered common flux, to the score's variance. A transient, or a source that faded,
+  is not in the common flux, and smooth light (a galaxy's) has small derivatives, so both keep
+  their significance; a point source on a bright star's core needs more flux to be found.
 
 sfft is an optional dependency (``pip install "rbflow[sfft]"``); it is imported only when the
 method is chosen.
@@ -63,6 +74,10 @@ __all__ = [
     "DEFAULTS",
     "astrometric_outliers",
     "decorrelation_kernel",
+    "excess_scatter",
+    "kernel_error",
+    "kernel_error_variance",
+    "moment_images",
     "matching_kernel",
     "numba_cache_dir",
     "require_sfft",
@@ -80,12 +95,23 @@ DEFAULTS: dict[str, Any] = {
     "overlap": 64,
     "astrometric_noise": False,
     "moved_star_offset": 0.5,
+    "kernel_error": False,
 }
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
 _KERHW_PER_FWHM = 2.0
 _KERHW_LIMITS = (2, 20)
 #: Size of the decorrelation kernel in matching-kernel sizes (as sfft's ``DeCorrelation_Calculator``).
 _DECORR_SIZE_RATIO = 2.0
+#: Radius (broader FWHMs) of the disc around each star where :func:`kernel_error` fits the kernel's local error.
+_KERR_RADIUS = 2.0
+#: Terms of the kernel-error expansion (:func:`moment_images`).
+_N_MOMENTS = 6
+#: Largest condition number of a star's normal matrix in :func:`kernel_error` (above: no star in C there).
+_MAX_COND = 1e12
+#: Bisection steps of the Paule-Mandel scatter in :func:`kernel_error` (relative precision 2^-60).
+_PM_ITER = 60
+#: Robust std per median absolute deviation (Gaussian noise).
+_MAD_TO_STD = 1.4826
 #: Radius (broader FWHMs) of the disc around a star that moved (:func:`astrometric_outliers`) left out of the kernel fit.
 _BAN_RADIUS = 3.0
 
@@ -313,6 +339,175 @@ def astrometric_outliers(pp: PreparedPair, *, offset: float | None) -> tuple[np.
     return moved, float(sx), float(sy)
 
 
+def common_flux(D: np.ndarray, M: np.ndarray, conv_side: str) -> np.ndarray:
+    """The flux common to both epochs as they enter D: ``min(science part, reference part)``, each clipped at 0.
+
+    ``D = M - (convolved part)`` (science flux units, see :func:`sfft_difference`); the science
+    part is ``M`` when the reference is convolved, else ``D - M``; the reference part the other
+    one. A source in one epoch only (a transient, one that faded) has no common flux.
+    """
+    if conv_side == "REF":
+        sci_part, ref_part = M, M - D
+    else:
+        sci_part, ref_part = D - M, -M
+    return np.minimum(np.maximum(sci_part, 0), np.maximum(ref_part, 0)).astype(np.float32)
+
+
+def _derivatives(C: np.ndarray) -> tuple[np.ndarray, ...]:
+    """First and second derivatives of an image (x, y, xx, yy, xy): central differences of step 1
+    (``[1, -2, 1]`` for the second ones), the edge pixels repeated beyond the edges."""
+    c = np.pad(np.asarray(C, np.float64), 1, mode="edge")
+    mid = c[1:-1, 1:-1]
+    gx = (c[1:-1, 2:] - c[1:-1, :-2]) / 2
+    gy = (c[2:, 1:-1] - c[:-2, 1:-1]) / 2
+    gxx = c[1:-1, 2:] - 2 * mid + c[1:-1, :-2]
+    gyy = c[2:, 1:-1] - 2 * mid + c[:-2, 1:-1]
+    gxy = (c[2:, 2:] - c[2:, :-2] - c[:-2, 2:] + c[:-2, :-2]) / 4
+    return gx, gy, gxx, gyy, gxy
+
+
+def moment_images(C: np.ndarray) -> np.ndarray:
+    """The images a small kernel error makes of ``C``: its first terms in the kernel error's moments.
+
+    A kernel wrong by a small ``dK`` leaves ``dK * C`` in the difference; for an image that is smooth
+    on the scale of ``dK`` this is, to second order in its moments, a sum of the stacked images
+
+    ``C, dC/dx, dC/dy, (d²C/dx² + d²C/dy²) / 2, (d²C/dx² - d²C/dy²) / 2, d²C/dxdy``
+
+    with the moments of ``dK`` as coefficients: its flux (a fraction), its centroid (px, sign
+    reversed) and its second moments (px²: size, and the two components of ellipticity). Central
+    differences of step 1 (:func:`_derivatives`).
+
+    Parameters
+    ----------
+    C : numpy.ndarray
+        The image (2-D).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(6, ny, nx)`` float64.
+    """
+    gx, gy, gxx, gyy, gxy = _derivatives(C)
+    return np.stack([np.asarray(C, np.float64), gx, gy, (gxx + gyy) / 2, (gxx - gyy) / 2, gxy])
+
+
+def kernel_error(
+    D: np.ndarray,
+    V: np.ndarray,
+    C: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    bad: np.ndarray,
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scatter of the kernel's local errors, measured at the stars it was fitted on.
+
+    Near each star the difference is fitted (least squares weighted by ``1 / V``, pixels within
+    ``radius``) with the :func:`moment_images` of the common flux ``C``: the flux fraction, the
+    shift and the second moments by which the fitted kernel misses that star. Over the stars,
+    each moment's rms about 0 with its measurement noise taken out is the Paule-Mandel estimate
+    (Paule & Mandel 1982; the random-effects variance of meta-analysis): the ``s`` with
+    ``Σ m² / (e² + s²) = n`` for the n estimates m with errors e, 0 when the errors explain
+    their spread. V is first scaled to D's measured noise (robust std of D/sqrt(V) over the
+    valid pixels), so that the errors are right.
+
+    A star that varies between the epochs puts its change into its flux moment, and raises the
+    flux scatter by its change over sqrt(n); the stars that moved (:func:`astrometric_outliers`)
+    are best left out by the caller.
+
+    Parameters
+    ----------
+    D, V : numpy.ndarray
+        Difference and its predicted variance (white noise, ADU²).
+    C : numpy.ndarray
+        The flux of D's two parts common to both epochs (:func:`common_flux`).
+    xs, ys : numpy.ndarray
+        Positions (px) of the stars the kernel was fitted on.
+    bad : numpy.ndarray
+        Invalid pixels; a star with one within ``radius`` is not used, nor one within
+        ``radius + 2`` px of the edge.
+    radius : float
+        Radius (px) of the fit around each star.
+
+    Returns
+    -------
+    scatter : numpy.ndarray
+        ``(6,)`` rms of the moments over the stars, in the order of :func:`moment_images` (flux
+        fraction; x and y shift, px; size and the two ellipticity terms, px²); 0 without usable
+        stars.
+    moments, errors : numpy.ndarray
+        ``(n, 6)`` each star's moments and their errors (NaN for the stars not used).
+    """
+    ok = ~bad & np.isfinite(D) & (V > 0)
+    k2 = _noise_scale(D, V, ok)
+    h = int(math.ceil(radius))
+    u = np.arange(-h, h + 1)
+    disc = u[None, :] ** 2 + u[:, None] ** 2 <= radius**2
+    ny, nx = D.shape
+    moments = np.full((len(xs), _N_MOMENTS), np.nan)
+    errors = np.full_like(moments, np.nan)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        ix, iy = int(round(x)), int(round(y))
+        g = h + 2  # margin for the central differences
+        if ix - g < 0 or iy - g < 0 or ix + g >= nx or iy + g >= ny:
+            continue
+        win = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
+        if bad[win][disc].any():
+            continue
+        A = moment_images(C[iy - g : iy + g + 1, ix - g : ix + g + 1])[:, 2:-2, 2:-2][:, disc].T
+        w = 1.0 / (k2 * V[win][disc].astype(np.float64))
+        normal = A.T @ (A * w[:, None])
+        if not np.isfinite(normal).all() or np.linalg.cond(normal) > _MAX_COND:  # no star in C there
+            continue
+        cov = np.linalg.inv(normal)
+        moments[i] = cov @ (A.T @ (w * D[win][disc]))
+        errors[i] = np.sqrt(np.diag(cov))
+    good = np.all(np.isfinite(moments), axis=1)
+    scatter = np.zeros(_N_MOMENTS)
+    if good.any():
+        for j in range(_N_MOMENTS):
+            scatter[j] = excess_scatter(moments[good, j], errors[good, j])
+    return scatter, moments, errors
+
+
+def excess_scatter(m: np.ndarray, e: np.ndarray) -> float:
+    """Scatter of estimates about 0 beyond their errors (Paule & Mandel 1982).
+
+    Parameters
+    ----------
+    m, e : numpy.ndarray
+        The estimates and their (1 sigma) errors.
+
+    Returns
+    -------
+    float
+        The s with ``Σ m² / (e² + s²) = n`` (found by bisection), 0 when the errors explain the spread.
+    """
+
+    def excess(s2: float) -> float:
+        return float((m**2 / (e**2 + s2)).sum()) - m.size
+
+    if excess(0.0) <= 0:
+        return 0.0
+    lo, hi = 0.0, float((m**2).max()) + float((e**2).max())
+    for _ in range(_PM_ITER):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return math.sqrt(0.5 * (lo + hi))
+
+
+def kernel_error_variance(C: np.ndarray, scatter: np.ndarray) -> np.ndarray:
+    """Variance the kernel's errors leave in an image: ``Σ_j scatter_j² B_j²`` over the
+    :func:`moment_images` B_j of ``C``, the moments taken independent (float64, C's shape)."""
+    s2 = np.asarray(scatter, np.float64) ** 2
+    gx, gy, gxx, gyy, gxy = _derivatives(C)
+    out = s2[0] * np.asarray(C, np.float64) ** 2 + s2[1] * gx**2 + s2[2] * gy**2
+    out += s2[3] * ((gxx + gyy) / 2) ** 2 + s2[4] * ((gxx - gyy) / 2) ** 2 + s2[5] * gxy**2
+    return out
+
+
 def _score(
     D: np.ndarray,
     V: np.ndarray,
@@ -322,28 +517,46 @@ def _score(
     *,
     sx: float,
     sy: float,
-) -> np.ndarray:
-    """Matched filter of D with the PSF of each tile, over its white-noise prediction from V.
+    C: np.ndarray | None = None,
+    scatter: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matched filter S of D with the PSF of each tile, its white-noise variance from V and the extra variance.
 
     With the source image ``M`` (the unconvolved image decorrelated, in D's units; D's
-    convolved part is then ``M - D``), the astrometric-noise variance of ZOGY's S_corr (Zackay
-    et al. 2016, sec. 3.3) is added: ``sx² (∂S_M/∂x)² + sy² (∂S_M/∂y)²`` for each part, S_M its
-    matched-filtered image. ``boxes`` holds each tile's window and core (y, x slices); the filter
-    runs on the window and fills the core.
+    convolved part is then ``M - D``), the extra variance holds the astrometric noise of ZOGY's
+    S_corr (Zackay et al. 2016, sec. 3.3): ``sx² (∂S_M/∂x)² + sy² (∂S_M/∂y)²`` for each part,
+    S_M its matched-filtered image; with the common flux ``C`` and the kernel error's
+    ``scatter``, :func:`kernel_error_variance` of the matched-filtered C. ``boxes`` holds each
+    tile's window and core (y, x slices); the filter runs on the window and fills the core.
     """
     from scipy.signal import fftconvolve
 
-    SC = np.zeros_like(D)
+    S, VS, XS = (np.zeros_like(D) for _ in range(3))
     for pd, (wy, wx, cy, cx) in zip(psfs, boxes):
         flip = pd[::-1, ::-1]
+        core = (slice(cy.start - wy.start, cy.stop - wy.start), slice(cx.start - wx.start, cx.stop - wx.start))
         s = fftconvolve(D[wy, wx], flip, mode="same")
-        v = fftconvolve(V[wy, wx], flip**2, mode="same")
+        S[cy, cx] = s[core]
+        VS[cy, cx] = fftconvolve(V[wy, wx], flip**2, mode="same")[core]
+        x = np.zeros(s.shape)
         if M is not None:
             s_o = fftconvolve(M[wy, wx], flip, mode="same")
-            v = v + astrometric_variance(s_o, sx, sy) + astrometric_variance(s_o - s, sx, sy)
-        core = (slice(cy.start - wy.start, cy.stop - wy.start), slice(cx.start - wx.start, cx.stop - wx.start))
-        SC[cy, cx] = (s / np.sqrt(np.maximum(v, np.finfo(np.float32).tiny)))[core]
-    return SC
+            x += astrometric_variance(s_o, sx, sy) + astrometric_variance(s_o - s, sx, sy)
+        if C is not None and scatter is not None:
+            x += kernel_error_variance(fftconvolve(C[wy, wx], flip, mode="same"), scatter)
+        XS[cy, cx] = x[core]
+    return S, VS, XS
+
+
+def _noise_scale(a: np.ndarray, v: np.ndarray, ok: np.ndarray) -> float:
+    """Robust variance (1.4826 MAD, squared) of ``a / sqrt(v)`` over the ``ok`` pixels: measured over
+    predicted noise, by which an absolute extra variance is divided before the empty-sky rescaling
+    of :func:`rbflow.subtract.subtract_images` (so that it stays absolute)."""
+    z = a[ok] / np.sqrt(v[ok])
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        return 1.0
+    return float((_MAD_TO_STD * np.median(np.abs(z - np.median(z)))) ** 2) or 1.0
 
 
 def sfft_difference(
@@ -366,9 +579,11 @@ def sfft_difference(
         (polynomial degrees, 0-3, of the kernel's and the differential background's variation
         over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile),
         ``overlap`` (px, common margin of neighbouring tiles), ``astrometric_noise`` (bool: ZOGY's
-        astrometric-noise variance in VAR and the score) and ``moved_star_offset`` (px, or None:
+        astrometric-noise variance in VAR and the score), ``moved_star_offset`` (px, or None:
         alignment stars off the others' median offset by more than this are left out of the
-        kernel fit; see :func:`astrometric_outliers`).
+        kernel fit; see :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
+        the kernel's errors leave, measured at the stars by :func:`kernel_error`, in VAR and the
+        score).
     threads : int, optional
         Threads of sfft's numpy backend and of numba.
 
@@ -377,8 +592,11 @@ def sfft_difference(
     rbflow.difference.Difference
         D in science flux units, decorrelated per tile (white noise); its variance
         ``var_o + K0² var_c`` (background plus source Poisson noise, K0 the flux scaling of the
-        fitted kernel at the tile centre), plus the astrometric noise when asked; the raw score map; the PSF of D at the centre of each
-        tile's core (decorrelation kernel * PSF of the unconvolved image) and the header cards.
+        fitted kernel at the tile centre), plus the astrometric noise and the kernel error when
+        asked (absolute variances: divided by the measured-over-predicted noise ratio that the
+        empty-sky normalisation multiplies back); the raw score map; the PSF of D at the centre
+        of each tile's core (decorrelation kernel * PSF of the unconvolved image) and the header
+        cards.
 
     Raises
     ------
@@ -413,8 +631,10 @@ def sfft_difference(
     for x, y in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier]):
         ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
         log.info("sfft: star at (%.1f, %.1f) moved relative to the field; left out of the kernel fit", x, y)
-    # the unconvolved image decorrelated, signed so that D = M - (convolved part): the astrometric term's source
-    M = np.zeros((ny, nx), np.float32) if astro else None
+    kerr = bool(scfg["kernel_error"])
+    # the unconvolved image decorrelated, signed so that D = M - (convolved part): the source of
+    # the astrometric and kernel-error terms
+    M = np.zeros((ny, nx), np.float32) if astro or kerr else None
     boxes, psfs, centres, k0s = [], [], [], []
     dc_size = 0
     for wy0, wy1, cy0, cy1 in _windows(ny, tile, overlap):
@@ -465,9 +685,43 @@ def sfft_difference(
         ", ".join(f"{k:.4f}" for k in k0s),
         dc_size,
     )
-    SC = _score(D, V, M, psfs, boxes, sx=sx, sy=sy)
-    if M is not None:  # ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) of D itself, in VAR
-        V += (astrometric_variance(M, sx, sy) + astrometric_variance(M - D, sx, sy)).astype(np.float32)
+    # the extra variances (astrometric noise, kernel error) are absolute: VAR and the score's
+    # variance get them divided by the measured/predicted noise ratio that the empty-sky
+    # normalisation (rbflow.subtract) multiplies back
+    ok = ~pp.bad & (V > 0)
+    extra = np.zeros((ny, nx))
+    if astro:  # ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) of D itself
+        extra += astrometric_variance(M, sx, sy) + astrometric_variance(M - D, sx, sy)
+    C, scatter, n_kerr = None, np.zeros(_N_MOMENTS), 0
+    if kerr:
+        C = common_flux(D, M, conv_side)
+        keep = ~outlier
+        scatter, moments, _ = kernel_error(
+            D,
+            V,
+            C,
+            pp.ainfo["stars"]["x"][keep],
+            pp.ainfo["stars"]["y"][keep],
+            bad=pp.bad,
+            radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r),
+        )
+        n_kerr = int(np.all(np.isfinite(moments), axis=1).sum())
+        for x, y, m in zip(pp.ainfo["stars"]["x"][keep], pp.ainfo["stars"]["y"][keep], moments):
+            log.debug("sfft: kernel error at the star at (%.1f, %.1f): %s", x, y, np.array2string(m, precision=4))
+        if astro:  # the astrometric term already holds sx, sy of the shifts
+            scatter[1] = math.sqrt(max(scatter[1] ** 2 - sx**2, 0.0))
+            scatter[2] = math.sqrt(max(scatter[2] ** 2 - sy**2, 0.0))
+        log.info(
+            "sfft: kernel error from %d stars: flux %.4f, shift %.3f %.3f px, size %.3f px², ellipticity %.3f %.3f px²",
+            n_kerr,
+            *scatter,
+        )
+        extra += kernel_error_variance(C, scatter)
+    S, VS, XS = _score(D, V, M if astro else None, psfs, boxes, sx=sx, sy=sy, C=C, scatter=scatter)
+    if astro or kerr:
+        VS = VS + XS / _noise_scale(S, VS, ok)
+        V = (V + extra / _noise_scale(D, V, ok)).astype(np.float32)
+    SC = (S / np.sqrt(np.maximum(VS, np.finfo(np.float32).tiny))).astype(np.float32)
     cards = [
         ("METHOD", "sfft", "Hu et al. 2022, sfft Customized_Packet"),
         ("NTILES", len(centres), "sfft tiles, each with its own kernel fit"),
@@ -484,5 +738,13 @@ def sfft_difference(
         ("ASTNOISE", astro, "VAR, SCORR incl. ZOGY astrometric noise"),
         ("ASTSIGX", sx, "[pix] its sigma_x, stars that did not move"),
         ("ASTSIGY", sy, "[pix] its sigma_y"),
+        ("KERNERR", kerr, "VAR, SCORR incl. kernel-error variance"),
+        ("KERRNSTR", n_kerr, "stars it was measured on (moment fits)"),
+        ("KERRFLX", scatter[0], "its rms flux fraction over the stars"),
+        ("KERRSHX", scatter[1], "[pix] its rms x shift beyond ASTSIGX"),
+        ("KERRSHY", scatter[2], "[pix] its rms y shift beyond ASTSIGY"),
+        ("KERRSIZ", scatter[3], "[pix2] its rms size (2nd moment)"),
+        ("KERRE1", scatter[4], "[pix2] its rms ellipticity, x-y"),
+        ("KERRE2", scatter[5], "[pix2] its rms ellipticity, xy"),
     ]
     return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards)
