@@ -37,6 +37,12 @@ Usage: ``python bench/uncertainty.py RESULTS_DIR [--ztf DIR] [--passes 20] [--se
    - kNN (k=10) on per-channel input statistics of the stamp (fractions beyond +-3 sigma, clipped
      standard deviation, lag-1 and lag-2 autocorrelations, kurtosis, centre mean, and the SCI-DIFF
      and REF-DIFF correlations), each mapped to a normal score by its rank among the reference's;
+   - background-corrected: the stored score's normal score (its rank among the reference's
+     leave-one-out scores) minus that of the first block's kNN with the pooling restricted to the
+     background annulus (radius > 8 px): the likelihood ratio of Ren et al. 2019 ("Likelihood
+     ratios for out-of-distribution detection"), kNN distances standing for densities; it discounts
+     what is unusual in the whole stamp, so a shift of the whole stamp (another survey's noise
+     everywhere) scores as typical: not stored; and the maximum of the two normal scores;
 
    then what differs: the first block's kNN with its pooling restricted to the centre (radius 6 px,
    where the candidate is) and to the background annulus (radius > 8 px), and the spread of the
@@ -284,6 +290,14 @@ def _rank_normal(ref: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _normal_score(reference_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Normal score of ``x`` by its rank among the sorted leave-one-out ``reference_scores``."""
+    from scipy.stats import norm
+
+    n = len(reference_scores)
+    return norm.ppf((np.searchsorted(reference_scores, x) + 0.5) / (n + 1))
+
+
 def _first_block_regions(model: torch.nn.Module, X: np.ndarray) -> dict[str, np.ndarray]:
     """The first block's channel mean+max pooled over the centre (r <= 6 px) and the background annulus (r > 8 px)."""
     first = model.features[:3]  # convolution, BatchNorm, ReLU
@@ -443,13 +457,23 @@ def main() -> None:
                 k: _euclid_knn(inp, _rank_normal(stats_ref, _input_stats(v))) for k, v in sets.items()
             },
         }
+        # background-corrected (the likelihood ratio of Ren et al. 2019 with kNN distances for densities):
+        # the stored score's normal score minus that of the first block pooled over the background annulus
+        regions = {k: _first_block_regions(model, v) for k, v in {"ref": ref_X, **sets}.items()}
+        bg = KnnOOD.fit(regions["ref"]["background"])
+        z_all = {k: _normal_score(knn.reference_scores, v) for k, v in scores[next(iter(scores))].items()}
+        z_bg = {k: _normal_score(bg.reference_scores, bg.score(regions[k]["background"])) for k in sets}
+        corrected = {k: z_all[k] - z_bg[k] for k in sets}
+        scores["background-corrected: z(stored) - z(first block over the background) (Ren et al. 2019)"] = corrected
+        scores["max of z(stored) and the background-corrected score"] = {
+            k: np.maximum(z_all[k], corrected[k]) for k in sets
+        }
         print(
             f"\nOOD AUROC: {len(raw)} packets of {args.ztf}, {len(X)} test stamps, {len(held_idx)} held-out training-frame stamps"
         )
         print("| score | packets vs test | test vs held-out train |\n|---|---|---|")
         for name, s in scores.items():
             print(f"| {name} | {_auroc(s['test'], s['ztf']):.3f} | {_auroc(s['held-out train'], s['test']):.3f} |")
-        regions = {k: _first_block_regions(model, v) for k, v in {"ref": ref_X, **sets}.items()}
         whiteness = {k: _background_whiteness(v) for k, v in sets.items()}
         print("\nwhat differs (same AUROCs):\n| where | packets vs test | test vs held-out train |\n|---|---|---|")
         for region in ("centre", "background"):
