@@ -129,6 +129,24 @@ def test_a_reference_of_another_training_is_refused(trained, tmp_path):
         infer_cutouts(results / "sim" / "cutouts" / IMAGE, bad, tmp_path / "t.ecsv")
 
 
+def test_a_reference_of_every_block_is_restricted_to_the_first_on_reading(trained, tmp_path):
+    """References stored before the score moved to the first block (all columns) stay usable, restricted."""
+    from rbflow.io import file_sha256
+
+    root, model, meta = trained
+    path = _copy_model(root / "model", tmp_path / "m", ood=True)
+    X = normalise(synthetic_stamps(200, seed=31)[0])
+    KnnOOD.fit(network_features(model, X)).save(tmp_path / "m" / OOD_FILE)
+    old = {**meta, "ood": {**meta["ood"], "sha256": file_sha256(tmp_path / "m" / OOD_FILE)}}
+    reference = model_reference(path, old)
+    fresh = KnnOOD.fit(network_features(model, X), columns=first_block_columns(model))
+    assert reference.columns == fresh.columns == (0, 16)
+    np.testing.assert_allclose(reference.reference, fresh.reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(reference.reference_scores, fresh.reference_scores, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="model.widths"):
+        model_reference(path, {k: v for k, v in old.items() if k != "model"})
+
+
 def test_ood_score_separates_stamps_unlike_the_training_set(trained):
     root, model, _ = trained
     reference = reference_ood(model, root / "cube.npz", seed=0)
