@@ -14,8 +14,10 @@ Usage: ``python bench/uncertainty.py RESULTS_DIR [--ztf DIR] [--passes 20] [--se
    not flag the model's own kind of data), side by side, all fitted on the same reference (4000
    training-frame stamps, as rbflow.train picks them):
 
-   - the stored score (deep kNN, k=10, on the L2-normalised mean+max features of all blocks
-     together, Sun et al. 2022: rbflow.uncertainty.KnnOOD);
+   - the stored score (deep kNN, k=10, on the L2-normalised mean+max features of the first
+     convolution block, Sun et al. 2022 on an early layer as Abdelzad et al. 2019:
+     rbflow.uncertainty.fit_reference);
+   - the score stored before: the same on all blocks' mean+max features together;
    - the class-mean Mahalanobis distance on block mean/std features that rbflow used before;
    - deep kNN per block (mean+max, and the channel-correlation matrix of the block's output),
      each block's distance standardised on the reference's own leave-one-out distances and the
@@ -27,10 +29,29 @@ Usage: ``python bench/uncertainty.py RESULTS_DIR [--ztf DIR] [--passes 20] [--se
      relative deviation outside that range, normalised per block by its mean on a held-out quarter
      of the reference and summed;
 
+   - ViM (Wang et al. 2022, "ViM: out-of-distribution with virtual-logit matching"): the norm of the
+     head's input features off their principal subspace (half the dimensions, origin at the point
+     the logit maps to 0), scaled to the mean |logit| on the reference, as a virtual logit next to
+     the logits (z, 0); the score is its softmax probability;
+   - 1 - the maximum softmax probability (Hendrycks & Gimpel 2017) of the calibrated P(real);
+   - kNN (k=10) on per-channel input statistics of the stamp (fractions beyond +-3 sigma, clipped
+     standard deviation, lag-1 and lag-2 autocorrelations, kurtosis, centre mean, and the SCI-DIFF
+     and REF-DIFF correlations), each mapped to a normal score by its rank among the reference's;
+   - background-corrected: the stored score's normal score (its rank among the reference's
+     leave-one-out scores) minus that of the first block's kNN with the pooling restricted to the
+     background annulus (radius > 8 px): the likelihood ratio of Ren et al. 2019 ("Likelihood
+     ratios for out-of-distribution detection"), kNN distances standing for densities; it discounts
+     what is unusual in the whole stamp, so a shift of the whole stamp (another survey's noise
+     everywhere) scores as typical: not stored; and the maximum of the two normal scores;
+
+   then what differs: the first block's kNN with its pooling restricted to the centre (radius 6 px,
+   where the candidate is) and to the background annulus (radius > 8 px), and the spread of the
+   DIFF's background noise autocorrelation (pixels within 3 sigma, away from any pixel beyond);
    and, as a ceiling for these unsupervised scores, a supervised linear probe (L2-regularised
    logistic regression on standardised block features, 5-fold cross-validated, seeded) trained to
-   tell the packets from the test stamps: its AUROC says whether the network's features carry the
-   difference at all (a probe sees the packets; no stored score may);
+   tell the packets from the test stamps, and the same probe telling the test stamps from held-out
+   training-frame stamps: whether the network's features carry the difference at all (a probe sees
+   the packets; no stored score may), and how far apart two sets of the demo's own frames already are;
 3. the CPU time of the stored OOD score (features and neighbour search) on the test stamps against
    the plain P(real) pass on them; and the wall and CPU time of ``infer_cutouts`` on the first
    observed cutout folder (best of 2 after a warm-up), with the OOD reference fitted from the
@@ -55,7 +76,7 @@ import torch
 from rbflow.datacube import crop_stamps, load_datacube, normalise
 from rbflow.infer import infer_cutouts, load_model, predict
 from rbflow.io import file_sha256
-from rbflow.uncertainty import OOD_FILE, KnnOOD, mc_dropout, network_features
+from rbflow.uncertainty import OOD_FILE, KnnOOD, first_block_columns, mc_dropout, network_features
 
 
 def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -127,6 +148,13 @@ def _unit(f: np.ndarray) -> np.ndarray:
     return (f / np.where(n > 0, n, 1.0)).astype(np.float32)
 
 
+def _euclid_knn(ref: KnnOOD, x: np.ndarray) -> np.ndarray:
+    """Euclidean distance of rows ``x`` to their ``ref.k``-th nearest row of ``ref.reference`` (not unit vectors)."""
+    r = ref.reference.astype(np.float64)
+    d2 = (x**2).sum(1)[:, None] + (r**2).sum(1)[None] - 2 * x @ r.T
+    return np.sqrt(np.maximum(np.partition(d2, ref.k - 1, axis=1)[:, ref.k - 1], 0))
+
+
 def _knn_per_block(ref: list[np.ndarray], sets: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     """Deep kNN (k=10) per block on unit features, standardised on the reference's leave-one-out distances, averaged."""
     total = {k: 0.0 for k in sets}
@@ -181,6 +209,128 @@ def _gram_deviation(
         for k, v in sets.items():
             total[k] = total[k] + dev(v[b], preds[k]) / norm
     return total
+
+
+def _vim(model: torch.nn.Module, meta: dict, ref: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ViM (Wang et al. 2022) for a one-logit head: softmax probability of the virtual logit next to (z, 0)."""
+    head_in: list[np.ndarray] = []
+    hook = model.head.register_forward_pre_hook(lambda _m, args: head_in.append(args[0].double().numpy()))
+
+    def feats(X: np.ndarray) -> np.ndarray:
+        head_in.clear()
+        with torch.no_grad():
+            for i in range(0, len(X), 512):
+                model(torch.as_tensor(np.ascontiguousarray(X[i : i + 512])))
+        return np.concatenate(head_in)
+
+    try:
+        f_ref = feats(ref)
+        f_sets = {k: feats(v) for k, v in sets.items()}
+    finally:
+        hook.remove()
+    linear = model.head[-1]
+    w = linear.weight.detach().double().numpy()
+    b = linear.bias.detach().double().numpy()
+    origin = -np.linalg.pinv(w) @ b
+    ev, vec = np.linalg.eigh(np.cov((f_ref - origin).T))
+    minor = vec[:, np.argsort(ev)[::-1][f_ref.shape[1] // 2 :]]
+    inv_t = 1.0 / float(meta.get("temperature", 1.0))
+
+    def residual(f: np.ndarray) -> np.ndarray:
+        return np.linalg.norm((f - origin) @ minor, axis=1)
+
+    alpha = np.abs((f_ref @ w.T + b).ravel() * inv_t).mean() / residual(f_ref).mean()
+
+    def score(f: np.ndarray) -> np.ndarray:
+        z = (f @ w.T + b).ravel() * inv_t
+        logits = np.stack([z, np.zeros_like(z), alpha * residual(f)], axis=1)
+        top = logits.max(axis=1, keepdims=True)
+        return np.exp(logits[:, 2] - top[:, 0]) / np.exp(logits - top).sum(axis=1)
+
+    return {k: score(f) for k, f in f_sets.items()}
+
+
+def _input_stats(X: np.ndarray) -> np.ndarray:
+    """Per-channel pixel statistics of normalised stamps (N, 3 * 9 + 2): tails, spread, noise correlation, centre."""
+    out = []
+    p = X.astype(np.float64)
+    for c in range(p.shape[1]):
+        plane = p[:, c]
+        clipped = np.clip(plane, -3, 3)
+        clipped = clipped - clipped.mean(axis=(1, 2), keepdims=True)
+        var = (clipped**2).mean(axis=(1, 2)) + 1e-12
+        out += [
+            (plane > 3).mean(axis=(1, 2)),
+            (plane < -3).mean(axis=(1, 2)),
+            np.sqrt(var),
+            (clipped[:, :, 1:] * clipped[:, :, :-1]).mean(axis=(1, 2)) / var,
+            (clipped[:, 1:] * clipped[:, :-1]).mean(axis=(1, 2)) / var,
+            (clipped[:, :, 2:] * clipped[:, :, :-2]).mean(axis=(1, 2)) / var,
+            (clipped[:, 2:] * clipped[:, :-2]).mean(axis=(1, 2)) / var,
+            (clipped**4).mean(axis=(1, 2)) / var**2,
+            plane[:, 13:18, 13:18].mean(axis=(1, 2)),
+        ]
+    flat = np.clip(p, -3, 3).reshape(len(p), p.shape[1], -1)
+    flat = flat - flat.mean(axis=2, keepdims=True)
+    norm = np.sqrt((flat**2).sum(axis=2)) + 1e-12
+    for i, j in ((0, 2), (1, 2)):
+        out.append((flat[:, i] * flat[:, j]).sum(axis=1) / norm[:, i] / norm[:, j])
+    return np.stack(out, axis=1)
+
+
+def _rank_normal(ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each column of ``x`` mapped to the normal score of its mid-rank among ``ref``'s column."""
+    from scipy.stats import norm
+
+    out = np.empty_like(x, dtype=np.float64)
+    for j in range(x.shape[1]):
+        r = np.sort(ref[:, j])
+        q = (np.searchsorted(r, x[:, j], side="left") + np.searchsorted(r, x[:, j], side="right")) / (2 * len(r))
+        out[:, j] = norm.ppf(np.clip(q, 0.5 / len(r), 1 - 0.5 / len(r)))
+    return out
+
+
+def _normal_score(reference_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Normal score of ``x`` by its rank among the sorted leave-one-out ``reference_scores``."""
+    from scipy.stats import norm
+
+    n = len(reference_scores)
+    return norm.ppf((np.searchsorted(reference_scores, x) + 0.5) / (n + 1))
+
+
+def _first_block_regions(model: torch.nn.Module, X: np.ndarray) -> dict[str, np.ndarray]:
+    """The first block's channel mean+max pooled over the centre (r <= 6 px) and the background annulus (r > 8 px)."""
+    first = model.features[:3]  # convolution, BatchNorm, ReLU
+    size = X.shape[-1]
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size // 2, xx - size // 2)
+    masks = {"centre": torch.as_tensor(r <= 6), "background": torch.as_tensor(r > 8)}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in masks}
+    with torch.no_grad():
+        for i in range(0, len(X), 512):
+            h = first(torch.as_tensor(np.ascontiguousarray(X[i : i + 512]))).double()
+            for k, m in masks.items():
+                v = h[:, :, m]
+                out[k].append(torch.cat([v.mean(2), v.amax(2)], 1).numpy())
+    return {k: _unit(np.concatenate(v)) for k, v in out.items()}
+
+
+def _background_whiteness(X: np.ndarray) -> np.ndarray:
+    """RMS of the DIFF background's lag-1 and lag-2 autocorrelations (pixels within 3 sigma, away from any beyond)."""
+    from scipy.ndimage import binary_dilation
+
+    p = X[:, 2].astype(np.float64)
+    good = ~binary_dilation((np.abs(p) > 3) | (p == 0), structure=np.ones((1, 3, 3), bool))
+    n = np.maximum(good.sum(axis=(1, 2)), 1)
+    q = np.where(good, p, 0.0)
+    q = np.where(good, p - (q.sum(axis=(1, 2)) / n)[:, None, None], 0.0)
+    var = (q * q).sum(axis=(1, 2)) / n + 1e-12
+    rho = []
+    for dy, dx in ((0, 1), (1, 0), (0, 2), (2, 0)):
+        a, b = q[:, dy:, dx:], q[:, : q.shape[1] - dy, : q.shape[2] - dx]
+        g = good[:, dy:, dx:] & good[:, : q.shape[1] - dy, : q.shape[2] - dx]
+        rho.append((a * b * g).sum(axis=(1, 2)) / np.maximum(g.sum(axis=(1, 2)), 1) / var)
+    return np.sqrt(np.mean(np.square(rho), axis=0))
 
 
 def _probe_auroc(pos: np.ndarray, neg: np.ndarray, *, seed: int, folds: int = 5) -> float:
@@ -244,7 +394,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     pick = rng.permutation(train_idx)
     ref_idx, held_idx = np.sort(pick[:4000]), np.sort(pick[4000:7000])
-    knn = KnnOOD.fit(network_features(model, cube["X"][ref_idx]))
+    ref_feats = network_features(model, cube["X"][ref_idx])
+    knn = KnnOOD.fit(ref_feats, columns=first_block_columns(model))  # the stored score, as fit_reference fits it
+    pooled = KnnOOD.fit(ref_feats)  # the score stored before: every block
     # the stored score's cost at inference against the plain P(real) pass, on the test stamps
     cpu = {}
     for name, run in (
@@ -276,9 +428,17 @@ def main() -> None:
         def per(key: str) -> dict[str, list[np.ndarray]]:
             return {k: stats[k][key] for k in sets}
 
+        feats = {k: network_features(model, v) for k, v in sets.items()}
+        p_sets = {k: predict(model, meta, v) for k, v in sets.items()}
+        stats_ref = _input_stats(ref_X)
+        inp_ref = _rank_normal(stats_ref, stats_ref)
+        inp = KnnOOD(reference=inp_ref.astype(np.float32), k=10, reference_scores=np.zeros(1))
         scores = {
-            "stored: kNN k=10, all blocks' mean+max (Sun et al. 2022)": {
-                k: knn.score(network_features(model, v)) for k, v in sets.items()
+            "stored now: kNN k=10, first block's mean+max (Sun et al. 2022; Abdelzad et al. 2019)": {
+                k: knn.score(f) for k, f in feats.items()
+            },
+            "stored before: kNN k=10, all blocks' mean+max (Sun et al. 2022)": {
+                k: pooled.score(f) for k, f in feats.items()
             },
             "before: Mahalanobis, class means, block mean/std": _mahalanobis_before(model, ref_X, y_ref, sets),
             "kNN per block, mean+max, standardised, averaged": _knn_per_block(stats["ref"]["meanmax"], per("meanmax")),
@@ -289,6 +449,24 @@ def main() -> None:
             "Gram deviations p=1..5 (Sastry & Oore 2020)": _gram_deviation(
                 stats["ref"]["gram"], pred_ref, per("gram"), preds
             ),
+            "ViM, head features, half the dimensions (Wang et al. 2022)": _vim(model, meta, ref_X, sets),
+            "1 - max softmax probability (Hendrycks & Gimpel 2017)": {
+                k: 1 - np.maximum(p, 1 - p) for k, p in p_sets.items()
+            },
+            "kNN k=10 on per-channel input statistics (rank-normal scores)": {
+                k: _euclid_knn(inp, _rank_normal(stats_ref, _input_stats(v))) for k, v in sets.items()
+            },
+        }
+        # background-corrected (the likelihood ratio of Ren et al. 2019 with kNN distances for densities):
+        # the stored score's normal score minus that of the first block pooled over the background annulus
+        regions = {k: _first_block_regions(model, v) for k, v in {"ref": ref_X, **sets}.items()}
+        bg = KnnOOD.fit(regions["ref"]["background"])
+        z_all = {k: _normal_score(knn.reference_scores, v) for k, v in scores[next(iter(scores))].items()}
+        z_bg = {k: _normal_score(bg.reference_scores, bg.score(regions[k]["background"])) for k in sets}
+        corrected = {k: z_all[k] - z_bg[k] for k in sets}
+        scores["background-corrected: z(stored) - z(first block over the background) (Ren et al. 2019)"] = corrected
+        scores["max of z(stored) and the background-corrected score"] = {
+            k: np.maximum(z_all[k], corrected[k]) for k in sets
         }
         print(
             f"\nOOD AUROC: {len(raw)} packets of {args.ztf}, {len(X)} test stamps, {len(held_idx)} held-out training-frame stamps"
@@ -296,10 +474,29 @@ def main() -> None:
         print("| score | packets vs test | test vs held-out train |\n|---|---|---|")
         for name, s in scores.items():
             print(f"| {name} | {_auroc(s['test'], s['ztf']):.3f} | {_auroc(s['held-out train'], s['test']):.3f} |")
-        print("\nsupervised linear probe, packets vs test stamps (5-fold CV AUROC; a ceiling, not a stored score):")
+        whiteness = {k: _background_whiteness(v) for k, v in sets.items()}
+        print("\nwhat differs (same AUROCs):\n| where | packets vs test | test vs held-out train |\n|---|---|---|")
+        for region in ("centre", "background"):
+            rk = KnnOOD.fit(regions["ref"][region])
+            s = {k: rk.score(regions[k][region]) for k in sets}
+            print(
+                f"| first block kNN, pooled over the {region} | {_auroc(s['test'], s['ztf']):.3f} "
+                f"| {_auroc(s['held-out train'], s['test']):.3f} |"
+            )
+        print(
+            f"| DIFF background autocorrelation, RMS of lags 1-2 (low: white) | {_auroc(whiteness['test'], whiteness['ztf']):.3f} "
+            f"| {_auroc(whiteness['held-out train'], whiteness['test']):.3f} |"
+        )
+        for k, v in whiteness.items():
+            print(f"  DIFF background autocorrelation RMS, {k}: 5/50/95 % {np.percentile(v, [5, 50, 95]).round(3)}")
+        print("\nsupervised linear probe (5-fold CV AUROC; a ceiling, not a stored score):")
+        print("| features | packets vs test | test vs held-out train |\n|---|---|---|")
         for key, label in (("meanmax", "all blocks' mean+max"), ("corr", "all blocks' channel correlations")):
-            feats = {k: np.concatenate(stats[k][key], axis=1) for k in ("ztf", "test")}
-            print(f"  {label}: {_probe_auroc(feats['ztf'], feats['test'], seed=args.seed):.3f}")
+            f = {k: np.concatenate(stats[k][key], axis=1) for k in sets}
+            print(
+                f"| {label} | {_probe_auroc(f['ztf'], f['test'], seed=args.seed):.3f} "
+                f"| {_probe_auroc(f['test'], f['held-out train'], seed=args.seed):.3f} |"
+            )
 
     obs = res / "obs" / "cutouts"
     folder = next(iter(sorted(d for d in obs.iterdir() if d.is_dir())), None) if obs.is_dir() else None

@@ -20,7 +20,7 @@ Decisions recorded in ``model.json``
 * Label repair: a datacube from :func:`rbflow.labelrepair.repair_cube` with mode ``weight``
   down-weights its likely label errors in the training loss (:func:`stamp_weights`); model.json's
   ``label_repair`` lists them.
-* OOD reference: the network features of (at most 4000 of) the training stamps are written to
+* OOD reference: the first convolution block's features of (at most 4000 of) the training stamps are written to
   ``model.ood`` (:mod:`rbflow.uncertainty`), so inference scores OOD without the datacube.
 * Fine-tuning: with ``init``, training starts from that model's weights (same architecture,
   widths, stamp size and channels); its path, SHA-256 and validation loss before fine-tuning are
@@ -56,7 +56,7 @@ from rbflow.io import atomic_path, file_sha256, jsonable, made_by, write_figure,
 from rbflow.metrics import BOOTSTRAP_RESAMPLES, best_mcc_threshold, binary_metrics, expected_calibration_error
 from rbflow.model import ModelConfig, build_model, count_parameters
 from rbflow.seeds import derive
-from rbflow.uncertainty import OOD_FILE, KnnOOD, fit_reference
+from rbflow.uncertainty import OOD_FILE, OOD_METHOD, KnnOOD, fit_reference
 
 __all__ = [
     "SNR_BINS",
@@ -956,8 +956,7 @@ def write_artefacts(
         "file": OOD_FILE,
         "sha256": file_sha256(out_dir / OOD_FILE),
         "made_by": made_by("rbflow.train.write_artefacts"),
-        "method": "distance to the k-th nearest training stamp of the L2-normalised block mean+max features "
-        "(Sun et al. 2022)",
+        "method": OOD_METHOD,
         "k": ood.k,
         "stamps": f"{len(ood.reference)} of the {meta['split_counts']['train']} training-frame stamps (seeded)",
     }
