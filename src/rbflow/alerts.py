@@ -91,7 +91,6 @@ from isal import isal_zlib
 from rbflow import __version__
 from rbflow.avro import CODECS, SYNC_SIZE, RecordDecoder, compile_decoder, inflate_block, read_header, read_long
 from rbflow.errors import InputError
-from rbflow.io import atomic_path, made_by, write_table
 
 if TYPE_CHECKING:
     from astropy.table import Table
@@ -985,6 +984,8 @@ class _KeptWriter:
         self.indices.append(index)
 
     def flush(self) -> None:
+        from rbflow.io import atomic_path
+
         c, indices = self.current, self.indices
         self.current, self.indices = None, []
         if c is None or not indices:
@@ -1104,6 +1105,7 @@ def score_alerts(
     from tqdm import tqdm
 
     from rbflow.infer import load_model
+    from rbflow.io import made_by, write_table
 
     _check_negative(negative)
     if int(workers) < 1:
@@ -1486,6 +1488,7 @@ def import_alerts(
         Neither or both label sources, a bad CSV or score column, a bad crop, or a class without stamps.
     """
     from rbflow.datacube import NORMALISATION, crop_stamps, normalise, write_datacube
+    from rbflow.io import made_by
 
     paths = list(paths)
     if (labels_csv is None) == (score_column is None):

@@ -11,15 +11,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from astropy.io import fits
 
 from rbflow import __version__
 from rbflow.errors import InputError
 from rbflow.frames import parse_image
-from rbflow.io import atomic_path, read_table
+
+if TYPE_CHECKING:
+    from astropy.io import fits
 
 __all__ = [
     "NORMALISATION",
@@ -139,6 +140,8 @@ def read_stamp(
         Unreadable file, missing channel, non-square/even/unequal stamps, or (``require_finite``) a
         channel without any finite pixel.
     """
+    from astropy.io import fits
+
     path = Path(path)
     try:
         with fits.open(path, memmap=False) as hdul:
@@ -250,6 +253,8 @@ def listing_digest(training_dir: str | os.PathLike) -> str:
 
 def _truth_kinds(labels_path: Path) -> dict[str, str]:
     """Candidate id -> truth kind of a training folder's ``labels.ecsv`` (empty when it has none)."""
+    from rbflow.io import read_table
+
     if not labels_path.exists():
         return {}
     table = read_table(labels_path)
@@ -439,6 +444,8 @@ def write_datacube(
         Per stamp: what it sits on in a synthetic sky (:func:`rbflow.crossmatch.truth_kinds`);
         default ``''`` (unknown) for every stamp.
     """
+    from rbflow.io import atomic_path
+
     if truth_kind is None:
         truth_kind = np.full(len(y), "", dtype="U1")
     with atomic_path(out_npz) as tmp:
