@@ -199,14 +199,16 @@ def _gaussian_stars(shape, xs, ys, fluxes, sigma):
 XS6, YS6 = np.array([40.0, 100.3, 160.6, 40.2, 100.5, 160.1]), np.array([50.0, 50.4, 49.8, 150.2, 149.7, 150.5])
 
 
-def _pair_with_offsets(offsets, xs=XS6, ys=YS6, fluxes=(4e5, 1e5, 5e4, 5e4, 3e4, 2e4), *, sky=0.0, seed=0):
+def _pair_with_offsets(
+    offsets, xs=XS6, ys=YS6, fluxes=(4e5, 1e5, 5e4, 5e4, 3e4, 2e4), *, sky=0.0, seed=0, shape=(200, 200)
+):
     """A PreparedPair of isolated Gaussian stars (FWHM 3.7 and 4.9 px), the reference's displaced
     by ``offsets`` (px): noise-free with unit variance when ``sky`` is 0, else with Gaussian noise of
     ``sky`` ADU rms plus the stars' Poisson noise (gain 4 e-/ADU), and that variance."""
     fluxes = np.asarray(fluxes, float)
     fwhm_s, fwhm_r = 3.7, 4.9
-    N = _gaussian_stars((200, 200), xs, ys, fluxes, fwhm_s / 2.3548).astype(float)
-    R = _gaussian_stars((200, 200), xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548).astype(float)
+    N = _gaussian_stars(shape, xs, ys, fluxes, fwhm_s / 2.3548).astype(float)
+    R = _gaussian_stars(shape, xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548).astype(float)
     var_n, var_r = (np.full(N.shape, 1.0), np.full(N.shape, 1.0)) if sky == 0 else (sky**2 + N / 4, sky**2 + R / 4)
     if sky > 0:
         rng = np.random.default_rng(seed)
@@ -280,6 +282,20 @@ def test_the_moved_star_test_keeps_three_stars():
     pp = _pair_with_offsets(offsets, XS6[:4], YS6[:4], (4e5, 1e5, 5e4, 5e4))
     moved = sfft_method.astrometric_outliers(pp, nsigma=5.0, floor=0.03, offset=0.5)[0]
     assert moved.sum() == 1 and not moved[:2].any()
+
+
+def test_many_stars_with_a_real_scatter_keep_all_but_the_moved_ones():
+    # 100 stars (more than the leave-one-out limit: each is tested against all) with a real
+    # registration scatter of 0.05 px, three of them moved by 0.4 px (under the 0.5 px cap): the
+    # scatter is measured beyond the centroid errors, and only the three are found
+    g = np.linspace(20.0, 380.0, 10)
+    xs, ys = (a.ravel() + 0.3 for a in np.meshgrid(g, g))
+    offsets = np.random.default_rng(3).normal(0.0, 0.05, (100, 2))
+    offsets[[7, 42, 77]] += [0.4, 0.0]
+    pp = _pair_with_offsets(offsets, xs, ys, np.linspace(2e4, 1e5, 100), sky=10.0, seed=1, shape=(400, 400))
+    moved, motion, sx, sy = sfft_method.astrometric_outliers(pp, nsigma=5.0, floor=0.03, offset=None)
+    assert np.flatnonzero(moved).tolist() == [7, 42, 77]
+    assert sx == pytest.approx(0.05, rel=0.25) and sy == pytest.approx(0.05, rel=0.25)
 
 
 def _perturbed_stars(seed: int):
