@@ -378,19 +378,23 @@ def astrometric_outliers(
 
     with ``e`` the star's centroid error (both images, from their variance maps: the linearised
     error of the windowed centroid, SExtractor's ``ERRX2WIN``), ``s`` the scatter of the other
-    stars' offsets about their median beyond their own centroid errors (Paule-Mandel, per axis,
-    clipped at 3 sigma, :func:`_field_statistics`: the registration's real star-to-star scatter, from distortion
-    and the stars' own small motions), ``floor`` the least error of any offset (resampling and the centroid's bias on a
-    PSF that differs between the epochs) and ``e_med`` the median's error
+    stars' offsets about their median beyond their own centroid errors (Paule-Mandel, per
+    axis, clipped at 3 sigma, :func:`_field_statistics`: the registration's real star-to-star
+    scatter, from distortion and the stars' own small motions), ``floor`` the least error of any
+    offset (what centroids cannot resolve however bright the star: PSF asymmetries that change
+    over the field and between frames) and ``e_med`` the median's error
     (``π/2 · mean(e² + s²) / n``). The star with the largest z, when beyond ``nsigma`` (or
     farther than ``offset`` px from the median), moved between the epochs (proper motion, the
     differential chromatic refraction of an odd colour, or a galaxy whose light centroid a
     transient moves) and is set aside, and the test repeats on the rest while more than 3
     remain (above :data:`_LOO_MAX` stars, the median and scatter of all of them stand for the
     others'). A bright star's offset is then tested against what it can be (its centroid error is
-    ~0.003 px at S/N 1000), a faint one's against its own noise, so a 0.3 px motion of a bright
-    star is found while a faint star's 0.2 px of noise is not. The registration noise is the
-    rms scatter of the remaining stars about their mean, per axis (ZOGY's sigma_x, sigma_y).
+    ~0.003 px at S/N 1000), a faint one's against its own noise: among faint stars that agree
+    within their noise a bright star's 0.3 px motion is found while a faint star's 0.2 px of
+    noise is not; where the other stars scatter for real (0.03-0.10 px per axis on the DECam
+    frames) the test's sigma does too. The fixed ``offset`` catches motions that several moved
+    stars among few hide from each other. The registration noise is the rms scatter of the
+    remaining stars about their mean, per axis (ZOGY's sigma_x, sigma_y).
 
     Parameters
     ----------
