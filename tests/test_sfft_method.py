@@ -196,19 +196,29 @@ def _gaussian_stars(shape, xs, ys, fluxes, sigma):
     return img.astype(np.float32)
 
 
-def _pair_with_offsets(offsets):
-    """A noise-free PreparedPair: 6 isolated Gaussian stars, the reference's displaced by ``offsets`` (px)."""
-    xs, ys = np.array([40.0, 100.3, 160.6, 40.2, 100.5, 160.1]), np.array([50.0, 50.4, 49.8, 150.2, 149.7, 150.5])
-    fluxes = np.array([4e5, 1e5, 5e4, 5e4, 3e4, 2e4])
+XS6, YS6 = np.array([40.0, 100.3, 160.6, 40.2, 100.5, 160.1]), np.array([50.0, 50.4, 49.8, 150.2, 149.7, 150.5])
+
+
+def _pair_with_offsets(
+    offsets, xs=XS6, ys=YS6, fluxes=(4e5, 1e5, 5e4, 5e4, 3e4, 2e4), *, sky=0.0, seed=0, shape=(200, 200)
+):
+    """A PreparedPair of isolated Gaussian stars (FWHM 3.7 and 4.9 px), the reference's displaced
+    by ``offsets`` (px): noise-free with unit variance when ``sky`` is 0, else with Gaussian noise of
+    ``sky`` ADU rms plus the stars' Poisson noise (gain 4 e-/ADU), and that variance."""
+    fluxes = np.asarray(fluxes, float)
     fwhm_s, fwhm_r = 3.7, 4.9
-    N = _gaussian_stars((200, 200), xs, ys, fluxes, fwhm_s / 2.3548)
-    R = _gaussian_stars((200, 200), xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548)
+    N = _gaussian_stars(shape, xs, ys, fluxes, fwhm_s / 2.3548).astype(float)
+    R = _gaussian_stars(shape, xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548).astype(float)
+    var_n, var_r = (np.full(N.shape, 1.0), np.full(N.shape, 1.0)) if sky == 0 else (sky**2 + N / 4, sky**2 + R / 4)
+    if sky > 0:
+        rng = np.random.default_rng(seed)
+        N, R = N + rng.normal(0, np.sqrt(var_n)), R + rng.normal(0, np.sqrt(var_r))
     zero = np.zeros_like(N)
     ainfo = {"stars": {"x": xs, "y": ys, "snr": np.sqrt(fluxes)}}
     return PreparedPair(
-        N=N, R=R, var_n=zero + 1, var_r=zero + 1, mask=zero.astype(np.uint8), bad_sci=zero.astype(bool),
-        nbkg=zero, sn=1.0, sr=1.0, fr=1.0, fr_err=0.0, n_flux=6, fwhm_s=fwhm_s, fwhm_r=fwhm_r, size=41,
-        ainfo=ainfo, gain_n=4.0, gain_r=4.0,
+        N=N.astype(np.float32), R=R.astype(np.float32), var_n=var_n, var_r=var_r, mask=zero.astype(np.uint8),
+        bad_sci=zero.astype(bool), nbkg=zero, sn=max(sky, 1.0), sr=max(sky, 1.0), fr=1.0, fr_err=0.0,
+        n_flux=xs.size, fwhm_s=fwhm_s, fwhm_r=fwhm_r, size=41, ainfo=ainfo, gain_n=4.0, gain_r=4.0,
     )  # fmt: skip
 
 
@@ -219,17 +229,73 @@ def test_stars_that_moved_are_found_and_the_rest_give_the_registration_noise():
     jitter = np.array([[0.0, 0.0], [0.05, -0.04], [-0.06, 0.03], [0.02, 0.07], [-0.03, -0.05], [0.04, 0.0]])
     offsets = np.array([0.3, -0.1]) + jitter
     offsets[0] += [1.0, 0.0]
-    moved, sx, sy = sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=0.5)
+    moved, motion, sx, sy = sfft_method.astrometric_outliers(
+        _pair_with_offsets(offsets), nsigma=5.0, floor=0.03, offset=0.5
+    )
     assert moved.tolist() == [True, False, False, False, False, False]
+    # its motion from the others' median: 1 px in x (the median of the jitter is ~0.01 px)
+    assert motion[0] == pytest.approx([1.0, 0.0], abs=0.03)
     # windowed centroids of noise-free Gaussians recover the offsets to ~1e-3 px
     assert sx == pytest.approx(np.std(jitter[1:, 0]), abs=0.005)
     assert sy == pytest.approx(np.std(jitter[1:, 1]), abs=0.005)
-    # a 0.33 px motion stays under the 0.5 px default (the kernel follows it); None flags nothing
+    # the fixed cap alone: a 0.33 px motion stays under 0.5 px; nothing set: nothing flagged
     offsets[0] -= [0.67, 0.0]
-    assert not sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=0.5)[0].any()
+    assert not sfft_method.astrometric_outliers(_pair_with_offsets(offsets), nsigma=None, floor=0.03, offset=0.5)[
+        0
+    ].any()
     offsets[0] += [0.67, 0.0]
-    moved, sx_all, _ = sfft_method.astrometric_outliers(_pair_with_offsets(offsets), offset=None)
+    moved, _, sx_all, _ = sfft_method.astrometric_outliers(
+        _pair_with_offsets(offsets), nsigma=None, floor=0.03, offset=None
+    )
     assert not moved.any() and sx_all > 0.3
+
+
+def test_a_small_significant_motion_of_a_bright_star_is_found_and_faint_noise_is_not():
+    # one bright star (S/N ~2000, centroid error ~0.002 px) moved by 0.3 px (the DECam
+    # proper-motion star's size) among 48 faint ones (S/N ~30-60: offset errors 0.05-0.1 px, so
+    # their offsets reach 0.2-0.4 px by noise alone): the significance test finds the bright one
+    # and none of the faint ones, where a fixed distance could not separate them. The bright
+    # star's sigma is sqrt(floor² + the median's error² + the faint stars' excess scatter²),
+    # 0.04-0.06 px: flagged in 20 of 20 noise draws (a 0.2 px motion: in 15 of 20 with no floor)
+    g = np.linspace(25.0, 175.0, 7)
+    xs, ys = (a.ravel() + 0.3 for a in np.meshgrid(g, g))
+    fluxes = np.r_[3e5, np.linspace(2000.0, 4000.0, 48)]
+    offsets = np.tile([0.3, -0.1], (49, 1))
+    offsets[0] += [0.3, 0.0]
+    faint_largest = []
+    for seed in range(5):
+        pp = _pair_with_offsets(offsets, xs, ys, fluxes, sky=10.0, seed=seed)
+        moved, motion, _, _ = sfft_method.astrometric_outliers(pp, nsigma=5.0, floor=0.03, offset=0.5)
+        assert moved.tolist() == [True] + [False] * 48, seed
+        # the motion is measured to the faint stars' median error (~1.25 * 0.1 px / sqrt(48) = 0.02 px)
+        assert motion[0] == pytest.approx([0.3, 0.0], abs=0.06), seed
+        faint_largest.append(np.hypot(*motion[1:].T).max())
+        # the fixed 0.5 px rule alone misses it
+        assert not sfft_method.astrometric_outliers(pp, nsigma=None, floor=0.03, offset=0.5)[0].any()
+    assert min(faint_largest) > 0.2
+
+
+def test_the_moved_star_test_keeps_three_stars():
+    # four precise stars, two of which moved by 1 px: one is set aside, then three are left and
+    # the test stops (a kernel needs stars to be fitted on)
+    offsets = np.array([[0.0, 0.0], [0.01, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    pp = _pair_with_offsets(offsets, XS6[:4], YS6[:4], (4e5, 1e5, 5e4, 5e4))
+    moved = sfft_method.astrometric_outliers(pp, nsigma=5.0, floor=0.03, offset=0.5)[0]
+    assert moved.sum() == 1 and not moved[:2].any()
+
+
+def test_many_stars_with_a_real_scatter_keep_all_but_the_moved_ones():
+    # 100 stars (more than the leave-one-out limit: each is tested against all) with a real
+    # registration scatter of 0.05 px, three of them moved by 0.4 px (under the 0.5 px cap): the
+    # scatter is measured beyond the centroid errors, and only the three are found
+    g = np.linspace(20.0, 380.0, 10)
+    xs, ys = (a.ravel() + 0.3 for a in np.meshgrid(g, g))
+    offsets = np.random.default_rng(3).normal(0.0, 0.05, (100, 2))
+    offsets[[7, 42, 77]] += [0.4, 0.0]
+    pp = _pair_with_offsets(offsets, xs, ys, np.linspace(2e4, 1e5, 100), sky=10.0, seed=1, shape=(400, 400))
+    moved, motion, sx, sy = sfft_method.astrometric_outliers(pp, nsigma=5.0, floor=0.03, offset=None)
+    assert np.flatnonzero(moved).tolist() == [7, 42, 77]
+    assert sx == pytest.approx(0.05, rel=0.25) and sy == pytest.approx(0.05, rel=0.25)
 
 
 def _perturbed_stars(seed: int):

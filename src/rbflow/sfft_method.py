@@ -26,7 +26,11 @@ Three corrections for real frames with few stars (issue 15, measured on the DECa
 
 * Stars that moved between the epochs (:func:`astrometric_outliers`: a galaxy whose light
   centroid a transient shifts by 1.5 px there) are left out of the kernel fit through sfft's
-  prior-ban images, so that the kernel is not bent to follow them.
+  prior-ban images, so that the kernel is not bent to follow them. A motion counts when it is
+  significant against the star's own centroid error and the other stars' real scatter: there
+  the galaxy's is 8-10 sigma, and the brightest star's proper motion (below) 3.6-4.7 sigma
+  against the others' 0.03-0.10 px scatter, so the kernel keeps following that star (left out,
+  its own 0.3 px dipole at S/N 1000-2000 is the worse residual).
 * ZOGY's astrometric noise (Zackay et al. 2016, sec. 3.3) is part of VAR and of the score map's
   variance: ``sigma_x² (∂M/∂x)² + sigma_y² (∂M/∂y)²`` for each of the two images M as they enter
   D (their matched-filtered versions for the score), sigma_x, sigma_y the rms scatter of the
@@ -95,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
     "overlap": 64,
     "astrometric_noise": False,
     "moved_star_offset": 0.5,
+    "moved_star_sigma": 5.0,
+    "moved_star_floor": 0.03,
     "kernel_error": False,
 }
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
@@ -112,6 +118,10 @@ _MAX_COND = 1e12
 _PM_ITER = 60
 #: Robust std per median absolute deviation (Gaussian noise).
 _MAD_TO_STD = 1.4826
+#: Clipping (sigma) and its iterations in the scatter of the stars' offsets (:func:`_field_statistics`).
+_CLIP, _CLIP_ITER = 3.0, 5
+#: Most stars for which :func:`astrometric_outliers` tests each star against the others only.
+_LOO_MAX = 64
 #: Radius (broader FWHMs) of the disc around a star that moved (:func:`astrometric_outliers`) left out of the kernel fit.
 _BAN_RADIUS = 3.0
 
@@ -287,31 +297,124 @@ def _run_packet(
     return np.asarray(solution), np.asarray(diff, np.float32).T
 
 
-def astrometric_outliers(pp: PreparedPair, *, offset: float | None) -> tuple[np.ndarray, float, float]:
-    """Alignment stars that moved relative to the others, and the registration noise of the rest.
+def _centroid_errors(data: np.ndarray, var: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_w: float) -> np.ndarray:
+    """1-sigma errors (px, per axis) of Gaussian-windowed centroids at (x, y) from the variance map.
 
-    The offsets reference - science of the matched alignment stars (Gaussian-windowed centroids
-    in each image, the window of its PSF) are compared, one star at a time, with the median of
-    the other stars: the star farthest from it, when more than ``offset`` px away, moved between
-    the epochs (proper motion, the differential chromatic refraction of an odd colour, or a
-    galaxy whose light centroid a transient moves) and is set aside, and the test repeats on the
-    rest while at least 3 remain. A kernel fitted through such a star (sfft's least squares are
-    dominated by the brightest star) shifts every other star by its motion. The registration
-    noise is the rms scatter of the remaining stars about their mean, per axis (ZOGY's
-    sigma_x, sigma_y).
+    The linearised error of :func:`rbflow.stars.windowed_centroids` (SExtractor's ``ERRX2WIN``):
+    ``err_x² = 4 Σ w² (x_i - x)² var_i / (Σ w I_i)²``, w the Gaussian window of ``sigma_w`` (px), I
+    the pixels within ``4 sigma_w + 1`` px; inf where the windowed flux is not positive. Returns
+    ``(n, 2)``: x and y errors.
+    """
+    r = int(math.ceil(4 * sigma_w)) + 1
+    ny, nx = data.shape
+    err = np.full((x.size, 2), np.inf)
+    for k, (xc, yc) in enumerate(zip(x, y)):
+        ix, iy = int(round(xc)), int(round(yc))
+        y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, ny), max(ix - r, 0), min(ix + r + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dx, dy = xx - xc, yy - yc
+        w = np.exp(-(dx**2 + dy**2) / (2 * sigma_w**2))
+        flux = float((w * np.nan_to_num(data[y0:y1, x0:x1])).sum())
+        v = np.nan_to_num(var[y0:y1, x0:x1], nan=0.0, posinf=0.0)
+        if flux > 0:
+            err[k] = 2 * np.sqrt([(w**2 * dx**2 * v).sum(), (w**2 * dy**2 * v).sum()]) / flux
+    return err
+
+
+def _paule_mandel(r2: np.ndarray, e2: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per row and axis of ``(m, k, 2)`` squared deviations ``r2``, squared errors ``e2`` and 0/1
+    weights ``w``: the s² with ``Σ w r² / (e² + s²) = Σ w`` (bisection), 0 when the errors explain
+    the spread; ``(m, 2)``."""
+    n = w.sum(axis=1)
+
+    def mean_ratio(s2: np.ndarray) -> np.ndarray:
+        return (w * r2 / (e2 + s2[:, None, :])).sum(axis=1) / n
+
+    lo = np.zeros(n.shape)
+    hi = (w * r2).sum(axis=1) / n + np.finfo(float).tiny  # there the mean ratio is <= 1
+    for _ in range(_PM_ITER):
+        mid = 0.5 * (lo + hi)
+        up = mean_ratio(mid) > 1.0
+        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+    return np.where(mean_ratio(np.zeros(n.shape)) > 1.0, 0.5 * (lo + hi), 0.0)
+
+
+def _field_statistics(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median offset, excess scatter² and the median's error² of rows of stars' offsets.
+
+    ``d``, ``e``: ``(m, k, 2)`` offsets (px) and their errors, k stars per row. Per row and axis the
+    scatter² s² beyond the errors is the Paule-Mandel estimate about the median (as
+    :func:`excess_scatter`: ``mean(r² / (e² + s²)) = 1``, r the offsets from their median; 0 when
+    the errors explain the spread), clipped: stars beyond :data:`_CLIP` sigma of it are left out
+    and s² found again (:data:`_CLIP_ITER` times), so that a few moved stars among many do not
+    inflate it (3 of 100 moved by 0.4 px make a 0.05 px scatter 0.08 px unclipped). The
+    median's error² is ``π/2 · mean(e² + s²) / k``. Returns three ``(m, 2)`` arrays.
+    """
+    med = np.median(d, axis=1)
+    r2 = (d - med[:, None, :]) ** 2
+    e2 = e**2
+    w = np.ones(r2.shape)
+    for _ in range(_CLIP_ITER):
+        s2 = _paule_mandel(r2, e2, w)
+        w_new = (r2 <= _CLIP**2 * (e2 + s2[:, None, :])).astype(float)
+        if np.array_equal(w_new, w):
+            break
+        w = w_new
+    return med, s2, math.pi / 2 * np.mean(e2 + s2[:, None, :], axis=1) / d.shape[1]
+
+
+def astrometric_outliers(
+    pp: PreparedPair, *, nsigma: float | None, floor: float, offset: float | None
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Alignment stars that moved relative to the others, their motion, and the registration noise of the rest.
+
+    Each matched alignment star's offset reference - science (Gaussian-windowed centroids in
+    each image, the window of its PSF) is compared with the median offset of the other stars,
+    against the error that difference should have if the star did not move:
+
+    ``z² = Σ_axis (d - median)² / (e² + s² + floor² + e_med²)``
+
+    with ``e`` the star's centroid error (both images, from their variance maps: the linearised
+    error of the windowed centroid, SExtractor's ``ERRX2WIN``), ``s`` the scatter of the other
+    stars' offsets about their median beyond their own centroid errors (Paule-Mandel, per
+    axis, clipped at 3 sigma, :func:`_field_statistics`: the registration's real star-to-star
+    scatter, from distortion and the stars' own small motions), ``floor`` the least error of any
+    offset (what centroids cannot resolve however bright the star: PSF asymmetries that change
+    over the field and between frames) and ``e_med`` the median's error
+    (``π/2 · mean(e² + s²) / n``). The star with the largest z, when beyond ``nsigma`` (or
+    farther than ``offset`` px from the median), moved between the epochs (proper motion, the
+    differential chromatic refraction of an odd colour, or a galaxy whose light centroid a
+    transient moves) and is set aside, and the test repeats on the rest while more than 3
+    remain (above :data:`_LOO_MAX` stars, the median and scatter of all of them stand for the
+    others'). A bright star's offset is then tested against what it can be (its centroid error is
+    ~0.003 px at S/N 1000), a faint one's against its own noise: among faint stars that agree
+    within their noise a bright star's 0.3 px motion is found while a faint star's 0.2 px of
+    noise is not; where the other stars scatter for real (0.03-0.10 px per axis on the DECam
+    frames) the test's sigma does too. The fixed ``offset`` catches motions that several moved
+    stars among few hide from each other. The registration noise is the rms scatter of the
+    remaining stars about their mean, per axis (ZOGY's sigma_x, sigma_y).
 
     Parameters
     ----------
     pp : rbflow.difference.PreparedPair
         The prepared pair (its ``ainfo['stars']`` are the matched alignment stars).
+    nsigma : float or None
+        Least significance z of a motion; None: no significance test.
+    floor : float
+        Least error (px) of an offset, added in quadrature.
     offset : float or None
-        Least distance (px) from the other stars' median offset that marks a star as moved; None
-        marks none.
+        Least distance (px) from the other stars' median offset that marks a star as moved
+        whatever its significance; None: no such cap. Both None: no star is marked.
 
     Returns
     -------
     moved : numpy.ndarray
         bool per alignment star.
+    motion : numpy.ndarray
+        ``(n, 2)`` each star's offset (px, x and y) from the median offset of the stars that did
+        not move (NaN where not measured).
     sigma_x, sigma_y : float
         Registration noise (px) of the stars that did not move (0 with fewer than 2).
     """
@@ -321,22 +424,41 @@ def astrometric_outliers(pp: PreparedPair, *, offset: float | None) -> tuple[np.
     ys = np.asarray(pp.ainfo["stars"]["y"], float)
     moved = np.zeros(xs.size, bool)
     if xs.size == 0:
-        return moved, 0.0, 0.0
-    xn, yn = windowed_centroids(pp.N, xs, ys, pp.fwhm_s * FWHM_TO_SIGMA)
-    xr, yr = windowed_centroids(pp.R, xs, ys, pp.fwhm_r * FWHM_TO_SIGMA)
+        return moved, np.zeros((0, 2)), 0.0, 0.0
+    sw_n, sw_r = pp.fwhm_s * FWHM_TO_SIGMA, pp.fwhm_r * FWHM_TO_SIGMA
+    xn, yn = windowed_centroids(pp.N, xs, ys, sw_n)
+    xr, yr = windowed_centroids(pp.R, xs, ys, sw_r)
     d = np.c_[xr - xn, yr - yn]
-    ok = np.all(np.isfinite(d), axis=1)
-    while offset is not None and (ok & ~moved).sum() > 3:
+    e = np.hypot(_centroid_errors(pp.N, pp.var_n, xn, yn, sw_n), _centroid_errors(pp.R, pp.var_r, xr, yr, sw_r))
+    ok = np.all(np.isfinite(d), axis=1) & np.all(np.isfinite(e), axis=1)
+    while (nsigma is not None or offset is not None) and (ok & ~moved).sum() > 3:
         idx = np.flatnonzero(ok & ~moved)
-        dist = np.array([np.hypot(*(d[i] - np.median(d[idx[idx != i]], axis=0))) for i in idx])
-        if dist.max() <= offset:
+        if idx.size <= _LOO_MAX:  # each star against the others
+            rows = np.broadcast_to(idx, (idx.size, idx.size))[~np.eye(idx.size, dtype=bool)].reshape(idx.size, -1)
+            med, s2, e_med2 = _field_statistics(d[rows], e[rows])
+        else:  # each star's own weight in the robust statistics of all is under 1 / _LOO_MAX
+            med, s2, e_med2 = _field_statistics(d[idx][None], e[idx][None])
+        r = d[idx] - med
+        dist = np.hypot(r[:, 0], r[:, 1])
+        z = np.sqrt((r**2 / (e[idx] ** 2 + s2 + floor**2 + e_med2)).sum(axis=1))
+        fails = np.zeros(idx.size, bool)
+        if nsigma is not None:
+            fails |= z > nsigma
+        if offset is not None:
+            fails |= dist > offset
+        if not fails.any():
             break
-        moved[idx[np.argmax(dist)]] = True
+        j = int(np.argmax(np.where(fails, z if nsigma is not None else dist, -np.inf)))
+        log.debug(
+            "sfft: star at (%.1f, %.1f) off the field by %.3f px, %.1f sigma", xs[idx[j]], ys[idx[j]], dist[j], z[j]
+        )
+        moved[idx[j]] = True
     keep = ok & ~moved
+    motion = d - (np.median(d[keep], axis=0) if keep.any() else np.nan)
     if keep.sum() < 2:
-        return moved, 0.0, 0.0
+        return moved, motion, 0.0, 0.0
     sx, sy = np.std(d[keep], axis=0)
-    return moved, float(sx), float(sy)
+    return moved, motion, float(sx), float(sy)
 
 
 def common_flux(D: np.ndarray, M: np.ndarray, conv_side: str) -> np.ndarray:
@@ -579,9 +701,11 @@ def sfft_difference(
         (polynomial degrees, 0-3, of the kernel's and the differential background's variation
         over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile),
         ``overlap`` (px, common margin of neighbouring tiles), ``astrometric_noise`` (bool: ZOGY's
-        astrometric-noise variance in VAR and the score), ``moved_star_offset`` (px, or None:
-        alignment stars off the others' median offset by more than this are left out of the
-        kernel fit; see :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
+        astrometric-noise variance in VAR and the score), ``moved_star_sigma`` (or None),
+        ``moved_star_floor`` (px) and ``moved_star_offset`` (px, or None: alignment stars off the
+        others' median offset by more than ``moved_star_sigma`` sigma, or by more than
+        ``moved_star_offset`` px, are left out of the kernel fit; see
+        :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
         the kernel's errors leave, measured at the stars by :func:`kernel_error`, in VAR and the
         score).
     threads : int, optional
@@ -621,16 +745,27 @@ def sfft_difference(
     D = np.zeros((ny, nx), np.float32)
     V = np.zeros((ny, nx), np.float32)
     astro = bool(scfg["astrometric_noise"])
-    moved_px = scfg["moved_star_offset"]
-    outlier, sx, sy = astrometric_outliers(pp, offset=None if moved_px is None else float(moved_px))
+    moved_px, moved_z = scfg["moved_star_offset"], scfg["moved_star_sigma"]
+    outlier, motion, sx, sy = astrometric_outliers(
+        pp,
+        nsigma=None if moved_z is None else float(moved_z),
+        floor=float(scfg["moved_star_floor"]),
+        offset=None if moved_px is None else float(moved_px),
+    )
     if not astro:
         sx = sy = 0.0
     ban = np.zeros((ny, nx), bool)
     yy, xx = np.ogrid[:ny, :nx]
     r_ban = _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
-    for x, y in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier]):
+    for x, y, (mx, my) in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier], motion[outlier]):
         ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
-        log.info("sfft: star at (%.1f, %.1f) moved relative to the field; left out of the kernel fit", x, y)
+        log.info(
+            "sfft: star at (%.1f, %.1f) moved by (%.3f, %.3f) px relative to the field; left out of the kernel fit",
+            x,
+            y,
+            mx,
+            my,
+        )
     kerr = bool(scfg["kernel_error"])
     # the unconvolved image decorrelated, signed so that D = M - (convolved part): the source of
     # the astrometric and kernel-error terms
