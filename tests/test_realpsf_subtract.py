@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 
 from rbflow import sky
 from rbflow.config import load_telescope
@@ -63,6 +64,15 @@ def realpsf_run(tmp_path_factory):
             )
             pairs.append((sci, ref, out))
     return tel, root, frames, pairs
+
+
+def test_frames_hold_only_static_stars_and_galaxies(realpsf_run):
+    # The bright-star measure counts every residual at a bright peak as the subtraction's: it
+    # needs frames where every source is static (a saturated reference star's bleed is allowed).
+    _, root, frames, _ = realpsf_run
+    for frame in frames:
+        kinds = set(Table.read(root / f"{frame}.ecsv")["kind"])
+        assert kinds <= {"star", "galaxy", "bleed"}, (frame, kinds)
 
 
 def test_auto_follows_its_rule_on_every_pair(realpsf_run):
