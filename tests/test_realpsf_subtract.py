@@ -125,7 +125,7 @@ def test_bright_star_residuals_meet_the_target(realpsf_run):
     to 1.32: sfft convolves the image whose PSF model is narrower, and the few-star models got the
     order wrong on the r pairs (true seeing 1.59-1.68 px vs 1.58 px), so sfft deconvolved. zogy on
     all pairs: 20/27, up to 1.41 (25/27 and 2.59 before the prior): the models' 3-15 % errors
-    (test above) are still too large for it, which is why 'auto' does not take it here.
+    (test above) are still too large for it; 'auto' takes sfft here anyway (< 8 PSF stars).
     """
     _, _, _, pairs = realpsf_run
     bright = hit = 0
