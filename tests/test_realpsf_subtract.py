@@ -1,13 +1,17 @@
 """Subtraction on a synthetic few-star frame with a known non-Moffat PSF (issue 15).
 
 The ``realpsf`` test telescope (tests/data/telescopes/realpsf.yaml) renders the real PSF's hard
-parts: few stars, a halo, coma, undersampled cores and a PSF that changes on small scales;
-:func:`rbflow.sky.psf_stamp` gives the true PSF anywhere. The PSF models are built by
-:func:`rbflow.psf.run_psf` and the pair is subtracted with the default method ('auto').
+parts: few PSF stars (4-17 per 256^2 frame), a halo, coma, undersampled cores and a PSF that
+changes smoothly within the frame; its frames hold stars and galaxies only (no variables,
+transients or detector artefacts), so that what the tests judge is the subtraction of stars.
+:func:`rbflow.sky.psf_stamp` gives the true PSF anywhere. Every frame of the telescope (2 fields,
+a reference and 3 epochs each) gets a PSF model from :func:`rbflow.psf.run_psf`, and every epoch
+is subtracted from its field's reference with the default method ('auto'): 6 pairs, pooled so
+that the bright-star measure has enough stars.
 
-The targets of issue 15 are not met on this frame (measured numbers in the xfail reasons); the
-tests are strict xfails so that they turn into failures to promote once the PSF models and the
-subtraction reach them.
+The difference meets issue 15's bright-star and noise targets on this frame. The PSF models'
+per-pixel target is not met (measured numbers in the xfail reason); that test is a strict xfail
+so that it turns into a failure to promote once the models reach it.
 """
 
 from __future__ import annotations
@@ -19,89 +23,124 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 
 from rbflow import sky
 from rbflow.config import load_telescope
+from rbflow.frames import frames_of
 from rbflow.psf import PSFModel, run_psf
 from rbflow.quality import difference_quality
 from rbflow.subtract import run_subtract
 
 REALPSF = Path(__file__).resolve().parent / "data" / "telescopes" / "realpsf.yaml"
 SEED = 7
-FRAMES = ("fld00_r_ref", "fld00_r_e1")
 #: Positions (px) where the PSF model is compared with the truth: centre and two off-centre points.
 POSITIONS = ((127.0, 127.0), (60.0, 200.0), (200.0, 60.0))
 
 
 @pytest.fixture(scope="module")
 def realpsf_run(tmp_path_factory):
+    """All frames with their PSF models, and every (epoch, reference) pair subtracted by 'auto'."""
     tel = load_telescope(REALPSF)
     root = tmp_path_factory.mktemp("realpsf")
+    specs = frames_of(tel)
+    frames = [f.name for f in specs]
+    pairs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the PSF stage warns about the few stars, as it should
-        for frame in FRAMES:
+        for frame in frames:
             sky.write_frame(tel, frame, root / f"{frame}.fits", root / f"{frame}.ecsv", seed=SEED)
             run_psf(root / f"{frame}.fits", root / f"{frame}.psf.fits", root / f"{frame}.psf.png", tel)
-        ref, sci = (root / f"{f}" for f in FRAMES)
-        run_subtract(
-            f"{sci}.fits", f"{ref}.fits", f"{sci}.psf.fits", f"{ref}.psf.fits", root / "sub.fits", tel, threads=1
-        )
-    return tel, root
+        for sci, ref in ((f.name, f.reference) for f in specs if f.reference):
+            out = root / f"{sci}.sub.fits"
+            run_subtract(
+                root / f"{sci}.fits",
+                root / f"{ref}.fits",
+                root / f"{sci}.psf.fits",
+                root / f"{ref}.psf.fits",
+                out,
+                tel,
+                threads=1,
+            )
+            pairs.append((sci, ref, out))
+    return tel, root, frames, pairs
 
 
-def test_auto_takes_zogy_when_the_models_hold_enough_stars(realpsf_run):
-    _, root = realpsf_run
-    hdr = fits.getheader(root / "sub.fits")
-    # 15-20 PSF stars per model (the stage's own min_stars is 4; the count follows the star finder's
-    # shape cuts): enough for the rule, yet see below
-    assert hdr["METHOD"] == "zogy"
-    m = re.fullmatch(r"zogy: PSF stars per cell sci (\d+), ref (\d+) >= 8", hdr["METHAUTO"])
-    assert m and min(int(m.group(1)), int(m.group(2))) >= 8, hdr["METHAUTO"]
+def test_frames_hold_only_static_stars_and_galaxies(realpsf_run):
+    # The bright-star measure counts every residual at a bright peak as the subtraction's: it
+    # needs frames where every source is static (a saturated reference star's bleed is allowed).
+    _, root, frames, _ = realpsf_run
+    for frame in frames:
+        kinds = set(Table.read(root / f"{frame}.ecsv")["kind"])
+        assert kinds <= {"star", "galaxy", "bleed"}, (frame, kinds)
+
+
+def test_auto_follows_its_rule_on_every_pair(realpsf_run):
+    tel, root, _, pairs = realpsf_run
+    need = tel["subtract"].get("auto_min_stars", 8)
+    assert len(pairs) == 6
+    for sci, ref, out in pairs:
+        hdr = fits.getheader(out)
+        m = re.fullmatch(r"(zogy|sfft): PSF stars per cell sci (\d+), ref (\d+) (>=|<) (\d+)", hdr["METHAUTO"])
+        assert m, hdr["METHAUTO"]
+        # the counts are the models' own (one cell each), and the choice is the rule's
+        for frame, count in ((sci, m.group(2)), (ref, m.group(3))):
+            assert PSFModel.read(root / f"{frame}.psf.fits").n_stars.tolist() == [int(count)], frame
+        enough = min(int(m.group(2)), int(m.group(3))) >= need
+        assert hdr["METHOD"] == m.group(1) == ("zogy" if enough else "sfft"), hdr["METHAUTO"]
 
 
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="measured: science model's centroid 1.45 px off the truth (coma: asymmetric core), its largest "
-    "pixel error 13-24 % of the peak; reference model (1.6 px seeing, undersampled) 9-23 % (peak 0.151 vs 0.196)",
+    reason="measured on the 8 frames (4-17 PSF stars each): largest pixel error 3-15 % of the peak (median 6 %; "
+    "fld00_r_e2 12-15 %, fld01_g_e2 12 % off centre), first-moment centroid <= 0.08 px off the truth's (meets "
+    "0.1). With so few undersampled stars the ePSF leans on its prior, a Moffat fitted to them, which holds "
+    "neither the halo nor the coma: the Moffat alone is 5-10 % off. Without the prior: 6-52 % and 0.09-1.55 px",
 )
 def test_psf_models_match_the_true_psf(realpsf_run):
-    tel, root = realpsf_run
+    tel, root, frames, _ = realpsf_run
     g = np.arange(-15, 16)
-    for frame in FRAMES:
+    for frame in frames:
         model = PSFModel.read(root / f"{frame}.psf.fits")
         cond = sky.frame_conditions(tel, frame, seed=SEED)
         for x, y in POSITIONS:
             truth = sky.psf_stamp(cond, x, y, half=15)
             got = model.stamp(x, y, 31)
-            # target: within 5 % of the peak per pixel (a 5 % core error leaves < 5 sigma at a
-            # 100 sigma star), centroid within 0.1 px
+            # Target: within 5 % of the peak per pixel (a 5 % core error leaves < 5 sigma at a
+            # 100 sigma star). The PSF's truth puts the light's first moment on the source, coma
+            # or not (tests/test_sky.py), and subtract uses the models centred (stamp(centred=True))
+            # on the positions it aligned: so the model's first moment must be there too, within
+            # 0.1 px (a 0.1 px shift of a 2 px FWHM core is a ~5 % dipole).
             assert np.abs(got - truth).max() < 0.05 * truth.max(), (frame, x, y)
             centroid = (got.sum(axis=0) * g).sum(), (got.sum(axis=1) * g).sum()
             assert np.hypot(*centroid) < 0.1, (frame, x, y)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="measured: zogy (auto's choice) leaves a >= 5 sigma residual at 71 of 72 stars > 100 sigma, noise "
-    "ratio 9.3; sfft 71/72 and 10.9. Not the PSF's ripple: with psf_ripple 0 (a PSF varying smoothly) zogy 62/64, "
-    "sfft 62/64, sfft with kernel_error 60/64. Of the 64 peaks > 100 sigma 13 are variables (25 per field), 3 a "
-    "cosmic ray, hot pixel or transient, 48 within 2 px of no catalogued source; on these 1.6-2 px FWHM cores "
-    "sfft's kernel leaves a pattern of period 2 px at bright stars (D alternates by ~100 ADU between neighbouring "
-    "rows; undersampled, the delta-function basis is unconstrained at the Nyquist frequency) and zogy's science "
-    "PSF model is 0.2-0.5 px off centre",
-)
 def test_bright_star_residuals_meet_the_target(realpsf_run):
-    _, root = realpsf_run
-    with fits.open(root / "sub.fits") as h:
-        q = difference_quality(
-            h["DIFF"].data.astype(float),
-            h["VAR"].data.astype(float),
-            h["SCI"].data.astype(float),
-            h[0].header["FWHMSCI"],
-        )
-    assert q["bright_n"] >= 20  # the test has stars to judge by
-    # issue 15's targets
-    assert q["bright_frac"] <= 0.05
-    assert q["noise"] <= 1.15
+    """Issue 15's targets, pooled over the 6 pairs.
+
+    Measured (auto takes sfft on all: 4-7 PSF stars per epoch model): a >= 5 sigma residual at 1 of
+    27 stars > 100 sigma, noise ratio 1.007-1.068. Before the ePSF prior (rbflow.psf) 6/27 and up
+    to 1.32: sfft convolves the image whose PSF model is narrower, and the few-star models got the
+    order wrong on the r pairs (true seeing 1.59-1.68 px vs 1.58 px), so sfft deconvolved. zogy on
+    all pairs: 20/27, up to 1.41 (25/27 and 2.59 before the prior): the models' 3-15 % errors
+    (test above) are still too large for it; 'auto' takes sfft here anyway (< 8 PSF stars).
+    """
+    _, _, _, pairs = realpsf_run
+    bright = hit = 0
+    for _, _, out in pairs:
+        with fits.open(out) as h:
+            q = difference_quality(
+                h["DIFF"].data.astype(float),
+                h["VAR"].data.astype(float),
+                h["SCI"].data.astype(float),
+                h[0].header["FWHMSCI"],
+            )
+        bright += q["bright_n"]
+        hit += q["bright_hit"]
+        # issue 15's noise target, per pair
+        assert q["noise"] <= 1.15, out.name
+    assert bright >= 20  # the test has stars to judge by
+    # issue 15's target: at most 5 % of the stars brighter than 100 sigma with a >= 5 sigma residual
+    assert hit <= 0.05 * bright, (hit, bright)
