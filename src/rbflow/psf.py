@@ -21,14 +21,9 @@ Method
    stars (at most ``max_stars`` per cell, brightest first): the linear least-squares solution
    that, resampled with a cubic-convolution kernel at every star's sub-pixel position and
    scaled by its flux, best matches the star pixels (inverse-variance weights, a weak
-   curvature penalty; and for a constant ePSF, a prior: a Moffat fitted to the brightest 30
-   stars, weighing as 5 stars, so that a handful of undersampled stars cannot put the wings,
-   and with them the core and the centre, anywhere: on tests/data/telescopes/realpsf.yaml, 4-17
-   stars per frame, the largest pixel error fell from 6-52 % to 3-15 % of the peak and the
-   first-moment centroid error from 0.09-1.55 px to <= 0.08 px; a constant ePSF is what a grid
-   of one cell, or too few stars for a higher degree, gets). Only the nodes within 2.5 FWHM of
-   the centre vary with position (the wings do not measurably), which keeps the sparse normal
-   equations small enough for a direct solve (~1 s for 100 stars). Between the four solves, each star's flux and position
+   curvature penalty). Only the nodes within 2.5 FWHM of the centre vary with position (the
+   wings do not measurably), which keeps the sparse normal equations small enough for a
+   direct solve (~1 s for 100 stars). Between the four solves, each star's flux and position
    are refitted on the model (windowed centroids are biased for undersampled stars), pixels
    beyond 5 sigma are clipped afresh, and outlier stars are rejected: a chi^2 far above the
    others, or significantly more flux in the wings than in the core (galaxies).
@@ -86,8 +81,6 @@ _CLIP_SIGMA = 5.0  # pixel clipping threshold (sigma)
 _N_TERMS = (1, 3, 6)  # polynomial terms of degree 0, 1, 2 in (x, y)
 _SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
 _VAR_RADIUS = 2.5  # radius (FWHM) of the ePSF nodes that vary with position
-_PRIOR_STARS = 5.0  # weight of the analytic prior, in stars of average weight (see _solve_epsf)
-_PRIOR_FIT_STARS = 30  # brightest stars the prior's Moffat is fitted to
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,7 +627,6 @@ def _solve_epsf(
     gain: float,
     var_radius: float,
     name: str,
-    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Least-squares ePSF whose nodes are polynomials in the star position.
 
@@ -650,12 +642,6 @@ def _solve_epsf(
         ``(n_stars, n_terms)`` values of the polynomial terms at each star (first column 1).
     var_radius : float
         Radius (native pixels) of the nodes that vary with position.
-    prior : numpy.ndarray, optional
-        ``(n, n)`` ePSF (unit native sum) the ePSF is pulled towards with the weight of
-        ``_PRIOR_STARS`` stars of average weight: where the stars do not constrain a node (few or
-        undersampled stars, the wings) it follows the prior. Only for a constant ePSF
-        (``terms`` of one column): pulling the polynomial's constant term would bias the PSF at
-        the frame centre (measured on the demo sky: 1.3 % -> 3.5-6 % of the peak). None: no prior.
 
     Returns
     -------
@@ -694,8 +680,6 @@ def _solve_epsf(
     ridge_diag = np.full(n_unknowns, 1e-6)
     ridge_diag[:n_nodes][np.hypot(node_x - centre, node_y - centre) > (size // 2) * oversampling] = 1.0
     ridge = sp.diags(ridge_diag, format="csc")
-    if prior is not None and n_terms != 1:
-        raise ValueError("an ePSF prior needs a constant ePSF (one polynomial term)")
     d = stars.stamps.reshape(len(stars), -1)
     sky_var = stars.sky_var.reshape(len(stars), -1)
     flux = stars.flux.copy()
@@ -707,14 +691,8 @@ def _solve_epsf(
         w = (use * keep_star[:, None] / (sky_var + source / gain) * flux[:, None] ** 2).reshape(-1)
         normal = (design.T @ sp.diags(w) @ design).tocsc()
         scale = normal.diagonal()[:n_nodes].mean()
-        rhs = design.T @ (w * (d / flux[:, None]).reshape(-1))
-        if prior is not None:
-            # scale is about n_kept times one star's weight per node: the prior weighs as
-            # _PRIOR_STARS stars, decisive for a handful of stars, ~5 % for a hundred
-            wp = _PRIOR_STARS * scale / int(keep_star.sum())
-            normal = normal + wp * sp.identity(n_unknowns, format="csc")
-            rhs = rhs + wp * prior.ravel()
         normal = normal + _SMOOTHING * scale * penalty + scale * ridge
+        rhs = design.T @ (w * (d / flux[:, None]).reshape(-1))
         sol = spsolve(normal, rhs)
         sol /= _native_sum(sol[:n_nodes].reshape(n, n), oversampling)
         model = (design @ sol).reshape(len(stars), -1)
@@ -891,11 +869,6 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     sources: list[str] = []
     var_radius = min(size // 2, _VAR_RADIUS * fwhm_est)
     if n_total >= min_stars:
-
-        def moffat_prior() -> np.ndarray:
-            fw, beta = _fit_moffat(stars.take(chosen[:_PRIOR_FIT_STARS]), fwhm_guess=fwhm_est, gain=info.gain)
-            return moffat_epsf(fw, size=size, oversampling=os_, beta=beta)
-
         coef, used = _solve_epsf(
             stars.take(chosen),
             _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
@@ -904,7 +877,6 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
             gain=info.gain,
             var_radius=var_radius,
             name=name,
-            prior=moffat_prior() if degree == 0 else None,
         )
         log.info("frame '%s': ePSF polynomial of degree %d in (x, y) from %d stars", name, degree, used)
         frame_epsf = None
@@ -931,7 +903,6 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                             gain=info.gain,
                             var_radius=var_radius,
                             name=name,
-                            prior=moffat_prior(),
                         )[0][0]
                     )
                 epsf = frame_epsf
