@@ -33,6 +33,7 @@ from rbflow.cutouts import CHANNELS, write_cutouts
 from rbflow.datacube import NORMALISATION, normalise
 from rbflow.frames import FrameInfo
 from rbflow.io import Image, write_table
+from rbflow.quality import difference_quality
 from rbflow.subtract import subtract_images
 
 # --- the repository and the tiny test workflow -------------------------------------------------
@@ -500,3 +501,14 @@ def results_folder(root: Path, n: int = 8, *, seed: int = 3) -> tuple[Path, Tabl
     write_table(labels, root / "labels.ecsv")
     label_cutouts([root / "labels.ecsv"], [cut], results / "training")
     return results, labels
+
+
+def file_quality(path: Path | str) -> dict:
+    """:func:`rbflow.quality.difference_quality` of a subtraction file (its DIFF, VAR and SCI planes, FWHMSCI)."""
+    with fits.open(path) as h:
+        return difference_quality(
+            h["DIFF"].data.astype(float),
+            h["VAR"].data.astype(float),
+            h["SCI"].data.astype(float),
+            h[0].header["FWHMSCI"],
+        )

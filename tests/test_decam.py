@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from helpers import REPO, SNAKEMAKE, make_workdir
+from helpers import REPO, SNAKEMAKE, file_quality, make_workdir
 
 from rbflow.config import load_telescope
 from rbflow.detect import run_detect
@@ -127,13 +127,7 @@ def zogy_run(decam_run):
 
 
 def _quality(path) -> dict:
-    with fits.open(path) as h:
-        q = difference_quality(
-            h["DIFF"].data.astype(float),
-            h["VAR"].data.astype(float),
-            h["SCI"].data.astype(float),
-            h[0].header["FWHMSCI"],
-        )
+    q = file_quality(path)
     q["cands"] = len(Table.read(str(path).replace("/subtract/", "/detect/").replace(".fits", ".ecsv")))
     return q
 

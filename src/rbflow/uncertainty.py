@@ -147,13 +147,7 @@ def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.
     """
     import torch
 
-    stack = getattr(model, "features", None)
-    relus = [m for m in stack.modules() if isinstance(m, torch.nn.ReLU)] if stack is not None else []
-    if not relus:
-        raise InputError(
-            f"model {type(model).__name__} has no 'features' stack with ReLU blocks: OOD scores need an "
-            "rbflow.model network"
-        )
+    relus = _stack_modules(model, torch.nn.ReLU, "ReLU blocks")
     layers: list[torch.Tensor] = []
 
     def pool(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
@@ -171,7 +165,7 @@ def network_features(model: Any, X: np.ndarray, *, batch_size: int = 512) -> np.
     finally:
         for hook in hooks:
             hook.remove()
-    width = 2 * sum(int(m.out_channels) for m in stack.modules() if isinstance(m, torch.nn.Conv2d))
+    width = 2 * sum(int(m.out_channels) for m in model.features.modules() if isinstance(m, torch.nn.Conv2d))
     return _unit(np.concatenate(out) if out else np.zeros((0, width)))
 
 
@@ -196,14 +190,18 @@ def first_block_columns(model: Any) -> tuple[int, int]:
     """
     import torch
 
+    return 0, 2 * int(_stack_modules(model, torch.nn.Conv2d, "convolutions")[0].out_channels)
+
+
+def _stack_modules(model: Any, kind: type, what: str) -> list[Any]:
+    """The modules of type ``kind`` in the network's ``features`` stack, in order; InputError when none."""
     stack = getattr(model, "features", None)
-    convs = [m for m in stack.modules() if isinstance(m, torch.nn.Conv2d)] if stack is not None else []
-    if not convs:
+    found = [m for m in stack.modules() if isinstance(m, kind)] if stack is not None else []
+    if not found:
         raise InputError(
-            f"model {type(model).__name__} has no 'features' stack with convolutions: OOD scores need an "
-            "rbflow.model network"
+            f"model {type(model).__name__} has no 'features' stack with {what}: OOD scores need an rbflow.model network"
         )
-    return 0, 2 * int(convs[0].out_channels)
+    return found
 
 
 def _unit(features: np.ndarray) -> np.ndarray:
