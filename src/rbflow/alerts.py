@@ -392,7 +392,7 @@ def _record_of(schema: Any) -> dict | None:
 
 
 def _projection(writer: dict, survey: str) -> dict | None:
-    """Reader schema holding only the fields rbflow uses (fastavro skips the rest: twice as fast).
+    """Reader schema holding only the fields rbflow uses (the rest is skipped, by the compiled decoder or by fastavro).
 
     Built from the writer schema itself, so every name resolves; None when the schema has an
     unexpected layout (then the full records are read).
