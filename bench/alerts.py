@@ -54,7 +54,7 @@ from astropy.utils.exceptions import AstropyWarning
 from isal import isal_zlib
 
 from rbflow.alerts import iter_alerts, read_fits_image, score_alerts
-from rbflow.avro import compile_decoder, inflate_block, read_header, read_long
+from rbflow.avro import blocks, compile_decoder, read_header
 from rbflow.datacube import NORMALISATION, crop_stamps, normalise
 from rbflow.infer import load_model, predict
 from rbflow.model import ModelConfig, build_model
@@ -156,24 +156,9 @@ def multiply_packets(n: int, out: Path, *, codec: str) -> Path:
 
 
 def avro_blocks(data: bytes) -> list[tuple[int, bytes]]:
-    """(record count, records) of every block of an uncompressed Avro file."""
-    meta, _, pos = read_header(data)
-    if meta.get(b"avro.codec", b"null") != b"null":
-        return [
-            (count, inflate_block(block, meta[b"avro.codec"].decode())) for count, block in avro_blocks_raw(data, pos)
-        ]
-    return avro_blocks_raw(data, pos)
-
-
-def avro_blocks_raw(data: bytes, pos: int) -> list[tuple[int, bytes]]:
-    """(record count, stored bytes) of every block from offset ``pos`` (the end of the header)."""
-    out = []
-    while pos < len(data):
-        count, pos = read_long(data, pos)
-        size, pos = read_long(data, pos)
-        out.append((count, data[pos : pos + size]))
-        pos += size + 16
-    return out
+    """(record count, records) of every block of an Avro file, decompressed."""
+    meta, sync, pos = read_header(data)
+    return list(blocks(data, pos, sync, codec=meta.get(b"avro.codec", b"null").decode() or "null"))
 
 
 def nanmedian_normalise(x: np.ndarray) -> np.ndarray:

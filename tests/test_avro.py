@@ -12,7 +12,7 @@ import fastavro
 import pytest
 
 from rbflow.alerts import RUBIN_MAJORS
-from rbflow.avro import compile_decoder, inflate_block, read_header, read_long
+from rbflow.avro import blocks, compile_decoder, read_header
 
 DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ztf-alerts-dev"
 needs_dev = pytest.mark.skipif(not DEV.is_dir(), reason=f"ZTF development packets not found at {DEV}")
@@ -54,18 +54,10 @@ def project(writer: dict, top: set[str], sub: str, subfields: set[str]) -> dict:
     return proj
 
 
-def blocks(data: bytes) -> list[tuple[int, bytes]]:
+def decompressed_blocks(data: bytes) -> list[tuple[int, bytes]]:
     """(record count, decompressed records) of every block of an Avro container file."""
-    meta, _, pos = read_header(data)
-    codec = meta.get(b"avro.codec", b"null").decode() or "null"
-    out = []
-    while pos < len(data):
-        count, pos = read_long(data, pos)
-        size, pos = read_long(data, pos)
-        raw = data[pos : pos + size]
-        out.append((count, raw if codec == "null" else inflate_block(raw, codec)))
-        pos += size + 16
-    return out
+    meta, sync, pos = read_header(data)
+    return list(blocks(data, pos, sync, codec=meta.get(b"avro.codec", b"null").decode() or "null"))
 
 
 def assert_decodes_as_fastavro(data: bytes, proj: dict) -> int:
@@ -75,7 +67,7 @@ def assert_decodes_as_fastavro(data: bytes, proj: dict) -> int:
     decode = compile_decoder(writer, reader)
     assert decode is not None
     n = 0
-    for count, block in blocks(data):
+    for count, block in decompressed_blocks(data):
         stream, at = io.BytesIO(block), 0
         for _ in range(count):
             record, at = decode(block, at)
@@ -261,3 +253,29 @@ def test_schemas_the_compiler_leaves_to_fastavro():
         "fields": [{"name": "t", "type": {"type": "long", "logicalType": "timestamp-micros"}}],
     }
     assert compile_decoder(fastavro.parse_schema(timed), fastavro.parse_schema(timed)) is None
+
+
+@pytest.mark.parametrize("codec", ["null", "deflate", "snappy"])
+def test_blocks_walks_the_container_and_refuses_broken_blocks(codec):
+    schema = {"type": "record", "name": "r", "fields": [{"name": "i", "type": "long"}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, ({"i": i} for i in range(250)), codec=codec, sync_interval=64)
+    data = buf.getvalue()
+    meta, sync, pos = read_header(data)
+    assert meta[b"avro.codec"].decode() == codec
+    walked = list(blocks(data, pos, sync, codec=codec))
+    assert len(walked) > 1 and sum(count for count, _ in walked) == 250
+    values = []
+    for count, block in walked:
+        stream = io.BytesIO(block)
+        values += [FASTAVRO(stream, schema)["i"] for _ in range(count)]
+        assert stream.tell() == len(block)
+    assert values == list(range(250))
+    # a walk that stops at a block boundary gives the blocks before it
+    first_end = pos + len(data[pos:]) - len(data[pos:].split(sync, 1)[1])
+    assert len(list(blocks(data, pos, sync, first_end, codec=codec))) == 1
+    with pytest.raises(EOFError, match="truncated"):
+        list(blocks(data[:-5], pos, sync, codec=codec))
+    broken = data[: first_end - 1] + bytes([data[first_end - 1] ^ 0xFF]) + data[first_end:]
+    with pytest.raises(ValueError, match="sync marker"):
+        list(blocks(broken, pos, sync, codec=codec))

@@ -89,7 +89,7 @@ import numpy as np
 from isal import isal_zlib
 
 from rbflow import __version__
-from rbflow.avro import CODECS, SYNC_SIZE, RecordDecoder, compile_decoder, inflate_block, read_header, read_long
+from rbflow.avro import CODECS, SYNC_SIZE, RecordDecoder, blocks, compile_decoder, read_header, read_long
 from rbflow.errors import InputError
 
 if TYPE_CHECKING:
@@ -634,8 +634,8 @@ def _avro_schema(meta: dict[bytes, bytes]) -> tuple[str, str, dict, dict | None,
 def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     """(survey, schema name, record) of an Avro piece, projected on the fields rbflow uses.
 
-    The object container format is walked here (header, blocks, sync markers) and each record
-    decoded by the schema's compiled decoder (:func:`rbflow.avro.compile_decoder`), or by
+    The object container's blocks are walked by :func:`rbflow.avro.blocks` (sizes and sync
+    markers checked) and each record decoded by the schema's compiled decoder (:func:`rbflow.avro.compile_decoder`), or by
     ``fastavro.schemaless_reader`` for schemas it does not compile. Files are memory-mapped (not
     copied into memory), and only the blocks of the piece's span are read.
     """
@@ -654,30 +654,17 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
         codec = meta.get(b"avro.codec", b"null").decode() or "null"
         if codec not in CODECS:
             raise _PacketError(f"Avro codec {codec!r} is not read: rbflow reads {', '.join(CODECS)}")
-        stop = len(data)
-        if piece.span is not None:
-            pos, stop = piece.span
-        while pos < stop:
-            count, pos = read_long(data, pos)
-            size, pos = read_long(data, pos)
-            end = pos + size
-            if count < 0 or size < 0 or end + SYNC_SIZE > len(data):
-                raise EOFError(
-                    f"a block of {count} alert(s) is truncated ({len(data) - pos} of {size + SYNC_SIZE} bytes)"
-                )
-            if data[end : end + SYNC_SIZE] != sync:
-                raise ValueError("a block's sync marker is not the header's (corrupt file)")
-            try:
-                block = data[pos:end] if codec == "null" else inflate_block(data[pos:end], codec)
-            except ModuleNotFoundError as exc:
-                raise _PacketError(str(exc)) from exc
-            at = 0
-            for _ in range(count):
-                record, at = decode(block, at)
-                yield survey, name, record
-            if at != len(block):
-                raise ValueError(f"a block's {count} record(s) do not fill its {len(block)} bytes (corrupt file)")
-            pos = end + SYNC_SIZE
+        start, stop = piece.span if piece.span is not None else (pos, None)
+        try:
+            for count, block in blocks(data, start, sync, stop, codec=codec):
+                at = 0
+                for _ in range(count):
+                    record, at = decode(block, at)
+                    yield survey, name, record
+                if at != len(block):
+                    raise ValueError(f"a block's {count} record(s) do not fill its {len(block)} bytes (corrupt file)")
+        except ModuleNotFoundError as exc:  # snappy without cramjam: the same for every packet
+            raise _PacketError(str(exc)) from exc
     finally:
         if mapped is not None:
             mapped.close()

@@ -33,7 +33,7 @@ import io
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from isal import isal_zlib
@@ -43,6 +43,7 @@ __all__ = [
     "MAGIC",
     "SYNC_SIZE",
     "RecordDecoder",
+    "blocks",
     "compile_decoder",
     "inflate_block",
     "read_header",
@@ -115,6 +116,52 @@ def read_header(data: bytes) -> tuple[dict[bytes, bytes], bytes, int]:
     if pos + SYNC_SIZE > len(data):
         raise EOFError("the Avro header is truncated")
     return meta, data[pos : pos + SYNC_SIZE], pos + SYNC_SIZE
+
+
+def blocks(
+    data: Any, pos: int, sync: bytes, stop: int | None = None, *, codec: str = "null"
+) -> Iterator[tuple[int, Any]]:
+    """(record count, records' bytes) of each block of an Avro object container file.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The file's bytes (``bytes`` or a memory map; the stored bytes are slices of it).
+    pos : int
+        Offset of the first block: the end of the header (:func:`read_header`), or a block start.
+    sync : bytes
+        The header's sync marker, which must follow every block.
+    stop : int, optional
+        Offset where the walk ends (a block boundary); default the end of ``data``.
+    codec : str, optional
+        The file's ``avro.codec`` (one of :data:`CODECS`): blocks are decompressed with it.
+
+    Yields
+    ------
+    tuple of (int, bytes-like)
+        The block's record count and its records' bytes (a slice of ``data`` for ``null``).
+
+    Raises
+    ------
+    EOFError
+        If a block is truncated.
+    ValueError
+        If a block's sync marker is not the header's (corrupt file), or a snappy block fails its
+        CRC check.
+    ModuleNotFoundError
+        For snappy when cramjam is not installed.
+    """
+    stop = len(data) if stop is None else stop
+    while pos < stop:
+        count, pos = read_long(data, pos)
+        size, pos = read_long(data, pos)
+        end = pos + size
+        if count < 0 or size < 0 or end + SYNC_SIZE > len(data):
+            raise EOFError(f"a block of {count} alert(s) is truncated ({len(data) - pos} of {size + SYNC_SIZE} bytes)")
+        if data[end : end + SYNC_SIZE] != sync:
+            raise ValueError("a block's sync marker is not the header's (corrupt file)")
+        yield count, data[pos:end] if codec == "null" else inflate_block(data[pos:end], codec)
+        pos = end + SYNC_SIZE
 
 
 def inflate_block(raw: bytes, codec: str) -> bytes:
