@@ -189,6 +189,10 @@ def test_ood_score_flags_real_ztf_alerts_against_held_out_stamps(trained):
     # scores are at chance (measured 0.51; 300 against 480 stamps: standard error ~0.02)
     control = _auc(reference.reference_scores, fresh)
     assert 0.4 < control < 0.6, control
+    # as a set, the 86 packets lie far above new frames of the training sky (measured: mean quantile 0.91,
+    # z 13.3, 78 % of them beyond the validation stamps' 0.95 quantile; rbflow.infer warns from z 3)
+    assert reference.batch_shift(reference.quantile(ztf))[1] > 3
+    assert abs(reference.batch_shift(reference.quantile(fresh))[1]) < 3
 
 
 @pytest.mark.skipif(not ZTF_DEV.is_dir(), reason=f"ZTF development packets not found at {ZTF_DEV}")
@@ -256,6 +260,71 @@ def test_knn_score_on_known_geometry(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(InputError, match="cannot be read"):
         KnnOOD.load(tmp_path / "bad.npz")
+
+
+def test_calibration_and_batch_shift_on_known_truth(tmp_path):
+    ref = KnnOOD.fit(np.eye(12, dtype=np.float32), k=2)
+    rng = np.random.default_rng(0)
+    n = 400
+    # two held-out frames whose scores do not overlap: frame a's quantiles are uniform on [0, 0.5),
+    # b's on [0.5, 1): their means 0.25 and 0.75, variance (ddof 1) 0.125, of which 1 / (12 n) is the
+    # sampling noise of a mean of n uniform quantiles
+    scores = np.concatenate([rng.uniform(0, 1, n), rng.uniform(1, 2, n)])
+    frames = np.repeat(["a", "b"], n)
+    split = ref.calibrate(scores, frames)
+    assert np.array_equal(split.heldout_scores, np.sort(scores)) and split.reference is ref.reference
+    assert split.frame_spread == pytest.approx(np.sqrt(0.125 - 1 / (12 * n)), rel=0.02)
+    np.testing.assert_allclose(split.quantile(np.array([-1.0, 1.0, 5.0])), [0.0, 0.5, 1.0])
+    # frames drawn alike: no spread beyond the sampling noise (a few thousandths at most, by chance)
+    alike = ref.calibrate(rng.normal(size=8 * n), np.repeat(list("abcdefgh"), n))
+    assert alike.frame_spread < 0.01
+    # a set's mean quantile in units of its null standard deviation (1 / (12 n) plus the frames' spread)
+    q = np.full(86, 0.8)
+    mean, z = split.batch_shift(q)
+    assert mean == pytest.approx(0.8) and z == pytest.approx(0.3 / np.sqrt(1 / (12 * 86) + split.frame_spread**2))
+    mean, z = alike.batch_shift(np.r_[q, np.nan])  # NaN (no score) ignored
+    assert mean == pytest.approx(0.8) and z > 8
+    assert alike.batch_shift(np.full(40, 0.5))[1] == pytest.approx(0.0)
+    assert np.isnan(alike.batch_shift(np.array([]))).all()
+    # not calibrated, or on one held-out frame: no null for a set, so no z
+    assert np.isnan(ref.batch_shift(q)[1]) and not np.isnan(ref.batch_shift(q)[0])
+    assert np.isnan(ref.calibrate(scores, np.repeat("a", 2 * n)).batch_shift(q)[1])
+    with pytest.raises(ValueError, match="one frame per"):
+        ref.calibrate(scores, frames[:10])
+    # stored and read back; a reference stored without a calibration counts against its own scores
+    split.save(tmp_path / "c.npz")
+    back = KnnOOD.load(tmp_path / "c.npz")
+    assert np.array_equal(back.heldout_scores, split.heldout_scores) and back.frame_spread == split.frame_spread
+    ref.save(tmp_path / "r.npz")
+    plain = KnnOOD.load(tmp_path / "r.npz")
+    assert plain.heldout_scores is None and np.isnan(plain.frame_spread)
+
+
+def test_stored_quantiles_count_against_the_validation_frames(trained, tmp_path, caplog):
+    root, model, meta = trained
+    stored = model_reference(root / "model" / "model.pt", meta)
+    assert len(stored.heldout_scores) == meta["split_counts"]["val"]
+    assert "validation-frame stamps" in meta["ood"]["quantile"]
+    # fresh stamps of the training generator (new frames of the training sky) are flagged at the
+    # nominal rate: 5 % beyond the 0.95 quantile (300 stamps: binomial standard error 1.3 %)
+    X, _ = synthetic_stamps(300, seed=97)
+    fresh = stored.quantile(stored.score(network_features(model, normalise(X))))
+    assert 0.01 < np.mean(fresh >= 0.95) < 0.11, np.mean(fresh >= 0.95)
+    # as sets: fresh stamps sit at the held-out frames' mean, the same stamps on an extended host far
+    # above it (measured z -0.6 and 26 for 300 stamps, -1.0 and 7.5 for the first 30; seeds 97-99:
+    # fresh -1.6 to 0.8, hosts 7.5 to 26)
+    yy, xx = np.mgrid[:31, :31]
+    host = 30 * np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 6.0**2))
+    hosted = stored.quantile(
+        stored.score(network_features(model, normalise(X + host * np.array([1, 1, 0])[:, None, None])))
+    )
+    assert abs(stored.batch_shift(fresh)[1]) < 3 and abs(stored.batch_shift(fresh[:30])[1]) < 3
+    assert stored.batch_shift(hosted[:30])[1] > 3
+    # infer reports the set's mean quantile and z in the table's meta (tests/helpers' image: fresh stamps)
+    results, _ = results_folder(tmp_path)
+    t = infer_cutouts(results / "sim" / "cutouts" / IMAGE, root / "model" / "model.pt", tmp_path / "t.ecsv")
+    assert t.meta["ood_mean_quantile"] == pytest.approx(np.mean(t["ood_quantile"]))
+    assert "z >= 3" in t.meta["ood_shift"]
 
 
 def test_ood_features_have_unit_length(trained):

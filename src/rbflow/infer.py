@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from rbflow.datacube import NORMALISATION, crop_stamps, normalise, read_stamp
 from rbflow.errors import ConfigError, InputError
 from rbflow.io import read_table, write_table
 from rbflow.model import ModelConfig, build_model
-from rbflow.uncertainty import UNCERTAINTY_COLUMNS, mc_dropout, model_reference, network_features, reference_ood
+from rbflow.uncertainty import (
+    SHIFT_Z,
+    UNCERTAINTY_COLUMNS,
+    mc_dropout,
+    model_reference,
+    network_features,
+    reference_ood,
+)
 
 __all__ = [
     "STARTER_DIR",
@@ -476,22 +484,25 @@ def _uncertainty(
     seed: int,
     model_path: str | os.PathLike,
     cube: str | os.PathLike | None,
-) -> dict[str, np.ndarray]:
-    """The :data:`UNCERTAINTY_COLUMNS` of normalised stamps ``X``.
+) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
+    """The :data:`UNCERTAINTY_COLUMNS` of normalised stamps ``X``, and the set's ``(mean quantile, z)``.
 
     The OOD reference is the one stored with the model at training time
     (:func:`rbflow.uncertainty.model_reference`); ``cube``, when given, replaces it with one fitted
     on that datacube (models trained before references were stored). Without either, the OOD
-    columns are NaN (logged).
+    columns are NaN (logged). The pair is :meth:`rbflow.uncertainty.KnnOOD.batch_shift` of the
+    stamps as one set.
     """
     mean, std = mc_dropout(model, meta, X, passes=mc_passes, seed=seed)
     reference = reference_ood(model, cube, seed=seed) if cube is not None else model_reference(model_path, meta)
     if reference is None:
         ood = quantile = np.full(len(X), np.nan)
+        shift = (math.nan, math.nan)
     else:
         ood = reference.score(network_features(model, X))
         quantile = reference.quantile(ood)
-    return {"p_real_mc": mean, "p_real_std": std, "ood_score": ood, "ood_quantile": quantile}
+        shift = reference.batch_shift(quantile)
+    return {"p_real_mc": mean, "p_real_std": std, "ood_score": ood, "ood_quantile": quantile}, shift
 
 
 def _header_row(header: Any, stem: str) -> list[Any]:
@@ -641,6 +652,7 @@ def infer_cutouts(
         log.warning("cutout folder '%s' holds no cutout: writing empty outputs", cutout_dir)
         table = _empty_candidates()
         names = []
+        shift = (math.nan, math.nan)
     else:
         X = np.stack(stamps)
         if X.shape[-1] != meta["stamp_size"]:
@@ -660,10 +672,21 @@ def infer_cutouts(
             table.remove_column("_row")
         table["label0"] = 1.0 - p_real
         table["label1"] = p_real
-        extra = _uncertainty(model, meta, X, mc_passes=mc_passes, seed=seed, model_path=model_path, cube=reference_cube)
+        extra, shift = _uncertainty(
+            model, meta, X, mc_passes=mc_passes, seed=seed, model_path=model_path, cube=reference_cube
+        )
         for name, values in extra.items():
             table[name] = values
         names = [str(p) for p in files]
+        if shift[1] >= SHIFT_Z:
+            log.warning(
+                "%s: as a set, these %d candidates lie farther from the training stamps than new frames of the "
+                "training sky do (mean ood_quantile %.3f, z = %.1f): the model may not transfer to them; label "
+                "some (rbflow scan) and fine-tune (rbflow train --init)",
+                cutout_dir,
+                len(files),
+                *shift,
+            )
     table.meta.update(
         {
             "made_by": "rbflow.infer.infer_cutouts",
@@ -676,6 +699,11 @@ def infer_cutouts(
             + "; ".join(f"{name} = {text}" for name, text in UNCERTAINTY_COLUMNS),
             "mc_passes": mc_passes,
             "seed": seed,
+            "ood_mean_quantile": shift[0],
+            "ood_shift_z": shift[1],
+            "ood_shift": "mean ood_quantile of these candidates and its distance z from 0.5 in units of the "
+            f"spread of new frames' means (rbflow.uncertainty.KnnOOD.batch_shift); z >= {SHIFT_Z:g}: unlike "
+            "the training sky as a set",
             "rbflow_version": __version__,
         }
     )

@@ -209,6 +209,8 @@ class TrainingData:
         Validation and test stamps, on the CPU (moved batch by batch).
     y_val, y_test : numpy.ndarray
         Validation and test labels (int64).
+    frame_val : numpy.ndarray
+        Frame of each validation stamp (str).
     snr_test : numpy.ndarray
         S/N of the test stamps.
     frames : dict
@@ -226,6 +228,7 @@ class TrainingData:
     y_train: torch.Tensor
     X_val: torch.Tensor
     y_val: np.ndarray
+    frame_val: np.ndarray
     X_test: torch.Tensor
     y_test: np.ndarray
     snr_test: np.ndarray
@@ -307,6 +310,7 @@ def split_data(
         y_train=ytr,
         X_val=X_all[idx["val"]],
         y_val=y_all[idx["val"]],
+        frame_val=np.asarray(frames, dtype=str)[idx["val"]],
         X_test=X_all[idx["test"]],
         y_test=y_all[idx["test"]],
         snr_test=cube["snr"][idx["test"]],
@@ -959,6 +963,12 @@ def write_artefacts(
         "method": OOD_METHOD,
         "k": ood.k,
         "stamps": f"{len(ood.reference)} of the {meta['split_counts']['train']} training-frame stamps (seeded)",
+        "quantile": (
+            "leave-one-out distances of the reference stamps"
+            if ood.heldout_scores is None
+            else f"the {len(ood.heldout_scores)} validation-frame stamps' scores; between-frame spread of a frame's "
+            f"mean quantile {ood.frame_spread:.4f}"
+        ),
     }
     write_json(meta, out_dir / "model.json")
 
@@ -1064,7 +1074,12 @@ def train(
     model.load_state_dict(progress.best_state)
     cal = calibrate(model, data, batch_size=4 * bs)
     model.cpu()
-    ood = fit_reference(model, data.X_train.cpu().numpy(), seed=derive(seed, "train", "ood"))
+    ood = fit_reference(
+        model,
+        data.X_train.cpu().numpy(),
+        seed=derive(seed, "train", "ood"),
+        heldout=(data.X_val.numpy(), data.frame_val),
+    )
     metrics = held_out_metrics(data, cal, seed=derive(seed, "train", "bootstrap"))
     meta = describe_model(
         model,
