@@ -62,7 +62,7 @@ is told apart as a set (a batch MMD^2 test, measured in an earlier session: 0.19
 the mean quantile of a set (one image's candidates, a night's alerts) with 0.5, in units of what new
 frames of the training sky give (``1 / (12 n)`` for ``n`` uniform quantiles, plus the spread of the
 validation frames' means beyond that); ``rbflow.infer`` writes it in the table's meta and warns
-from z = 3. Measured on the demo model retrained at commit ffc788c (its test AUC 0.9960; per-stamp
+from z = 3. Measured on the demo model retrained at commit d2fbffc (its test AUC 0.9960; per-stamp
 AUROC of the packets against its test stamps 0.79, test frames against validation frames 0.49):
 the 86 ZTF packets as one set, mean quantile 0.78, z 4.6; random sets of 40 of them z >= 3 in 99 %
 of draws, of 20 in 72 %, of 10 in 33 %; the demo's test frames z -0.06 and -0.23, its training
