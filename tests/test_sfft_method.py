@@ -426,21 +426,26 @@ def test_relative_width_measures_the_stars_widths_in_either_order():
         assert np.std(got) < 3 * err
 
 
-def test_convolution_sides_follow_the_narrower_image_and_try_both_when_close():
-    floor, nsigma = 1 / 12, 3.0
+def test_convolution_sides_follow_the_narrower_image_and_try_both_when_unsure():
+    rule = {"nsigma": 3.0, "floor": 1 / 12}
+    deep_ref = {"noise_sci": 10.0, "noise_ref": 3.0}  # a deep reference, the usual case
+    deep_sci = {"noise_sci": 3.0, "noise_ref": 10.0}
     cases = [
-        ((3.0, 4.0), ("SCI",)),  # the science is sharper: it is convolved
-        ((4.0, 3.0), ("REF",)),
-        ((4.0, 4.0), ("REF", "SCI")),  # the same width: both tried
-        ((4.0, 4.04), ("REF", "SCI")),  # 1 % in FWHM: a kernel of 0.06 px², under a pixel's 1/12 px²
+        # (FWHM sci, ref), noises, sides
+        ((4.0, 3.0), deep_ref, ("REF",)),  # the reference is narrower and less noisy: it is convolved
+        ((3.0, 4.0), deep_sci, ("SCI",)),  # the same with the roles swapped
+        ((3.0, 4.0), deep_ref, ("REF", "SCI")),  # the narrower image is the noisier: both tried
+        ((4.0, 3.0), deep_sci, ("REF", "SCI")),
+        ((4.0, 4.0), deep_ref, ("REF", "SCI")),  # the same width: both tried
+        ((4.0, 4.04), deep_sci, ("REF", "SCI")),  # 1 % in FWHM: a kernel of 0.06 px², under a pixel's 1/12 px²
     ]
-    for (fwhm_s, fwhm_r), sides in cases:
+    for (fwhm_s, fwhm_r), noises, sides in cases:
         pp = _pair_with_offsets(np.zeros((6, 2)), sky=10.0, seed=1, fwhm_s=fwhm_s, fwhm_r=fwhm_r)
         width, err, _ = sfft_method.relative_width(pp, radius=2 * max(fwhm_s, fwhm_r))
-        assert sfft_method.convolution_sides(width, err, nsigma=nsigma, floor=floor) == sides, (fwhm_s, fwhm_r)
+        assert sfft_method.convolution_sides(width, err, **rule, **noises) == sides, (fwhm_s, fwhm_r, noises)
     # the measurement's error decides near the floor: 0.2 px² is clear at an error of 0.03, not of 0.05
-    assert sfft_method.convolution_sides(0.2, 0.03, nsigma=nsigma, floor=floor) == ("SCI",)
-    assert sfft_method.convolution_sides(-0.2, 0.05, nsigma=nsigma, floor=floor) == ("REF", "SCI")
+    assert sfft_method.convolution_sides(-0.2, 0.03, **rule, **deep_ref) == ("REF",)
+    assert sfft_method.convolution_sides(-0.2, 0.05, **rule, **deep_ref) == ("REF", "SCI")
 
 
 def test_random_effects_mean_takes_in_the_real_scatter():

@@ -12,9 +12,13 @@ image, C the convolved one, K the fitted matching kernel, ``*`` convolution) has
 Which one is narrower is measured on the matched alignment stars of the two aligned images
 (:func:`relative_width`: Gaussian fits, independent of the PSF models, which from 4-7 stars got
 the order of two similar widths wrong on the ``realpsf`` test frames, so that sfft deconvolved).
-When the widths differ by less than a pixel's variance plus 3 times the measurement's error
-(:func:`convolution_sides`), sfft runs both ways and keeps the difference with the smaller
-residuals at those stars (:func:`star_chi2`); header CONVD, CONVWHY, CONVDW, CONVDWE, CONVDWN.
+When the widths differ by less than a pixel's variance plus 3 times the measurement's error, or
+the narrower image is the noisier one (:func:`convolution_sides`), sfft runs both ways and keeps
+the difference with the smaller residuals at those stars (:func:`star_chi2`); header CONVD,
+CONVWHY, CONVDW, CONVDWE, CONVDWN, CONVNRAT. On the DECam frames below the single frames are
+1.9-2.7 px² narrower (sigma²) than the stacked reference but noisier, and convolving the stack
+leaves the smaller star chi² (1.9-3.7 against 4.7-8.9) and DIFF std / robust std 1.03-1.09
+(1.13-1.17 with the frame convolved).
 Its noise is correlated (K smooths the noise of C), so D0 is decorrelated per tile with the sfft
 authors' kernel (Hu et al. 2022, sfft ``DeCorrelation_Calculator``, after Reiss & Lupton 2016):
 ``DC(k) = 1 / sqrt(s_o² + s_c² |K(k)|²)`` in Fourier space, normalised to unit sum and truncated
@@ -47,7 +51,8 @@ Three corrections for real frames with few stars (issue 15, measured on the DECa
   their expected size. The cost is sensitivity on the flanks of bright stars (see the schema).
 * The kernel's own errors (:func:`kernel_error`): with few stars the degree-2 kernel cannot
   match every star. There the stars' profiles differ with brightness: the brightest star, which
-  sfft's least squares follow, is matched, and the others come out too broad (size moments
+  sfft's least squares follow, is matched, and the others come out too broad (the single frame
+  convolved; too narrow, by 0.4-0.5 px², with the stacked reference convolved) (size moments
   0.1 px² for the brightest, 0.3-1.6 px² for the 10^4-10^5 ADU stars), keeping core deficits
   and rings of 5-20 % of their peak. Near each star the difference is fitted with the first terms of a small kernel
   error acting on the flux common to both epochs (:func:`moment_images`: flux, shift, size,
@@ -617,22 +622,30 @@ def relative_width(pp: PreparedPair, *, radius: float) -> tuple[float, float, in
     return mu, err, int(ok.sum())
 
 
-def convolution_sides(width: float, error: float, *, nsigma: float, floor: float) -> tuple[str, ...]:
-    """The image(s) sfft should convolve, from the stars' width difference (:func:`relative_width`).
+def convolution_sides(
+    width: float, error: float, *, nsigma: float, floor: float, noise_sci: float, noise_ref: float
+) -> tuple[str, ...]:
+    """The image(s) sfft should convolve: ``('SCI',)``, ``('REF',)`` or both, ``('REF', 'SCI')``.
 
-    sfft convolves one image to match the other: convolving the broader one asks the kernel to
-    deconvolve, which a kernel of a few pixels does badly (residual rings at every bright star).
-    The kernel's own width is ``|width|`` (``sigma_R² - sigma_N²``, px²). When it exceeds
-    ``floor`` by more than ``nsigma`` times its ``error``, the narrower image is known:
-    ``('SCI',)`` when the reference is broader, else ``('REF',)``. Otherwise both are tried:
-    ``('REF', 'SCI')``: either the stars cannot tell the widths apart, or the kernel is narrower
-    than ``floor`` (a pixel, :data:`_PIXEL_VAR`): it is then a delta function plus a sub-pixel
-    correction that a kernel on the pixel grid makes as well by sharpening as by smoothing, and
-    what decides is what the widths leave out (the PSFs' halo and coma, the reference's
-    resampling onto the science pixels, which image is the noisier one to convolve).
+    sfft fits ``O = K * C`` by least squares, which the convolved image C should suit on two
+    counts: it should be the narrower one (else the kernel must sharpen, which a kernel of a few
+    pixels does with rings at bright stars), and the less noisy one (the fit takes C as exact: its
+    noise biases K, and K carries it into the difference). The kernel's width is ``|width|``
+    (``sigma_R² - sigma_N²``, px², :func:`relative_width`); the noises are the background noises
+    per pixel in one flux unit (``noise_sci``, ``noise_ref``). One side is returned only when both
+    counts agree: ``|width|`` beyond ``floor`` by more than ``nsigma`` times its ``error`` and the
+    narrower image not the noisier. Otherwise both are tried, and what decides is measured
+    (:func:`star_chi2`): the stars cannot tell the widths apart, or the kernel is narrower than
+    ``floor`` (a pixel, :data:`_PIXEL_VAR`: a delta function plus a sub-pixel correction that a
+    kernel on the pixel grid makes as well by sharpening as by smoothing; there the PSFs' halo
+    and coma, and the reference's resampling, which the widths leave out, decide), or the
+    narrower image is the noisier (a sharp single epoch against a deep stacked reference: on the
+    DECam frames, sharpening the stack by 2 px² left fewer residuals at the stars).
     """
-    if abs(width) > floor + nsigma * error:
-        return ("SCI",) if width > 0 else ("REF",)
+    narrower = "SCI" if width > 0 else "REF"
+    noisier = "SCI" if noise_sci > noise_ref else "REF"
+    if abs(width) > floor + nsigma * error and narrower != noisier:
+        return (narrower,)
     return ("REF", "SCI")
 
 
@@ -1050,7 +1063,9 @@ def sfft_difference(
     kerr = bool(scfg["kernel_error"])
     width, width_err, n_width = relative_width(pp, radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
     if n_width:
-        sides = convolution_sides(width, width_err, nsigma=_DIR_SIGMA, floor=_PIXEL_VAR)
+        sides = convolution_sides(
+            width, width_err, nsigma=_DIR_SIGMA, floor=_PIXEL_VAR, noise_sci=pp.sn, noise_ref=pp.sr / pp.fr
+        )
         why = f"sig2 R-S {width:+.3f}+-{width_err:.3f} px2"
     else:  # no star to measure: the PSF models' order
         sides = ("REF" if pp.fwhm_r <= pp.fwhm_s else "SCI",)
@@ -1134,6 +1149,7 @@ def sfft_difference(
         ("CONVDW", width, "[pix2] mean star sigma2, REF - SCI (aligned)"),
         ("CONVDWE", width_err, "[pix2] its error"),
         ("CONVDWN", n_width, "stars measured in both (Gaussian fits)"),
+        ("CONVNRAT", pp.sr / pp.fr / pp.sn, "bkg noise REF / SCI, same flux units"),
         ("KERSUM", float(np.median(k0s)), "sfft kernel flux scaling (median of tiles)"),
         ("DECORR", True, "DIFF noise decorrelated (sfft DeCorrelation)"),
         ("DCSIZE", best.dc_size, "[pix] decorrelation kernel size"),
