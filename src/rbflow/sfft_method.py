@@ -603,6 +603,13 @@ def relative_width(pp: PreparedPair, *, radius: float) -> tuple[float, float, in
     similar widths wrong. A Gaussian convolved with a Gaussian of ``sigma_K²`` gains ``sigma_K²``,
     so the value is the width the matching kernel needs (< 0: the science is broader).
 
+    Parameters
+    ----------
+    pp : rbflow.difference.PreparedPair
+        The prepared pair (its ``ainfo['stars']`` are the matched alignment stars).
+    radius : float
+        Fit radius (px) around each star.
+
     Returns
     -------
     width, error : float
