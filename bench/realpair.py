@@ -10,7 +10,8 @@ telescope's ``frames.stack`` settings), and so are the five OBS18 frames; then, 
 every method subtracts the same pair:
 
 * rbflow ``zogy``, rbflow ``sfft`` (decorrelated) and rbflow ``auto`` (the default: zogy or sfft
-  chosen per pair from the PSF models; the choice is printed, with the number of stars that
+  chosen per pair from the PSF models; the choice is printed, with the image sfft convolved and
+  why (``rbflow.sfft_method.convolution_sides``), the number of stars that
   moved (``subtract.sfft.moved_star_sigma``) and the measured kernel error when
   ``subtract.sfft.kernel_error`` is on, as in ``decam.yaml``) (``rbflow.subtract.run_subtract``
   with ``subtract.method`` set, alignment included; PSF models by ``rbflow.psf.run_psf``);
@@ -164,6 +165,8 @@ def main() -> None:
                     ref_plane = hdul["REF"].data.astype(np.float64)
                     fwhm_s, fwhm_r = float(hdul[0].header["FWHMSCI"]), float(hdul[0].header["FWHMREF"])
                     why = str(hdul[0].header.get("METHAUTO", ""))
+                    if "CONVD" in hdul[0].header:
+                        why += f"; {hdul[0].header['CONVD']} convolved ({hdul[0].header['CONVWHY']})"
                     if "NMOVERS" in hdul[0].header:
                         why += f"; {hdul[0].header['NMOVERS']} moved star(s) left out of the kernel fit"
                     if hdul[0].header.get("KERNERR"):

@@ -7,6 +7,7 @@ The first sfft run of a machine compiles numba functions (15-35 s); they are cac
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import numpy as np
@@ -200,13 +201,21 @@ XS6, YS6 = np.array([40.0, 100.3, 160.6, 40.2, 100.5, 160.1]), np.array([50.0, 5
 
 
 def _pair_with_offsets(
-    offsets, xs=XS6, ys=YS6, fluxes=(4e5, 1e5, 5e4, 5e4, 3e4, 2e4), *, sky=0.0, seed=0, shape=(200, 200)
+    offsets,
+    xs=XS6,
+    ys=YS6,
+    fluxes=(4e5, 1e5, 5e4, 5e4, 3e4, 2e4),
+    *,
+    sky=0.0,
+    seed=0,
+    shape=(200, 200),
+    fwhm_s=3.7,
+    fwhm_r=4.9,
 ):
-    """A PreparedPair of isolated Gaussian stars (FWHM 3.7 and 4.9 px), the reference's displaced
-    by ``offsets`` (px): noise-free with unit variance when ``sky`` is 0, else with Gaussian noise of
-    ``sky`` ADU rms plus the stars' Poisson noise (gain 4 e-/ADU), and that variance."""
+    """A PreparedPair of isolated Gaussian stars (FWHM ``fwhm_s`` and ``fwhm_r`` px), the reference's
+    displaced by ``offsets`` (px): noise-free with unit variance when ``sky`` is 0, else with Gaussian
+    noise of ``sky`` ADU rms plus the stars' Poisson noise (gain 4 e-/ADU), and that variance."""
     fluxes = np.asarray(fluxes, float)
-    fwhm_s, fwhm_r = 3.7, 4.9
     N = _gaussian_stars(shape, xs, ys, fluxes, fwhm_s / 2.3548).astype(float)
     R = _gaussian_stars(shape, xs + offsets[:, 0], ys + offsets[:, 1], fluxes, fwhm_r / 2.3548).astype(float)
     var_n, var_r = (np.full(N.shape, 1.0), np.full(N.shape, 1.0)) if sky == 0 else (sky**2 + N / 4, sky**2 + R / 4)
@@ -399,3 +408,68 @@ def test_kernel_error_term_keeps_the_transients_when_the_kernel_is_right(sfft_ru
     near = cKDTree(np.c_[sx, sy][sf > 1e4]).query(TRANSIENTS[:, :2])[0] < 12
     assert np.all(on_peak[~near] >= 0.99 * off_peak[~near])
     assert (~near).sum() >= 8
+
+
+def test_relative_width_measures_the_stars_widths_in_either_order():
+    # six isolated Gaussian stars (S/N ~150-1500) of known widths: sigma_R² - sigma_N² (px²) comes
+    # back within 3.5 times its stated error in each of 5 noise draws and each order, and the
+    # error is that of the stars' noise (~0.003 px² here: the scatter over the draws agrees)
+    for fwhm_s, fwhm_r in ((3.0, 4.0), (4.0, 3.0), (4.0, 4.0)):
+        truth = (fwhm_r**2 - fwhm_s**2) / (8 * math.log(2))
+        got = []
+        for seed in range(5):
+            pp = _pair_with_offsets(np.zeros((6, 2)), sky=10.0, seed=seed, fwhm_s=fwhm_s, fwhm_r=fwhm_r)
+            width, err, n = sfft_method.relative_width(pp, radius=2 * max(fwhm_s, fwhm_r))
+            assert n == 6
+            assert abs(width - truth) < 3.5 * err < 0.1, (fwhm_s, fwhm_r, seed, width, err)
+            got.append(width)
+        assert np.std(got) < 3 * err
+
+
+def test_convolution_sides_follow_the_narrower_image_and_try_both_when_unsure():
+    rule = {"nsigma": 3.0, "floor": 1 / 12}
+    deep_ref = {"noise_sci": 10.0, "noise_ref": 3.0}  # a deep reference, the usual case
+    deep_sci = {"noise_sci": 3.0, "noise_ref": 10.0}
+    cases = [
+        # (FWHM sci, ref), noises, sides
+        ((4.0, 3.0), deep_ref, ("REF",)),  # the reference is narrower and less noisy: it is convolved
+        ((3.0, 4.0), deep_sci, ("SCI",)),  # the same with the roles swapped
+        ((3.0, 4.0), deep_ref, ("REF", "SCI")),  # the narrower image is the noisier: both tried
+        ((4.0, 3.0), deep_sci, ("REF", "SCI")),
+        ((4.0, 4.0), deep_ref, ("REF", "SCI")),  # the same width: both tried
+        ((4.0, 4.04), deep_sci, ("REF", "SCI")),  # 1 % in FWHM: a kernel of 0.06 px², under a pixel's 1/12 px²
+    ]
+    for (fwhm_s, fwhm_r), noises, sides in cases:
+        pp = _pair_with_offsets(np.zeros((6, 2)), sky=10.0, seed=1, fwhm_s=fwhm_s, fwhm_r=fwhm_r)
+        width, err, _ = sfft_method.relative_width(pp, radius=2 * max(fwhm_s, fwhm_r))
+        assert sfft_method.convolution_sides(width, err, **rule, **noises) == sides, (fwhm_s, fwhm_r, noises)
+    # the measurement's error decides near the floor: 0.2 px² is clear at an error of 0.03, not of 0.05
+    assert sfft_method.convolution_sides(-0.2, 0.03, **rule, **deep_ref) == ("REF",)
+    assert sfft_method.convolution_sides(-0.2, 0.05, **rule, **deep_ref) == ("REF", "SCI")
+
+
+def test_random_effects_mean_takes_in_the_real_scatter():
+    rng = np.random.default_rng(3)
+    # errors that explain the spread: the weighted mean and its error 1/sqrt(sum w)
+    e = np.full(400, 0.1)
+    m = 0.5 + rng.normal(0, 0.1, e.size)
+    mu, err = sfft_method.random_effects_mean(m, e)
+    assert mu == pytest.approx(0.5, abs=4 * 0.1 / 20) and err == pytest.approx(0.1 / 20, rel=0.1)
+    # a real scatter of 0.3 beyond errors of 0.1: the mean's error is sqrt(0.1² + 0.3²) / sqrt(n)
+    m = 0.5 + rng.normal(0, math.hypot(0.1, 0.3), e.size)
+    mu, err = sfft_method.random_effects_mean(m, e)
+    assert err == pytest.approx(math.hypot(0.1, 0.3) / 20, rel=0.1)
+    assert math.isnan(sfft_method.random_effects_mean(np.zeros(0), np.zeros(0))[0])
+
+
+def test_direction_with_equal_widths_is_the_one_with_the_smaller_star_residuals():
+    # equal Gaussian widths: both directions run and the header says which and why; the star
+    # chi2 of each difference is recorded, and the kept one is the smaller
+    pytest.importorskip("sfft")
+    pair = make_pair(seed=13, nstars=160, fwhm_sci=4.0, fwhm_ref=4.0)
+    hdr = subtract_pair(pair, SFFT)[0].header
+    assert abs(hdr["CONVDW"]) < 3 * hdr["CONVDWE"] + 1 / 12 and hdr["CONVDWN"] >= 10
+    m = re.fullmatch(r"sig2 R-S [-+]\d\.\d{3}\+-\d\.\d{3} px2; chi2 R (\S+) S (\S+)", hdr["CONVWHY"])
+    assert m, hdr["CONVWHY"]
+    chi2 = {"REF": float(m.group(1)), "SCI": float(m.group(2))}
+    assert hdr["CONVD"] == min(chi2, key=chi2.get)

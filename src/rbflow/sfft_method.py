@@ -9,6 +9,16 @@ between jobs. It is robust to PSF-model errors (it needs no PSF for the kernel),
 
 The narrower-PSF image is convolved, so that sfft's difference ``D0 = O - K * C`` (O the other
 image, C the convolved one, K the fitted matching kernel, ``*`` convolution) has the PSF of O.
+Which one is narrower is measured on the matched alignment stars of the two aligned images
+(:func:`relative_width`: Gaussian fits, independent of the PSF models, which from 4-7 stars got
+the order of two similar widths wrong on the ``realpsf`` test frames, so that sfft deconvolved).
+When the widths differ by less than a pixel's variance plus 3 times the measurement's error, or
+the narrower image is the noisier one (:func:`convolution_sides`), sfft runs both ways and keeps
+the difference with the smaller residuals at those stars (:func:`star_chi2`); header CONVD,
+CONVWHY, CONVDW, CONVDWE, CONVDWN, CONVNRAT. On the DECam frames below the single frames are
+1.9-2.7 px² narrower (sigma²) than the stacked reference but noisier, and convolving the stack
+leaves the smaller star chi² (1.9-3.7 against 4.7-8.9) and DIFF std / robust std 1.03-1.09
+(1.13-1.17 with the frame convolved).
 Its noise is correlated (K smooths the noise of C), so D0 is decorrelated per tile with the sfft
 authors' kernel (Hu et al. 2022, sfft ``DeCorrelation_Calculator``, after Reiss & Lupton 2016):
 ``DC(k) = 1 / sqrt(s_o² + s_c² |K(k)|²)`` in Fourier space, normalised to unit sum and truncated
@@ -41,7 +51,8 @@ Three corrections for real frames with few stars (issue 15, measured on the DECa
   their expected size. The cost is sensitivity on the flanks of bright stars (see the schema).
 * The kernel's own errors (:func:`kernel_error`): with few stars the degree-2 kernel cannot
   match every star. There the stars' profiles differ with brightness: the brightest star, which
-  sfft's least squares follow, is matched, and the others come out too broad (size moments
+  sfft's least squares follow, is matched, and the others come out too broad (the single frame
+  convolved; too narrow, by 0.4-0.5 px², with the stacked reference convolved) (size moments
   0.1 px² for the brightest, 0.3-1.6 px² for the 10^4-10^5 ADU stars), keeping core deficits
   and rings of 5-20 % of their peak. Near each star the difference is fitted with the first terms of a small kernel
   error acting on the flux common to both epochs (:func:`moment_images`: flux, shift, size,
@@ -65,6 +76,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +89,7 @@ from rbflow.errors import ConfigError
 __all__ = [
     "DEFAULTS",
     "astrometric_outliers",
+    "convolution_sides",
     "decorrelation_kernel",
     "excess_scatter",
     "kernel_error",
@@ -84,8 +97,12 @@ __all__ = [
     "moment_images",
     "matching_kernel",
     "numba_cache_dir",
+    "random_effects_mean",
+    "relative_width",
     "require_sfft",
     "sfft_difference",
+    "star_chi2",
+    "star_widths",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +141,13 @@ _CLIP, _CLIP_ITER = 3.0, 5
 _LOO_MAX = 64
 #: Radius (broader FWHMs) of the disc around a star that moved (:func:`astrometric_outliers`) left out of the kernel fit.
 _BAN_RADIUS = 3.0
+#: Significance (sigma of its own error) beyond which the stars' width difference sets the convolved image
+#: (:func:`convolution_sides`); below, sfft runs both ways.
+_DIR_SIGMA = 3.0
+#: Variance (px²) of a pixel's box (1/12): the least kernel width (:func:`convolution_sides`) that sets the direction.
+_PIXEL_VAR = 1.0 / 12.0
+#: Most function evaluations of a star's Gaussian fit in :func:`star_widths`.
+_FIT_NFEV = 200
 
 
 def numba_cache_dir() -> Path:
@@ -461,6 +485,198 @@ def astrometric_outliers(
     return moved, motion, float(sx), float(sy)
 
 
+def _gaussian_residuals(p: np.ndarray, x: np.ndarray, y: np.ndarray, d: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted residuals of a circular Gaussian (amplitude, x0, y0, sigma²) at pixels (x, y) holding d."""
+    return (p[0] * np.exp(-((x - p[1]) ** 2 + (y - p[2]) ** 2) / (2 * p[3])) - d) * w
+
+
+def star_widths(
+    image: np.ndarray,
+    var: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    bad: np.ndarray,
+    radius: float,
+    sigma0: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian widths of stars: ``sigma²`` (px²) of a circular Gaussian fitted to each star, and its error.
+
+    Each star's pixels within ``radius`` of (x, y) are fitted (least squares weighted by
+    ``1 / var``; free amplitude, centre and width, no background: the image is
+    background-subtracted) with a point-sampled Gaussian. The width is that of the core: a halo
+    or coma that the Gaussian lacks biases it, alike in two images of similar PSFs. Its error is
+    the fit's (inverse normal matrix) times the reduced chi² when above 1 (the profile is not
+    a Gaussian). A star with an invalid pixel within ``radius``, too near the edge, or whose fit
+    fails (no convergence, sigma² outside (0, radius²)) gets NaN.
+
+    Parameters
+    ----------
+    image, var : numpy.ndarray
+        Background-subtracted image and its variance (ADU²).
+    xs, ys : numpy.ndarray
+        Star positions (px).
+    bad : numpy.ndarray
+        Invalid pixels.
+    radius : float
+        Fit radius (px).
+    sigma0 : float
+        Starting width (px).
+
+    Returns
+    -------
+    s2, err : numpy.ndarray
+        ``sigma²`` and its 1-sigma error per star (px²).
+    """
+    from scipy.optimize import least_squares
+
+    h = int(math.ceil(radius))
+    ny, nx = image.shape
+    s2 = np.full(len(xs), np.nan)
+    err = np.full(len(xs), np.nan)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        ix, iy = int(round(x)), int(round(y))
+        if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
+            continue
+        win = (slice(iy - h, iy + h + 1), slice(ix - h, ix + h + 1))
+        yy, xx = np.mgrid[iy - h : iy + h + 1, ix - h : ix + h + 1]
+        disc = (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+        if bad[win][disc].any():
+            continue
+        d = np.asarray(image[win][disc], np.float64)
+        w = 1.0 / np.sqrt(np.asarray(var[win][disc], np.float64))
+        amp = float(d.max())
+        if not (amp > 0 and np.isfinite(w).all()):
+            continue
+        fit = least_squares(
+            _gaussian_residuals,
+            [amp, x, y, sigma0**2],
+            args=(xx[disc], yy[disc], d, w),
+            max_nfev=_FIT_NFEV,
+            x_scale="jac",
+        )
+        if not fit.success or not 0 < fit.x[3] < radius**2:
+            continue
+        normal = fit.jac.T @ fit.jac
+        if np.linalg.cond(normal) > _MAX_COND:
+            continue
+        chi2 = 2 * fit.cost / max(d.size - 4, 1)
+        s2[i] = fit.x[3]
+        err[i] = math.sqrt(np.linalg.inv(normal)[3, 3] * max(chi2, 1.0))
+    return s2, err
+
+
+def random_effects_mean(m: np.ndarray, e: np.ndarray) -> tuple[float, float]:
+    """Mean of estimates with errors, their real scatter included (Paule & Mandel 1982), and its error.
+
+    ``mu = Σ w m / Σ w`` with ``w = 1 / (e² + s²)``, s² the scatter beyond the errors
+    (``Σ w (m - mu)² = n - 1``, 0 when the errors explain the spread); its error ``1 / sqrt(Σ w)``.
+    NaN, NaN without estimates.
+    """
+    if m.size == 0:
+        return math.nan, math.nan
+
+    def mean_and_q(s2: float) -> tuple[float, float]:
+        w = 1.0 / (e**2 + s2)
+        mu = float((w * m).sum() / w.sum())
+        return mu, float((w * (m - mu) ** 2).sum())
+
+    s2 = 0.0
+    if m.size > 1 and mean_and_q(0.0)[1] > m.size - 1:
+        lo, hi = 0.0, float(np.ptp(m)) ** 2 + float((e**2).max())
+        for _ in range(_PM_ITER):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean_and_q(mid)[1] > m.size - 1 else (lo, mid)
+        s2 = 0.5 * (lo + hi)
+    mu, _ = mean_and_q(s2)
+    return mu, float(1.0 / math.sqrt((1.0 / (e**2 + s2)).sum()))
+
+
+def relative_width(pp: PreparedPair, *, radius: float) -> tuple[float, float, int]:
+    """How much broader the aligned reference's stars are than the science's, measured on the stars.
+
+    The matched alignment stars' Gaussian widths (:func:`star_widths`, within ``radius`` px) in
+    the science image and in the reference aligned onto it (so on the same pixels, the
+    resampling's blur included, as sfft sees them): the mean of ``sigma_R² - sigma_N²`` over the
+    stars measured in both, the stars' real scatter included (:func:`random_effects_mean`), with
+    its error. Independent of the PSF models, which from 4-7 stars can get the order of two
+    similar widths wrong. A Gaussian convolved with a Gaussian of ``sigma_K²`` gains ``sigma_K²``,
+    so the value is the width the matching kernel needs (< 0: the science is broader).
+
+    Parameters
+    ----------
+    pp : rbflow.difference.PreparedPair
+        The prepared pair (its ``ainfo['stars']`` are the matched alignment stars).
+    radius : float
+        Fit radius (px) around each star.
+
+    Returns
+    -------
+    width, error : float
+        Mean ``sigma_R² - sigma_N²`` (px², science pixels) and its error; NaN without stars.
+    n : int
+        Stars measured in both images.
+    """
+    from rbflow.stars import FWHM_TO_SIGMA
+
+    xs = np.asarray(pp.ainfo["stars"]["x"], float)
+    ys = np.asarray(pp.ainfo["stars"]["y"], float)
+    sigma0 = FWHM_TO_SIGMA * math.sqrt(pp.fwhm_s * pp.fwhm_r)
+    s2n, en = star_widths(pp.N, pp.var_n, xs, ys, bad=pp.bad, radius=radius, sigma0=sigma0)
+    s2r, er = star_widths(pp.R, pp.var_r, xs, ys, bad=pp.bad, radius=radius, sigma0=sigma0)
+    ok = np.isfinite(s2n) & np.isfinite(s2r)
+    mu, err = random_effects_mean(s2r[ok] - s2n[ok], np.hypot(en[ok], er[ok]))
+    return mu, err, int(ok.sum())
+
+
+def convolution_sides(
+    width: float, error: float, *, nsigma: float, floor: float, noise_sci: float, noise_ref: float
+) -> tuple[str, ...]:
+    """The image(s) sfft should convolve: ``('SCI',)``, ``('REF',)`` or both, ``('REF', 'SCI')``.
+
+    sfft fits ``O = K * C`` by least squares, which the convolved image C should suit on two
+    counts: it should be the narrower one (else the kernel must sharpen, which a kernel of a few
+    pixels does with rings at bright stars), and the less noisy one (the fit takes C as exact: its
+    noise biases K, and K carries it into the difference). The kernel's width is ``|width|``
+    (``sigma_R² - sigma_N²``, px², :func:`relative_width`); the noises are the background noises
+    per pixel in one flux unit (``noise_sci``, ``noise_ref``). One side is returned only when both
+    counts agree: ``|width|`` beyond ``floor`` by more than ``nsigma`` times its ``error`` and the
+    narrower image not the noisier. Otherwise both are tried, and what decides is measured
+    (:func:`star_chi2`): the stars cannot tell the widths apart, or the kernel is narrower than
+    ``floor`` (a pixel, :data:`_PIXEL_VAR`: a delta function plus a sub-pixel correction that a
+    kernel on the pixel grid makes as well by sharpening as by smoothing; there the PSFs' halo
+    and coma, and the reference's resampling, which the widths leave out, decide), or the
+    narrower image is the noisier (a sharp single epoch against a deep stacked reference: on the
+    DECam frames, sharpening the stack by 2 px² left fewer residuals at the stars).
+    """
+    narrower = "SCI" if width > 0 else "REF"
+    noisier = "SCI" if noise_sci > noise_ref else "REF"
+    if abs(width) > floor + nsigma * error and narrower != noisier:
+        return (narrower,)
+    return ("REF", "SCI")
+
+
+def star_chi2(D: np.ndarray, V: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, bad: np.ndarray, radius: float) -> float:
+    """Mean ``D² / V`` over the valid pixels within ``radius`` of the stars, V scaled to D's measured noise.
+
+    V is first multiplied by the robust variance of ``D / sqrt(V)`` over all valid pixels (as in
+    :func:`kernel_error`), so that the measure is the stars' residuals in units of each
+    difference's own noise: 1 where the kernel matches the stars, more for residuals. inf
+    without pixels.
+    """
+    ok = ~bad & np.isfinite(D) & (V > 0)
+    k2 = _noise_scale(D, V, ok)
+    ny, nx = D.shape
+    yy, xx = np.ogrid[:ny, :nx]
+    near = np.zeros((ny, nx), bool)
+    for x, y in zip(xs, ys):
+        near |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+    sel = near & ok
+    if not sel.any():
+        return math.inf
+    return float((D[sel].astype(np.float64) ** 2 / (k2 * V[sel])).mean())
+
+
 def common_flux(D: np.ndarray, M: np.ndarray, conv_side: str) -> np.ndarray:
     """The flux common to both epochs as they enter D: ``min(science part, reference part)``, each clipped at 0.
 
@@ -681,62 +897,42 @@ def _noise_scale(a: np.ndarray, v: np.ndarray, ok: np.ndarray) -> float:
     return float((_MAD_TO_STD * np.median(np.abs(z - np.median(z)))) ** 2) or 1.0
 
 
-def sfft_difference(
-    pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any], *, threads: int = 1
-) -> Difference:
-    """Decorrelated difference of a prepared pair by sfft's ``Customized_Packet`` (numpy backend) on tiles.
+@dataclass
+class _Tiles:
+    """One direction's decorrelated difference over the tiles (see :func:`_tiled_difference`)."""
 
-    Parameters
-    ----------
-    pp : rbflow.difference.PreparedPair
-        Aligned, masked, background-subtracted pair (masked pixels are 0 in both, so they do not
-        weigh in the kernel fit).
-    psf_sci, psf_ref : PSFLike
-        PSF models; the one of the image that is not convolved, convolved with the decorrelation
-        kernel, is the PSF of D (for the score map and photometry); they also set the default
-        kernel size. The kernel itself is fitted on the data.
-    cfg : dict
-        The telescope's ``subtract`` block; its ``sfft`` block holds ``kernel_half_width`` (px,
-        null: twice the broader FWHM, within 2-20), ``kernel_poly_order`` and ``bg_poly_order``
-        (polynomial degrees, 0-3, of the kernel's and the differential background's variation
-        over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile),
-        ``overlap`` (px, common margin of neighbouring tiles), ``astrometric_noise`` (bool: ZOGY's
-        astrometric-noise variance in VAR and the score), ``moved_star_sigma`` (or None),
-        ``moved_star_floor`` (px) and ``moved_star_offset`` (px, or None: alignment stars off the
-        others' median offset by more than ``moved_star_sigma`` sigma, or by more than
-        ``moved_star_offset`` px, are left out of the kernel fit; see
-        :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
-        the kernel's errors leave, measured at the stars by :func:`kernel_error`, in VAR and the
-        score).
-    threads : int, optional
-        Threads of sfft's numpy backend and of numba.
+    D: np.ndarray
+    V: np.ndarray
+    M: np.ndarray | None
+    psfs: list[np.ndarray]
+    boxes: list[tuple[slice, slice, slice, slice]]
+    centres: list[tuple[int, int]]
+    k0s: list[float]
+    dc_size: int
 
-    Returns
-    -------
-    rbflow.difference.Difference
-        D in science flux units, decorrelated per tile (white noise); its variance
-        ``var_o + K0² var_c`` (background plus source Poisson noise, K0 the flux scaling of the
-        fitted kernel at the tile centre), plus the astrometric noise and the kernel error when
-        asked (absolute variances: divided by the measured-over-predicted noise ratio that the
-        empty-sky normalisation multiplies back); the raw score map; the PSF of D at the centre
-        of each tile's core (decorrelation kernel * PSF of the unconvolved image) and the header
-        cards.
 
-    Raises
-    ------
-    ConfigError
-        sfft is not installed, or the overlap is not less than half the tile.
-    """
+def _tiled_difference(
+    cp: Callable[..., Any],
+    set_threads: Callable[[int], None],
+    pp: PreparedPair,
+    psf_sci: PSFLike,
+    psf_ref: PSFLike,
+    *,
+    conv_side: str,
+    kerhw: int,
+    kpo: int,
+    bpo: int,
+    tile: int,
+    overlap: int,
+    ban: np.ndarray,
+    threads: int,
+    with_source: bool,
+) -> _Tiles:
+    """sfft on each tile with ``conv_side`` convolved, decorrelated: D, its variance (science units),
+    the unconvolved image decorrelated and signed so that D = M - (convolved part) when
+    ``with_source``, and each tile's PSF of D, window and core, centre, kernel sum."""
     from scipy.signal import fftconvolve
 
-    cp, set_threads = require_sfft()
-    scfg = {**DEFAULTS, **(cfg.get("sfft") or {})}
-    tile, overlap = int(scfg["tile"]), int(scfg["overlap"])
-    if 2 * overlap >= tile:
-        raise ConfigError(f"subtract.sfft: overlap ({overlap} px) must be less than half the tile ({tile} px)")
-    kerhw = _kernel_half_width(scfg, pp.fwhm_s, pp.fwhm_r)
-    kpo, bpo = int(scfg["kernel_poly_order"]), int(scfg["bg_poly_order"])
-    conv_side = "REF" if pp.fwhm_r <= pp.fwhm_s else "SCI"
     if conv_side == "REF":  # D0 = N - K * R (science units)
         conv_img, other_img, var_c, var_o, s_c, s_o = pp.R, pp.N, pp.var_r, pp.var_n, pp.sr, pp.sn
     else:  # D0 = K * N - R (reference units)
@@ -744,32 +940,7 @@ def sfft_difference(
     ny, nx = pp.N.shape
     D = np.zeros((ny, nx), np.float32)
     V = np.zeros((ny, nx), np.float32)
-    astro = bool(scfg["astrometric_noise"])
-    moved_px, moved_z = scfg["moved_star_offset"], scfg["moved_star_sigma"]
-    outlier, motion, sx, sy = astrometric_outliers(
-        pp,
-        nsigma=None if moved_z is None else float(moved_z),
-        floor=float(scfg["moved_star_floor"]),
-        offset=None if moved_px is None else float(moved_px),
-    )
-    if not astro:
-        sx = sy = 0.0
-    ban = np.zeros((ny, nx), bool)
-    yy, xx = np.ogrid[:ny, :nx]
-    r_ban = _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
-    for x, y, (mx, my) in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier], motion[outlier]):
-        ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
-        log.info(
-            "sfft: star at (%.1f, %.1f) moved by (%.3f, %.3f) px relative to the field; left out of the kernel fit",
-            x,
-            y,
-            mx,
-            my,
-        )
-    kerr = bool(scfg["kernel_error"])
-    # the unconvolved image decorrelated, signed so that D = M - (convolved part): the source of
-    # the astrometric and kernel-error terms
-    M = np.zeros((ny, nx), np.float32) if astro or kerr else None
+    M = np.zeros((ny, nx), np.float32) if with_source else None
     boxes, psfs, centres, k0s = [], [], [], []
     dc_size = 0
     for wy0, wy1, cy0, cy1 in _windows(ny, tile, overlap):
@@ -814,12 +985,127 @@ def sfft_difference(
         V /= pp.fr**2
         if M is not None:
             M /= pp.fr
-    log.info(
-        "sfft: %d tile(s), kernel flux scaling %s, decorrelated (%d px kernel)",
-        len(centres),
-        ", ".join(f"{k:.4f}" for k in k0s),
-        dc_size,
+    return _Tiles(D, V, M, psfs, boxes, centres, k0s, dc_size)
+
+
+def sfft_difference(
+    pp: PreparedPair, psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any], *, threads: int = 1
+) -> Difference:
+    """Decorrelated difference of a prepared pair by sfft's ``Customized_Packet`` (numpy backend) on tiles.
+
+    Parameters
+    ----------
+    pp : rbflow.difference.PreparedPair
+        Aligned, masked, background-subtracted pair (masked pixels are 0 in both, so they do not
+        weigh in the kernel fit).
+    psf_sci, psf_ref : PSFLike
+        PSF models; the one of the image that is not convolved, convolved with the decorrelation
+        kernel, is the PSF of D (for the score map and photometry); they also set the default
+        kernel size. The kernel itself is fitted on the data, and which image is convolved is
+        set by the stars' widths (:func:`convolution_sides`; when those are close, both
+        directions run and the one with the smaller :func:`star_chi2` is kept), the models'
+        FWHMs only when no star could be measured.
+    cfg : dict
+        The telescope's ``subtract`` block; its ``sfft`` block holds ``kernel_half_width`` (px,
+        null: twice the broader FWHM, within 2-20), ``kernel_poly_order`` and ``bg_poly_order``
+        (polynomial degrees, 0-3, of the kernel's and the differential background's variation
+        over a tile), ``tile`` (px, side of the square tiles; smaller frames are one tile),
+        ``overlap`` (px, common margin of neighbouring tiles), ``astrometric_noise`` (bool: ZOGY's
+        astrometric-noise variance in VAR and the score), ``moved_star_sigma`` (or None),
+        ``moved_star_floor`` (px) and ``moved_star_offset`` (px, or None: alignment stars off the
+        others' median offset by more than ``moved_star_sigma`` sigma, or by more than
+        ``moved_star_offset`` px, are left out of the kernel fit; see
+        :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
+        the kernel's errors leave, measured at the stars by :func:`kernel_error`, in VAR and the
+        score).
+    threads : int, optional
+        Threads of sfft's numpy backend and of numba.
+
+    Returns
+    -------
+    rbflow.difference.Difference
+        D in science flux units, decorrelated per tile (white noise); its variance
+        ``var_o + K0² var_c`` (background plus source Poisson noise, K0 the flux scaling of the
+        fitted kernel at the tile centre), plus the astrometric noise and the kernel error when
+        asked (absolute variances: divided by the measured-over-predicted noise ratio that the
+        empty-sky normalisation multiplies back); the raw score map; the PSF of D at the centre
+        of each tile's core (decorrelation kernel * PSF of the unconvolved image) and the header
+        cards.
+
+    Raises
+    ------
+    ConfigError
+        sfft is not installed, or the overlap is not less than half the tile.
+    """
+    cp, set_threads = require_sfft()
+    scfg = {**DEFAULTS, **(cfg.get("sfft") or {})}
+    tile, overlap = int(scfg["tile"]), int(scfg["overlap"])
+    if 2 * overlap >= tile:
+        raise ConfigError(f"subtract.sfft: overlap ({overlap} px) must be less than half the tile ({tile} px)")
+    kerhw = _kernel_half_width(scfg, pp.fwhm_s, pp.fwhm_r)
+    kpo, bpo = int(scfg["kernel_poly_order"]), int(scfg["bg_poly_order"])
+    ny, nx = pp.N.shape
+    astro = bool(scfg["astrometric_noise"])
+    moved_px, moved_z = scfg["moved_star_offset"], scfg["moved_star_sigma"]
+    outlier, motion, sx, sy = astrometric_outliers(
+        pp,
+        nsigma=None if moved_z is None else float(moved_z),
+        floor=float(scfg["moved_star_floor"]),
+        offset=None if moved_px is None else float(moved_px),
     )
+    if not astro:
+        sx = sy = 0.0
+    ban = np.zeros((ny, nx), bool)
+    yy, xx = np.ogrid[:ny, :nx]
+    r_ban = _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
+    for x, y, (mx, my) in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier], motion[outlier]):
+        ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
+        log.info(
+            "sfft: star at (%.1f, %.1f) moved by (%.3f, %.3f) px relative to the field; left out of the kernel fit",
+            x,
+            y,
+            mx,
+            my,
+        )
+    kerr = bool(scfg["kernel_error"])
+    width, width_err, n_width = relative_width(pp, radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
+    if n_width:
+        sides = convolution_sides(
+            width, width_err, nsigma=_DIR_SIGMA, floor=_PIXEL_VAR, noise_sci=pp.sn, noise_ref=pp.sr / pp.fr
+        )
+        why = f"sig2 R-S {width:+.3f}+-{width_err:.3f} px2"
+    else:  # no star to measure: the PSF models' order
+        sides = ("REF" if pp.fwhm_r <= pp.fwhm_s else "SCI",)
+        why = "no star widths: PSF model FWHMs"
+    passes = {}
+    for side in sides:
+        passes[side] = _tiled_difference(
+            cp,
+            set_threads,
+            pp,
+            psf_sci,
+            psf_ref,
+            conv_side=side,
+            kerhw=kerhw,
+            kpo=kpo,
+            bpo=bpo,
+            tile=tile,
+            overlap=overlap,
+            ban=ban,
+            threads=threads,
+            with_source=astro or kerr,
+        )
+    if len(sides) == 1:
+        conv_side = sides[0]
+    else:  # the direction whose difference leaves the smaller residuals at the stars it was fitted on
+        keep_xy = (pp.ainfo["stars"]["x"][~outlier], pp.ainfo["stars"]["y"][~outlier])
+        radius = _KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
+        chi2 = {side: star_chi2(p.D, p.V, *keep_xy, bad=pp.bad, radius=radius) for side, p in passes.items()}
+        conv_side = min(sides, key=lambda side: chi2[side])
+        why = f"{why}; chi2 R {chi2['REF']:.2g} S {chi2['SCI']:.2g}"
+    log.info("sfft: convolved %s (%s)", conv_side, why)
+    best = passes[conv_side]
+    D, V, M, psfs, boxes, centres, k0s = best.D, best.V, best.M, best.psfs, best.boxes, best.centres, best.k0s
     # the extra variances (astrometric noise, kernel error) are absolute: VAR and the score's
     # variance get them divided by the measured/predicted noise ratio that the empty-sky
     # normalisation (rbflow.subtract) multiplies back
@@ -865,10 +1151,15 @@ def sfft_difference(
         ("KERHW", kerhw, "[pix] sfft kernel half width"),
         ("KERORDER", kpo, "sfft kernel polynomial degree"),
         ("BGORDER", bpo, "sfft background polynomial degree"),
-        ("CONVD", conv_side, "image convolved by sfft"),
+        ("CONVD", conv_side, "image convolved by sfft (CONVWHY)"),
+        ("CONVWHY", why, "why CONVD"),
+        ("CONVDW", width, "[pix2] mean star sigma2, REF - SCI (aligned)"),
+        ("CONVDWE", width_err, "[pix2] its error"),
+        ("CONVDWN", n_width, "stars measured in both (Gaussian fits)"),
+        ("CONVNRAT", pp.sr / pp.fr / pp.sn, "bkg noise REF / SCI, same flux units"),
         ("KERSUM", float(np.median(k0s)), "sfft kernel flux scaling (median of tiles)"),
         ("DECORR", True, "DIFF noise decorrelated (sfft DeCorrelation)"),
-        ("DCSIZE", dc_size, "[pix] decorrelation kernel size"),
+        ("DCSIZE", best.dc_size, "[pix] decorrelation kernel size"),
         ("NMOVERS", int(outlier.sum()), "alignment stars that moved, not in kernel fit"),
         ("ASTNOISE", astro, "VAR, SCORR incl. ZOGY astrometric noise"),
         ("ASTSIGX", sx, "[pix] its sigma_x, stars that did not move"),
