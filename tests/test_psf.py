@@ -12,7 +12,6 @@ from astropy.wcs import WCS
 from helpers import GAIN, moffat_pixels, star_frame, true_fwhm
 from helpers import STAR_SHAPE as SHAPE
 
-from rbflow import psf as psf_module
 from rbflow.config import load_telescope
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo
@@ -26,6 +25,7 @@ CFG = dict(
     min_stars=8,
     max_stars=40,
     snr_min=30,
+    prior_below=11,
     analytic_fallback=False,
     fallback_fwhm=2.0,
 )
@@ -201,12 +201,12 @@ def test_constant_epsf_from_a_handful_of_faint_stars_stays_near_the_truth(seed):
     assert err < 0.05 and shift < 0.1, (err, shift)
 
 
-def test_without_the_prior_a_handful_of_faint_stars_misplaces_the_epsf(monkeypatch):
-    # The same frame (seed 1) without the prior: 9.9 % of the peak and 0.23 px (with it 3.4 %,
-    # 0.03 px), so the test above judges the prior.
-    monkeypatch.setattr(psf_module, "_PRIOR_BELOW", 0)
+def test_without_the_prior_a_handful_of_faint_stars_misplaces_the_epsf():
+    # The same frame (seed 1) without the prior (psf.prior_below 0): 9.9 % of the peak and
+    # 0.23 px (with it 3.4 %, 0.03 px), so the test above judges the prior.
     image, info, cond = few_star_frame(1)
-    model = build_psf(image, info, load_telescope(REALPSF)["psf"], pixel_scale=1.0, name="few")
+    cfg = dict(load_telescope(REALPSF)["psf"], prior_below=0)
+    model = build_psf(image, info, cfg, pixel_scale=1.0, name="few")
     err, shift = few_star_error(model, cond)
     assert err > 0.05 and shift > 0.1, (err, shift)
 

@@ -28,7 +28,7 @@ Method
    beyond 5 sigma are clipped afresh, and outlier stars are rejected: a chi^2 far above the
    others, or significantly more flux in the wings than in the core (galaxies).
 
-   A constant ePSF solved from fewer than ``_PRIOR_BELOW`` (11) stars also leans on a prior:
+   A constant ePSF solved from fewer than ``prior_below`` (default 11) stars also leans on a prior:
    an analytic profile fitted to those stars (:func:`_profile_pixels`: an elliptical Moffat
    core plus a round Moffat halo at least twice as broad, each star with its own flux and
    position), weighing as ``_PRIOR_STARS`` (20) stars. A handful of mostly faint,
@@ -40,9 +40,10 @@ Method
    <= 0.06 px. How many stars the free ePSF needs to beat the analytic fit depends on the PSF:
    on rendered few-star frames of that telescope's PSF (coma changing across the frame) it
    did not at 40 stars (8.3 % against 6.4 %), on a constant PSF with 12 % coma (outside the
-   symmetric family) it did at 4 (5.7 % against 6.8 %). The threshold of 11 is the fewest
-   stars a constant ePSF of the starter model's test frames is solved from, so that frames with
-   more stars, the starter's and the demo's, are as before bit for bit.
+   symmetric family) it did at 4 (5.7 % against 6.8 %). The default of 11 is the fewest stars
+   a constant ePSF of the starter model's test frames is solved from, so that frames with more
+   stars, the starter's and the demo's, are as before bit for bit; the 17-star realpsf frame
+   would gain from it too (5.9-13.4 % and 0.38 px free, 5.2-7.8 % and 0.01 px with it).
 4. The polynomial is evaluated at the centre of each ``psf.grid`` cell: the stored model is one
    ePSF per cell. A cell with fewer than ``min_stars`` own stars but enough in its 3 x 3
    neighbourhood is marked ``neighbours``; with too few there too it takes the frame-wide
@@ -99,7 +100,6 @@ _SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
 _VAR_RADIUS = 2.5  # radius (FWHM) of the ePSF nodes that vary with position
 _HALO_BETA = 2.0  # Moffat index of the prior's halo (wings ~ r^-4, a seeing aureole's)
 _PRIOR_STARS = 20.0  # weight of the analytic prior, in stars of average weight (see _solve_epsf)
-_PRIOR_BELOW = 11  # a constant ePSF from fewer stars leans on the prior (see the module docstring)
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,7 +907,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
         Frame facts (gain, saturation, FWHM guess).
     cfg : dict
         The telescope's validated ``psf`` block (grid, oversampling, size, min_stars, max_stars,
-        snr_min, analytic_fallback, fallback_fwhm).
+        snr_min, prior_below, analytic_fallback, fallback_fwhm).
     pixel_scale : float
         Pixel scale (arcsec/pixel), to convert ``fallback_fwhm`` to pixels.
     name : str
@@ -988,8 +988,8 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     if n_total >= min_stars:
 
         def prior_of(n: int) -> np.ndarray | None:
-            """The analytic prior of a constant ePSF from ``n`` stars, or None for ``_PRIOR_BELOW`` or more."""
-            if n >= _PRIOR_BELOW:
+            """The analytic prior of a constant ePSF from ``n`` stars, or None for ``psf.prior_below`` or more."""
+            if n >= int(cfg["prior_below"]):
                 return None
             params = _fit_profile(stars.take(chosen), fwhm_guess=fwhm_est, gain=info.gain)
             log.info("frame '%s': ePSF prior from %d stars: %s", name, n, np.round(params, 3).tolist())
