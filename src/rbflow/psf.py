@@ -42,8 +42,9 @@ Method
    did not at 40 stars (8.3 % against 6.4 %), on a constant PSF with 12 % coma (outside the
    symmetric family) it did at 4 (5.7 % against 6.8 %). The default of 11 is the fewest stars
    a constant ePSF of the starter model's test frames is solved from, so that frames with more
-   stars, the starter's and the demo's, are as before bit for bit; the 17-star realpsf frame
-   would gain from it too (5.9-13.4 % and 0.38 px free, 5.2-7.8 % and 0.01 px with it).
+   stars, the starter's and the demo's, are as before bit for bit; a telescope of few-star
+   frames may raise it (the 17-star realpsf frame: 5.9-13.4 % and 0.38 px free-form, 5.2-7.8 %
+   and 0.01 px with the prior).
 4. The polynomial is evaluated at the centre of each ``psf.grid`` cell: the stored model is one
    ePSF per cell. A cell with fewer than ``min_stars`` own stars but enough in its 3 x 3
    neighbourhood is marked ``neighbours``; with too few there too it takes the frame-wide
