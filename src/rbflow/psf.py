@@ -100,7 +100,10 @@ _N_TERMS = (1, 3, 6)  # polynomial terms of degree 0, 1, 2 in (x, y)
 _SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
 _VAR_RADIUS = 2.5  # radius (FWHM) of the ePSF nodes that vary with position
 _HALO_BETA = 2.0  # Moffat index of the prior's halo (wings ~ r^-4, a seeing aureole's)
-_PRIOR_STARS = 20.0  # weight of the analytic prior, in stars of average weight (see _solve_epsf)
+# Weight of the analytic prior, in stars of average weight (see _solve_epsf). Measured on the 8
+# realpsf frames, all with the prior: largest pixel error 3.0-15.5 % (median 7.1 %) at 5 stars,
+# 2.6-13.6 % (6.8 %) at 10, 2.5-12.1 % (6.7 %) at 20.
+_PRIOR_STARS = 20.0
 
 
 # --------------------------------------------------------------------------------------------
