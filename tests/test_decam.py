@@ -144,16 +144,16 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     clean = [n for n in SCIENCE if n not in TRAILS]
     for name in clean:
         d, z = default[name], zogy[name]
-        # issue 15's target; measured 1.13-1.14 (zogy 1.44-1.75); DEC-OBS18d with trails 1.17
+        # issue 15's target; measured 1.13-1.14 (zogy 1.13-1.20); DEC-OBS18d with trails 1.17
         assert d["noise"] <= 1.15, (name, d)
-        # measured blobs 12-17 vs zogy 48-65, candidates 0-2 vs 14-21
-        assert d["blobs_pos"] + d["blobs_neg"] < z["blobs_pos"] + z["blobs_neg"], (name, d, z)
-        assert d["cands"] < z["cands"], (name, d, z)
-    # totals over the five frames: candidates 14 (zogy 79), blobs 99 (zogy 245)
+        # candidates 0-2 (zogy 0-3). With the analytic prior of these few-star PSF models
+        # (rbflow.psf) zogy's noise is 1.13-1.20 and its blobs 10-16 (default 12-17); before it
+        # 1.53-1.73, 49-60 blobs and 15-26 candidates. What zogy still misses is the bright stars
+        # (below).
+        assert d["cands"] <= z["cands"], (name, d, z)
+    # totals over the five frames: candidates 13 (zogy 14; 112 before the prior), blobs 98 (zogy 73;
+    # 270 before the prior)
     assert sum(q["cands"] for q in default.values()) <= 20
-    assert sum(q["blobs_pos"] + q["blobs_neg"] for q in default.values()) < 0.6 * sum(
-        q["blobs_pos"] + q["blobs_neg"] for q in zogy.values()
-    )
     # bright stars (> 100 sigma, 18 in the five frames): before the astrometric-noise term and the
     # kernel fit without stars that moved, all 18 kept a >= 5 sigma residual within 2 FWHM (sfft
     # called directly too, median largest 9.8 sigma); with them 9 of 18, median largest 4.3 sigma
@@ -170,7 +170,8 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     assert sum(q["bright_n"] for q in default.values()) == 18
     assert hits <= 1
     peak = np.median([q["bright_peak"] for q in default.values()])
-    assert peak < 3.0 and peak < 0.15 * np.median([q["bright_peak"] for q in zogy.values()])
+    # median 2.0 sigma; zogy 15.0 (29.7 before the few-star PSF models' prior), all 18 >= 5 sigma
+    assert peak < 3.0 and peak < 0.25 * np.median([q["bright_peak"] for q in zogy.values()])
     for name in SCIENCE:
         hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
         # ZOGY's astrometric noise of the stars that did not move: measured x 0.13-0.16, y 0.06-0.08 px
