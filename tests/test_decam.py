@@ -148,17 +148,15 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     clean = [n for n in SCIENCE if n not in TRAILS]
     for name in clean:
         d, z = default[name], zogy[name]
-        # issue 15's target; measured 1.03-1.09 (the frame convolved: 1.13-1.14; zogy 1.53-1.73);
-        # DEC-OBS18d with trails 1.05
+        # issue 15's target; measured 1.03-1.09 (the frame convolved: 1.13-1.14); DEC-OBS18d with trails 1.05
         assert d["noise"] <= 1.15, (name, d)
-        # measured blobs 7-13 vs zogy 49-60, candidates 0-3 vs 15-26
-        assert d["blobs_pos"] + d["blobs_neg"] < z["blobs_pos"] + z["blobs_neg"], (name, d, z)
-        assert d["cands"] < z["cands"], (name, d, z)
-    # totals over the five frames: candidates 13 (zogy 112), blobs 60 (zogy 270)
+        # candidates 0-2 (zogy 0-3). With the analytic prior of these few-star PSF models
+        # (rbflow.psf) zogy's noise is 1.13-1.20 and its blobs 10-16; before it 1.53-1.73, 49-60
+        # blobs and 15-26 candidates. What zogy still misses is the bright stars (below).
+        assert d["cands"] <= z["cands"], (name, d, z)
+    # totals over the five frames: candidates 13 (zogy 14; 112 before the prior), blobs 60 (zogy 73;
+    # 270 before the prior)
     assert sum(q["cands"] for q in default.values()) <= 20
-    assert sum(q["blobs_pos"] + q["blobs_neg"] for q in default.values()) < 0.6 * sum(
-        q["blobs_pos"] + q["blobs_neg"] for q in zogy.values()
-    )
     # bright stars (> 100 sigma, 18 in the five frames): before the astrometric-noise term and the
     # kernel fit without stars that moved, all 18 kept a >= 5 sigma residual within 2 FWHM (sfft
     # called directly too, median largest 9.8 sigma); with them 9 of 18, median largest 4.3 sigma
@@ -172,7 +170,8 @@ def test_default_subtraction_is_clean_on_real_frames(decam_run, zogy_run):
     assert sum(q["bright_n"] for q in default.values()) == 18
     assert hits == 0
     peak = np.median([q["bright_peak"] for q in default.values()])
-    assert peak < 3.0 and peak < 0.15 * np.median([q["bright_peak"] for q in zogy.values()])
+    # median 2.0 sigma; zogy 15.0 (29.7 before the few-star PSF models' prior), all 18 >= 5 sigma
+    assert peak < 3.0 and peak < 0.25 * np.median([q["bright_peak"] for q in zogy.values()])
     for name in SCIENCE:
         hdr = fits.getheader(decam_run / f"results/decam/obs/subtract/{name}_mini.fits")
         # ZOGY's astrometric noise of the stars that did not move: measured x 0.13-0.16, y 0.06-0.08 px
@@ -235,9 +234,12 @@ def test_stacked_epochs_leave_only_the_real_transient(stacked_pair):
     assert q["blobs_pos"] + q["blobs_neg"] <= 14
     # 5 bright sources, one of them the galaxy at (131, 129) whose transient faded between the
     # epochs (a 27 sigma negative point source 1.5 px off its centre): the only residual left
-    # (before: 5 of 5). The galaxy moved > 0.5 px and is left out of the kernel fit.
+    # (before: 5 of 5). The galaxy stays out of the kernel fit: with the PSF models of 6 alignment
+    # stars it was one of them and was left out as a mover (NMOVERS 1); with the few-star models'
+    # prior (rbflow.psf; FWHM 3.65 and 4.82 px against 3.73 and 4.93) the alignment takes 5 stars
+    # without it (NMOVERS 0). No star besides it keeps a residual either way.
     assert q["bright_n"] == 5 and q["bright_hit"] == 1
-    assert hdr["NMOVERS"] >= 1
+    assert hdr["NMOVERS"] <= 1
     s = diff / np.sqrt(var)
     # the faded transient stays a detection (-12.7; -13.1 before the kernel-error term, -13.6 before
     # the astrometric one): it is in one epoch only, so not in the common flux the term scales

@@ -1,8 +1,9 @@
-"""Tests of rbflow.psf against simulated frames with a known, spatially varying Moffat PSF."""
+"""Tests of rbflow.psf against simulated frames with a known PSF (a spatially varying Moffat; a core + halo)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from astropy.wcs import WCS
 from helpers import GAIN, moffat_pixels, star_frame, true_fwhm
 from helpers import STAR_SHAPE as SHAPE
 
+from rbflow.config import load_telescope
 from rbflow.errors import InputError
 from rbflow.frames import FrameInfo
 from rbflow.io import Image
@@ -23,9 +25,11 @@ CFG = dict(
     min_stars=8,
     max_stars=40,
     snr_min=30,
+    prior_below=11,
     analytic_fallback=False,
     fallback_fwhm=2.0,
 )
+REALPSF = Path(__file__).resolve().parent / "data" / "telescopes" / "realpsf.yaml"
 INFO = FrameInfo(
     gain=GAIN, read_noise=5.0, saturation=60000.0, filter="r", exptime=30.0, date="", zeropoint=28.0, fwhm_guess=3.5
 )
@@ -137,6 +141,74 @@ def test_few_stars_fall_back_to_a_fitted_moffat_and_record_it(tmp_path, caplog):
     assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.05)
     model.write(tmp_path / "few.fits")
     assert fits.getheader(tmp_path / "few.fits")["NFALLBK"] == 9
+
+
+def few_star_frame(seed: int, n: int = 6) -> tuple[Image, FrameInfo, object]:
+    """A 192^2 frame of ``n`` faint stars (S/N 38-350) of a known non-Moffat PSF, and that PSF's conditions.
+
+    The PSF is the realpsf test telescope's (tests/data/telescopes/realpsf.yaml) held constant:
+    a 1.7 px FWHM Moffat core (beta 2.5) with a fifth of the light in a halo 3 times broader
+    (beta 2), drawn by :func:`rbflow.sky.psf_stamp`.
+    """
+    import dataclasses
+
+    from rbflow.sky import frame_conditions, psf_stamp
+
+    tel = load_telescope(REALPSF)
+    cond = dataclasses.replace(
+        frame_conditions(tel, "fld00_r_e1", seed=7), psf_variation=0.0, psf_ellipticity=0.0, coma=0.0
+    )
+    gain, rn = tel["gain"], tel["read_noise"]
+    rng = np.random.default_rng(seed)
+    img = np.full((192, 192), cond.sky)
+    pts: list[tuple[float, float]] = []
+    while len(pts) < n:
+        x, y = rng.uniform(20, 172, 2)
+        if all(np.hypot(x - a, y - b) > 25 for a, b in pts):
+            pts.append((x, y))
+    for x, y in pts:
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        img[iy - 15 : iy + 16, ix - 15 : ix + 16] += 10 ** rng.uniform(3.0, 4.5) * psf_stamp(cond, x, y, half=15)
+    data = ((rng.poisson(img * gain) + rng.normal(0, rn, img.shape)) / gain).astype(np.float32)
+    info = FrameInfo(
+        gain=gain, read_noise=rn, saturation=50000.0, filter="r", exptime=30.0, date="", zeropoint=28.0, fwhm_guess=1.7
+    )
+    return Image(data, fits.Header(), None), info, cond
+
+
+def few_star_error(model: PSFModel, cond) -> tuple[float, float]:
+    """Largest pixel error (fraction of the true peak) and first-moment offset (px) near the frame centre."""
+    from rbflow.sky import psf_stamp
+
+    x, y = 95.3, 96.6
+    truth, got = psf_stamp(cond, x, y, half=15), model.stamp(x, y, 31)
+    g = np.arange(-15, 16)
+    shift = [((got - truth).sum(axis=a) * g).sum() for a in (0, 1)]
+    return float(np.abs(got - truth).max() / truth.max()), float(np.hypot(*shift))
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_constant_epsf_from_a_handful_of_faint_stars_stays_near_the_truth(seed):
+    # 6 stars: the constant ePSF leans on its prior, an analytic core + halo fitted to them.
+    # Measured: 2.2-3.4 % of the peak, first moment <= 0.03 px off; without the prior 2.7-9.9 %
+    # and up to 0.23 px (test below). Issue 15's targets: 5 % (a 5 % core error leaves < 5 sigma
+    # at a 100 sigma star) and 0.1 px (a 0.1 px shift of a 2 px core is a ~5 % dipole).
+    image, info, cond = few_star_frame(seed)
+    tel = load_telescope(REALPSF)
+    model = build_psf(image, info, tel["psf"], pixel_scale=1.0, name="few")
+    assert model.sources == ["cell"] and model.n_stars.tolist() == [6]
+    err, shift = few_star_error(model, cond)
+    assert err < 0.05 and shift < 0.1, (err, shift)
+
+
+def test_without_the_prior_a_handful_of_faint_stars_misplaces_the_epsf():
+    # The same frame (seed 1) without the prior (psf.prior_below 0): 9.9 % of the peak and
+    # 0.23 px (with it 3.4 %, 0.03 px), so the test above judges the prior.
+    image, info, cond = few_star_frame(1)
+    cfg = dict(load_telescope(REALPSF)["psf"], prior_below=0)
+    model = build_psf(image, info, cfg, pixel_scale=1.0, name="few")
+    err, shift = few_star_error(model, cond)
+    assert err > 0.05 and shift > 0.1, (err, shift)
 
 
 def test_empty_cells_borrow_from_neighbours_or_frame(caplog):
