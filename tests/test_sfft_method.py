@@ -473,3 +473,13 @@ def test_direction_with_equal_widths_is_the_one_with_the_smaller_star_residuals(
     assert m, hdr["CONVWHY"]
     chi2 = {"REF": float(m.group(1)), "SCI": float(m.group(2))}
     assert hdr["CONVD"] == min(chi2, key=chi2.get)
+
+
+@pytest.mark.parametrize("side", ["sci", "ref"])
+def test_the_telescope_file_may_set_the_convolved_image(side):
+    # subtract.sfft.convolve: one sfft run, the side asked for, whatever the widths say
+    pytest.importorskip("sfft")
+    pair = make_pair(seed=13, nstars=160, fwhm_sci=4.0, fwhm_ref=4.0)
+    hdr = subtract_pair(pair, {**SFFT, "sfft": {"convolve": side}})[0].header
+    assert hdr["CONVD"] == side.upper() and hdr["CONVWHY"].startswith(f"subtract.sfft.convolve {side};")
+    assert "chi2" not in hdr["CONVWHY"]

@@ -119,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "moved_star_sigma": 5.0,
     "moved_star_floor": 0.03,
     "kernel_error": False,
+    "convolve": "auto",
 }
 #: Kernel half width (px) per FWHM of the broader PSF when ``kernel_half_width`` is null, and its limits.
 _KERHW_PER_FWHM = 2.0
@@ -1015,9 +1016,10 @@ def sfft_difference(
         ``moved_star_floor`` (px) and ``moved_star_offset`` (px, or None: alignment stars off the
         others' median offset by more than ``moved_star_sigma`` sigma, or by more than
         ``moved_star_offset`` px, are left out of the kernel fit; see
-        :func:`astrometric_outliers`) and ``kernel_error`` (bool: the variance
+        :func:`astrometric_outliers`), ``kernel_error`` (bool: the variance
         the kernel's errors leave, measured at the stars by :func:`kernel_error`, in VAR and the
-        score).
+        score) and ``convolve`` ('auto', 'sci' or 'ref': the image convolved, 'auto' by
+        :func:`convolution_sides`).
     threads : int, optional
         Threads of sfft's numpy backend and of numba.
 
@@ -1069,7 +1071,10 @@ def sfft_difference(
         )
     kerr = bool(scfg["kernel_error"])
     width, width_err, n_width = relative_width(pp, radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
-    if n_width:
+    if scfg["convolve"] != "auto":  # set by the telescope file (one sfft run)
+        sides = (str(scfg["convolve"]).upper(),)
+        why = f"subtract.sfft.convolve {scfg['convolve']}; sig2 R-S {width:+.3f} px2"
+    elif n_width:
         sides = convolution_sides(
             width, width_err, nsigma=_DIR_SIGMA, floor=_PIXEL_VAR, noise_sci=pp.sn, noise_ref=pp.sr / pp.fr
         )
