@@ -581,6 +581,51 @@ def test_coma_is_asymmetric_keeps_the_centroid_and_grows_outwards():
     assert_allclose(cond.coma_at(np.array([127.5, 255.0]), np.array([127.5, 255.0])), [0.0, 0.2])
 
 
+def test_psf_field_offset_makes_the_frame_a_cut_out_of_a_focal_plane():
+    # Default: the pattern is centred on the frame, coma 0 there and pointing opposite ways at
+    # opposite corners. With the optical axis 3000 px off (-x) and a 4000 px field radius, the
+    # frame sees one part of the pattern: coma 0.15 at its centre (3/4 of 0.2), the same direction
+    # everywhere within atan(127.5 / 2872.5) = 2.5 deg, and SEEING still the FWHM at the centre.
+    kw = dict(ROUND, seeing=[3.0, 3.0], psf_coma=0.2, psf_variation=0.2)
+    centred = sky.frame_conditions(telescope(**kw), "fld00_r_e1", seed=SEED)
+    cut = sky.frame_conditions(
+        telescope(**kw, psf_field_offset=[-3000.0, 0.0], psf_field_radius=4000.0), "fld00_r_e1", seed=SEED
+    )
+    corners = np.array([0.0, 255.0, 0.0, 255.0]), np.array([0.0, 0.0, 255.0, 255.0])
+    assert_allclose(centred.coma_at(*corners), 0.2)
+    theta = np.unwrap(centred.psf_at(*corners)[2])
+    assert_allclose(abs(theta[3] - theta[0]), np.pi)  # opposite corners: opposite directions
+    yy, xx = np.mgrid[0:256:15, 0:256:15].astype(float)
+    theta = cut.psf_at(xx.ravel(), yy.ravel())[2]
+    assert np.degrees(np.ptp(np.unwrap(theta))) < 5.2  # 2 x 2.54 deg between the corners
+    coma = cut.coma_at(xx.ravel(), yy.ravel())
+    assert 0.14 < coma.min() and coma.max() < 0.16
+    assert_allclose(cut.coma_at(127.5, 127.5), 0.15)
+    assert_allclose(cut.psf_at(127.5, 127.5)[0], cut.seeing)
+    # the truth's stamps: skewed the same way at opposite corners, the light's centroid on the source
+    half = 20
+    g = np.arange(-half, half + 1)
+    skews = []
+    for cond, (x, y) in (
+        (cut, (10.0, 10.0)),
+        (cut, (245.0, 245.0)),
+        (centred, (10.0, 10.0)),
+        (centred, (245.0, 245.0)),
+    ):
+        stamp = sky.psf_stamp(cond, x, y, half=half)
+        cx, cy = (stamp.sum(axis=0) * g).sum(), (stamp.sum(axis=1) * g).sum()
+        assert_allclose([cx, cy], [0.0, 0.0], atol=0.01)
+        r2 = g[None, :] ** 2 + g[:, None] ** 2  # (x r^2, y r^2): the coma's direction (third moments)
+        skews.append([(stamp * g[None, :] * r2).sum(), (stamp * g[:, None] * r2).sum()])
+    cosines = [np.dot(a, b) / np.hypot(*a) / np.hypot(*b) for a, b in (skews[:2], skews[2:])]
+    assert cosines[0] > 0.99 and cosines[1] < -0.99, cosines
+    # the default is the frame-centred pattern: the offset [0, 0] and radius null change nothing
+    explicit = sky.frame_conditions(
+        telescope(**kw, psf_field_offset=[0.0, 0.0], psf_field_radius=None), "fld00_r_e1", seed=SEED
+    )
+    assert np.array_equal(sky.psf_stamp(explicit, 10.0, 10.0, half=half), sky.psf_stamp(centred, 10.0, 10.0, half=half))
+
+
 def test_psf_ripple_changes_the_fwhm_on_small_scales():
     tel = telescope(**ROUND, psf_ripple=0.1)
     cond = sky.frame_conditions(tel, "fld00_r_e1", seed=SEED)

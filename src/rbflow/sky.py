@@ -481,11 +481,14 @@ class FrameConditions:
     beta : float
         Moffat beta.
     psf_variation : float
-        Fractional FWHM increase from the centre to the corners (quadratic in radius).
+        Fractional FWHM increase from the optical axis to the field radius (quadratic in the
+        distance from the axis).
     psf_ellipticity : float
-        PSF ellipticity ``1 - b/a`` at the corners (quadratic in radius, 0 at the centre).
+        PSF ellipticity ``1 - b/a`` at the field radius (quadratic in the distance from the
+        optical axis, 0 there).
     psf_angle : float
-        Angle (rad) added to the polar angle to give the PSF major axis direction.
+        Angle (rad) added to the polar angle about the optical axis to give the PSF major axis
+        direction.
     sky : float
         Mean sky level (ADU per pixel).
     sky_slope : tuple of float
@@ -507,8 +510,9 @@ class FrameConditions:
     halo_beta : float
         Moffat beta of the halo.
     coma : float
-        Coma-like asymmetry at the corners: fraction of the core's light in a copy of the core one
-        FWHM away along the PSF's major axis (linear in the distance from the centre, 0 there).
+        Coma-like asymmetry at the field radius: fraction of the core's light in a copy of the core
+        one FWHM away along the PSF's major axis (linear in the distance from the optical axis, 0
+        there).
     ripple : numpy.ndarray
         Small-scale PSF change across the frame: fractional FWHM amplitude, wave numbers along x
         and y (cycles per frame), phase (all 0: none).
@@ -520,6 +524,12 @@ class FrameConditions:
     artefact_scale : float
         Multiplier of every artefact rate of ``sky.artefacts`` (and of ``satellite_rate``) in this
         frame (``sky.randomise.artefact_scale``; 1 when off).
+    psf_field_offset : tuple of float
+        Position of the camera's optical axis relative to the frame centre (pixels, x and y): the
+        centre of the PSF's field pattern (``sky.psf_field_offset``; (0, 0): the frame centre).
+    psf_field_radius : float or None
+        Distance from the optical axis (pixels) at which ``psf_variation``, ``psf_ellipticity`` and
+        ``coma`` reach their values (``sky.psf_field_radius``; None: the frame's half-diagonal).
     """
 
     frame: str
@@ -550,6 +560,8 @@ class FrameConditions:
     wcs_error: float = 0.0
     pixel_scale: float = 1.0
     artefact_scale: float = 1.0
+    psf_field_offset: tuple[float, float] = (0.0, 0.0)
+    psf_field_radius: float | None = None
 
     @property
     def header_wcs(self) -> WCS:
@@ -588,8 +600,27 @@ class FrameConditions:
             x0, y0 = x - dx, y - dy
         return _wcs(self.true_header).wcs_pix2world(x0, y0, 0)
 
+    def _field(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray, float]:
+        """The focal plane at pixel positions.
+
+        Returns the optical axis (ax, ay), the offsets (dx, dy) from it, their squared distance
+        over the field radius squared, and the frame centre's.
+        """
+        ny, nx = self.shape
+        xc, yc = (nx - 1) / 2, (ny - 1) / 2
+        ox, oy = self.psf_field_offset
+        ax, ay = xc + ox, yc + oy
+        r2 = xc**2 + yc**2 if self.psf_field_radius is None else self.psf_field_radius**2
+        dx, dy = np.asarray(x, float) - ax, np.asarray(y, float) - ay
+        return ax, ay, dx, dy, (dx**2 + dy**2) / r2, (ox**2 + oy**2) / r2
+
     def psf_at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Moffat PSF parameters at pixel positions.
+
+        The FWHM is ``seeing`` at the frame centre and grows quadratically with the distance from
+        the optical axis (``psf_field_offset``), by ``psf_variation`` from the axis to the field
+        radius; the ellipticity grows likewise from 0, and the major axis turns with the polar
+        angle about the axis.
 
         Returns
         -------
@@ -601,21 +632,16 @@ class FrameConditions:
             Major-axis angle (rad, counter-clockwise from +x).
         """
         ny, nx = self.shape
-        xc, yc = (nx - 1) / 2, (ny - 1) / 2
-        dx, dy = np.asarray(x, float) - xc, np.asarray(y, float) - yc
-        rho2 = (dx**2 + dy**2) / (xc**2 + yc**2)
-        fwhm = self.seeing * (1 + self.psf_variation * rho2)
+        ax, ay, dx, dy, rho2, rho2_centre = self._field(x, y)
+        fwhm = self.seeing * (1 + self.psf_variation * rho2) / (1 + self.psf_variation * rho2_centre)
         if self.ripple[0]:
             amp, kx, ky, ph = self.ripple
-            fwhm = fwhm * (1 + amp * np.sin(2 * np.pi * (kx * (xc + dx) / nx + ky * (yc + dy) / ny) + ph))
+            fwhm = fwhm * (1 + amp * np.sin(2 * np.pi * (kx * (ax + dx) / nx + ky * (ay + dy) / ny) + ph))
         return fwhm, self.psf_ellipticity * rho2, np.arctan2(dy, dx) + self.psf_angle
 
     def coma_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Coma fraction at pixel positions: ``coma`` times the distance from the centre over the corner's."""
-        ny, nx = self.shape
-        xc, yc = (nx - 1) / 2, (ny - 1) / 2
-        rho2 = ((np.asarray(x, float) - xc) ** 2 + (np.asarray(y, float) - yc) ** 2) / (xc**2 + yc**2)
-        return self.coma * np.sqrt(rho2)
+        """Coma fraction at pixel positions: ``coma`` times the distance from the optical axis over the field radius."""
+        return self.coma * np.sqrt(self._field(x, y)[4])
 
     @property
     def plain_moffat(self) -> bool:
@@ -741,6 +767,8 @@ def frame_conditions(telescope: dict[str, Any], frame: str, *, seed: int) -> Fra
         wcs_error=float(draw["wcs_error"]),
         pixel_scale=draw["pixel_scale"],
         artefact_scale=draw["artefact_scale"],
+        psf_field_offset=(float(sky["psf_field_offset"][0]), float(sky["psf_field_offset"][1])),
+        psf_field_radius=None if sky["psf_field_radius"] is None else float(sky["psf_field_radius"]),
     )
 
 
@@ -1448,6 +1476,15 @@ def _frame_header(
             ("PSFHALOB", cond.halo_beta, "Moffat beta of the halo"),
             ("PSFCOMA", cond.coma, "coma fraction at the corners"),
             ("PSFRIPL", float(cond.ripple[0]), "small-scale FWHM ripple (fraction)"),
+        ):
+            h.insert("RBFLOWV", (key, value, comment))
+    if cond.psf_field_offset != (0.0, 0.0) or cond.psf_field_radius is not None:  # a cut-out of a focal plane
+        ny, nx = cond.shape
+        radius = math.hypot((nx - 1) / 2, (ny - 1) / 2) if cond.psf_field_radius is None else cond.psf_field_radius
+        for key, value, comment in (
+            ("PSFAXISX", cond.psf_field_offset[0], "[px] optical axis x - frame centre x"),
+            ("PSFAXISY", cond.psf_field_offset[1], "[px] optical axis y - frame centre y"),
+            ("PSFFIELD", radius, "[px] radius of PSFVAR, PSFELL, PSFCOMA from the axis"),
         ):
             h.insert("RBFLOWV", (key, value, comment))
     if sky.get("randomise", {}).get("enabled", False):  # the field's drawn camera (sky.randomise)
