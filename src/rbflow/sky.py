@@ -1484,7 +1484,7 @@ def _frame_header(
         for key, value, comment in (
             ("PSFAXISX", cond.psf_field_offset[0], "[px] optical axis x - frame centre x"),
             ("PSFAXISY", cond.psf_field_offset[1], "[px] optical axis y - frame centre y"),
-            ("PSFFIELD", radius, "[px] radius of PSFVAR, PSFELL, PSFCOMA from the axis"),
+            ("PSFFIELD", radius, "[px] field radius of PSFVAR, PSFELL, PSFCOMA"),
         ):
             h.insert("RBFLOWV", (key, value, comment))
     if sky.get("randomise", {}).get("enabled", False):  # the field's drawn camera (sky.randomise)
