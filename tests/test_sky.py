@@ -676,5 +676,11 @@ def test_real_psf_switches_are_deterministic_and_off_by_default(tmp_path):
     # Off (the defaults): no card, and the same pixels as switches explicitly at zero.
     plain = sky.simulate_frame(telescope(size=[128, 128]), "fld00_r_e1", seed=SEED)[0]
     zero = telescope(size=[128, 128], psf_halo_fraction=0.0, psf_coma=0.0, psf_ripple=0.0)
-    assert "PSFHALO" not in plain.header
+    assert "PSFHALO" not in plain.header and "PSFAXISX" not in plain.header
+    # The realpsf frame, a cut-out of a focal plane, says where the optical axis is.
+    h = fits.getheader(paths[0][0])
+    assert (h["PSFAXISX"], h["PSFAXISY"], h["PSFFIELD"]) == (
+        *tel["sky"]["psf_field_offset"],
+        tel["sky"]["psf_field_radius"],
+    )
     assert sky.simulate_frame(zero, "fld00_r_e1", seed=SEED)[0].data.tobytes() == plain.data.tobytes()
