@@ -31,6 +31,7 @@ from rbflow.infer import (
     starter_model_path,
 )
 from rbflow.metrics import point_metrics
+from rbflow.uncertainty import model_reference, network_features
 
 torch.set_num_threads(2)
 
@@ -95,58 +96,98 @@ def test_train_init_starter_and_install(tmp_path):
         assert (tmp_path / "starter" / name).read_bytes() == (tmp_path / "model" / name).read_bytes()
 
 
-@pytest.mark.workflow
-def test_starter_reproduces_its_metrics(tmp_path):
-    """Regenerate the starter's test frames from the recorded config and seed and score them: the
-    recorded test metrics come back.
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    """The starter's test and validation frames regenerated from the recorded config and seed, one datacube each.
 
-    Only the test frames are made: the workflow's rules for their injected images (sky, PSF,
+    Only these frames are made: the workflow's rules for their injected images (sky, PSF,
     injection, subtraction, detection, cutouts, crossmatch; every frame's pixels derive from the
     seed and its own name), then the functions of the label and datacube rules on them
     (:func:`rbflow.crossmatch.label_cutouts`, :func:`rbflow.datacube.build_datacube` with the
-    recorded ``convert`` block). This equals the training's datacube restricted to its test frames
+    recorded ``convert`` block). This equals the training's datacube restricted to those frames
     when no class balancing drops stamps (``convert.frac_true`` null, checked).
-
-    Tolerance 1e-6: the same stamps through the same weights; torch's thread count moves P(real) by
-    ~1e-7 at most, which can swap two P(real) equal to 1e-7 and move the AUC by less than 1e-6 on a
-    test set of several hundred stamps.
     """
+    tmp_path = tmp_path_factory.mktemp("starter")
     model, meta = load_model(starter_model_path())
     recorded = meta["provenance"]["config"]
-    assert recorded["convert"]["frac_true"] is None, "a balanced datacube's test stamps depend on every frame"
+    assert recorded["convert"]["frac_true"] is None, "a balanced datacube's stamps depend on every frame"
     telescope = recorded["telescope"]
     name = telescope["name"]
     (tmp_path / "telescopes").mkdir()
     (tmp_path / "telescopes" / f"{name}.yaml").write_text(yaml.safe_dump(telescope))
     run = {k: v for k, v in recorded.items() if k != "telescope"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**run, "telescope_dir": str(tmp_path / "telescopes")}))
-    images = [image_name(f, k) for f in meta["split"]["test"] for k in range(telescope["inject"]["realizations"])]
-    per_candidate = [f"results/{name}/sim/crossmatch/{i}.per_candidate.ecsv" for i in images]
-    cutouts = [f"results/{name}/sim/cutouts/{i}" for i in images]
+    images = {
+        split: [image_name(f, k) for f in meta["split"][split] for k in range(telescope["inject"]["realizations"])]
+        for split in ("test", "val")
+    }
+    per_candidate = {s: [f"results/{name}/sim/crossmatch/{i}.per_candidate.ecsv" for i in v] for s, v in images.items()}
+    cutouts = {s: [f"results/{name}/sim/cutouts/{i}" for i in v] for s, v in images.items()}
     work = make_workdir(tmp_path / "work")
     t0 = time.perf_counter()
+    targets = [p for s in images for p in (*per_candidate[s], *cutouts[s])]
     proc = subprocess.run(
-        [*SNAKEMAKE, "--configfile", str(tmp_path / "run.yaml"), "--cores", "2", *per_candidate, *cutouts],
+        [*SNAKEMAKE, "--configfile", str(tmp_path / "run.yaml"), "--cores", "2", *targets],
         cwd=work,
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    label_cutouts([work / p for p in per_candidate], [work / c for c in cutouts], tmp_path / "training")
-    convert = recorded["convert"]
-    build_datacube(
-        tmp_path / "training",
-        tmp_path / "test.npz",
-        channels=convert["channels"],
-        crop=convert["crop"],
-        frac_true=None,
-        seed=recorded["seed"],
+    cubes = {}
+    for split in images:
+        label_cutouts([work / p for p in per_candidate[split]], [work / c for c in cutouts[split]], tmp_path / split)
+        convert = recorded["convert"]
+        build_datacube(
+            tmp_path / split,
+            tmp_path / f"{split}.npz",
+            channels=convert["channels"],
+            crop=convert["crop"],
+            frac_true=None,
+            seed=recorded["seed"],
+        )
+        cubes[split] = load_datacube(tmp_path / f"{split}.npz")
+        assert sorted(set(cubes[split]["frame"])) == sorted(meta["split"][split])
+        assert len(cubes[split]["y"]) == meta["split_counts"][split]
+    logging.getLogger(__name__).info(
+        "starter test and validation frames regenerated in %.0f s", time.perf_counter() - t0
     )
-    logging.getLogger(__name__).info("starter test frames regenerated in %.0f s", time.perf_counter() - t0)
-    cube = load_datacube(tmp_path / "test.npz")
-    assert sorted(set(cube["frame"])) == sorted(meta["split"]["test"])
-    assert len(cube["y"]) == meta["split_counts"]["test"]
+    return model, meta, cubes
+
+
+@pytest.mark.workflow
+def test_starter_reproduces_its_metrics(regenerated):
+    """The regenerated test frames score the recorded test metrics.
+
+    Tolerance 1e-6: the same stamps through the same weights; torch's thread count moves P(real) by
+    ~1e-7 at most, which can swap two P(real) equal to 1e-7 and move the AUC by less than 1e-6 on a
+    test set of several hundred stamps.
+    """
+    model, meta, cubes = regenerated
+    cube = cubes["test"]
     got = point_metrics(cube["y"], predict(model, meta, cube["X"]), meta["threshold"])
     want = meta["metrics"]["test"]
     for key in ("roc_auc", "fnr_at_fpr1", "accuracy"):
         assert got[key] == pytest.approx(want[key]["value"], abs=1e-6), key
+
+
+@pytest.mark.workflow
+def test_starter_ood_quantiles_count_against_its_validation_frames(regenerated):
+    """The shipped OOD reference's held-out scores are those of the regenerated validation frames' stamps,
+    and the unseen test frames, as a set and frame by frame, are typical of the training sky."""
+    model, meta, cubes = regenerated
+    reference = model_reference(starter_model_path(), meta)
+    assert reference.columns == (0, 32) and "validation-frame stamps" in meta["ood"]["quantile"]
+    val = cubes["val"]
+    scores = reference.score(network_features(model, val["X"]))
+    # float32 features: a distance d = sqrt(2 - 2 cos) near 0.05 moves by ~1e-7 / d ~ 2e-6 when the
+    # thread count reorders a dot product's sums (measured up to 2.1e-6)
+    assert_allclose(reference.heldout_scores, np.sort(scores), atol=1e-5, rtol=0)
+    again = reference.calibrate(scores, val["frame"].astype(str))
+    assert again.frame_spread == pytest.approx(reference.frame_spread, abs=1e-6)
+    test = cubes["test"]
+    q = reference.quantile(reference.score(network_features(model, test["X"])))
+    # measured: the 5 test frames as one set mean quantile 0.40, z -0.80; frame by frame z -1.56 to 0.89
+    # (the validation frames' means spread by 0.12: each frame is another randomised camera)
+    assert abs(reference.batch_shift(q)[1]) < 3
+    for frame in np.unique(test["frame"]):
+        assert abs(reference.batch_shift(q[test["frame"] == frame])[1]) < 3, frame

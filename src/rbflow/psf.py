@@ -34,10 +34,14 @@ Method
    position), weighing as ``_PRIOR_STARS`` (20) stars. A handful of mostly faint,
    undersampled stars leaves the free-form ePSF unconstrained, its wings least, and wrong wings
    make a wrong core and centre (a unit native sum). Measured on
-   tests/data/telescopes/realpsf.yaml (4-17 PSF stars per frame; halo, coma, 1.5-2 px cores):
-   on the 7 frames with 4-10 stars the largest pixel error against the truth at 3 positions
-   fell from 9-52 % of the peak to 2.5-12 %, the first-moment offset from 0.09-1.55 px to
-   <= 0.06 px. How many stars the free ePSF needs to beat the analytic fit depends on the PSF:
+   tests/data/telescopes/realpsf.yaml (4-17 PSF stars per frame; halo, coma, 1.5-2 px cores),
+   with its coma growing from the frame's centre (an earlier version of that frame): on the 7
+   frames with 4-10 stars the largest pixel error against the truth at 3 positions fell from
+   9-52 % of the peak to 2.5-12 %, the first-moment offset from 0.09-1.55 px to <= 0.06 px; with
+   the frame as an off-axis cut-out (coma 0.09-0.11, one direction), 6.3-38 % and up to 0.73 px
+   without the prior, 5.3-10.0 % (median 7.5 %) and <= 0.14 px with it. The profile is
+   point-symmetric and coma is not: the best point-symmetric stamp, knowing the truth, is
+   5.4-7.9 % off there (a constant stamp 1.5 %). How many stars the free ePSF needs to beat the analytic fit depends on the PSF:
    on rendered few-star frames of that telescope's PSF (coma changing across the frame) it
    did not at 40 stars (8.3 % against 6.4 %), on a constant PSF with 12 % coma (outside the
    symmetric family) it did at 4 (5.7 % against 6.8 %). The default of 11 is the fewest stars
@@ -101,7 +105,8 @@ _SMOOTHING = 3e-4  # curvature penalty relative to the mean data weight per node
 _VAR_RADIUS = 2.5  # radius (FWHM) of the ePSF nodes that vary with position
 _HALO_BETA = 2.0  # Moffat index of the prior's halo (wings ~ r^-4, a seeing aureole's)
 # Weight of the analytic prior, in stars of average weight (see _solve_epsf). Measured on the 8
-# realpsf frames, all with the prior: largest pixel error 3.0-15.5 % (median 7.1 %) at 5 stars,
+# realpsf frames (the version with coma growing from the frame's centre), all with the prior:
+# largest pixel error 3.0-15.5 % (median 7.1 %) at 5 stars,
 # 2.6-13.6 % (6.8 %) at 10, 2.5-12.1 % (6.7 %) at 20.
 _PRIOR_STARS = 20.0
 

@@ -82,8 +82,12 @@ The reference (the first-block features of at most 4000 training-frame stamps, t
 distances, ``k`` and the feature columns) is computed once at training time and written next to the
 model (:data:`OOD_FILE`, named with its SHA-256 in ``model.json``'s ``ood`` entry), so inference
 never reads the training datacube. A reference written before the score moved to the first block
-(every block's features; e.g. the starter model's) is restricted to the first block's columns when
-read (its leave-one-out distances recomputed: 0.3 CPU-s for the starter model's 4000 stamps).
+(every block's features) is restricted to the first block's columns when read (its leave-one-out
+distances recomputed: 0.3 CPU-s for 4000 stamps). The starter model's reference was cut down so and
+calibrated on its validation frames, regenerated from its recorded config and seed: against them
+the ZTF packets score AUROC 0.75 (0.87 against its training stamps' own distances), and as a set
+z 2.0, since its frames are each another randomised camera (its validation frames' means spread by
+0.12 beyond sampling noise; the demo's by 0.05).
 """
 
 from __future__ import annotations
