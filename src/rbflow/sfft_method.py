@@ -582,13 +582,7 @@ def random_effects_mean(m: np.ndarray, e: np.ndarray) -> tuple[float, float]:
         mu = float((w * m).sum() / w.sum())
         return mu, float((w * (m - mu) ** 2).sum())
 
-    s2 = 0.0
-    if m.size > 1 and mean_and_q(0.0)[1] > m.size - 1:
-        lo, hi = 0.0, float(np.ptp(m)) ** 2 + float((e**2).max())
-        for _ in range(_PM_ITER):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if mean_and_q(mid)[1] > m.size - 1 else (lo, mid)
-        s2 = 0.5 * (lo + hi)
+    s2 = _excess_root(lambda s2: mean_and_q(s2)[1] - (m.size - 1), float(np.ptp(m)) ** 2 + float((e**2).max()))
     mu, _ = mean_and_q(s2)
     return mu, float(1.0 / math.sqrt((1.0 / (e**2 + s2)).sum()))
 
@@ -657,6 +651,15 @@ def convolution_sides(
     return ("REF", "SCI")
 
 
+def _discs(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels of an image of ``shape`` within ``radius`` px of any of the points (xs, ys)."""
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, bool)
+    for x, y in zip(xs, ys):
+        out |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
+    return out
+
+
 def star_chi2(D: np.ndarray, V: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, bad: np.ndarray, radius: float) -> float:
     """Mean ``D² / V`` over the valid pixels within ``radius`` of the stars, V scaled to D's measured noise.
 
@@ -667,12 +670,7 @@ def star_chi2(D: np.ndarray, V: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, b
     """
     ok = ~bad & np.isfinite(D) & (V > 0)
     k2 = _noise_scale(D, V, ok)
-    ny, nx = D.shape
-    yy, xx = np.ogrid[:ny, :nx]
-    near = np.zeros((ny, nx), bool)
-    for x, y in zip(xs, ys):
-        near |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
-    sel = near & ok
+    sel = _discs(D.shape, xs, ys, radius) & ok
     if not sel.any():
         return math.inf
     return float((D[sel].astype(np.float64) ** 2 / (k2 * V[sel])).mean())
@@ -828,13 +826,20 @@ def excess_scatter(m: np.ndarray, e: np.ndarray) -> float:
     def excess(s2: float) -> float:
         return float((m**2 / (e**2 + s2)).sum()) - m.size
 
+    return math.sqrt(_excess_root(excess, float((m**2).max()) + float((e**2).max())))
+
+
+def _excess_root(excess: Callable[[float], float], hi: float) -> float:
+    """The s² in [0, ``hi``] where the decreasing ``excess(s²)`` crosses 0 (bisection, ``_PM_ITER``
+    steps): Paule & Mandel's scatter beyond the errors; 0 when ``excess(0) <= 0`` (the errors
+    explain the spread)."""
     if excess(0.0) <= 0:
         return 0.0
-    lo, hi = 0.0, float((m**2).max()) + float((e**2).max())
+    lo = 0.0
     for _ in range(_PM_ITER):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
-    return math.sqrt(0.5 * (lo + hi))
+    return 0.5 * (lo + hi)
 
 
 def kernel_error_variance(C: np.ndarray, scatter: np.ndarray) -> np.ndarray:
@@ -1057,11 +1062,9 @@ def sfft_difference(
     )
     if not astro:
         sx = sy = 0.0
-    ban = np.zeros((ny, nx), bool)
-    yy, xx = np.ogrid[:ny, :nx]
-    r_ban = _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
-    for x, y, (mx, my) in zip(pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier], motion[outlier]):
-        ban |= (xx - x) ** 2 + (yy - y) ** 2 <= r_ban**2
+    moved_x, moved_y = pp.ainfo["stars"]["x"][outlier], pp.ainfo["stars"]["y"][outlier]
+    ban = _discs((ny, nx), moved_x, moved_y, _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
+    for x, y, (mx, my) in zip(moved_x, moved_y, motion[outlier]):
         log.info(
             "sfft: star at (%.1f, %.1f) moved by (%.3f, %.3f) px relative to the field; left out of the kernel fit",
             x,
