@@ -457,11 +457,11 @@ class KnnOOD:
             raise ValueError(f"calibration needs one frame per held-out score, got {scores.shape} and {frames.shape}")
         out = dataclasses.replace(self, heldout_scores=np.sort(scores))
         q = out.quantile(scores)
-        names = np.unique(frames)
+        _, index, counts = np.unique(frames, return_inverse=True, return_counts=True)
         spread = float("nan")
-        if len(names) >= 2:
-            means = np.array([q[frames == f].mean() for f in names])
-            noise = np.mean([1.0 / (12.0 * np.sum(frames == f)) for f in names])
+        if len(counts) >= 2:
+            means = np.bincount(index, weights=q) / counts
+            noise = float(np.mean(1.0 / (12.0 * counts)))
             spread = math.sqrt(max(float(np.var(means, ddof=1)) - noise, 0.0))
         return dataclasses.replace(out, frame_spread=spread)
 
@@ -495,7 +495,7 @@ class KnnOOD:
         if len(q) == 0:
             return float("nan"), float("nan")
         mean = float(q.mean())
-        if self.heldout_scores is None or not math.isfinite(self.frame_spread):
+        if not math.isfinite(self.frame_spread):  # NaN unless calibrated on two or more frames
             return mean, float("nan")
         return mean, (mean - 0.5) / math.sqrt(1.0 / (12.0 * len(q)) + self.frame_spread**2)
 
