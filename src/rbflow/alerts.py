@@ -635,8 +635,9 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     """(survey, schema name, record) of an Avro piece, projected on the fields rbflow uses.
 
     The object container's blocks are walked by :func:`rbflow.avro.blocks` (sizes and sync
-    markers checked) and each record decoded by the schema's compiled decoder (:func:`rbflow.avro.compile_decoder`), or by
-    ``fastavro.schemaless_reader`` for schemas it does not compile. Files are memory-mapped (not
+    markers checked) and each record decoded by the schema's compiled decoder
+    (:func:`rbflow.avro.compile_decoder`), or by ``fastavro.schemaless_reader`` for schemas it does
+    not compile. Files are memory-mapped (not
     copied into memory), and only the blocks of the piece's span are read.
     """
     mapped = None
