@@ -190,7 +190,7 @@ def few_star_error(model: PSFModel, cond) -> tuple[float, float]:
 @pytest.mark.parametrize("seed", range(1, 7))
 def test_constant_epsf_from_a_handful_of_faint_stars_stays_near_the_truth(seed):
     # 6 stars: the constant ePSF leans on its prior, an analytic core + halo fitted to them.
-    # Measured: 2.2-3.4 % of the peak, first moment <= 0.03 px off; without the prior 2.7-9.9 %
+    # Measured: 2.1-3.3 % of the peak, first moment <= 0.03 px off; without the prior 2.7-9.9 %
     # and up to 0.23 px (test below). Issue 15's targets: 5 % (a 5 % core error leaves < 5 sigma
     # at a 100 sigma star) and 0.1 px (a 0.1 px shift of a 2 px core is a ~5 % dipole).
     image, info, cond = few_star_frame(seed)

@@ -12,12 +12,12 @@ the telescope (2 fields, a reference and 3 epochs each) gets a PSF model from
 default method ('auto', which the telescope's ``subtract.auto_min_stars`` 20 makes sfft on these
 few-star frames): 6 pairs, pooled so that the bright-star measure has enough stars.
 
-The bright-star target of issue 15 is met (1 of 29 stars > 100 sigma with a >= 5 sigma residual,
-noise ratio <= 1.04). The PSF models' target (5 % of the peak per pixel at three positions) is
-reachable by a constant model (the best constant stamp, knowing the truth, is 1.5-1.6 % off) but
-not reached: the models are 5.3-10.0 % off, about equally at the three positions (their shape,
-not the field's change); that test is a strict xfail (measured numbers in its reason), so that it
-turns into a failure to promote once the models reach it.
+The PSF models come within 6 % of the peak of the truth (median 3.6 %): the per-pixel target of
+5 % is missed on 2 of the 8 frames, both at (200, 60) (a strict
+xfail with the measured numbers), and a regression test keeps the measured level. The
+bright-star target (<= 5 % of the stars > 100 sigma with a >= 5 sigma residual) is not met
+either: 2 of 29 on this seed, 11 of 146 over seeds 3, 5, 7 and 11 (a strict xfail); the noise
+target is (<= 1.04 per pair).
 """
 
 from __future__ import annotations
@@ -99,17 +99,14 @@ def test_auto_follows_its_rule_on_every_pair(realpsf_run):
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="measured on the 8 frames (4-17 PSF stars each, every one with the analytic prior: psf.prior_below 20 "
-    "in realpsf.yaml), the frame a cut-out 0.75 deg off a camera's optical axis (coma 0.094-0.108, one direction "
-    "within +-4 deg): largest pixel error 5.3-10.0 % of the peak (median 7.5 %), about the same at the 3 positions "
-    "(the 17-star g reference 5.3-5.9 %, the 4-star fld01_g_e2 8.6-10.0 %); first-moment centroid <= 0.04 px "
-    "off but 0.14 px on fld00_r_e2 (6 stars). A constant model can reach 5 %: the best constant stamp, knowing the "
-    "truth, is 1.5-1.6 % off at one position or another. What it misses is the coma's asymmetry: the prior's "
-    "profile (elliptical Moffat core, round halo) is point-symmetric, and the best point-symmetric stamp, "
-    "knowing the truth, is 5.4-7.9 % off (|t(p) - t(-p)| / 2 at its worst pixel); few stars cannot pull the "
-    "prior off it. (With the pattern centred on the frame, before sky.psf_field_offset: 2.5-12.1 %, median "
-    "6.7 %, best constant 4.9-6.6 %.) What the models are used for holds: a matched filter with the model "
-    "loses <= 0.4 % of the true PSF's S/N",
+    reason="measured on the 8 frames (4-17 PSF stars each, every one with the analytic prior, psf.prior_below 20 "
+    "in realpsf.yaml; coma 0.094-0.108 pointing one way): largest pixel error 1.5-6.0 % of the peak (median "
+    "3.6 %), over 5 % on fld00_r_e1 (8 stars, 5.4 %) and fld00_r_e2 (6 stars, 6.0 %), both at (200, 60); "
+    "first moment <= 0.10 px off (fld00_r_e2: 0.10). The prior's third-order Gauss-Hermite terms took the "
+    "coma's asymmetry (point-symmetric prior: 5.3-10.0 %, median 7.9 %); what is left is mostly the core's "
+    "width (a constant model from faint stars whose halo is below their noise; the FWHM changes by 2.2 % "
+    "across the frame, and the best constant stamp, knowing the truth, is 1.5-1.6 % off). Seeds 3, 5, 11: "
+    "5.6 %, 5.3 %, 4.6 %",
 )
 def test_psf_models_match_the_true_psf(realpsf_run):
     tel, root, frames, _ = realpsf_run
@@ -130,13 +127,51 @@ def test_psf_models_match_the_true_psf(realpsf_run):
             assert np.hypot(*centroid) < 0.1, (frame, x, y)
 
 
+def test_psf_models_keep_their_measured_level(realpsf_run):
+    # What the models reach, short of the target above: the largest pixel error 1.5-6.0 % of the
+    # peak per frame (median 3.6 %), first moment <= 0.10 px. Tolerances 7 %, 4.5 % and 0.15 px:
+    # one star's noise more on a 4-8 star frame, and below what the point-symmetric prior gave
+    # (5.3-10.0 %, median 7.9 %), so that a prior that loses the asymmetry fails here.
+    tel, root, frames, _ = realpsf_run
+    g = np.arange(-15, 16)
+    worst = []
+    for frame in frames:
+        model = PSFModel.read(root / f"{frame}.psf.fits")
+        cond = sky.frame_conditions(tel, frame, seed=SEED)
+        errors = []
+        for x, y in POSITIONS:
+            truth = sky.psf_stamp(cond, x, y, half=15)
+            got = model.stamp(x, y, 31)
+            errors.append(np.abs(got - truth).max() / truth.max())
+            centroid = (got.sum(axis=0) * g).sum(), (got.sum(axis=1) * g).sum()
+            assert np.hypot(*centroid) < 0.15, (frame, x, y)
+        worst.append(max(errors))
+    assert max(worst) < 0.07, worst
+    assert np.median(worst) < 0.045, worst
+
+
+def test_differences_meet_the_noise_target(realpsf_run):
+    # Measured (auto took sfft on all 6 pairs: subtract.auto_min_stars 20 in realpsf.yaml; 4-8
+    # PSF stars per epoch model): noise ratio 1.005-1.035 per pair.
+    _, _, _, pairs = realpsf_run
+    for _, _, out in pairs:
+        assert file_quality(out)["noise"] <= 1.15, out.name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="measured: 2 of 29 stars > 100 sigma with a >= 5 sigma residual (fld00_r_e1: 6.5 sigma at (35, 78); "
+    "fld00_r_e3: 5.5 sigma at (16, 88), on the border cut); with the point-symmetric PSF prior 1 of 29, the "
+    "second star at 4.5 sigma (sfft's kernel size and error radius follow the models' FWHM). Over seeds 3, 5, "
+    "7, 11 the rate is 11 of 146 (2/36, 2/42, 2/29, 5/39), with either prior 10-11 of 146: above the 5 %. The "
+    "hits cluster at a few stars, in every epoch of a field (seed 11: a 17.5 mag star 16 px from the "
+    "reference's saturated star, up to 16.8 sigma; seed 3: a star 18 px from the frame edge, 7.5-11.2 sigma)",
+)
 def test_bright_star_residuals_meet_the_target(realpsf_run):
-    # Measured, pooled over the 6 pairs (auto took sfft on all: subtract.auto_min_stars 20 in
-    # realpsf.yaml; 4-8 PSF stars per epoch model): 1 of 29 stars > 100 sigma with a >= 5 sigma
-    # residual, noise ratio 1.005-1.038. With the default auto_min_stars 8 the 8-star fld00_r_e1
-    # took zogy, whose 7.5-8.5 % model errors left 2 of its 5 bright stars (noise 1.134): 2/29.
-    # (Before the frame was a cut-out of a focal plane, sky.psf_field_offset: 1/26, noise
-    # 1.006-1.068.) sfft's direction comes from the stars' measured widths, and where they differ
+    # Pooled over the 6 pairs. zogy on all 6 (subtract.method zogy), with models 1.5-6.0 % off
+    # the truth: 14 of 29, noise 1.03-1.28, so auto's bar (auto_min_stars 20) stays. (Before the frame was a cut-out of a focal plane,
+    # sky.psf_field_offset: 1/26, noise 1.006-1.068.) sfft's direction comes from the stars' measured widths, and where they differ
     # by less than a pixel from the smaller residuals at the stars of the two directions
     # (rbflow.sfft_method.convolution_sides): REF convolved on all 6 pairs.
     _, _, _, pairs = realpsf_run
@@ -145,8 +180,6 @@ def test_bright_star_residuals_meet_the_target(realpsf_run):
         q = file_quality(out)
         bright += q["bright_n"]
         hit += q["bright_hit"]
-        # issue 15's noise target, per pair
-        assert q["noise"] <= 1.15, out.name
     assert bright >= 20  # the test has stars to judge by
     # issue 15's target: at most 5 % of the stars brighter than 100 sigma with a >= 5 sigma residual
     assert hit <= 0.05 * bright, (hit, bright)
