@@ -54,7 +54,7 @@ from astropy.utils.exceptions import AstropyWarning
 from isal import isal_zlib
 
 from rbflow.alerts import iter_alerts, read_fits_image, score_alerts
-from rbflow.avro import blocks, compile_decoder, read_header
+from rbflow.avro import blocks, codec_of, compile_decoder, read_header
 from rbflow.datacube import NORMALISATION, crop_stamps, normalise
 from rbflow.infer import load_model, predict
 from rbflow.model import ModelConfig, build_model
@@ -158,7 +158,7 @@ def multiply_packets(n: int, out: Path, *, codec: str) -> Path:
 def avro_blocks(data: bytes) -> list[tuple[int, bytes]]:
     """(record count, records) of every block of an Avro file, decompressed."""
     meta, sync, pos = read_header(data)
-    return list(blocks(data, pos, sync, codec=meta.get(b"avro.codec", b"null").decode() or "null"))
+    return list(blocks(data, pos, sync, codec=codec_of(meta)))
 
 
 def nanmedian_normalise(x: np.ndarray) -> np.ndarray:

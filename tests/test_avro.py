@@ -12,7 +12,7 @@ import fastavro
 import pytest
 
 from rbflow.alerts import RUBIN_MAJORS
-from rbflow.avro import blocks, compile_decoder, read_header
+from rbflow.avro import blocks, codec_of, compile_decoder, read_header
 
 DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ztf-alerts-dev"
 needs_dev = pytest.mark.skipif(not DEV.is_dir(), reason=f"ZTF development packets not found at {DEV}")
@@ -57,7 +57,7 @@ def project(writer: dict, top: set[str], sub: str, subfields: set[str]) -> dict:
 def decompressed_blocks(data: bytes) -> list[tuple[int, bytes]]:
     """(record count, decompressed records) of every block of an Avro container file."""
     meta, sync, pos = read_header(data)
-    return list(blocks(data, pos, sync, codec=meta.get(b"avro.codec", b"null").decode() or "null"))
+    return list(blocks(data, pos, sync, codec=codec_of(meta)))
 
 
 def assert_decodes_as_fastavro(data: bytes, proj: dict) -> int:

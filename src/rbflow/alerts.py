@@ -89,7 +89,16 @@ import numpy as np
 from isal import isal_zlib
 
 from rbflow import __version__
-from rbflow.avro import CODECS, SYNC_SIZE, RecordDecoder, blocks, compile_decoder, read_header, read_long
+from rbflow.avro import (
+    CODECS,
+    SYNC_SIZE,
+    RecordDecoder,
+    blocks,
+    codec_of,
+    compile_decoder,
+    read_header,
+    read_long,
+)
 from rbflow.errors import InputError
 
 if TYPE_CHECKING:
@@ -652,7 +661,7 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
         meta, sync, pos = read_header(data)
         survey, name, writer, reader, decoder = _avro_schema(meta)
         decode = decoder or functools.partial(_fastavro_record, writer, reader)
-        codec = meta.get(b"avro.codec", b"null").decode() or "null"
+        codec = codec_of(meta)
         if codec not in CODECS:
             raise _PacketError(f"Avro codec {codec!r} is not read: rbflow reads {', '.join(CODECS)}")
         start, stop = piece.span if piece.span is not None else (pos, None)

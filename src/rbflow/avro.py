@@ -44,6 +44,7 @@ __all__ = [
     "SYNC_SIZE",
     "RecordDecoder",
     "blocks",
+    "codec_of",
     "compile_decoder",
     "inflate_block",
     "read_header",
@@ -116,6 +117,11 @@ def read_header(data: bytes) -> tuple[dict[bytes, bytes], bytes, int]:
     if pos + SYNC_SIZE > len(data):
         raise EOFError("the Avro header is truncated")
     return meta, data[pos : pos + SYNC_SIZE], pos + SYNC_SIZE
+
+
+def codec_of(meta: dict[bytes, bytes]) -> str:
+    """The compression codec a container file's header metadata names (``null`` when it names none)."""
+    return meta.get(b"avro.codec", b"null").decode() or "null"
 
 
 def blocks(
