@@ -9,8 +9,8 @@ way within +-4 deg, FWHM 2.2 % change across the frame); its frames hold stars a
 subtraction of stars. :func:`rbflow.sky.psf_stamp` gives the true PSF anywhere. Every frame of
 the telescope (2 fields, a reference and 3 epochs each) gets a PSF model from
 :func:`rbflow.psf.run_psf`, and every epoch is subtracted from its field's reference with the
-default method ('auto', which takes sfft for these models: each leans on the analytic prior of a
-few-star ePSF): 6 pairs, pooled so that the bright-star measure has enough stars.
+default method ('auto', which the telescope's ``subtract.auto_min_stars`` 20 makes sfft on these
+few-star frames): 6 pairs, pooled so that the bright-star measure has enough stars.
 
 The PSF models come within 6 % of the peak of the truth (median 3.6 %): the per-pixel target of
 5 % is missed on 2 of the 8 frames, both at (200, 60) (a strict
@@ -81,21 +81,19 @@ def test_frames_hold_only_static_stars_and_galaxies(realpsf_run):
         assert kinds <= {"star", "galaxy", "bleed"}, (frame, kinds)
 
 
-def test_auto_takes_sfft_for_every_prior_leaning_model(realpsf_run):
-    # Every frame has 4-17 PSF stars, fewer than realpsf's psf.prior_below (20): every model leans
-    # on the analytic prior (source 'prior'), which 'auto' does not trust to zogy, whatever the
-    # star count (8-17 here would pass its bar of 8).
-    _, root, frames, pairs = realpsf_run
+def test_auto_follows_its_rule_on_every_pair(realpsf_run):
+    tel, root, _, pairs = realpsf_run
+    need = tel["subtract"].get("auto_min_stars", 8)
     assert len(pairs) == 6
-    for frame in frames:
-        assert PSFModel.read(root / f"{frame}.psf.fits").sources == ["prior"], frame
     for sci, ref, out in pairs:
         hdr = fits.getheader(out)
-        m = re.fullmatch(r"sfft: PSF stars per cell sci (\d+), ref (\d+); prior PSF", hdr["METHAUTO"])
-        assert m and hdr["METHOD"] == "sfft", hdr["METHAUTO"]
-        # the counts are the models' own (one cell each)
-        for frame, count in ((sci, m.group(1)), (ref, m.group(2))):
+        m = re.fullmatch(r"(zogy|sfft): PSF stars per cell sci (\d+), ref (\d+) (>=|<) (\d+)", hdr["METHAUTO"])
+        assert m, hdr["METHAUTO"]
+        # the counts are the models' own (one cell each), and the choice is the rule's
+        for frame, count in ((sci, m.group(2)), (ref, m.group(3))):
             assert PSFModel.read(root / f"{frame}.psf.fits").n_stars.tolist() == [int(count)], frame
+        enough = min(int(m.group(2)), int(m.group(3))) >= need
+        assert hdr["METHOD"] == m.group(1) == ("zogy" if enough else "sfft"), hdr["METHAUTO"]
 
 
 @pytest.mark.xfail(
@@ -153,7 +151,7 @@ def test_psf_models_keep_their_measured_level(realpsf_run):
 
 
 def test_differences_meet_the_noise_target(realpsf_run):
-    # Measured (auto took sfft on all 6 pairs: every model leans on the analytic prior; 4-8
+    # Measured (auto took sfft on all 6 pairs: subtract.auto_min_stars 20 in realpsf.yaml; 4-8
     # PSF stars per epoch model): noise ratio 1.005-1.035 per pair.
     _, _, _, pairs = realpsf_run
     for _, _, out in pairs:
@@ -175,7 +173,7 @@ def test_differences_meet_the_noise_target(realpsf_run):
 )
 def test_bright_star_residuals_meet_the_target(realpsf_run):
     # Pooled over the 6 pairs. zogy on all 6 (subtract.method zogy), with models 1.5-6.0 % off
-    # the truth: 14 of 29, noise 1.03-1.28: so 'auto' takes sfft for prior-leaning models. (Before the frame was a cut-out of a focal plane,
+    # the truth: 14 of 29, noise 1.03-1.28, so auto's bar (auto_min_stars 20) stays. (Before the frame was a cut-out of a focal plane,
     # sky.psf_field_offset: 1/26, noise 1.006-1.068.) sfft's direction comes from the stars' measured widths, and where they differ
     # by less than a pixel from the smaller residuals at the stars of the two directions
     # (rbflow.sfft_method.convolution_sides): REF convolved on all 6 pairs.

@@ -307,16 +307,14 @@ def test_detection_efficiency_on_the_demo_sky_follows_the_expected_snr(demo_tel)
         # 256² DECam frames: 4 science, 7 reference stars
         (CountedPSF(4, [4]), CountedPSF(3, [7]), "sfft", "sci 4, ref 7 < 8"),
         (CountedPSF(4, [40]), CountedPSF(3, [7]), "sfft", "sci 40, ref 7 < 8"),
-        (CountedPSF(4, [40]), CountedPSF(3, [9], ["moffat"]), "sfft", "; moffat PSF"),
-        # 9 and 10 stars, enough for the bar but each ePSF leaned on the analytic prior (< psf.prior_below)
-        (CountedPSF(4, [10], ["prior"]), CountedPSF(3, [9], ["prior"]), "sfft", "; prior PSF"),
+        (CountedPSF(4, [40]), CountedPSF(3, [9], ["moffat"]), "sfft", "fallback moffat"),
         (GaussPSF(4), GaussPSF(3), "zogy", "analytic PSFs"),
     ],
 )
 def test_auto_picks_zogy_only_for_well_constrained_psf_models(sci, ref, method, why):
     got, reason = sub.auto_method(sci, ref, {"auto_min_stars": 8})
     assert got == method and why in reason
-    assert len(f"{got}: {reason}") <= 51  # fits the METHAUTO card with its comment
+    assert len(f"{got}: {reason}") <= 68  # fits a FITS string card
 
 
 def test_auto_records_the_choice_in_the_header(pair):

@@ -54,9 +54,7 @@ Method
    frames may raise it (realpsf sets 20).
 4. The polynomial is evaluated at the centre of each ``psf.grid`` cell: the stored model is one
    ePSF per cell. A cell with fewer than ``min_stars`` own stars but enough in its 3 x 3
-   neighbourhood is marked ``neighbours``, and either is marked ``prior`` when the constant ePSF
-   leaned on the analytic prior (fewer than ``prior_below`` stars: a few-star model, which
-   ``subtract.method: auto`` does not trust to ZOGY); with too few there too it takes the frame-wide
+   neighbourhood is marked ``neighbours``; with too few there too it takes the frame-wide
    (degree 0) ePSF (``frame``); a frame with fewer than ``min_stars`` stars gets, in every
    cell, a Moffat fitted to the stars it has (``moffat``). Every fallback is logged and
    recorded per cell. A frame without any usable star raises, unless ``analytic_fallback``
@@ -95,7 +93,7 @@ __all__ = ["PSFModel", "PSFStars", "build_psf", "run_psf", "moffat_epsf", "selec
 log = logging.getLogger(__name__)
 
 #: How a cell's ePSF was obtained, from best to worst.
-FALLBACKS = ("cell", "neighbours", "prior", "frame", "moffat", "analytic")
+FALLBACKS = ("cell", "neighbours", "frame", "moffat", "analytic")
 
 _KIND = "rbflow.psf"  # value of the RBKIND card that marks a PSF model file
 _FORMAT = 1
@@ -1059,7 +1057,6 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
             log.info("frame '%s': ePSF prior from %d stars: %s", name, n, np.round(params, 3).tolist())
             return _profile_epsf(params, size=size, oversampling=os_)
 
-        prior = prior_of(n_total) if degree == 0 else None
         coef, used = _solve_epsf(
             stars.take(chosen),
             _poly_terms(stars.x[chosen], stars.y[chosen], (ny, nx), degree),
@@ -1068,7 +1065,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
             gain=info.gain,
             var_radius=var_radius,
             name=name,
-            prior=prior,
+            prior=prior_of(n_total) if degree == 0 else None,
         )
         log.info("frame '%s': ePSF polynomial of degree %d in (x, y) from %d stars", name, degree, used)
         frame_epsf = None
@@ -1081,8 +1078,6 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                 at = _poly_terms(np.array([xc[ix]]), np.array([yc[iy]]), (ny, nx), degree)[0]
                 epsf = np.tensordot(at, coef, axes=1)
                 n_used.append(int(counts[c] if source == "cell" else counts[near].sum()))
-                if prior is not None:  # solved from fewer than psf.prior_below stars
-                    source = "prior"
             else:
                 source = "frame"
                 if frame_epsf is None:
@@ -1102,7 +1097,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                     )
                 epsf = frame_epsf
                 n_used.append(used)
-            if counts[c] < min_stars:
+            if source != "cell":
                 log.warning(
                     "frame '%s': PSF cell (%d, %d) has %d stars (< psf.min_stars = %d): using the %s fallback",
                     name,

@@ -59,9 +59,8 @@ log = logging.getLogger(__name__)
 #: Subtraction methods (``subtract.method``); 'auto' picks zogy or sfft per frame (:func:`auto_method`).
 METHODS = ("auto", "zogy", "sfft")
 #: PSF-model cell sources (:data:`rbflow.psf.FALLBACKS`) that mean the model is not fitted to the
-#: frame's own stars well enough for ZOGY: an ePSF leaning on the analytic prior (fewer than
-#: ``psf.prior_below`` stars), a frame-wide ePSF, or an analytic profile.
-_WEAK_PSF_SOURCES = ("prior", "frame", "moffat", "analytic")
+#: frame's own stars well enough for ZOGY: a frame-wide ePSF, or an analytic profile.
+_WEAK_PSF_SOURCES = ("frame", "moffat", "analytic")
 #: Mesh (px) of the background fitted to S and D after the subtraction (see :func:`subtract_images`).
 _RESID_BOX = 32
 #: Size of the grid of the squared ZOGY kernels, in PSF stamp sizes (see :func:`zogy_kernels`).
@@ -588,10 +587,7 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
     residuals at every bright star. sfft fits the matching kernel on the data and does not need
     the models to be right. So 'auto' takes zogy when both models are well constrained: the
     median over their cells of the stars that made each cell's ePSF is at least
-    ``cfg['auto_min_stars']`` and no cell fell back to a frame-wide or analytic PSF or leaned on
-    the analytic prior of a few-star ePSF (source ``prior``); else sfft. On the ``realpsf`` test
-    telescope's few-star frames the prior-leaning models are 1.5-6 % of the peak off the truth,
-    and zogy with them left a >= 5 sigma residual at 14 of 29 bright stars, sfft at 2.
+    ``cfg['auto_min_stars']`` and no cell fell back to a frame-wide or analytic PSF; else sfft.
     A PSF without star counts (an analytic or known PSF, no ``n_stars`` attribute) counts as exact.
 
     Parameters
@@ -605,8 +601,7 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
     Returns
     -------
     tuple of str
-        ``('zogy' | 'sfft', reason)``, ``'<method>: <reason>'`` short enough for the METHAUTO card
-        with its comment (<= 51 characters for one- and two-digit star counts).
+        ``('zogy' | 'sfft', reason)``, the reason short enough for a FITS card (<= 68 characters).
     """
     need = int(cfg.get("auto_min_stars", 8))
     counts, weak = [], []
@@ -622,7 +617,7 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
 
     stars = f"PSF stars per cell sci {fmt(counts[0])}, ref {fmt(counts[1])}"
     if weak:
-        return "sfft", f"{stars}; {sorted(set(weak))[0]} PSF"
+        return "sfft", f"{stars}; PSF fallback {sorted(set(weak))[0]}"
     if any(c is not None and c < need for c in counts):
         return "sfft", f"{stars} < {need}"
     return "zogy", f"{stars} >= {need}"
