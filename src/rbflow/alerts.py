@@ -646,8 +646,8 @@ def _avro_records(piece: _Piece) -> Iterator[tuple[str, str, dict]]:
     The object container's blocks are walked by :func:`rbflow.avro.blocks` (sizes and sync
     markers checked) and each record decoded by the schema's compiled decoder
     (:func:`rbflow.avro.compile_decoder`), or by ``fastavro.schemaless_reader`` for schemas it does
-    not compile. Files are memory-mapped (not
-    copied into memory), and only the blocks of the piece's span are read.
+    not compile. Files are memory-mapped (not copied into memory), and only the blocks of the
+    piece's span are read.
     """
     mapped = None
     if piece.data is not None:

@@ -1093,7 +1093,8 @@ def sfft_difference(
             my,
         )
     kerr = bool(scfg["kernel_error"])
-    width, width_err, n_width = relative_width(pp, radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
+    star_radius = _KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r)  # the stars' pixels: widths, chi2, kernel error
+    width, width_err, n_width = relative_width(pp, radius=star_radius)
     if scfg["convolve"] != "auto":  # set by the telescope file (one sfft run)
         sides = (str(scfg["convolve"]).upper(),)
         why = f"subtract.sfft.convolve {scfg['convolve']}; sig2 R-S {width:+.3f} px2"
@@ -1127,8 +1128,7 @@ def sfft_difference(
         conv_side = sides[0]
     else:  # the direction whose difference leaves the smaller residuals at the stars it was fitted on
         keep_xy = (pp.ainfo["stars"]["x"][~outlier], pp.ainfo["stars"]["y"][~outlier])
-        radius = _KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r)
-        chi2 = {side: star_chi2(p.D, p.V, *keep_xy, bad=pp.bad, radius=radius) for side, p in passes.items()}
+        chi2 = {side: star_chi2(p.D, p.V, *keep_xy, bad=pp.bad, radius=star_radius) for side, p in passes.items()}
         conv_side = min(sides, key=lambda side: chi2[side])
         why = f"{why}; chi2 R {chi2['REF']:.2g} S {chi2['SCI']:.2g}"
     log.info("sfft: convolved %s (%s)", conv_side, why)
@@ -1152,7 +1152,7 @@ def sfft_difference(
             pp.ainfo["stars"]["x"][keep],
             pp.ainfo["stars"]["y"][keep],
             bad=pp.bad,
-            radius=_KERR_RADIUS * max(pp.fwhm_s, pp.fwhm_r),
+            radius=star_radius,
         )
         n_kerr = int(np.all(np.isfinite(moments), axis=1).sum())
         for x, y, m in zip(pp.ainfo["stars"]["x"][keep], pp.ainfo["stars"]["y"][keep], moments):
