@@ -12,6 +12,7 @@ from rbflow.stars import (
     FWHM_TO_SIGMA,
     estimate_fwhm,
     find_stars,
+    grow_disc,
     grow_mask,
     windowed_centroids,
 )
@@ -218,3 +219,13 @@ def test_grow_mask_grows_by_the_given_pixels():
     g = grow_mask(m, 2)
     yy, xx = np.mgrid[0:11, 0:11]
     assert np.array_equal(g, np.abs(yy - 5) + np.abs(xx - 5) <= 2)
+
+
+def test_grow_disc_reaches_the_radius_in_every_direction():
+    m = np.zeros((11, 11), bool)
+    assert not grow_disc(m, 3).any()
+    m[5, 5] = True
+    yy, xx = np.mgrid[0:11, 0:11]
+    g = grow_disc(m, 3)
+    assert np.array_equal(g, (yy - 5) ** 2 + (xx - 5) ** 2 <= 9)
+    assert g[7, 7] and not grow_mask(m, 3)[7, 7]  # 2.8 px along the diagonal: the diamond misses it

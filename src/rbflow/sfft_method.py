@@ -63,8 +63,9 @@ Three corrections for real frames with few stars (issue 15, measured on the DECa
   their significance; a point source on a bright star's core needs more flux to be found.
 
 Pixels within a kernel half width of a saturated (masked) pixel are left out of the kernel fit
-as well: masked pixels are 0 in both images, so the convolved image lacks the saturated core's
-light there and the fit bends towards a ring. On the ``realpsf`` test telescope (seeds 3, 5, 7,
+as well, and masked in the difference (:class:`rbflow.difference.Difference` ``reach``): masked
+pixels are 0 in both images, so the convolved image lacks the saturated core's light there and
+the fit bends towards a ring. On the ``realpsf`` test telescope (seeds 3, 5, 7,
 11) a star 28 px from a saturated reference star kept a 5-17 sigma dipole in all three epochs of
 its field; with the ban, 7 of the 146 stars > 100 sigma keep a >= 5 sigma residual, 11 without.
 
@@ -92,6 +93,7 @@ from astropy.io import fits
 from rbflow.align import MASK_BITS
 from rbflow.difference import Difference, PreparedPair, PSFLike, astrometric_variance, ref_psf_on_sci_grid
 from rbflow.errors import ConfigError
+from rbflow.stars import grow_disc
 
 __all__ = [
     "DEFAULTS",
@@ -667,16 +669,6 @@ def _discs(shape: tuple[int, int], xs: np.ndarray, ys: np.ndarray, radius: float
     return out
 
 
-def _near(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels within ``radius`` px (a disc) of any True pixel of ``mask``, these included."""
-    from scipy import ndimage
-
-    if not mask.any():
-        return mask.copy()
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return ndimage.binary_dilation(mask, structure=xx * xx + yy * yy <= radius * radius)
-
-
 def star_chi2(D: np.ndarray, V: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, bad: np.ndarray, radius: float) -> float:
     """Mean ``D² / V`` over the valid pixels within ``radius`` of the stars, V scaled to D's measured noise.
 
@@ -1083,7 +1075,8 @@ def sfft_difference(
     ban = _discs((ny, nx), moved_x, moved_y, _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
     # K * R (or K * N) within a kernel half width of a saturated (masked, 0) core lacks that core's
     # light: those pixels would bend the kernel towards a ring, so they are left out of its fit
-    ban |= _near(pp.mask & MASK_BITS["SATURATED"] != 0, kerhw) & ~pp.bad
+    # (and masked in the difference: Difference.reach)
+    ban |= grow_disc(pp.mask & MASK_BITS["SATURATED"] != 0, kerhw) & ~pp.bad
     for x, y, (mx, my) in zip(moved_x, moved_y, motion[outlier]):
         log.info(
             "sfft: star at (%.1f, %.1f) moved by (%.3f, %.3f) px relative to the field; left out of the kernel fit",
@@ -1201,4 +1194,5 @@ def sfft_difference(
         ("KERRE1", scatter[4], "[pix2] its rms ellipticity, x-y"),
         ("KERRE2", scatter[5], "[pix2] its rms ellipticity, xy"),
     ]
-    return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards)
+    # K * R carries a saturated core's (missing) light as far as kerhw
+    return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards, reach=kerhw)

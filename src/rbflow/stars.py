@@ -24,6 +24,7 @@ __all__ = [
     "estimate_fwhm",
     "find_stars",
     "grow_mask",
+    "grow_disc",
     "windowed_centroids",
 ]
 
@@ -64,6 +65,32 @@ def grow_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask, iterations=iterations)
+
+
+def grow_disc(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within ``radius`` px (a disc, Euclidean) of any set pixel of ``mask``, these included.
+
+    :func:`grow_mask` grows by a diamond (city-block distance), which reaches only
+    ``radius / sqrt(2)`` along the diagonals; a reach in every direction needs the disc.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        Boolean mask.
+    radius : int
+        Radius (px).
+
+    Returns
+    -------
+    numpy.ndarray
+        The grown mask (a new boolean array; quick when nothing is set).
+    """
+    if not mask.any():
+        return np.zeros(mask.shape, bool)
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return ndimage.binary_dilation(mask, structure=xx * xx + yy * yy <= radius * radius)
 
 
 def _stamps(data: np.ndarray, x: np.ndarray, y: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
