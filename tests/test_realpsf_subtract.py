@@ -16,8 +16,8 @@ The PSF models come within 5.7 % of the peak of the truth (median 3.3 %): the pe
 5 % is missed on 1 of the 8 frames, at (200, 60) (a strict
 xfail with the measured numbers), and a regression test keeps the measured level. The
 bright-star target (<= 5 % of the stars > 100 sigma with a >= 5 sigma residual) is measured over
-seeds 3, 5, 7 and 11 (24 pairs, 147 stars, as one seed's 28 cannot resolve a 5 % fraction) and met:
-7 of 147; the noise target is met too (<= 1.04 per pair).
+seeds 3, 5, 7 and 11 (24 pairs, 146 stars, as one seed's 29 cannot resolve a 5 % fraction) and met:
+7 of 146; the noise target is met too (<= 1.04 per pair).
 """
 
 from __future__ import annotations
@@ -186,10 +186,10 @@ def test_bright_star_residuals_meet_the_target(bright_counts):
     # Issue 15's target: at most 5 % of the stars brighter than 100 sigma with a >= 5 sigma
     # residual. A fraction near 5 % needs well over 29 stars (one seed's 6 pairs) to be measured:
     # at a true 5 %, 29 stars show 2 or more hits 43 % of the time; 4 seeds give ~150 stars.
-    # Measured with auto (sfft on every pair, subtract.auto_min_stars 20 in realpsf.yaml): 2/28
-    # (seed 7), 2/38 (3), 2/42 (5), 1/39 (11): 7 of 147, 4.8 % (before galaxies kept their
-    # centroid at every pixel phase and saturated cores were masked to the kernel's reach: 7 of
-    # 146; 11 of 146 before pixels near saturated ones left sfft's kernel fit). 5 of the 7 are residuals alternating in sign from
+    # Measured with auto (sfft on every pair, subtract.auto_min_stars 20 in realpsf.yaml): 2/29
+    # (seed 7), 2/36 (3), 2/42 (5), 1/39 (11): 7 of 146, 4.8 %, with saturated cores masked to
+    # the kernel's reach or not (11 of 146 before pixels near saturated ones left sfft's kernel
+    # fit). 5 of the 7 are residuals alternating in sign from
     # pixel to pixel along the star's row, where sfft's kernel alternates too (seed 3, a 14.8
     # mag star: -0.057, 0.146, -0.036 along x): the 1.5-2 px cores are undersampled, so how a
     # star's pixels in the resampled reference map onto its pixels in the science frame depends

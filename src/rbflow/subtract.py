@@ -749,8 +749,8 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
         mask[grow_mask((mask & bit) != 0, grow)] |= bit
     # a saturated core was zeroed before the method's convolutions, and its light is missing from
     # every pixel they carry it to: a ring of positive (or negative) residual as far as their reach
-    # (demo-like sky without artefacts: stars > 100 sigma with a >= 5 sigma residual, sfft 13 -> 7
-    # of 99 with the kernel half width, zogy 20 -> 12 with 3 FWHM)
+    # (demo-like sky without artefacts: stars > 100 sigma with a >= 5 sigma residual, sfft 13 -> 8
+    # of 100 with the kernel half width, zogy 23 -> 16 with half the PSF stamp)
     mask[grow_disc(saturated, diff.reach)] |= MASK_BITS["SATURATED"]
     for arr in (D, SC, V):
         arr[mask != 0] = np.nan
