@@ -187,9 +187,8 @@ def test_bright_star_residuals_meet_the_target(bright_counts):
     # residual. A fraction near 5 % needs well over 29 stars (one seed's 6 pairs) to be measured:
     # at a true 5 %, 29 stars show 2 or more hits 43 % of the time; 4 seeds give ~150 stars.
     # Measured with auto (sfft on every pair, subtract.auto_min_stars 20 in realpsf.yaml): 2/29
-    # (seed 7), 2/36 (3), 2/42 (5), 1/39 (11): 7 of 146, 4.8 %, with saturated cores masked to
-    # the kernel's reach or not (11 of 146 before pixels near saturated ones left sfft's kernel
-    # fit). 5 of the 7 are residuals alternating in sign from
+    # (seed 7), 2/36 (3), 2/42 (5), 1/39 (11): 7 of 146, 4.8 % (11 of 146 before pixels near
+    # saturated ones left sfft's kernel fit). 5 of the 7 are residuals alternating in sign from
     # pixel to pixel along the star's row, where sfft's kernel alternates too (seed 3, a 14.8
     # mag star: -0.057, 0.146, -0.036 along x): the 1.5-2 px cores are undersampled, so how a
     # star's pixels in the resampled reference map onto its pixels in the science frame depends

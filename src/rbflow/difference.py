@@ -75,9 +75,7 @@ class PreparedPair:
 @dataclass
 class Difference:
     """What a subtraction method returns: D (science flux units), its variance, the raw score map
-    (S/N, normalised afterwards), the PSF of D per tile with the tile centres, header cards, and
-    the reach of its convolutions (px): how far from a pixel of N or R its value enters D, so how
-    far the light of a saturated core, zeroed before the convolution, is missing from D."""
+    (S/N, normalised afterwards), the PSF of D per tile with the tile centres, and header cards."""
 
     D: np.ndarray
     V: np.ndarray
@@ -85,7 +83,6 @@ class Difference:
     psfd: list[np.ndarray]
     centres: list[tuple[int, int]]
     cards: list[tuple[str, Any, str]]
-    reach: int
 
 
 #: A subtraction method: ``(pair, psf_sci, psf_ref, cfg, *, threads) -> Difference``.

@@ -63,9 +63,8 @@ Three corrections for real frames with few stars (issue 15, measured on the DECa
   their significance; a point source on a bright star's core needs more flux to be found.
 
 Pixels within a kernel half width of a saturated (masked) pixel are left out of the kernel fit
-as well, and masked in the difference (:class:`rbflow.difference.Difference` ``reach``): masked
-pixels are 0 in both images, so the convolved image lacks the saturated core's light there and
-the fit bends towards a ring. On the ``realpsf`` test telescope (seeds 3, 5, 7,
+as well: masked pixels are 0 in both images, so the convolved image lacks the saturated core's
+light there and the fit bends towards a ring. On the ``realpsf`` test telescope (seeds 3, 5, 7,
 11) a star 28 px from a saturated reference star kept a 5-17 sigma dipole in all three epochs of
 its field; with the ban, 7 of the 146 stars > 100 sigma keep a >= 5 sigma residual, 11 without.
 
@@ -1075,7 +1074,6 @@ def sfft_difference(
     ban = _discs((ny, nx), moved_x, moved_y, _BAN_RADIUS * max(pp.fwhm_s, pp.fwhm_r))
     # K * R (or K * N) within a kernel half width of a saturated (masked, 0) core lacks that core's
     # light: those pixels would bend the kernel towards a ring, so they are left out of its fit
-    # (and masked in the difference: Difference.reach)
     ban |= grow_disc(pp.mask & MASK_BITS["SATURATED"] != 0, kerhw) & ~pp.bad
     for x, y, (mx, my) in zip(moved_x, moved_y, motion[outlier]):
         log.info(
@@ -1194,5 +1192,4 @@ def sfft_difference(
         ("KERRE1", scatter[4], "[pix2] its rms ellipticity, x-y"),
         ("KERRE2", scatter[5], "[pix2] its rms ellipticity, xy"),
     ]
-    # K * R carries a saturated core's (missing) light as far as kerhw
-    return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards, reach=kerhw)
+    return Difference(D, V, SC, [p.astype(np.float32) for p in psfs], centres, cards)

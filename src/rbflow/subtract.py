@@ -39,7 +39,7 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.psf import PSFModel
-from rbflow.stars import grow_disc, grow_mask
+from rbflow.stars import grow_mask
 
 __all__ = [
     "MASK_BITS",
@@ -576,8 +576,7 @@ def _zogy_difference(
         ("TILE", tile, "[pix] tile spacing (subtract.tile)"),
         ("OVERLAP", margin, "[pix] tile margin used"),
     ]
-    # D convolves N and R with the PSFs on their stamp (pp.size px square)
-    return Difference(D, V, SC, psfd, centres, cards, reach=pp.size // 2)
+    return Difference(D, V, SC, psfd, centres, cards)
 
 
 def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tuple[str, str]:
@@ -690,8 +689,7 @@ def subtract_images(
     astropy.io.fits.HDUList
         Primary (fit cards; METHOD the method that ran, METHAUTO why) + SCI, REF, DIFF, SCORR, VAR, MASK, PSFD (cube of P_D per tile, centres
         in cards TCXk/TCYk); the images carry the science WCS. Masked pixels (MASK != 0, grown by
-        one FWHM; saturated ones by the reach of the method's convolutions, ``Difference.reach``)
-        are NaN in DIFF, SCORR and VAR.
+        one FWHM) are NaN in DIFF, SCORR and VAR.
         Smooth sky-level residuals (mesh of 32 px over the empty sky) are removed from DIFF and SCORR.
         SCORR is normalised to unit robust std in empty sky (factor ``SCORRNRM``) and VAR rescaled
         so that DIFF/sqrt(VAR) has unit robust std (``DIFFNRM``). ``FLXECORR`` is the factor by
@@ -725,7 +723,7 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
     """Remove smooth sky residuals from D and the score map and normalise them on the empty sky.
 
     Returns the robust std of the raw score map and of D/sqrt(V) there (SCORRNRM, DIFFNRM);
-    masked pixels (mask grown by a FWHM, saturated ones by ``diff.reach``) become NaN.
+    masked pixels (mask grown by a FWHM) become NaN.
     """
     D, V, SC, mask = diff.D, diff.V, diff.SC, pp.mask
     # empty sky: no source above 3 sigma in either image (grown), no masked pixel
@@ -744,14 +742,8 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
     log.info("SCORR robust std in empty sky %.3f (normalised), DIFF/sqrt(VAR) %.3f (VAR rescaled)", k_s, k_d)
     # pixels next to a masked area hold truncated, PSF-mismatched profiles: grow the mask by a FWHM
     grow = max(1, int(math.ceil(pp.fwhm_s)))
-    saturated = (mask & MASK_BITS["SATURATED"]) != 0
     for bit in MASK_BITS.values():
         mask[grow_mask((mask & bit) != 0, grow)] |= bit
-    # a saturated core was zeroed before the method's convolutions, and its light is missing from
-    # every pixel they carry it to: a ring of positive (or negative) residual as far as their reach
-    # (demo-like sky without artefacts: stars > 100 sigma with a >= 5 sigma residual, sfft 13 -> 8
-    # of 100 with the kernel half width, zogy 23 -> 16 with half the PSF stamp)
-    mask[grow_disc(saturated, diff.reach)] |= MASK_BITS["SATURATED"]
     for arr in (D, SC, V):
         arr[mask != 0] = np.nan
     return k_s, k_d
