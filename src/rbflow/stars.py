@@ -8,7 +8,7 @@ second-moment roundness (satellite and bleed trails are elongated), and centres 
 :func:`windowed_centroids`: Gaussian-windowed first moments iterated to convergence
 (SExtractor's ``XWIN_IMAGE``), unbiased for symmetric profiles. :func:`estimate_fwhm` measures
 the FWHM of found stars (to correct a first guess); :func:`grow_mask` dilates a mask of invalid
-pixels (stars next to them are not used).
+pixels (stars next to them are not used), :func:`grow_disc` by a disc (a reach in every direction).
 """
 
 from __future__ import annotations
