@@ -14,6 +14,7 @@ pixels (stars next to them are not used), :func:`grow_disc` by a disc (a reach i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -60,37 +61,27 @@ def grow_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
     numpy.ndarray
         The grown mask (a new boolean array; quick when nothing is set).
     """
-    if not mask.any():
-        return np.zeros(mask.shape, bool)
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(mask, iterations=iterations)
+    return _dilate(mask, iterations=iterations)
 
 
 def grow_disc(mask: np.ndarray, radius: int) -> np.ndarray:
     """Pixels within ``radius`` px (a disc, Euclidean) of any set pixel of ``mask``, these included.
 
     :func:`grow_mask` grows by a diamond (city-block distance), which reaches only
-    ``radius / sqrt(2)`` along the diagonals; a reach in every direction needs the disc.
-
-    Parameters
-    ----------
-    mask : numpy.ndarray
-        Boolean mask.
-    radius : int
-        Radius (px).
-
-    Returns
-    -------
-    numpy.ndarray
-        The grown mask (a new boolean array; quick when nothing is set).
+    ``radius / sqrt(2)`` along the diagonals; a reach in every direction needs the disc. Returns
+    a new boolean array, as :func:`grow_mask` does.
     """
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return _dilate(mask, structure=xx * xx + yy * yy <= radius * radius)
+
+
+def _dilate(mask: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, **kwargs)``, skipped (all False) when nothing is set."""
     if not mask.any():
         return np.zeros(mask.shape, bool)
     from scipy import ndimage
 
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return ndimage.binary_dilation(mask, structure=xx * xx + yy * yy <= radius * radius)
+    return ndimage.binary_dilation(mask, **kwargs)
 
 
 def _stamps(data: np.ndarray, x: np.ndarray, y: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
