@@ -24,12 +24,21 @@ SEED = 7
 #: The transient scene as it was before the hard reals (pins the frames the hashes below were made from).
 OLD_SCENE = {"transient_mags": [17.0, 20.0], "transient_nuclear_fraction": 0.0, "transient_host_bias": 0.0}
 #: sha256 of data, header (less RBFLOWV) and truth columns of two frames of ``small()``, computed with
-#: randomise off when the randomisation and the artefact zoo were merged (the zoo renders satellite
-#: trails itself and adds truth geometry columns, so main before both differs): any change to the
-#: sky with randomise off changes these.
+#: randomise off when the randomisation and the artefact zoo were merged (429528f; the zoo renders
+#: satellite trails itself and adds truth geometry columns, so main before both differs): any change
+#: to the sky with randomise off changes these. The last bits of the floats depend on the CPU (the
+#: numeric libraries pick their kernels by instruction set), so each frame has one hash per machine
+#: kind, each computed at 429528f: the first on the machine of the merge, the second on an x86-64
+#: with AVX2 but no AVX-512 (where numpy's OpenBLAS reports Haswell kernels).
 MAIN_HASHES = {
-    "fld00_r_ref": "dc995a0b7df34f52f9420b10a0ade2714a9a9712250018335477257ca697594e",
-    "fld01_g_e1": "99e2f4dd40a7491c9f78dcdf6f7a03126b74d4d5a202bd82f9f2f4017fbeb73d",
+    "fld00_r_ref": (
+        "dc995a0b7df34f52f9420b10a0ade2714a9a9712250018335477257ca697594e",
+        "d7d06ea7c1896d6a1ac894a7129aeeb4c649d1897edc1b402fc6c75fabb192b8",
+    ),
+    "fld01_g_e1": (
+        "99e2f4dd40a7491c9f78dcdf6f7a03126b74d4d5a202bd82f9f2f4017fbeb73d",
+        "7cb54017f92de7b20d8b9088be2bbd02bbe074da5d15b53c97bb6128ab011513",
+    ),
 }
 
 
@@ -58,7 +67,7 @@ def frame_hash(tel: dict, frame: str) -> str:
 
 @pytest.mark.parametrize("frame", sorted(MAIN_HASHES))
 def test_randomise_off_is_byte_identical_to_main(frame):
-    assert frame_hash(small(**OLD_SCENE), frame) == MAIN_HASHES[frame]
+    assert frame_hash(small(**OLD_SCENE), frame) in MAIN_HASHES[frame]
 
 
 def test_randomised_sky_is_byte_identical_for_a_seed_and_differs_between_seeds():
