@@ -11,6 +11,8 @@ import pytest
 from astropy.table import Table
 from helpers import SNAKEMAKE, make_workdir
 
+from rbflow.crossmatch import truth_kinds
+
 
 def _workdir(tmp_path: Path) -> Path:
     return make_workdir(tmp_path / "work")
@@ -172,12 +174,9 @@ def _confused(frame_dir: Path, frame: str, row, obs_cands: Table, fwhm: float) -
     if len(obs_cands) and np.min(np.hypot(obs_cands["x"] - row["x"], obs_cands["y"] - row["y"])) <= 2 * fwhm:
         return "obs candidate"
     truth = Table.read(frame_dir / f"{frame}.ecsv")
-    for trail in truth[truth["kind"] == "satellite"]:
-        ax, ay = float(trail["x"]), float(trail["y"])
-        dx, dy = float(trail["x1"]) - ax, float(trail["y1"]) - ay
-        t = np.clip(((row["x"] - ax) * dx + (row["y"] - ay) * dy) / max(dx * dx + dy * dy, 1e-12), 0.0, 1.0)
-        if np.hypot(row["x"] - ax - t * dx, row["y"] - ay - t * dy) <= 2 * fwhm + float(trail["extent"]):
-            return "satellite trail"
+    trails = truth[truth["kind"] == "satellite"]
+    if len(trails) and truth_kinds(Table({"x": [row["x"]], "y": [row["y"]]}), trails, radius=2 * fwhm)[0]:
+        return "satellite trail"
     point = np.isin(truth["kind"], ["star", "variable", "transient"])
     stars = truth[point & (truth["mag"] < row["mag"])]
     if len(stars) and np.min(np.hypot(stars["x"] - row["x"], stars["y"] - row["y"])) <= 2 * fwhm:

@@ -282,12 +282,12 @@ def _corners(size: int) -> np.ndarray:
     return g[None, :] ** 2 + g[:, None] ** 2 >= (size // 2 + 0.5) ** 2
 
 
-def _corner_levels(prof: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``(n_stars,)`` median of each unit-flux star model ``prof`` ``(n_stars, s, s)`` over its
-    used corner pixels (:func:`_corners`, ``weights`` > 0): the share of the star's own wings
-    that its local sky took."""
-    where = _corners(prof.shape[-1])[None] & (weights > 0)
-    return np.array([np.median(p[w]) if w.any() else 0.0 for p, w in zip(prof, where)])
+def _corner_levels(stamps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``(n_stars,)`` median of each stamp ``(n_stars, s, s)`` over its used corner pixels
+    (:func:`_corners`, ``weights`` > 0; 0 where none is used): a star's local sky, or, on a
+    unit-flux model of it, the share of its own wings that local sky took."""
+    where = _corners(stamps.shape[-1])[None] & (weights > 0)
+    return np.array([np.median(p[w]) if w.any() else 0.0 for p, w in zip(stamps, where)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,8 +650,7 @@ def select_psf_stars(
     # Local sky: median of the stamp corners (r > half + 0.5 px, neighbours masked), where the PSF
     # is < 0.1 % of its peak. Box backgrounds are biased by star wings, which would sharpen the ePSF.
     # The corners still hold some wing light: the few-star path (build_psf) gives it back.
-    border = np.broadcast_to(_corners(size), weights.shape) & (weights > 0)
-    local = np.array([np.median(st[b]) if b.any() else 0.0 for st, b in zip(stamps[sel], border)])
+    local = _corner_levels(stamps[sel], weights)
     # centred on the frame with the local sky removed around each star (a constant offset does not
     # move the fixed point of a symmetric window, only slows the iteration: 20 steps leave < 1e-3 px)
     xc, yc = windowed_centroids(sub, x0[sel], y0[sel], fwhm * FWHM_TO_SIGMA, niter=20, sky=local)
