@@ -5,7 +5,11 @@ pixels, evaluated at a map from science to reference pixels that is itself a cub
 through a coarse grid of exact WCS transforms). With ``refine``, bright isolated stars
 (:func:`rbflow.stars.find_stars`) of both frames are matched and an affine correction (shift,
 rotation, scale, shear; a shift for fewer than 8 stars) of the science pixels is fitted to them,
-sigma-clipped, and the reference resampled again. The residual star offsets after alignment
+sigma-clipped, and the reference resampled again. With ``smooth`` and enough matched stars, a
+smooth map of what the affine leaves (a penalised cubic B-spline surface per axis,
+:func:`fit_smooth`) is added when cross-validation over the stars says it predicts their offsets
+better: a header WCS often lacks part of the optics' distortion or an epoch's atmospheric
+distortion, and an affine cannot follow it. The residual star offsets after alignment
 (windowed centroids of the reference stars at the science stars' positions) are reported in
 any case: their scatter is the astrometric noise that ZOGY's S_corr accounts for.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +32,7 @@ from rbflow.stars import FWHM_TO_SIGMA, find_stars, grow_mask, windowed_centroid
 if TYPE_CHECKING:
     from astropy.wcs import WCS
 
-__all__ = ["MASK_BITS", "PixelMap", "align", "match_stars", "fit_affine", "pixel_map"]
+__all__ = ["MASK_BITS", "PixelMap", "SmoothMap", "align", "fit_affine", "fit_smooth", "match_stars", "pixel_map"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,14 @@ MASK_BITS = {"SCI_BAD": 1, "REF_BAD": 2, "SATURATED": 4}
 PixelMap = Callable[[Any, Any], tuple[np.ndarray, np.ndarray]]
 
 
+#: Least number of matched (affine-inlier) stars for which :func:`fit_smooth` is tried.
+SMOOTH_MIN_STARS = 40
+
+#: Floor (px) of an alignment star's offset error in :func:`fit_smooth`'s weights: the brightest
+#: stars' centroids are not better than this (pixel response, the PSF's own change).
+OFFSET_FLOOR = 0.01
+
+
 def _affine_apply(aff: np.ndarray | None, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``aff`` (2x3: A|b) applied to pixel positions; the identity when None."""
     if aff is None:
@@ -45,8 +58,174 @@ def _affine_apply(aff: np.ndarray | None, x: np.ndarray, y: np.ndarray) -> tuple
     return aff[0, 0] * x + aff[0, 1] * y + aff[0, 2], aff[1, 0] * x + aff[1, 1] * y + aff[1, 2]
 
 
-def pixel_map(sci_wcs: WCS, ref_wcs: WCS, affine: np.ndarray | None = None) -> PixelMap:
-    """Map from science pixels to reference pixels: the affine correction, then the two WCSs.
+def _knots(lo: float, hi: float, intervals: int) -> np.ndarray:
+    """Knot vector of a clamped cubic B-spline with ``intervals`` equal intervals on [lo, hi]."""
+    return np.r_[[lo] * 3, np.linspace(lo, hi, intervals + 1), [hi] * 3]
+
+
+def _basis(t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Cubic B-spline basis of knots ``t`` at ``x`` (clipped to the knot range): ``(len(x), len(t) - 4)``."""
+    from scipy.interpolate import BSpline
+
+    x = np.clip(np.ravel(x), t[0], t[-1])
+    return BSpline.design_matrix(x, t, 3).toarray()
+
+
+def _tensor(tx: np.ndarray, ty: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Tensor-product basis at the points ``(x, y)``: ``(n, nx_coeff * ny_coeff)``."""
+    bx, by = _basis(tx, x), _basis(ty, y)
+    return (by[:, :, None] * bx[:, None, :]).reshape(len(bx), -1)
+
+
+def _penalty(m: int) -> np.ndarray:
+    """Second-difference roughness penalty on an ``m x m`` grid of coefficients (both axes)."""
+    d = np.diff(np.eye(m), 2, axis=0)
+    dd = d.T @ d
+    eye = np.eye(m)
+    return np.kron(eye, dd) + np.kron(dd, eye)
+
+
+@dataclass(frozen=True)
+class SmoothMap:
+    """A smooth correction of science pixel positions: cubic B-spline surfaces for x and y.
+
+    Attributes
+    ----------
+    tx, ty : numpy.ndarray
+        Knot vectors in x and y (px); outside them the surface is held at its edge value.
+    cx, cy : numpy.ndarray
+        Coefficients of the x and y corrections (px).
+    intervals : int
+        Knot intervals per axis.
+    """
+
+    tx: np.ndarray
+    ty: np.ndarray
+    cx: np.ndarray
+    cy: np.ndarray
+    intervals: int
+
+    def __call__(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The correction ``(dx, dy)`` (px) at science pixels ``(x, y)`` (arrays of one shape, or scalars)."""
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        b = _tensor(self.tx, self.ty, x, y)
+        return (b @ self.cx).reshape(x.shape), (b @ self.cy).reshape(x.shape)
+
+
+def _solve_smooth(
+    b: np.ndarray, r: np.ndarray, w: np.ndarray, pen: np.ndarray, lam: float
+) -> np.ndarray:
+    """Weighted, penalised least squares of ``b c = r`` (``r`` of shape (n, 2)): coefficients (k, 2)."""
+    bw = b * w[:, None]
+    normal = b.T @ bw
+    lam_abs = lam * float(np.trace(normal)) / len(normal)
+    return np.linalg.solve(normal + lam_abs * pen + 1e-12 * np.eye(len(normal)), bw.T @ r)
+
+
+def fit_smooth(
+    p: np.ndarray,
+    r: np.ndarray,
+    sigma: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    folds: int = 5,
+    min_gain: float = 0.2,
+    lam: float = 1e-3,
+) -> tuple[SmoothMap | None, np.ndarray, dict[str, float]]:
+    """A smooth map of the offsets an affine left at matched stars, if it predicts them better.
+
+    The offsets ``r`` of the stars at ``p`` are fitted per axis by a cubic B-spline surface with
+    ``m x m`` equal knot intervals over the frame and a small second-difference penalty (so that a
+    region without stars is bridged smoothly, not left free). ``m`` is chosen among 1, 2, 3, 4, 6
+    and 8 (at least 2 stars per coefficient) by ``folds``-fold cross-validation: the weighted mean
+    square of the held-out stars' offsets left by the fit to the others. The map is returned only
+    when the best one lowers that mean square by more than ``min_gain`` of what the affine alone
+    leaves (every star's offset predicted as 0), so an offset field of centroid noise keeps the
+    affine. Stars whose offset misses the fitted map by more than 5 times the robust spread of
+    the normalised misses (blends, a moved star) are dropped and the choice made again, up to
+    three rounds, keeping at least 80 % of the stars.
+
+    Parameters
+    ----------
+    p : numpy.ndarray
+        ``(n, 2)`` science star positions (px).
+    r : numpy.ndarray
+        ``(n, 2)`` their offsets left by the affine (reference minus corrected science, px).
+    sigma : numpy.ndarray
+        ``(n,)`` offset errors (px), the weights being ``1 / sigma**2``.
+    shape : tuple of int
+        Frame shape (ny, nx): the knots span it.
+    folds : int, optional
+        Cross-validation folds (stars assigned in turn).
+    min_gain : float, optional
+        Least fractional drop of the cross-validated mean square for the map to be used.
+    lam : float, optional
+        Penalty weight relative to the mean diagonal of the normal matrix.
+
+    Returns
+    -------
+    smooth : SmoothMap or None
+        The map fitted to the kept stars, or None when the affine is as good.
+    kept : numpy.ndarray
+        Boolean mask of the stars the map was fitted to (all when it is None).
+    cv : dict
+        ``rms_affine`` and ``rms_smooth`` (px, cross-validated weighted rms; ``rms_smooth`` nan when
+        no map was tried) and ``intervals`` (0 when none is used).
+    """
+    w_all = 1.0 / np.asarray(sigma, float) ** 2
+    use = np.ones(len(p), bool)
+    ny, nx = shape
+    for _ in range(3):
+        pu, ru, w = p[use], r[use], w_all[use]
+        base = float(np.average((ru**2).sum(axis=1), weights=w))
+        cv = {"rms_affine": math.sqrt(base), "rms_smooth": float("nan"), "intervals": 0}
+        best = _cross_validate(pu, ru, w, (ny, nx), folds, lam)
+        if best is None:
+            return None, np.ones(len(p), bool), cv
+        cv["rms_smooth"] = math.sqrt(best[0])
+        if best[0] > (1.0 - min_gain) * base:
+            return None, np.ones(len(p), bool), cv
+        m = best[1]
+        tx, ty = _knots(0.0, nx - 1.0, m), _knots(0.0, ny - 1.0, m)
+        c = _solve_smooth(_tensor(tx, ty, pu[:, 0], pu[:, 1]), ru, w, _penalty(m + 3), lam)
+        chi = np.hypot(*(r - _tensor(tx, ty, p[:, 0], p[:, 1]) @ c).T) * np.sqrt(w_all)
+        new = chi < 5 * 1.4826 * np.median(chi[use])
+        if np.array_equal(new, use) or new.sum() < 0.8 * len(p):
+            break
+        use = new
+    cv["intervals"] = m
+    return SmoothMap(tx, ty, c[:, 0], c[:, 1], m), use, cv
+
+
+def _cross_validate(
+    p: np.ndarray, r: np.ndarray, w: np.ndarray, shape: tuple[int, int], folds: int, lam: float
+) -> tuple[float, int] | None:
+    """The knot intervals with the least cross-validated weighted mean square, and that mean square."""
+    ny, nx = shape
+    fold = np.arange(len(p)) % folds
+    best: tuple[float, int] | None = None
+    for m in (1, 2, 3, 4, 6, 8):
+        if len(p) < 2 * (m + 3) ** 2:
+            break
+        tx, ty = _knots(0.0, nx - 1.0, m), _knots(0.0, ny - 1.0, m)
+        b = _tensor(tx, ty, p[:, 0], p[:, 1])
+        pen = _penalty(m + 3)
+        sq = 0.0
+        for f in range(folds):
+            train = fold != f
+            c = _solve_smooth(b[train], r[train], w[train], pen, lam)
+            res = r[~train] - b[~train] @ c
+            sq += float((w[~train] * (res**2).sum(axis=1)).sum())
+        score = sq / float(w.sum())
+        if best is None or score < best[0]:
+            best = (score, m)
+    return best
+
+
+def pixel_map(
+    sci_wcs: WCS, ref_wcs: WCS, affine: np.ndarray | None = None, smooth: SmoothMap | None = None
+) -> PixelMap:
+    """Map from science pixels to reference pixels: the affine and smooth corrections, then the two WCSs.
 
     Parameters
     ----------
@@ -55,6 +234,9 @@ def pixel_map(sci_wcs: WCS, ref_wcs: WCS, affine: np.ndarray | None = None) -> P
     affine : numpy.ndarray, optional
         2x3 correction ``A|b`` applied to science pixels before the WCS transform (see
         :func:`fit_affine`); None for the WCSs alone.
+    smooth : SmoothMap, optional
+        Correction (px) of the science pixels, evaluated at the original pixels and added to the
+        affine's result (see :func:`fit_smooth`).
 
     Returns
     -------
@@ -64,7 +246,11 @@ def pixel_map(sci_wcs: WCS, ref_wcs: WCS, affine: np.ndarray | None = None) -> P
     aff = affine
 
     def to_ref(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-        px, py = _affine_apply(aff, np.asarray(x, float), np.asarray(y, float))
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        px, py = _affine_apply(aff, x, y)
+        if smooth is not None:
+            dx, dy = smooth(x, y)
+            px, py = px + dx, py + dy
         ra, dec = sci_wcs.pixel_to_world_values(px, py)
         rx, ry = ref_wcs.world_to_pixel_values(ra, dec)
         return np.asarray(rx, float), np.asarray(ry, float)
@@ -206,6 +392,7 @@ def align(
     ref: Image,
     *,
     refine: bool,
+    smooth: bool = True,
     saturation_sci: float = np.inf,
     saturation_ref: float = np.inf,
     fwhm_sci: float | None = None,
@@ -222,6 +409,10 @@ def align(
     refine : bool
         Fit an affine correction (shift, rotation, scale, shear) to matched bright isolated stars
         and resample again. When False the residual offset is still measured and reported.
+    smooth : bool, optional
+        With ``refine``: add a smooth map of the offsets the affine leaves when at least
+        :data:`SMOOTH_MIN_STARS` stars are matched and cross-validation prefers it
+        (:func:`fit_smooth`).
     saturation_sci, saturation_ref : float, optional
         Saturation levels (ADU, as stored); pixels at or above are masked.
     fwhm_sci, fwhm_ref : float, optional
@@ -242,7 +433,8 @@ def align(
         ``rms`` (px, S/N²-weighted rms of the star offsets after alignment), ``dx``, ``dy`` (mean
         offset, px), ``sigma_x``, ``sigma_y`` (scatter about it, px), ``nstars`` (matched stars),
         ``refined`` (bool), ``affine`` (2×3 correction applied to science pixels before the WCS
-        map, or None), ``stars`` (dict of the matched science stars x, y, snr) and ``to_ref``
+        map, or None), ``smooth`` (the :class:`SmoothMap` added to it, or None), ``cv`` (the
+        cross-validated rms of :func:`fit_smooth`, or None when it was not tried), ``stars`` (dict of the matched science stars x, y, snr) and ``to_ref``
         (callable: science pixel -> reference pixel).
 
     Raises
@@ -292,9 +484,15 @@ def align(
             ref.path,
         )
     refined = False
+    smap, cv = None, None
     if refine and n_match >= 3:
         aff, inl = fit_affine(p, q, w)
-        to_ref = pixel_map(sci_wcs, ref_wcs, aff)
+        if smooth and inl.sum() >= SMOOTH_MIN_STARS:
+            pi = p[inl]
+            sigma = np.sqrt((fwhm_sci * FWHM_TO_SIGMA) ** 2 / w[inl] + OFFSET_FLOOR**2)
+            smap, kept, cv = fit_smooth(pi, q[inl] - (pi @ aff[:, :2].T + aff[:, 2]), sigma, shape)
+            inl[inl] = kept
+        to_ref = pixel_map(sci_wcs, ref_wcs, aff, smap)
         aligned, bad = _resample(coeffs, bad_ref_raw, to_ref, shape, grow)
         ref_sub = np.where(bad, 0.0, aligned - rbkg).astype(np.float32)
         p, w = p[inl], w[inl]
@@ -305,11 +503,14 @@ def align(
     else:
         off = {"rms": float("nan"), "dx": float("nan"), "dy": float("nan"), "sigma_x": 0.0, "sigma_y": 0.0}
     log.info(
-        "align %s -> %s: %d stars, refined=%s, offset (%.3f, %.3f) px, rms %.3f px",
+        "align %s -> %s: %d stars, refined=%s, smooth map %s, offset (%.3f, %.3f) px, rms %.3f px",
         ref.path,
         sci.path,
         n_match,
         refined,
+        f"{smap.intervals}x{smap.intervals} (cross-validated rms {cv['rms_affine']:.3f} -> {cv['rms_smooth']:.3f} px)"
+        if smap is not None and cv is not None
+        else "none",
         off["dx"],
         off["dy"],
         off["rms"],
@@ -325,6 +526,8 @@ def align(
         "nstars": int(len(p)),
         "refined": refined,
         "affine": aff,
+        "smooth": smap,
+        "cv": cv,
         "stars": {"x": p[:, 0] if len(p) else np.zeros(0), "y": p[:, 1] if len(p) else np.zeros(0), "snr": snr},
         "to_ref": to_ref,
     }

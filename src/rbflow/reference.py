@@ -101,6 +101,7 @@ def stack_reference(
     combine: str = "mean",
     clip: float | None = 5.0,
     refine: bool = True,
+    smooth: bool = True,
     scale: bool = True,
 ) -> dict[str, Any]:
     """Align, background-match, scale and combine frames of one epoch into a reference frame.
@@ -123,6 +124,9 @@ def stack_reference(
         frames: no rejection.
     refine : bool, optional
         Refine the WCS alignment with an affine fit to matched stars.
+    smooth : bool, optional
+        With ``refine``: and a smooth map of what the affine leaves, when cross-validation
+        prefers it (:func:`rbflow.align.fit_smooth`).
     scale : bool, optional
         Scale each frame to the first one's flux scale (matched stars; zeropoints as fallback).
         False only applies the zeropoint ratio.
@@ -166,6 +170,7 @@ def stack_reference(
             first,
             im,
             refine=refine,
+            smooth=smooth,
             saturation_sci=info0.saturation,
             saturation_ref=info.saturation,
             fwhm_sci=fwhm0,
@@ -356,5 +361,6 @@ def run_reference(
         combine=stack["combine"],
         clip=stack["clip"],
         refine=stack["refine_astrometry"],
+        smooth=stack["smooth_astrometry"],
         scale=stack["scale"],
     )

@@ -490,6 +490,7 @@ def prepare_pair(
         sci,
         ref,
         refine=bool(cfg.get("refine_astrometry", True)),
+        smooth=bool(cfg.get("smooth_astrometry", True)),
         saturation_sci=info_sci.saturation,
         saturation_ref=info_ref.saturation,
         fwhm_sci=fwhm_s,
@@ -749,6 +750,15 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
     return k_s, k_d
 
 
+def _map_card(ainfo: dict[str, Any]) -> str:
+    """``ALIGNMAP``: the astrometric map used beyond the WCS (``shift``, ``affine``, ``spline MxM`` or ``wcs``)."""
+    if not ainfo["refined"]:
+        return "wcs"
+    if ainfo["smooth"] is not None:
+        return f"spline {ainfo['smooth'].intervals}x{ainfo['smooth'].intervals}"
+    return "affine" if ainfo["nstars"] >= 8 else "shift"
+
+
 def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -> fits.HDUList:
     """Normalise a method's result and pack it with the prepared frames into the output MEF."""
     k_s, k_d = _clean_and_scale(pp, diff, threads=threads)
@@ -772,6 +782,9 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -
         ("ALIGNSY", ainfo["sigma_y"], "[pix] astrometric scatter y (sigma_y)"),
         ("NSTARS", ainfo["nstars"], "stars matched for the alignment"),
         ("REFINED", ainfo["refined"], "affine astrometric refinement applied"),
+        ("ALIGNMAP", _map_card(ainfo), "star-fitted map on top of the WCS"),
+        ("ALIGNCVA", (ainfo["cv"] or {}).get("rms_affine", math.nan), "[pix] cross-validated rms, affine"),
+        ("ALIGNCVS", (ainfo["cv"] or {}).get("rms_smooth", math.nan), "[pix] cross-validated rms, smooth map"),
         *diff.cards[2:],
         ("PSFSIZE", pp.size, "[pix] PSF stamp size"),
         ("FWHMSCI", pp.fwhm_s, "[pix] science PSF FWHM, frame centre"),

@@ -313,7 +313,7 @@ def test_bad_frame_of_a_stacked_reference_stops_or_is_left_out(frames, tiny, tmp
     broken = tmp_path / "epoch_b.fits"
     _truncated_data(frames["fld00_r_ref"], broken)
     epoch = [str(frames["fld00_r_ref"]), str(broken), str(frames["fld00_r_e1"])]
-    stack = {"combine": "mean", "clip": 5.0, "refine_astrometry": True, "scale": True}
+    stack = {"combine": "mean", "clip": 5.0, "refine_astrometry": True, "smooth_astrometry": True, "scale": True}
     fails_cleanly(
         lambda: run_reference(frames=epoch, out_fits=str(out / "ref.fits"), telescope=tiny, stack=stack),
         InputError,
