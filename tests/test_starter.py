@@ -82,7 +82,7 @@ def test_train_init_starter_and_install(tmp_path):
     prov = install_starter(
         tmp_path / "model",
         tmp_path / "starter",
-        command="snakemake --configfile config/starter.yaml starter",
+        command="snakemake starter --configfile config/starter.yaml",
         config={"seed": 1},
         seed=1,
         git_commit="abc",

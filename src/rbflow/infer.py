@@ -150,8 +150,8 @@ def starter_model_path() -> Path:
     path = STARTER_DIR / "model.pt"
     if not path.exists() or not path.with_suffix(".json").exists():
         raise InputError(
-            f"the starter model '{path}' is not installed: make it with 'snakemake --configfile config/starter.yaml "
-            "starter', reinstall rbflow, or give a model (--model)"
+            f"the starter model '{path}' is not installed: make it with 'snakemake starter --configfile "
+            "config/starter.yaml', reinstall rbflow, or give a model (--model)"
         )
     return path
 

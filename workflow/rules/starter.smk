@@ -1,4 +1,4 @@
-# The starter model shipped with rbflow: `snakemake --configfile config/starter.yaml starter` trains
+# The starter model shipped with rbflow: `snakemake starter --configfile config/starter.yaml` trains
 # the run's one telescope (config/telescopes/starter.yaml) and installs the model, with its provenance,
 # in the package (src/rbflow/models/starter/ of this checkout, whatever the working directory). The
 # input functions are in common.smk.
