@@ -41,7 +41,9 @@ def render(shape, xs, ys, fluxes, fwhm):
 def distortion(x, y, shape, amplitude=0.15):
     """A smooth distortion no WCS holds (px): a sinusoid of ~0.7-1 cycle per frame in each axis."""
     u, v = np.asarray(x) / shape[1], np.asarray(y) / shape[0]
-    return amplitude * np.sin(2 * np.pi * (0.8 * u - 0.6 * v) + 0.4), amplitude * np.sin(2 * np.pi * (0.5 * u + 0.9 * v) + 2.0)
+    return amplitude * np.sin(2 * np.pi * (0.8 * u - 0.6 * v) + 0.4), amplitude * np.sin(
+        2 * np.pi * (0.5 * u + 0.9 * v) + 2.0
+    )
 
 
 def make_pair(

@@ -112,9 +112,7 @@ class SmoothMap:
         return (b @ self.cx).reshape(x.shape), (b @ self.cy).reshape(x.shape)
 
 
-def _solve_smooth(
-    b: np.ndarray, r: np.ndarray, w: np.ndarray, pen: np.ndarray, lam: float
-) -> np.ndarray:
+def _solve_smooth(b: np.ndarray, r: np.ndarray, w: np.ndarray, pen: np.ndarray, lam: float) -> np.ndarray:
     """Weighted, penalised least squares of ``b c = r`` (``r`` of shape (n, 2)): coefficients (k, 2)."""
     bw = b * w[:, None]
     normal = b.T @ bw
