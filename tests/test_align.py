@@ -191,7 +191,7 @@ def test_align_follows_a_distortion_the_wcs_lacks():
     shape = (512, 512)
     sci, ref, wref_true = make_pair(shape=shape, n=700, distorted=True, seed=3)
     _, _, affine_only = align(sci, ref, refine=True, smooth=False, fwhm_sci=4.0, fwhm_ref=3.0)
-    _, _, info = align(sci, ref, refine=True, fwhm_sci=4.0, fwhm_ref=3.0)
+    _, _, info = align(sci, ref, refine=True, smooth=True, fwhm_sci=4.0, fwhm_ref=3.0)
     assert affine_only["smooth"] is None and info["smooth"] is not None and info["nstars"] >= 40
     assert affine_only["rms"] > 0.08 and info["rms"] < 0.5 * affine_only["rms"]
     # the fitted map agrees with the true one (WCS plus distortion) to 0.05 px inside the frame
@@ -204,5 +204,5 @@ def test_align_follows_a_distortion_the_wcs_lacks():
     assert np.allclose(fx, rx + dx, atol=0.05) and np.allclose(fy, ry + dy, atol=0.05)
     # and a pair without distortion keeps the affine alone
     sci, ref, _ = make_pair(shape=shape, n=700, seed=3)
-    _, _, info = align(sci, ref, refine=True, fwhm_sci=4.0, fwhm_ref=3.0)
+    _, _, info = align(sci, ref, refine=True, smooth=True, fwhm_sci=4.0, fwhm_ref=3.0)
     assert info["smooth"] is None and info["cv"]["rms_affine"] < 0.05

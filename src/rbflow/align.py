@@ -390,7 +390,7 @@ def align(
     ref: Image,
     *,
     refine: bool,
-    smooth: bool = True,
+    smooth: bool = False,
     saturation_sci: float = np.inf,
     saturation_ref: float = np.inf,
     fwhm_sci: float | None = None,

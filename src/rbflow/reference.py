@@ -101,7 +101,7 @@ def stack_reference(
     combine: str = "mean",
     clip: float | None = 5.0,
     refine: bool = True,
-    smooth: bool = True,
+    smooth: bool = False,
     scale: bool = True,
 ) -> dict[str, Any]:
     """Align, background-match, scale and combine frames of one epoch into a reference frame.

@@ -490,7 +490,7 @@ def prepare_pair(
         sci,
         ref,
         refine=bool(cfg.get("refine_astrometry", True)),
-        smooth=bool(cfg.get("smooth_astrometry", True)),
+        smooth=bool(cfg.get("smooth_astrometry", False)),
         saturation_sci=info_sci.saturation,
         saturation_ref=info_ref.saturation,
         fwhm_sci=fwhm_s,
