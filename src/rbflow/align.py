@@ -58,9 +58,12 @@ def _affine_apply(aff: np.ndarray | None, x: np.ndarray, y: np.ndarray) -> tuple
     return aff[0, 0] * x + aff[0, 1] * y + aff[0, 2], aff[1, 0] * x + aff[1, 1] * y + aff[1, 2]
 
 
-def _knots(lo: float, hi: float, intervals: int) -> np.ndarray:
-    """Knot vector of a clamped cubic B-spline with ``intervals`` equal intervals on [lo, hi]."""
-    return np.r_[[lo] * 3, np.linspace(lo, hi, intervals + 1), [hi] * 3]
+def _knots(shape: tuple[int, int], intervals: int) -> tuple[np.ndarray, np.ndarray]:
+    """Knot vectors (x, y) of clamped cubic B-splines with ``intervals`` equal intervals over a frame."""
+    ny, nx = shape
+    tx = np.r_[[0.0] * 3, np.linspace(0.0, nx - 1.0, intervals + 1), [nx - 1.0] * 3]
+    ty = np.r_[[0.0] * 3, np.linspace(0.0, ny - 1.0, intervals + 1), [ny - 1.0] * 3]
+    return tx, ty
 
 
 def _basis(t: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -172,19 +175,18 @@ def fit_smooth(
     """
     w_all = 1.0 / np.asarray(sigma, float) ** 2
     use = np.ones(len(p), bool)
-    ny, nx = shape
     for _ in range(3):
         pu, ru, w = p[use], r[use], w_all[use]
         base = float(np.average((ru**2).sum(axis=1), weights=w))
         cv = {"rms_affine": math.sqrt(base), "rms_smooth": float("nan"), "intervals": 0}
-        best = _cross_validate(pu, ru, w, (ny, nx), folds, lam)
+        best = _cross_validate(pu, ru, w, shape, folds, lam)
         if best is None:
             return None, np.ones(len(p), bool), cv
         cv["rms_smooth"] = math.sqrt(best[0])
         if best[0] > (1.0 - min_gain) * base:
             return None, np.ones(len(p), bool), cv
         m = best[1]
-        tx, ty = _knots(0.0, nx - 1.0, m), _knots(0.0, ny - 1.0, m)
+        tx, ty = _knots(shape, m)
         c = _solve_smooth(_tensor(tx, ty, pu[:, 0], pu[:, 1]), ru, w, _penalty(m + 3), lam)
         chi = np.hypot(*(r - _tensor(tx, ty, p[:, 0], p[:, 1]) @ c).T) * np.sqrt(w_all)
         new = chi < 5 * 1.4826 * np.median(chi[use])
@@ -199,14 +201,12 @@ def _cross_validate(
     p: np.ndarray, r: np.ndarray, w: np.ndarray, shape: tuple[int, int], folds: int, lam: float
 ) -> tuple[float, int] | None:
     """The knot intervals with the least cross-validated weighted mean square, and that mean square."""
-    ny, nx = shape
     fold = np.arange(len(p)) % folds
     best: tuple[float, int] | None = None
     for m in (1, 2, 3, 4, 6, 8):
         if len(p) < 2 * (m + 3) ** 2:
             break
-        tx, ty = _knots(0.0, nx - 1.0, m), _knots(0.0, ny - 1.0, m)
-        b = _tensor(tx, ty, p[:, 0], p[:, 1])
+        b = _tensor(*_knots(shape, m), p[:, 0], p[:, 1])
         pen = _penalty(m + 3)
         sq = 0.0
         for f in range(folds):

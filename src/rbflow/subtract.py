@@ -756,7 +756,7 @@ def _map_card(ainfo: dict[str, Any]) -> str:
         return "wcs"
     if ainfo["smooth"] is not None:
         return f"spline {ainfo['smooth'].intervals}x{ainfo['smooth'].intervals}"
-    return "affine" if ainfo["nstars"] >= 8 else "shift"
+    return "shift" if np.array_equal(ainfo["affine"][:, :2], np.eye(2)) else "affine"
 
 
 def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -> fits.HDUList:
