@@ -198,6 +198,23 @@ def test_star_density_multiplies_the_star_count():
     assert n[1] / n[0] == pytest.approx(3.0, rel=5 * math.sqrt(1 / n[0] + 1 / n[1]))
 
 
+def test_field_star_density_scales_each_fields_stars_and_leaves_the_others():
+    def stars(tel, field):
+        return np.sum(sky.field_scene(tel, field, seed=SEED).objects["kind"] == "star")
+
+    plain, sparse = small(), small(field_star_density=[1.0, 0.1])
+    assert stars(sparse, "fld00") == stars(plain, "fld00")
+    n = stars(plain, "fld01"), stars(sparse, "fld01")
+    assert n[1] / n[0] == pytest.approx(0.1, rel=5 * math.sqrt(1 / n[0] + 1 / max(n[1], 1)))
+    # on top of a randomised draw
+    fixed = {"star_density": [2.0, 2.0], "sampling": [3.0, 3.0]}
+    drawn, both = small(randomise=fixed), small(randomise=fixed, field_star_density=[0.5])
+    assert stars(both, "fld00") == pytest.approx(
+        stars(small(randomise=dict(fixed, star_density=[1.0, 1.0])), "fld00"), rel=0.2
+    )
+    assert stars(both, "fld00") < stars(drawn, "fld00")
+
+
 def test_nuclear_transients_sit_on_their_hosts_core_and_hosts_are_bright():
     tel = small(fields=1, epochs=2, size=[512, 512], transients=400, transient_nuclear_fraction=0.5)
     obj = sky.field_scene(tel, "fld00", seed=SEED).objects

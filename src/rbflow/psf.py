@@ -312,7 +312,9 @@ class PSFModel:
     grid : tuple of int
         ``(nx_grid, ny_grid)``: cells along x and y (equal slices of the frame).
     n_stars : sequence of int
-        Stars that made each cell's ePSF.
+        PSF stars in each cell's own area (``cell`` and ``neighbours``: the local constraint of
+        the frame-wide polynomial, a ``neighbours`` cell having fewer than ``psf.min_stars``), or
+        that made a ``frame`` or ``moffat`` cell's ePSF (the frame's).
     sources : sequence of str
         How each cell's ePSF was obtained (one of :data:`FALLBACKS`).
     name : str, optional
@@ -1110,7 +1112,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
                 source = "cell" if counts[c] >= min_stars else "neighbours"
                 at = _poly_terms(np.array([xc[ix]]), np.array([yc[iy]]), (ny, nx), degree)[0]
                 epsf = np.tensordot(at, coef, axes=1)
-                n_used.append(int(counts[c] if source == "cell" else counts[near].sum()))
+                n_used.append(int(counts[c]))  # own stars: a 'neighbours' cell has fewer than min_stars
             else:
                 source = "frame"
                 if frame_epsf is None:

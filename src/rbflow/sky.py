@@ -194,8 +194,9 @@ def field_randomisation(telescope: dict[str, Any], field: str, *, seed: int) -> 
         (mag), ``sky_offset`` (mag/arcsec^2), ``read_noise`` (e-), ``moffat_beta``,
         ``psf_variation``, ``psf_ellipticity``, ``psf_halo_fraction``, ``psf_coma``, ``psf_ripple``
         (as the sky keys), ``wcs_error``, ``distortion_residual`` (pixels), ``star_density`` and
-        ``artefact_scale`` (factors). With randomisation off: the telescope's pixel scale and read
-        noise, the sky block's values, factors 1 and offsets 0.
+        ``artefact_scale`` (factors; ``star_density`` times the field's ``sky.field_star_density``).
+        With randomisation off: the telescope's pixel scale and read noise, the sky block's values,
+        factors 1 (but that one) and offsets 0.
 
     Raises
     ------
@@ -239,6 +240,9 @@ def field_randomisation(telescope: dict[str, Any], field: str, *, seed: int) -> 
             else:
                 out[key] = float(g.uniform(lo, hi))
         out["pixel_scale"] = 0.5 * (sky["seeing"][0] + sky["seeing"][1]) / out.pop("sampling")
+    density = sky.get("field_star_density", [])
+    if density:
+        out["star_density"] *= float(density[_field_spec(telescope, field)[0] % len(density)])
     out["read_noise"] = float(out["read_noise"])
     return out
 
