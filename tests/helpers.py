@@ -97,6 +97,8 @@ class CountedPSF(GaussPSF):
         super().__init__(fwhm)
         self.n_stars = np.asarray(n_stars)
         self.sources = sources or ["cell"] * self.n_stars.size
+        side = int(round(self.n_stars.size**0.5))
+        self.grid = (side, side)
 
 
 def tan_wcs(shape, shift=(0.0, 0.0)) -> WCS:

@@ -22,8 +22,10 @@ seeds 3, 5, 7 and 11 (24 pairs, 146 stars, as one seed's 29 cannot resolve a 5 %
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +74,24 @@ def run_seed(tel: dict, root: Path, seed: int) -> tuple[list[str], list[tuple[st
 
 
 @pytest.fixture(scope="module")
-def realpsf_run(tmp_path_factory):
-    """All frames of seed :data:`SEED` with their PSF models, and every pair subtracted by 'auto'."""
+def seed_runs(tmp_path_factory):
+    """``{seed: (root, frames, pairs)}`` of :func:`run_seed` for :data:`SEED` and :data:`MORE_SEEDS`.
+
+    The seeds run two at a time in fresh interpreters (spawn: nothing of this process's threads
+    is inherited), as CI has two cores and each run is single-threaded.
+    """
     tel = load_telescope(REALPSF)
-    root = tmp_path_factory.mktemp("realpsf")
-    frames, pairs = run_seed(tel, root, SEED)
-    return tel, root, frames, pairs
+    roots = {seed: tmp_path_factory.mktemp(f"realpsf{seed}") for seed in (SEED, *MORE_SEEDS)}
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = {seed: pool.submit(run_seed, tel, root, seed) for seed, root in roots.items()}
+        return {seed: (roots[seed], *run.result()) for seed, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def realpsf_run(seed_runs):
+    """All frames of seed :data:`SEED` with their PSF models, and every pair subtracted by 'auto'."""
+    root, frames, pairs = seed_runs[SEED]
+    return load_telescope(REALPSF), root, frames, pairs
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +182,11 @@ def test_differences_meet_the_noise_target(realpsf_run):
 
 
 @pytest.fixture(scope="module")
-def bright_counts(realpsf_run, tmp_path_factory):
+def bright_counts(seed_runs):
     """``{seed: (stars > 100 sigma, of them with a >= 5 sigma residual)}`` over each seed's 6 pairs,
     for :data:`SEED` and :data:`MORE_SEEDS`."""
-    tel, _, _, pairs = realpsf_run
-    runs = {SEED: pairs}
-    for seed in MORE_SEEDS:
-        runs[seed] = run_seed(tel, tmp_path_factory.mktemp(f"realpsf{seed}"), seed)[1]
     counts = {}
-    for seed, seed_pairs in runs.items():
+    for seed, (_, _, seed_pairs) in seed_runs.items():
         quality = [file_quality(out) for _, _, out in seed_pairs]
         counts[seed] = (sum(q["bright_n"] for q in quality), sum(q["bright_hit"] for q in quality))
     return counts

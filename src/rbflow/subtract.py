@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -580,6 +581,21 @@ def _zogy_difference(
     return Difference(D, V, SC, psfd, centres, cards)
 
 
+def _neighbourhood_counts(n_stars: np.ndarray, sources: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
+    """Each PSF cell's own stars, but for a ``neighbours`` cell those of the 3 x 3 cells around it.
+
+    ``n_stars`` in cell order ``iy * nx + ix`` (:class:`rbflow.psf.PSFModel`), ``grid`` ``(nx, ny)``.
+    """
+    nx, ny = grid
+    own = n_stars.reshape(ny, nx)
+    out = n_stars.copy()
+    for c, source in enumerate(sources):
+        if source == "neighbours":
+            iy, ix = divmod(c, nx)
+            out[c] = own[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2].sum()
+    return out
+
+
 def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tuple[str, str]:
     """The method 'auto' runs for a pair, from the quality of its PSF models, and why.
 
@@ -587,11 +603,14 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
     from few stars is wrong by a few per cent in the core, which leaves a ring of >5 sigma
     residuals at every bright star. sfft fits the matching kernel on the data and does not need
     the models to be right. So 'auto' takes zogy when both models are well constrained: the
-    median over their cells of each cell's own PSF stars is at least ``cfg['auto_min_stars']``
-    and no cell fell back to a frame-wide or analytic PSF; else sfft. Own stars, not those a
-    ``neighbours`` cell borrows: on the demo's sparse field (``sky.field_star_density``) every
-    epoch cell borrowed (own medians 3, borrowed ones >= 8), and zogy left >= 5 sigma residuals
-    at 21 of the 22 stars > 100 sigma (noise ratio 1.17-1.42) where sfft left 1 (1.00).
+    median over their cells of each cell's PSF stars is at least ``cfg['auto_min_stars']`` and
+    no cell fell back to a frame-wide or analytic PSF; else sfft. A cell's stars are its own
+    (``cfg['auto_star_count']`` 'own') or, for a ``neighbours`` cell, those of the 3 x 3 cells
+    around it that it borrows ('neighbourhood', the default). On the demo's sparse field
+    (``sky.field_star_density``; its first epoch against the reference, static sky) every epoch
+    cell borrowed (own medians 3 and 8, borrowed counts >= 8): 'neighbourhood' took zogy, which
+    left >= 5 sigma residuals at 12 of the 12 stars > 100 sigma (noise ratio 1.46), 'own' sfft
+    (2 of 12, 1.00).
     A PSF without star counts (an analytic or known PSF, no ``n_stars`` attribute) counts as exact.
 
     Parameters
@@ -600,7 +619,8 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
         PSF models of the pair (:class:`rbflow.psf.PSFModel` carries ``n_stars`` and ``sources``
         per cell).
     cfg : dict
-        The telescope's ``subtract`` block (``auto_min_stars``, default 8).
+        The telescope's ``subtract`` block (``auto_min_stars``, default 8; ``auto_star_count``,
+        default 'neighbourhood').
 
     Returns
     -------
@@ -608,9 +628,12 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
         ``('zogy' | 'sfft', reason)``, the reason short enough for a FITS card (<= 68 characters).
     """
     need = int(cfg.get("auto_min_stars", 8))
+    own = cfg.get("auto_star_count", "neighbourhood") == "own"
     counts, weak = [], []
     for psf in (psf_sci, psf_ref):
         n_stars = getattr(psf, "n_stars", None)
+        if n_stars is not None and not own and "neighbours" in getattr(psf, "sources", ()):
+            n_stars = _neighbourhood_counts(np.asarray(n_stars), psf.sources, psf.grid)
         counts.append(None if n_stars is None else float(np.median(np.asarray(n_stars))))
         weak.extend(str(s) for s in getattr(psf, "sources", ()) if str(s) in _WEAK_PSF_SOURCES)
     if counts == [None, None]:

@@ -1,17 +1,17 @@
 """Determinism: the same config and seed give byte-identical outputs, model weights included (CPU).
 
-The workflow test runs the tiny telescope a second time in a fresh working directory and compares
-the SHA-256 of every file under ``results/`` and ``resources/`` with the shared run ``tiny_run``
-(tests/conftest.py); ``reliability_runs.EXCLUDED`` lists what is left out and why (nothing under
-those folders at present; ``logs/`` and ``benchmarks/`` hold times and are not compared).
+Here the training twice, checkpoint included. The whole tiny workflow run a second time, in a fresh
+working directory, is ``tests/reliability/test_interrupt.py``: interrupted three ways and resumed,
+it must end with the SHA-256 of every file under ``results/`` and ``resources/`` equal to the shared
+run ``tiny_run`` (tests/conftest.py), the training checkpoint compared by value
+(``reliability_runs.EXCLUDED`` lists what is left out and why: nothing at present; ``logs/`` and
+``benchmarks/`` hold times and are not compared). A second uninterrupted run took 2.5 min of CI and
+showed nothing that one did not.
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
-from helpers import make_cube, make_workdir
-from reliability_runs import assert_same_outputs, output_hashes, run_tiny
+from helpers import make_cube
 
 from rbflow.train import train
 
@@ -32,16 +32,3 @@ def test_training_twice_writes_identical_bytes(tmp_path):
     ]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-
-
-@pytest.mark.workflow
-def test_two_runs_of_the_tiny_workflow_give_identical_outputs(tiny_run, tmp_path):
-    work = make_workdir(tmp_path / "work")
-    proc = run_tiny(work)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    want, got = output_hashes(tiny_run), output_hashes(work)
-    assert "results/tiny/model/model.pt" in want and len(want) > 1000
-    assert_same_outputs(got, want)
-    a = torch.load(tiny_run / "results/tiny/model/model.pt", weights_only=True)
-    b = torch.load(work / "results/tiny/model/model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
