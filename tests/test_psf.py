@@ -223,9 +223,7 @@ def test_empty_cells_borrow_from_neighbours_or_frame(caplog):
     assert all(model.sources[k] in ("neighbours", "frame") for k in (2, 5, 8))
     # a borrowing cell records its own stars, not those it borrows: subtract's 'auto' reads the
     # median of these counts as how well the model is constrained
-    assert [model.n_stars[k] for k in (2, 5, 8) if model.sources[k] == "neighbours"] == [0] * sum(
-        model.sources[k] == "neighbours" for k in (2, 5, 8)
-    )
+    assert all(model.n_stars[k] == 0 for k in (2, 5, 8) if model.sources[k] == "neighbours")
     assert model.n_stars[0] >= CFG["min_stars"]
     assert "fallback" in caplog.text
 
