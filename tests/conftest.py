@@ -45,17 +45,28 @@ def tiny_run(tmp_path_factory) -> Path:
 # start first, so that no worker is left with one of them at the end (CI: ``-n auto`` on 2 cores).
 _SLOW_FIRST = (
     "tiny_run",
-    "tests/test_cluster.py",
+    "tests/reliability/test_interrupt.py",
     "tests/test_starter.py",
     "tests/test_workflow.py",
     "tests/test_realpsf_subtract.py",
     "tests/test_decam.py",
 )
+# Modules that run whole in the tiny_run group: some of their tests use tiny_run, and all of them a
+# machine-wide resource (the one-node SLURM cluster) that two workers must not start at once.
+_WHOLE_IN_TINY_RUN = ("tests/test_cluster.py",)
+# Modules that use tiny_run but form a group of their own: their three interrupted runs behind the
+# tiny_run group would leave the other worker idle; a worker that takes them makes its own tiny_run.
+_OWN_GROUP = ("tests/reliability/test_interrupt.py",)
 
 
 def _group(item: pytest.Item) -> str:
     """The pytest-xdist group of a test: ``tiny_run`` for the tests sharing that run, else its module."""
-    return "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::", 1)[0]
+    module = item.nodeid.split("::", 1)[0]
+    if module in _WHOLE_IN_TINY_RUN:
+        return "tiny_run"
+    if module in _OWN_GROUP:
+        return module
+    return "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else module
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
