@@ -29,7 +29,7 @@ Method
    others, or significantly more flux in the wings than in the core: galaxies), and each star
    moves to where its model's light centroid lies (the first moment within the varying nodes'
    radius), so that the next solve centres the ePSF on its light: a star's position is its
-   light's centroid, as the renderer, the injector and the alignment take it. Each stored cell
+   light's centroid, as the renderer and the injector take it. Each stored cell
    ePSF is finally resampled onto that centre (the fit leaves a few hundredths of a pixel).
    Without this an asymmetric PSF kept the windowed centroids' offset towards its peak:
    measured with a coma of 6.7 % (``tests/test_psf.py``, 28-30 stars), 5.7-8.7 % of the peak
@@ -898,7 +898,7 @@ def _model_centroids(
     n : int
         Nodes per side of the grid.
     radius : float
-        Aperture radius (nodes): the stamp's inscribed circle, whose corners the ridge pins.
+        Aperture radius (nodes): the varying nodes' radius (2.5 FWHM), the PSF's core and near wings.
 
     Returns
     -------
