@@ -605,12 +605,11 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
     the models to be right. So 'auto' takes zogy when both models are well constrained: the
     median over their cells of each cell's PSF stars is at least ``cfg['auto_min_stars']`` and
     no cell fell back to a frame-wide or analytic PSF; else sfft. A cell's stars are its own
-    (``cfg['auto_star_count']`` 'own') or, for a ``neighbours`` cell, those of the 3 x 3 cells
-    around it that it borrows ('neighbourhood', the default). On the demo's sparse field
+    (``cfg['auto_star_count']`` 'own', the default) or, for a ``neighbours`` cell, those of the
+    3 x 3 cells around it that it borrows ('neighbourhood'). On the demo's sparse field
     (``sky.field_star_density``; its first epoch against the reference, static sky) every epoch
     cell borrowed (own medians 3 and 8, borrowed counts >= 8): 'neighbourhood' took zogy, which
-    left >= 5 sigma residuals at 12 of the 12 stars > 100 sigma (noise ratio 1.46), 'own' sfft
-    (2 of 12, 1.00).
+    left >= 5 sigma residuals at 12 of the 12 stars > 100 sigma, 'own' sfft (2 of 12).
     A PSF without star counts (an analytic or known PSF, no ``n_stars`` attribute) counts as exact.
 
     Parameters
@@ -620,7 +619,7 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
         per cell).
     cfg : dict
         The telescope's ``subtract`` block (``auto_min_stars``, default 8; ``auto_star_count``,
-        default 'neighbourhood').
+        default 'own').
 
     Returns
     -------
@@ -628,7 +627,7 @@ def auto_method(psf_sci: PSFLike, psf_ref: PSFLike, cfg: dict[str, Any]) -> tupl
         ``('zogy' | 'sfft', reason)``, the reason short enough for a FITS card (<= 68 characters).
     """
     need = int(cfg.get("auto_min_stars", 8))
-    own = cfg.get("auto_star_count", "neighbourhood") == "own"
+    own = cfg.get("auto_star_count", "own") == "own"
     counts, weak = [], []
     for psf in (psf_sci, psf_ref):
         n_stars = getattr(psf, "n_stars", None)
