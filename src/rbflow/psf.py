@@ -857,12 +857,17 @@ def _solve_epsf(
         ws = use / (sky_var + np.maximum(flux[:, None] * model, 0) / gain)
         flux = np.maximum((ws * model * d).sum(1) / (ws * model * model).sum(1), 1e-12)
         source = np.maximum(flux[:, None] * model, 0)
-        resid = (d - flux[:, None] * model) * np.sqrt(ws)
-        use = base_use * (np.abs(resid) < _CLIP_SIGMA)  # from scratch: the previous model was worse
+        # Pixels are clipped from scratch (the previous model was worse), so the residuals are
+        # weighed without the previous clipping: weighed with it, a clipped pixel (weight 0) came
+        # back unclipped in the next iteration, and the clipping of cosmic rays alternated.
+        base_ws = base_use / (sky_var + source / gain)
+        resid = (d - flux[:, None] * model) * np.sqrt(base_ws)
+        use = base_use * (np.abs(resid) < _CLIP_SIGMA)
         chi2 = (resid**2 * (use > 0)).sum(1) / np.maximum((use > 0).sum(1), 1)
         med = np.median(chi2[keep_star])
         mad = np.median(np.abs(chi2[keep_star] - med)) * 1.4826
-        bad = (chi2 > med + 5 * max(mad, 0.1 * med)) | _extended_stars(d, model, ws)
+        # extension is judged on the unclipped pixels: a cosmic ray in the wings is not extended light
+        bad = (chi2 > med + 5 * max(mad, 0.1 * med)) | _extended_stars(d, model, base_ws * (use > 0))
         if np.count_nonzero(keep_star & ~bad) >= max(n_terms, keep_star.sum() // 2):
             if np.any(keep_star & bad):
                 log.debug("frame '%s': %d PSF stars rejected as outliers", name, np.count_nonzero(keep_star & bad))
