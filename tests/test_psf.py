@@ -321,13 +321,14 @@ def test_demo_sky_residual_below_3_percent_of_peak_at_centre_and_corners(demo_sk
 
     model, cond = demo_sky
     assert model.sources.count("cell") >= 5
-    assert cond.coma > 0
+    assert cond.coma > 0 and cond.halo_fraction > 0
     for x, y in ((255.8, 255.3), (85.3, 84.8), (426.3, 84.8), (85.3, 426.8), (426.3, 426.8)):
-        # The truth is drawn exactly as rbflow.sky draws the stars (pixel-integrated core and coma).
+        # The truth is drawn exactly as rbflow.sky draws the stars (pixel-integrated core, coma, halo).
         ref = psf_stamp(cond, x, y, half=12)
         ref /= ref.sum()
-        # 3 %: design goal (ZOGY needs it). Measured 0.8-2.6 % here, seeds 1-3 0.6-2.6 % (without the
-        # coma 0.7-1.8 %; with it, before the ePSF was centred on its light, 3.5-6.2 %); ~100 stars leave ~1 %
+        # 3 %: design goal (ZOGY needs it). Measured 1.2-2.2 % here, seeds 1-3 1.2-2.5 % with the coma and
+        # the halo (the coma alone 0.6-2.6 %, neither 0.7-1.8 %; the coma before the ePSF was centred on
+        # its light 3.5-6.2 %); ~100 stars leave ~1 %
         # noise per node, and a 1.7 px FWHM sampled at oversampling 2 cannot be represented
         # better than ~1-2.5 % (cubic-convolution resampling of the nodes).
         assert np.abs(model.stamp(x, y, 25) - ref).max() < 0.03 * ref.max(), (x, y)
@@ -357,7 +358,9 @@ def test_psf_of_a_demo_frame_with_many_cosmic_rays_and_hot_pixels(_demo_telescop
     # a science frame with 25x the demo's cosmic rays and 17x its hot pixels (~500 spikes in
     # 512^2 px): the star finder's sharpness cut keeps nearly all of them out of the PSF stars
     # (without a cut the FWHM came out 55-75 % too small) and the solve rejects the few left, so
-    # the model FWHM stays within the 3 % design goal at the centre
+    # the model FWHM stays within the 3 % design goal at the centre. With the demo's halo: measured
+    # 0.4 % (seeds 3, 4: 1.9, 0.2 %); 23 % small when a clipped pixel came back in the next iteration
+    # and cosmic rays in the wings counted as extended light (the rejection dropped 37 of 57 stars)
     import copy
 
     from rbflow.frames import frame_info
