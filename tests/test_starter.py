@@ -180,14 +180,25 @@ def test_starter_ood_quantiles_count_against_its_validation_frames(regenerated):
     val = cubes["val"]
     scores = reference.score(network_features(model, val["X"]))
     # float32 features: a distance d = sqrt(2 - 2 cos) near 0.05 moves by ~1e-7 / d ~ 2e-6 when the
-    # thread count reorders a dot product's sums (measured up to 2.1e-6)
-    assert_allclose(reference.heldout_scores, np.sort(scores), atol=1e-5, rtol=0)
+    # thread count or torch's SIMD kernels reorder a dot product's sums (measured up to 2.1e-6; AVX2
+    # against AVX-512 kernels on the same stamps 1.9e-6). Frames regenerated on a CPU with another SIMD
+    # set than the training machine's differ by rounding (numpy's and OpenBLAS's kernels are chosen by
+    # the CPU), which the PSF fit and the subtraction carry into a few stamps: measured on an AVX-512
+    # machine against the starter of 3e167ef (trained on an AVX2 machine), 19 of the 2,750 sorted scores
+    # beyond 1e-5, at most 5.1e-5, and the frames' spread 2.6e-6 off; on the same machine with numpy and
+    # OpenBLAS held to AVX2 (NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL", OPENBLAS_CORETYPE=Haswell)
+    # every score within 2.8e-6 and the spread 2e-7. Other stamps move nearly every score by more: the
+    # validation frames without one of them 99.8-100 % beyond 1e-5 (median 2e-3 to 9e-3), the test
+    # frames' stamps 99.9 % (the scores run from 0.05 to 0.33)
+    off = np.abs(reference.heldout_scores - np.sort(scores))
+    assert (off > 1e-5).mean() < 0.02 and off.max() < 5e-4, (int((off > 1e-5).sum()), off.max())
     again = reference.calibrate(scores, val["frame"].astype(str))
-    assert again.frame_spread == pytest.approx(reference.frame_spread, abs=1e-6)
+    assert again.frame_spread == pytest.approx(reference.frame_spread, abs=2e-5)
     test = cubes["test"]
     q = reference.quantile(reference.score(network_features(model, test["X"])))
-    # measured: the 5 test frames as one set mean quantile 0.38, z -0.94; frame by frame z -1.64 to 0.82
-    # (the validation frames' means spread by 0.125: each frame is another randomised camera)
+    # measured (the starter of 3e167ef): the 5 test frames as one set mean quantile 0.49, z -0.14; frame by
+    # frame z -1.43 to 0.66 (the validation frames' means spread by 0.11: each frame is another randomised
+    # camera)
     assert abs(reference.batch_shift(q)[1]) < 3
     for frame in np.unique(test["frame"]):
         assert abs(reference.batch_shift(q[test["frame"] == frame])[1]) < 3, frame
