@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from filelock import FileLock
 from scipy.special import erf
 
 from rbflow.crossmatch import label_cutouts
@@ -410,6 +412,10 @@ def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
     return path
 
 
+#: The lock file held around apt-get, by :func:`chromium_binary` and ``tests/cluster/slurm.sh`` alike.
+APT_LOCK = os.environ.get("RBFLOW_APT_LOCK", os.path.join(tempfile.gettempdir(), "rbflow-apt.lock"))
+
+
 def chromium_binary() -> str:
     """Path of the chromium binary, installed with apt when missing and running as root."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -422,10 +428,13 @@ def chromium_binary() -> str:
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:  # stale package lists: refresh them once
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600)
+    # one apt at a time: the cluster test's tests/cluster/slurm.sh may be installing SLURM in another
+    # test worker (pytest-xdist); both take this lock file with flock(2)
+    with FileLock(APT_LOCK):
         proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:  # stale package lists: refresh them once
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600)
+            proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
     found = shutil.which("chromium")
     if proc.returncode != 0 or found is None:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]

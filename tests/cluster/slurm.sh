@@ -16,6 +16,7 @@
 #                        polls a failing `sacct` forever (known trap).
 #   SLURM_CLUSTER (ci), SLURM_PARTITION (debug), SLURM_DB_PASS (local MariaDB user password)
 #   SLURM_STATE_DIR (/run/rbflow-slurm): where this script records the daemons it started
+#   RBFLOW_APT_LOCK (${TMPDIR:-/tmp}/rbflow-apt.lock): the lock file held around apt-get
 #
 # Exit status: 0 ready; 1 error (message names the log to read); 2 not root / not Debian /
 # apt cannot install the packages (callers skip instead of failing).
@@ -27,6 +28,7 @@ CLUSTER=${SLURM_CLUSTER:-ci}
 PARTITION=${SLURM_PARTITION:-debug}
 DB_PASS=${SLURM_DB_PASS:-slurmdbpass}
 STATE=${SLURM_STATE_DIR:-/run/rbflow-slurm}
+APT_LOCK=${RBFLOW_APT_LOCK:-${TMPDIR:-/tmp}/rbflow-apt.lock}
 CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 LOG_DIR=/var/log/slurm
@@ -106,7 +108,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   # --no-install-recommends: slurm-wlm would pull ~35 plugin/-dev packages a CI cluster needs not.
   # Without systemd, postinst scripts cannot start the services: harmless, we start them below.
   apt_log=$(mktemp)
-  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1; then
+  # the test workers run in parallel (pytest-xdist) and the report test installs chromium: one apt at a
+  # time, through the lock file that tests/helpers.py's chromium_binary takes too (flock(2) both)
+  if ! flock "$APT_LOCK" sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@"' sh "${missing[@]}" >"$apt_log" 2>&1; then
     tail -n 20 "$apt_log" >&2
     unsupported "apt-get cannot install ${missing[*]} (output above)"
   fi
