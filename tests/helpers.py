@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -412,8 +411,10 @@ def make_cube(path: Path, n: int, *, seed: int, n_frames: int = 10) -> Path:
     return path
 
 
-#: The lock file held around apt-get, by :func:`chromium_binary` and ``tests/cluster/slurm.sh`` alike.
-APT_LOCK = os.environ.get("RBFLOW_APT_LOCK", os.path.join(tempfile.gettempdir(), "rbflow-apt.lock"))
+#: The lock file held around apt-get, by :func:`chromium_binary` and ``tests/cluster/slurm.sh`` alike:
+#: the same rule as the script's ``${RBFLOW_APT_LOCK:-${TMPDIR:-/tmp}/rbflow-apt.lock}`` (tempfile's
+#: also reads TEMP and TMP, which would name another file, and then nothing would be locked).
+APT_LOCK = os.environ.get("RBFLOW_APT_LOCK") or os.path.join(os.environ.get("TMPDIR") or "/tmp", "rbflow-apt.lock")
 
 
 def chromium_binary() -> str:
