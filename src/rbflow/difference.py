@@ -75,7 +75,11 @@ class PreparedPair:
 @dataclass
 class Difference:
     """What a subtraction method returns: D (science flux units), its variance, the raw score map
-    (S/N, normalised afterwards), the PSF of D per tile with the tile centres, and header cards."""
+    (S/N, normalised afterwards), the PSF of D per tile with the tile centres, and header cards.
+
+    ``sc_divisor``, when given, divides the score map after its empty-sky normalisation: a term
+    of the score's error that the empty sky does not show (ZOGY's PSF-model error, which faint
+    stars there would otherwise pull into the normalisation)."""
 
     D: np.ndarray
     V: np.ndarray
@@ -83,6 +87,7 @@ class Difference:
     psfd: list[np.ndarray]
     centres: list[tuple[int, int]]
     cards: list[tuple[str, Any, str]]
+    sc_divisor: np.ndarray | None = None
 
 
 #: A subtraction method: ``(pair, psf_sci, psf_ref, cfg, *, threads) -> Difference``.

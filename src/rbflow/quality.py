@@ -79,12 +79,17 @@ def blobs(diff: np.ndarray) -> tuple[int, int]:
         return int(ndimage.label(core > BLOB_SIGMA)[1]), int(ndimage.label(core < -BLOB_SIGMA)[1])
 
 
-def bright_stars(sci: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+def bright_stars(sci: np.ndarray, fwhm: float, *, sigma: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Peaks of ``sci`` (:data:`BORDER` cut) whose aperture flux (radius 1 FWHM, px) exceeds
-    :data:`BRIGHT_SNR` times the background noise in the aperture; returns (x, y) in pixels."""
+    :data:`BRIGHT_SNR` times the background noise in the aperture; returns (x, y) in pixels.
+
+    ``sigma`` is the background noise per pixel (default: the robust std of ``sci``): give the
+    science frame's to select, on the reference scaled to science flux units, the static stars
+    that are bright in the science frame.
+    """
     from scipy import ndimage
 
-    sigma = robust_std(sci)
+    sigma = robust_std(sci) if sigma is None else float(sigma)
     work = np.where(np.isfinite(sci), sci, 0.0)
     sm = ndimage.gaussian_filter(work, fwhm / 2.3548)
     peaks = (sm == ndimage.maximum_filter(sm, size=int(2 * fwhm) | 1)) & (sm > 5 * sigma / fwhm)

@@ -40,6 +40,7 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.psf import PSFModel
+from rbflow.quality import bright_stars
 from rbflow.stars import grow_mask
 
 __all__ = [
@@ -64,6 +65,8 @@ METHODS = ("auto", "zogy", "sfft")
 _WEAK_PSF_SOURCES = ("frame", "moffat", "analytic")
 #: Mesh (px) of the background fitted to S and D after the subtraction (see :func:`subtract_images`).
 _RESID_BOX = 32
+#: Fewest bright static stars on which ``subtract.psf_error: auto`` measures the PSF-model error.
+_PSF_ERROR_MIN_STARS = 5
 #: Size of the grid of the squared ZOGY kernels, in PSF stamp sizes (see :func:`zogy_kernels`).
 _KERNEL_GRID = 4
 
@@ -210,11 +213,20 @@ def zogy_apply(
     dy: float = 0.0,
     core: tuple[slice, slice] | None = None,
     workers: int = 1,
+    envelope: int = 0,
 ) -> dict[str, np.ndarray]:
     """Apply precomputed ZOGY kernels to one (tile of an) image pair; see :func:`zogy`.
 
     Returns ``D``, ``var_D``, ``S`` and ``Scorr`` (float32; D and var_D may be views) on ``core``
-    (default: the whole input).
+    (default: the whole input). With ``envelope`` (px, odd, > 0) also ``Q``, the static term of
+    the PSF-model error: the flux common to both images in S's matched filter,
+    min(s_n, s_r) (negative values as 0), its largest value within a box of ``envelope`` px
+    (a wrong PSF leaves its residual over the star's footprint, not only at its peak), squared
+    over var(S). A static star of PSF-model error eps (a fraction of its matched-filter flux)
+    leaves |S_corr| ~ eps sqrt(Q); a source in one image only has Q ~ 0 (a transient's own flux
+    is not penalised, its host's is). :func:`subtract_images` divides S_corr by
+    sqrt(1 + eps² Q) (``subtract.psf_error``), as ZOGY's astrometric term adds the variance
+    that a registration error leaves at every source.
     """
     from scipy import fft as spfft
 
@@ -248,8 +260,15 @@ def zogy_apply(
         v_d = np.broadcast_to(np.float32(sn**2 * k.sq[2][0, 0].real + sr**2 * k.sq[3][0, 0].real), D.shape).copy()
     if dx > 0 or dy > 0:
         v_s = v_s + astrometric_variance(s_n, dx, dy, core=core) + astrometric_variance(s_r, dx, dy, core=core)
-    scorr = S / np.sqrt(np.maximum(v_s, np.finfo(np.float32).tiny))
-    return {"D": D, "var_D": v_d, "S": S, "Scorr": scorr}
+    v_s = np.maximum(v_s, np.finfo(np.float32).tiny)
+    scorr = S / np.sqrt(v_s)
+    out = {"D": D, "var_D": v_d, "S": S, "Scorr": scorr}
+    if envelope:
+        from scipy import ndimage
+
+        static = np.minimum(np.maximum(s_n, 0), np.maximum(s_r, 0))
+        out["Q"] = ndimage.maximum_filter(static, size=envelope)[core] ** 2 / v_s
+    return out
 
 
 def zogy(
@@ -389,11 +408,12 @@ def _tile_zogy(
     fr: float,
     dx: float,
     dy: float,
+    envelope: int,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """ZOGY on one tile window of the padded N, R, var_n, var_r; results on the core, and P_D."""
     n, r, vn, vr = (p[win] for p in planes)
     k = zogy_kernels(pn, pr, sn, sr, fr, 1.0, _fft_shape(n.shape), workers=1)
-    return zogy_apply(k, n, r, sn, sr, var_n=vn, var_r=vr, dx=dx, dy=dy, core=core, workers=1), k.pd
+    return zogy_apply(k, n, r, sn, sr, var_n=vn, var_r=vr, dx=dx, dy=dy, core=core, workers=1, envelope=envelope), k.pd
 
 
 def _zogy_tiled(
@@ -414,7 +434,8 @@ def _zogy_tiled(
     tile: int,
     margin: int,
     threads: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
+    envelope: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
     """ZOGY on overlapping tiles (PSFs of each tile's centre) blended with interpolation weights.
 
     Tiles run on ``threads`` threads. Returns D, var_D, S_corr, the P_D of every tile and
@@ -430,19 +451,22 @@ def _zogy_tiled(
             pr = ref_psf_on_sci_grid(psf_ref, to_ref, tx, ty, size)
             win = (slice(y0, y1 + 2 * margin), slice(x0, x1 + 2 * margin))
             core = (slice(margin, margin + y1 - y0), slice(margin, margin + x1 - x0))
-            jobs.append((planes, pn, pr, win, core, sn, sr, fr, dx, dy))
+            jobs.append((planes, pn, pr, win, core, sn, sr, fr, dx, dy, envelope))
             places.append(((slice(y0, y1), slice(x0, x1)), wy[:, None] * wx[None, :], (tx, ty)))
     D = np.zeros((ny, nx), np.float32)
     V = np.zeros_like(D)
     SC = np.zeros_like(D)
+    Q = np.zeros_like(D)
     psfd = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for (res, pd), (out, w, _) in zip(pool.map(lambda job: _tile_zogy(*job), jobs), places):
             D[out] += w * res["D"]
             V[out] += w * res["var_D"]
             SC[out] += w * res["Scorr"]
+            if envelope:
+                Q[out] += w * res["Q"]
             psfd.append(pd)
-    return D, V, SC, psfd, [c for *_, c in places]
+    return D, V, SC, Q, psfd, [c for *_, c in places]
 
 
 def _robust_std(v: np.ndarray) -> float:
@@ -554,7 +578,10 @@ def _zogy_difference(
     """ZOGY on overlapping tiles (the ``zogy`` method), the tiles on ``threads`` threads."""
     margin = max(int(cfg.get("overlap", 32)), pp.size)
     tile = int(cfg.get("tile", 512))
-    D, V, SC, psfd, centres = _zogy_tiled(
+    psf_error = cfg.get("psf_error", 0.0)
+    # the PSF-model error term's envelope: a box of half-width one FWHM (the rings' reach)
+    envelope = 2 * int(math.ceil(max(pp.fwhm_s, pp.fwhm_r))) + 1 if psf_error != 0 else 0
+    D, V, SC, Q, psfd, centres = _zogy_tiled(
         pp.N,
         pp.R,
         pp.var_n,
@@ -571,14 +598,53 @@ def _zogy_difference(
         tile=tile,
         margin=margin,
         threads=threads,
+        envelope=envelope,
     )
+    eps, n_eps = _psf_error(pp, SC, Q) if psf_error == "auto" else (float(psf_error), 0)
+    divisor = None
+    if eps > 0:
+        divisor = np.sqrt(1.0 + np.float32(eps**2) * Q)
+        log.info("zogy: PSF-model error %.4f in S_corr (%s)", eps, f"{n_eps} stars" if psf_error == "auto" else "set")
     cards = [
         ("METHOD", "zogy", "Zackay, Ofek & Gal-Yam 2016"),
+        ("PSFERR", eps, "PSF-model error in SCORR (subtract.psf_error)"),
+        ("NPSFERR", n_eps, "stars PSFERR was measured on (0: set)"),
         ("NTILES", len(centres), "ZOGY tiles, each with its own PSFs"),
         ("TILE", tile, "[pix] tile spacing (subtract.tile)"),
         ("OVERLAP", margin, "[pix] tile margin used"),
     ]
-    return Difference(D, V, SC, psfd, centres, cards)
+    return Difference(D, V, SC, psfd, centres, cards, sc_divisor=divisor)
+
+
+def _psf_error(pp: PreparedPair, SC: np.ndarray, Q: np.ndarray) -> tuple[float, int]:
+    """The pair's fractional PSF-model error, measured at its bright static stars (``psf_error: auto``).
+
+    At each star of the reference (science flux units, :func:`rbflow.quality.bright_stars` with
+    the science noise: aperture S/N > 100 in the science frame) with no masked pixel within 2 FWHM,
+    the largest |S_corr| there, z, at a pixel of static term Q (see :func:`zogy_apply`) gives
+    eps² = (z² - 1) / Q (0 when z < 1): the error that brings that residual to 1 sigma. The
+    pair's eps is the square root of the median over the stars, so that a star's residual
+    stays above 5 sigma only where its error is ~5 times the typical one.
+
+    Returns
+    -------
+    tuple
+        ``(eps, n)``: eps is 0 when fewer than :data:`_PSF_ERROR_MIN_STARS` stars qualify.
+    """
+    fw = pp.fwhm_s
+    xs, ys = bright_stars(np.where(pp.bad, np.nan, pp.R / pp.fr), fw, sigma=pp.sn)
+    r = int(math.ceil(2 * fw))
+    eps2 = []
+    for x, y in zip(xs.astype(int), ys.astype(int)):
+        win = (slice(max(0, y - r), y + r + 1), slice(max(0, x - r), x + r + 1))
+        if pp.bad[win].any():
+            continue
+        z = np.abs(SC[win])
+        k = np.unravel_index(np.argmax(z), z.shape)
+        eps2.append(max(0.0, float(z[k]) ** 2 - 1.0) / max(float(Q[win][k]), 1e-12))
+    if len(eps2) < _PSF_ERROR_MIN_STARS:
+        return 0.0, len(eps2)
+    return float(np.sqrt(np.median(eps2))), len(eps2)
 
 
 def _neighbourhood_counts(n_stars: np.ndarray, sources: Sequence[str], grid: tuple[int, int]) -> np.ndarray:
@@ -764,6 +830,8 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
     k_s = _robust_std(SC[empty])
     k_d = _robust_std((D / np.sqrt(V))[empty])
     SC /= k_s
+    if diff.sc_divisor is not None:
+        SC /= diff.sc_divisor
     V *= k_d**2
     log.info("SCORR robust std in empty sky %.3f (normalised), DIFF/sqrt(VAR) %.3f (VAR rescaled)", k_s, k_d)
     # pixels next to a masked area hold truncated, PSF-mismatched profiles: grow the mask by a FWHM
