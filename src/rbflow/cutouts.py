@@ -349,7 +349,7 @@ def _write_stamps(subtract_path: Path, manifest: Table, folder: Path, *, half: i
             _card("MAGERR", float(row["mag_err"]), "magnitude error"),
             _card("SNR", float(row["snr"]), "signal-to-noise ratio"),
             _card("FWHM", float(row["fwhm"]), "pixels"),
-            _card("FLAGS", int(row["flags"]), "1 EDGE 2 NEG 4 DIPOLE 8 SATUR 16 NEAR_BRIGHT"),
+            _card("FLAGS", int(row["flags"]), "1 EDGE 2 NEG 4 DIP 8 SAT 16 NEARBR 32 STREAK"),
             _card("XPIX0", x0, "frame x of stamp pixel [0, 0] (0-based)"),
             _card("YPIX0", y0, "frame y of stamp pixel [0, 0] (0-based)"),
             *tail,

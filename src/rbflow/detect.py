@@ -33,7 +33,7 @@ __all__ = ["FLAGS", "COLUMNS", "empty_table", "detect", "run_detect"]
 log = logging.getLogger(__name__)
 
 #: Candidate flag bits.
-FLAGS = {"EDGE": 1, "NEGATIVE": 2, "DIPOLE": 4, "SATURATED": 8, "NEAR_BRIGHT": 16}
+FLAGS = {"EDGE": 1, "NEGATIVE": 2, "DIPOLE": 4, "SATURATED": 8, "NEAR_BRIGHT": 16, "STREAK": 32}
 
 #: Output columns: name, dtype, unit, description.
 COLUMNS: list[tuple[str, str, u.UnitBase | None, str]] = [
@@ -57,6 +57,15 @@ COLUMNS: list[tuple[str, str, u.UnitBase | None, str]] = [
 
 #: Peak of a bright star, in units of the science background noise.
 _BRIGHT_PEAK_SIGMA = 50.0
+#: Flag STREAK (:func:`_on_streak`): the lowest |SCORR| (3 x 3 mean) level of a streak's pixels
+#: (sigma; the higher levels step by sqrt 2), the half length of the line tried through a
+#: candidate (FWHM), the fraction of it the feature must cover, and the most it may cover across.
+_STREAK_SIGMA = 3.0
+_STREAK_HALF = 6.0
+_STREAK_ALONG = 0.85
+_STREAK_ACROSS = 0.4
+#: Directions tried (over 180 degrees).
+_STREAK_ANGLES = 36
 
 
 def empty_table(image_name: str = "") -> Table:
@@ -94,6 +103,45 @@ def _peaks(sc: np.ndarray, thr: float, min_pixels: int, sep: int) -> tuple[np.nd
     peak &= sizes[lab] >= min_pixels
     py, px = np.nonzero(peak)
     return px, py
+
+
+def _on_streak(score: np.ndarray, x: float, y: float, fwhm: float) -> bool:
+    """Whether a candidate at (x, y) lies on a straight, thin feature of ``score`` (|SCORR|, 3 x 3 mean).
+
+    Lines of half length :data:`_STREAK_HALF` FWHM are laid through the candidate in
+    :data:`_STREAK_ANGLES` directions. At a level of ``score`` (from :data:`_STREAK_SIGMA` up to
+    the largest value near the line, in steps of sqrt 2: a bright trail's wings are wide at a low
+    level, a faint one only shows at a low level), the feature covers a line where a pixel above
+    the level lies within 1 px of it. The candidate is on a streak when, at some level, a line
+    is covered over at least :data:`_STREAK_ALONG` of its length and the line across it over at
+    most :data:`_STREAK_ACROSS`: a satellite trail, a bad column or a chip edge, and not a point
+    source, a dipole or a blob (which cover every direction alike, or none far enough), nor a
+    short asteroid trail. Two trails that cross are both streaks.
+    """
+    from scipy import ndimage
+
+    r = int(math.ceil(_STREAK_HALF * fwhm))
+    ny, nx = score.shape
+    ix, iy = int(round(x)), int(round(y))
+    y0, x0 = max(0, iy - r - 1), max(0, ix - r - 1)
+    win = score[y0 : min(ny, iy + r + 2), x0 : min(nx, ix + r + 2)]
+    theta = np.pi * np.arange(_STREAK_ANGLES) / _STREAK_ANGLES
+    t = np.arange(-r, r + 1, dtype=float)
+    px = np.rint(x - x0 + np.cos(theta)[:, None] * t).astype(int)
+    py = np.rint(y - y0 + np.sin(theta)[:, None] * t).astype(int)
+    inside = (px >= 0) & (px < win.shape[1]) & (py >= 0) & (py < win.shape[0])
+    pxc, pyc = np.clip(px, 0, win.shape[1] - 1), np.clip(py, 0, win.shape[0] - 1)
+    level, top = _STREAK_SIGMA, float(np.max(win)) if win.size else 0.0
+    while level < top:
+        hit = ndimage.maximum_filter(win > level, size=3)[pyc, pxc] & inside
+        cover = hit.sum(axis=1) / np.maximum(inside.sum(axis=1), 1)
+        along = cover >= _STREAK_ALONG
+        if not along.any():  # a higher level covers less
+            return False
+        if (along & (np.roll(cover, _STREAK_ANGLES // 2) <= _STREAK_ACROSS)).any():
+            return True
+        level *= math.sqrt(2.0)
+    return False
 
 
 def _subpixel(sc: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +262,7 @@ def detect(
         Columns :data:`COLUMNS`, sorted by decreasing snr; typed and empty (with a logged warning)
         when nothing is found.
     """
+    from scipy import ndimage
     from scipy.spatial import cKDTree
 
     sc = hdul["SCORR"].data.astype(np.float64)
@@ -244,6 +293,7 @@ def detect(
     rows: list[dict[str, Any]] = []
     bright = _bright_stars(ref, sigma_n)
     tree = cKDTree(bright) if len(bright) else None
+    score = ndimage.uniform_filter(np.abs(sc0), size=3)
     wcs = WCS(hdul["DIFF"].header)
     half = cutout_size // 2
     ctree = cKDTree(centres)
@@ -277,6 +327,8 @@ def detect(
             dist = float(tree.query([x, y])[0]) if tree is not None else float("nan")
             if np.isfinite(dist) and dist <= 3.0 * fw:
                 flags |= FLAGS["NEAR_BRIGHT"]
+            if _on_streak(score, x, y, fw):
+                flags |= FLAGS["STREAK"]
             fwhm_m, ell = _shape(D, x, y, fw * FWHM_TO_SIGMA, sign)
             ok = np.isfinite(flux) and flux > 0
             rows.append(
