@@ -438,8 +438,9 @@ def _zogy_tiled(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
     """ZOGY on overlapping tiles (PSFs of each tile's centre) blended with interpolation weights.
 
-    Tiles run on ``threads`` threads. Returns D, var_D, S_corr, the P_D of every tile and
-    the tile centres.
+    Tiles run on ``threads`` threads. Returns D, var_D, S_corr, the static term Q of the
+    PSF-model error (zeros without ``envelope``; see :func:`zogy_apply`), the P_D of every tile
+    and the tile centres.
     """
     ny, nx = N.shape
     pads = ((margin, margin), (margin, margin))
