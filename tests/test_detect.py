@@ -182,6 +182,50 @@ def test_streaks_are_flagged_and_point_sources_are_not():
     assert points.sum() >= 8 and not streak[j[points]].any()
 
 
+def _dashes(rng: np.random.Generator, n: int, side: float) -> np.ndarray:
+    """``(n, 2)`` positions of a dashed trail's candidates in a ``side``-px frame: a random
+    straight line, gaps of 7-27 px between dashes (those of the trail on DECam frame DEC-OBS18d),
+    each dash's peak up to 0.5 px off the line."""
+    theta = rng.uniform(0, np.pi)
+    t = np.r_[0.0, np.cumsum(rng.uniform(7, 27, n - 1))]
+    t -= t.mean()
+    off = rng.uniform(-0.5, 0.5, n)
+    cx, cy = rng.uniform(0.35 * side, 0.65 * side, 2)
+    return np.c_[cx + t * np.cos(theta) - off * np.sin(theta), cy + t * np.sin(theta) + off * np.cos(theta)]
+
+
+def test_collinear_candidates_are_a_streak_only_beyond_chance():
+    # A dashed trail (DECam frame DEC-OBS18d: 4-5 candidates in a row, 7-27 px apart) is no line
+    # on the score map, but its candidates are a line too long to be chance among the frame's few
+    # others. The rule's bound: over many frames of uniformly scattered candidates, the expected
+    # number of lines it takes is below 0.01 per frame (its number of false alarms). Measured
+    # (seed 5): 1 of 300 frames of 8 candidates in 256^2 (FWHM 3.9 px), none of 300 of 30, none
+    # of 300 of 80 (FWHM 2 px), none of 100 of 300 in 1024^2 (3 px); bound 10 of the 1,000, the
+    # NFA's own.
+    rng = np.random.default_rng(5)
+    hit = 0
+    for side, n, fwhm, frames in ((256, 8, 3.9, 300), (256, 30, 3.9, 300), (256, 80, 2.0, 300), (1024, 300, 3.0, 100)):
+        for _ in range(frames):
+            x, y = rng.uniform(0, side, (2, n))
+            hit += bool(det._collinear(x, y, fwhm, side * side).any())
+    assert hit <= 10, hit
+    # 5 dashes among 8 scattered candidates (FWHM 3.9 px, 256^2): every dash is flagged, none of
+    # the others off the trail's line; 3 dashes are not a line (one member between the ends is chance); 5 dashes among
+    # 300 candidates are chance too (the rule follows the density).
+    for _ in range(20):
+        dash = _dashes(rng, 5, 256)
+        other = rng.uniform(0, 256, (8, 2))
+        other = other[cKDTree(dash).query(other)[0] > 20]
+        got = det._collinear(*np.r_[dash, other].T, 3.9, 256.0**2)
+        # another candidate joins only where it lies on the trail's line (within the half width)
+        u = (dash[-1] - dash[0]) / np.hypot(*(dash[-1] - dash[0]))
+        across = np.abs((other - dash[0]) @ np.r_[-u[1], u[0]])
+        assert got[:5].all() and not (got[5:] & (across > 0.5 * 3.9 + 0.5)).any(), (got, across)
+        assert not det._collinear(*np.r_[dash[:3], other].T, 3.9, 256.0**2).any()
+        crowd = np.r_[dash, rng.uniform(0, 256, (300, 2))]
+        assert not det._collinear(*crowd.T, 3.9, 256.0**2)[:5].all()
+
+
 def test_empty_result_is_typed_and_warned(injected, caplog, tmp_path):
     _tr, pair, hdul, _t = injected[0]
     with caplog.at_level(logging.WARNING, logger="rbflow.detect"):

@@ -66,6 +66,14 @@ _STREAK_ALONG = 0.85
 _STREAK_ACROSS = 0.4
 #: Directions tried (over 180 degrees).
 _STREAK_ANGLES = 36
+#: Flag STREAK for collinear candidates (:func:`_collinear`): the half width of the line (FWHM),
+#: its shortest and longest span (FWHM), the closest two members may be along it to count apart
+#: (FWHM), and the expected number of such lines among uniformly scattered candidates (the
+#: a-contrario number of false alarms) below which a line is taken.
+_CHAIN_HALF_WIDTH = 0.5
+_CHAIN_SPAN = (8.0, 40.0)
+_CHAIN_APART = 1.5
+_CHAIN_NFA = 0.01
 
 
 def empty_table(image_name: str = "") -> Table:
@@ -142,6 +150,79 @@ def _on_streak(score: np.ndarray, x: float, y: float, fwhm: float) -> bool:
             return True
         level *= math.sqrt(2.0)
     return False
+
+
+def _collinear(x: np.ndarray, y: np.ndarray, fwhm: float, area: float, *, n_all: int | None = None) -> np.ndarray:
+    """Candidates on a line of candidates too long to be chance: a dashed or broken trail.
+
+    A trail that blinks (a tumbling satellite, a glint) or fades below the threshold between
+    bright stretches leaves a row of separate candidates, which :func:`_on_streak` does not
+    see: it needs the feature itself to cover a line. Every pair of candidates
+    :data:`_CHAIN_SPAN` FWHM apart spans a segment; its members are the candidates within
+    :data:`_CHAIN_HALF_WIDTH` FWHM of it, counted once per :data:`_CHAIN_APART` FWHM along it
+    (candidates around one bright star or one blob count once). The segment is taken when its
+    number of false alarms (Desolneux, Moisan & Morel 2000, IJCV 40 7), the number of segments
+    tested times the chance that uniformly scattered candidates of the frame's density put as
+    many members on it, is below :data:`_CHAIN_NFA`: over many frames of uniform candidates, at
+    most about one in a hundred has such a line.
+
+    Parameters
+    ----------
+    x, y : numpy.ndarray
+        Candidate positions (px).
+    fwhm : float
+        FWHM (px).
+    area : float
+        Area (px^2) the candidates were searched in (the valid pixels of the frame).
+    n_all : int, optional
+        Candidates of the frame, when ``x``, ``y`` are some of them (those not yet flagged: the
+        density, and so the chance of a line, is that of all). Default: ``x.size``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Bool per candidate: a member of a taken segment.
+    """
+    from scipy.spatial import cKDTree
+    from scipy.stats import binom
+
+    n = x.size if n_all is None else max(int(n_all), x.size)
+    out = np.zeros(x.size, bool)
+    if x.size < 4 or area <= 0:
+        return out
+    lo, hi = (f * fwhm for f in _CHAIN_SPAN)
+    pairs = cKDTree(np.c_[x, y]).query_pairs(hi, output_type="ndarray")
+    if not len(pairs):
+        return out
+    i, j = pairs[:, 0], pairs[:, 1]
+    length = np.hypot(x[j] - x[i], y[j] - y[i])
+    keep = length >= lo
+    i, j, length = i[keep], j[keep], length[keep]
+    if not i.size:
+        return out
+    half = _CHAIN_HALF_WIDTH * fwhm
+    apart = _CHAIN_APART * fwhm
+    n_tests = i.size
+    # chance that one other candidate falls within a segment's box
+    p_in = np.minimum(2 * half * length / area, 1.0)
+    for k in range(0, i.size, 2000):
+        a, b, ln = i[k : k + 2000], j[k : k + 2000], length[k : k + 2000]
+        ux, uy = (x[b] - x[a]) / ln, (y[b] - y[a]) / ln
+        dx, dy = x[None, :] - x[a, None], y[None, :] - y[a, None]
+        t = dx * ux[:, None] + dy * uy[:, None]
+        s = np.abs(dx * uy[:, None] - dy * ux[:, None])
+        member = (s <= half) & (t >= -1e-9) & (t <= ln[:, None] + 1e-9)
+        rows = np.flatnonzero(member.sum(axis=1) >= 4)
+        if not rows.size:
+            continue
+        along = np.sort(np.where(member[rows], t[rows], np.inf), axis=1)
+        # members closer than `apart` along the segment count once; the ends are not counted
+        with np.errstate(invalid="ignore"):  # inf - inf past the members
+            count = (np.isfinite(along[:, 1:]) & (np.diff(along, axis=1) >= apart)).sum(axis=1) - 1
+        nfa = n_tests * binom.sf(count - 1, n - 2, p_in[k + rows])
+        taken = rows[(count >= 2) & (nfa < _CHAIN_NFA)]
+        out |= member[taken].any(axis=0)
+    return out
 
 
 def _subpixel(sc: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,6 +428,13 @@ def detect(
                     "flags": flags,
                 }
             )
+    # rows of candidates: the ones not on a streak yet, in a frame of all of them
+    free = np.array([not r["flags"] & FLAGS["STREAK"] for r in rows], bool)
+    if free.any():
+        xy = np.array([[r["x"], r["y"]] for r in rows])[free]
+        chained = _collinear(xy[:, 0], xy[:, 1], fwhm0, float(finite.sum()), n_all=len(rows))
+        for r in np.flatnonzero(free)[chained]:
+            rows[r]["flags"] |= FLAGS["STREAK"]
     if not rows:
         log.warning("detect: no candidate above %.1f sigma on image '%s'", thr, image_name)
         empty = empty_table(image_name)
