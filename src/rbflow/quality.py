@@ -17,8 +17,12 @@ frame ``SCI`` (background-subtracted), all on one pixel grid:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = [
     "BORDER",
@@ -42,9 +46,13 @@ BRIGHT_SNR = 100.0
 _MAD_TO_STD = 1.4826
 
 
-def robust_std(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation of the finite values (NaN when there are none)."""
-    v = np.asarray(values, float)
+def robust_std(values: np.ndarray, *, dtype: npt.DTypeLike = float) -> float:
+    """1.4826 x the median absolute deviation of the finite values (NaN when there are none).
+
+    ``dtype`` is the precision the medians are taken in (default float64); ``subtract`` keeps its
+    float32 planes' own, so that its noise normalisations stay as they were.
+    """
+    v = np.asarray(values, dtype)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan")

@@ -40,7 +40,7 @@ from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
 from rbflow.psf import PSFModel
-from rbflow.quality import bright_stars
+from rbflow.quality import bright_stars, robust_std
 from rbflow.stars import grow_mask
 
 __all__ = [
@@ -470,14 +470,6 @@ def _zogy_tiled(
     return D, V, SC, Q, psfd, [c for *_, c in places]
 
 
-def _robust_std(v: np.ndarray) -> float:
-    """1.4826 times the median absolute deviation of the finite values (NaN when none)."""
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
-
-
 def prepare_pair(
     sci: Image,
     ref: Image,
@@ -828,8 +820,9 @@ def _clean_and_scale(pp: PreparedPair, diff: Difference, *, threads: int) -> tup
     (sc_bkg, _), (d_bkg, _) = backgrounds([SC, D], [~empty] * 2, box=_RESID_BOX, threads=threads)
     SC -= sc_bkg
     D -= d_bkg
-    k_s = _robust_std(SC[empty])
-    k_d = _robust_std((D / np.sqrt(V))[empty])
+    k_s = robust_std(SC[empty], dtype=SC.dtype)
+    z = (D / np.sqrt(V))[empty]
+    k_d = robust_std(z, dtype=z.dtype)
     SC /= k_s
     if diff.sc_divisor is not None:
         SC /= diff.sc_divisor
