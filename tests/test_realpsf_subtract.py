@@ -12,12 +12,13 @@ the telescope (2 fields, a reference and 3 epochs each) gets a PSF model from
 default method ('auto', which the telescope's ``subtract.auto_min_stars`` 20 makes sfft on these
 few-star frames): 6 pairs per seed.
 
-The PSF models come within 5.7 % of the peak of the truth (median 3.3 %): the per-pixel target of
-5 % is missed on 1 of the 8 frames, at (200, 60) (a strict
-xfail with the measured numbers), and a regression test keeps the measured level. The
+The PSF models come within 4.3 % of the peak of the truth (median 3.3 %), the per-pixel target
+being 5 %: their prior's halo is the telescope's ``psf.halo``, measured once from other frames
+(:func:`rbflow.psf.measure_halo`; fitted per frame the worst frame was 5.1 % off). The
 bright-star target (<= 5 % of the stars > 100 sigma with a >= 5 sigma residual) is measured over
-seeds 3, 5, 7 and 11 (24 pairs, 146 stars, as one seed's 29 cannot resolve a 5 % fraction) and met:
-7 of 146; the noise target is met too (<= 1.04 per pair).
+seeds 3, 5, 7 and 11 (24 pairs, 144 stars, as one seed's 27 cannot resolve a 5 % fraction) and met:
+7 of 144 (7 of 146 when measured first); the noise target is met too (seed 7: 1.005-1.035 per pair;
+the other seeds up to 1.084).
 """
 
 from __future__ import annotations
@@ -136,31 +137,12 @@ def test_auto_follows_its_rule_on_every_pair(realpsf_run):
         assert hdr["METHOD"] == m.group(1) == ("zogy" if enough else "sfft"), hdr["METHAUTO"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="measured on the 8 frames (4-17 PSF stars each, every one with the analytic prior, psf.prior_below 20 "
-    "in realpsf.yaml; coma 0.094-0.108 pointing one way), with each ePSF centred on its light and cosmic rays "
-    "kept clipped (3e167ef): largest pixel error 2.4-5.1 % of the peak (median 3.4 %), over 5 % on fld00_r_e2 "
-    "(5.1 %); first moment <= 0.08 px off (before 3e167ef median 3.3 %, <= 0.06 px). "
-    "Before the centring 1.5-5.7 % (fld00_r_e2 5.7 %, the core 4-6 % too peaked) and <= 0.10 px. The prior's "
-    "third-order Gauss-Hermite terms took the coma's asymmetry (point-symmetric prior: 5.3-10.0 %, median "
-    "7.9 %); what is left is mostly the core's width (a constant model from faint stars whose halo is below "
-    "their noise; the FWHM changes by 2.2 % across the frame, and the best constant stamp, knowing the truth, "
-    "is 1.5-1.6 % off). Seeds 3, 5, 11: 5.5 %, 6.0 %, 4.8 % (5.4 %, 5.1 %, 4.8 % before the centring). "
-    "A prior weighed more in the wings (precision ~ 1/(p/p_max + c)^2, c 0.05-0.5) put every first moment "
-    "within 0.07 px (seed 5's fld00_r_e3 0.35 px: wing noise) and the worst frames of seeds 7, 3, 11 at 5.0, "
-    "5.3-5.4, 4.4 %, but seed 5's fld00_r_e2 at 7.7-8.0 %: not taken. The error is the prior's: the profile "
-    "fitted to noise-free truth stamps at the same stars gives models 1.5-3.9 % off on the worst frames (seeds 7, "
-    "5, 3), and the models' light within 1.5 FWHM is 2.0 % above the truth's on average (32 frames of seeds 3, 5, "
-    "7, 11): the stamps' local sky (their corners) takes the halo's light, so the fitted halo holds 0-5 % of the "
-    "light on the worst frames (truth 20 %). Fitting the profile with the same corner subtraction recovers the halo (8-30 %) "
-    "and halves that excess, but the 4-5 star frames stay over 5 % (seeds 5, 11: 5.9 %) and the halo then "
-    "trades with the sky (tests/test_psf.py's few-star frame, seed 1: 3.7 -> 5.9 %): not taken",
-)
 def test_psf_models_match_the_true_psf(psf_errors):
     # Target: within 5 % of the peak per pixel (a 5 % core error leaves < 5 sigma at a 100 sigma
-    # star). The PSF's truth puts the light's first moment on the source, coma or not
+    # star). Measured (the prior's halo held at realpsf.yaml's psf.halo, measured by
+    # `rbflow psf-halo` on seeds 1 and 2): 1.7-4.3 %, first moments <= 0.08 px. Fitted per frame
+    # (psf.halo null) the halo was too faint and the worst frame 5.1 % (fld00_r_e2). Seeds 3, 5,
+    # 11: 4.4, 5.5 (fld00_r_e2, 4 PSF stars of S/N 37-60), 4.2 % (5.5, 6.0, 4.8 % fitted). The PSF's truth puts the light's first moment on the source, coma or not
     # (tests/test_sky.py), and subtract uses the models centred (stamp(centred=True)) on the
     # positions it aligned: so the model's first moment must be there too, within 0.1 px (a
     # 0.1 px shift of a 2 px FWHM core is a ~5 % dipole).
@@ -169,18 +151,15 @@ def test_psf_models_match_the_true_psf(psf_errors):
         assert centroid < 0.1, where
 
 
-def test_psf_models_keep_their_measured_level(psf_errors):
-    # What the models reach, short of the target above: the largest pixel error 2.4-5.1 % of the
-    # peak per frame (median 3.4 %), first moment <= 0.08 px (before the ePSFs were centred on
-    # their light 1.5-5.7 % and <= 0.10 px). Tolerances 7 %, 4.5 % and 0.15 px:
-    # one star's noise more on a 4-8 star frame, and below what the point-symmetric prior gave
-    # (5.3-10.0 %, median 7.9 %), so that a prior that loses the asymmetry fails here.
+def test_psf_models_are_typically_well_within_the_target(psf_errors):
+    # The frames' largest pixel errors are 1.7-4.3 % of the peak (median 3.3 %); with the halo
+    # fitted per frame (psf.halo null) 1.5-5.1 % (median 3.4 %), with a point-symmetric prior
+    # 5.3-10.0 % (median 7.9 %). Tolerance 4 % on the median: a prior that loses the asymmetry or
+    # the halo fails here before the worst frame does.
     worst: dict[str, float] = {}
-    for (frame, x, y), (error, centroid) in psf_errors.items():
-        assert centroid < 0.15, (frame, x, y)
+    for (frame, _x, _y), (error, _centroid) in psf_errors.items():
         worst[frame] = max(worst.get(frame, 0.0), error)
-    assert max(worst.values()) < 0.07, worst
-    assert np.median(list(worst.values())) < 0.045, worst
+    assert np.median(list(worst.values())) < 0.04, worst
 
 
 def test_differences_meet_the_noise_target(realpsf_run):
@@ -206,8 +185,9 @@ def test_bright_star_residuals_meet_the_target(bright_counts):
     # Issue 15's target: at most 5 % of the stars brighter than 100 sigma with a >= 5 sigma
     # residual. A fraction near 5 % needs well over 29 stars (one seed's 6 pairs) to be measured:
     # at a true 5 %, 29 stars show 2 or more hits 43 % of the time; 4 seeds give ~150 stars.
-    # Measured with auto (sfft on every pair, subtract.auto_min_stars 20 in realpsf.yaml): 2/29
-    # (seed 7), 2/36 (3), 2/42 (5), 1/39 (11): 7 of 146, 4.8 % (11 of 146 before pixels near
+    # Measured with auto (sfft on every pair, subtract.auto_min_stars 20 in realpsf.yaml): 2/27
+    # (seed 7), 2/36 (3), 2/42 (5), 1/39 (11): 7 of 144, 4.9 %, psf.halo held or not (when first
+    # measured 2/29 for seed 7, 7 of 146, 4.8 %; 11 of 146 before pixels near
     # saturated ones left sfft's kernel fit). 5 of the 7 are residuals alternating in sign from
     # pixel to pixel along the star's row, where sfft's kernel alternates too (seed 3, a 14.8
     # mag star: -0.057, 0.146, -0.036 along x): the 1.5-2 px cores are undersampled, so how a

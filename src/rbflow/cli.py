@@ -1,4 +1,4 @@
-"""Command-line interface: ``rbflow convert``, ``rbflow import``, ``rbflow train`` and ``rbflow infer``.
+"""Command-line interface: ``rbflow convert``, ``import``, ``train``, ``infer``, ``alerts``, ``scan``, ``label-repair`` and ``psf-halo``.
 
 The commands call the same library functions as the workflow's rules, so a model trained by the
 workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn_infer``)::
@@ -300,6 +300,27 @@ def _run_label_repair(args: argparse.Namespace) -> None:
     run_label_repair(args.cube, args.outdir, cfg, folds=args.folds, seed=args.seed, mode=args.mode, weight=args.weight)
 
 
+def _add_psf_halo(sub: Any, defaults: dict[str, Any]) -> None:
+    halo = sub.add_parser(
+        "psf-halo", help="measure a telescope's PSF halo from many of its frames, for its psf.halo (few-star frames)"
+    )
+    halo.add_argument("telescope", type=Path, help="telescope file (config/telescopes/<name>.yaml)")
+    halo.add_argument("frames", type=Path, nargs="+", help="frames of that telescope (FITS; the more the better)")
+    halo.set_defaults(func=_run_psf_halo)
+
+
+def _run_psf_halo(args: argparse.Namespace) -> None:
+    from rbflow.config import load_telescope
+    from rbflow.psf import measure_halo
+
+    (fraction, ratio), table = measure_halo(args.frames, load_telescope(args.telescope))
+    for col in ("fwhm", "beta", "fraction", "ratio"):
+        table[col].format = ".3f"
+    table.pprint_all()
+    n = int(table["used"].sum())
+    print(f"\nfrom {n} of {len(table)} frames; in {args.telescope}, under psf:\n  halo: [{fraction:.3f}, {ratio:.3f}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``rbflow`` command (defaults from ``config.schema.yaml``).
 
@@ -315,7 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rbflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_convert, _add_import, _add_train, _add_infer, _add_alerts, _add_scan, _add_label_repair):
+    for add in (
+        _add_convert,
+        _add_import,
+        _add_train,
+        _add_infer,
+        _add_alerts,
+        _add_scan,
+        _add_label_repair,
+        _add_psf_halo,
+    ):
         add(sub, defaults)
     return parser
 
