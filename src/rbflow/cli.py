@@ -1,4 +1,6 @@
-"""Command-line interface: ``rbflow convert``, ``import``, ``train``, ``infer``, ``alerts``, ``scan``, ``label-repair`` and ``psf-halo``.
+"""Command-line interface: ``rbflow`` and its commands.
+
+``convert``, ``import``, ``train``, ``infer``, ``alerts``, ``scan``, ``label-repair`` and ``psf-halo``.
 
 The commands call the same library functions as the workflow's rules, so a model trained by the
 workflow can be applied to any folder of cutouts by hand (the older tool's ``cnn_infer``)::
