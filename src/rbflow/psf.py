@@ -1126,6 +1126,20 @@ def _fit_profile(
     return params, np.maximum(flux, 0.0) * level
 
 
+def _fwhm_guess(info: FrameInfo, cfg: dict[str, Any], pixel_scale: float) -> float:
+    """The FWHM (px) star finding starts from: the frame's header value, else ``psf.fallback_fwhm``."""
+    return info.fwhm_guess if info.fwhm_guess else float(cfg["fallback_fwhm"]) / pixel_scale
+
+
+def _read_frame(path: str | os.PathLike, telescope: dict[str, Any]) -> tuple[Image, FrameInfo, str, float]:
+    """A frame as the PSF stage reads it: its image, facts, name (file name before ``.fits``) and pixel scale."""
+    from rbflow.frames import frame_info
+
+    image = read_image(path, hdu=frame_hdu(telescope))
+    info = frame_info(image.header, telescope, path=path)
+    return image, info, Path(path).name.split(".fits")[0], pixel_scale_of(telescope, image.wcs, path=path)
+
+
 def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale: float, name: str) -> PSFModel:
     """Build the spatially varying PSF model of a frame from its stars.
 
@@ -1160,7 +1174,7 @@ def build_psf(image: Image, info: FrameInfo, cfg: dict[str, Any], *, pixel_scale
     min_stars, max_stars = int(cfg["min_stars"]), int(cfg["max_stars"])
     ny, nx = image.data.shape
     fallback_fwhm = float(cfg["fallback_fwhm"]) / pixel_scale
-    guess = info.fwhm_guess if info.fwhm_guess else fallback_fwhm
+    guess = _fwhm_guess(info, cfg, pixel_scale)
     if not np.any(image.data < info.saturation):  # NaN compares False: no finite unsaturated pixel
         raise InputError(
             f"frame '{image.path or name}': every pixel is saturated (>= {info.saturation:g} ADU) or invalid, so "
@@ -1351,16 +1365,11 @@ def measure_halo(frames: Sequence[str | os.PathLike], telescope: dict[str, Any])
     """
     from astropy.table import Table
 
-    from rbflow.frames import frame_info
-
     cfg = telescope["psf"]
     rows: list[tuple[str, int, float, float, float, float, bool]] = []
     for path in frames:
-        image = read_image(path, hdu=frame_hdu(telescope))
-        info = frame_info(image.header, telescope, path=path)
-        name = Path(path).name.split(".fits")[0]
-        guess = info.fwhm_guess or float(cfg["fallback_fwhm"]) / pixel_scale_of(telescope, image.wcs, path=path)
-        stars, fwhm = select_psf_stars(image, info, cfg, fwhm_guess=guess, name=name)
+        image, info, name, scale = _read_frame(path, telescope)
+        stars, fwhm = select_psf_stars(image, info, cfg, fwhm_guess=_fwhm_guess(info, cfg, scale), name=name)
         stars = stars.take(np.arange(min(len(stars), int(cfg["max_stars"]))))
         used = len(stars) >= int(cfg["min_stars"])
         params = (
@@ -1419,12 +1428,7 @@ def run_psf(
     -------
     PSFModel
     """
-    from rbflow.frames import frame_info
-
-    image = read_image(frame_path, hdu=frame_hdu(telescope))
-    info = frame_info(image.header, telescope, path=frame_path)
-    name = Path(frame_path).name.split(".fits")[0]
-    scale = pixel_scale_of(telescope, image.wcs, path=frame_path)
+    image, info, name, scale = _read_frame(frame_path, telescope)
     model = build_psf(image, info, telescope["psf"], pixel_scale=scale, name=name)
     model.write(out_fits)
     _plot(model, out_png)
