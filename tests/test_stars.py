@@ -15,6 +15,7 @@ from rbflow.stars import (
     grow_disc,
     grow_mask,
     windowed_centroids,
+    windowed_offsets,
 )
 
 
@@ -83,6 +84,39 @@ def test_windowed_centroids_subtract_a_local_sky():
 def test_windowed_centroids_of_nothing_are_empty():
     xc, yc = windowed_centroids(np.zeros((10, 10)), np.zeros(0), np.zeros(0), 1.0)
     assert xc.size == 0 and yc.size == 0
+
+
+def coma_stamp(x, y, size, *, fwhm=2.5, coma=0.0):
+    """Unit-sum stamp (centred on pixel (round(x), round(y))) of a Gaussian star whose light centroid
+    is at (x, y), with a fraction ``coma`` of the light in a copy one FWHM away along +x+y."""
+    h, u = size // 2, fwhm / math.sqrt(2)
+    cx, cy = h + x - round(x), h + y - round(y)
+    st = (1 - coma) * gaussian_star((size, size), cx - coma * u, cy - coma * u, fwhm, 1.0)
+    st += coma * gaussian_star((size, size), cx + (1 - coma) * u, cy + (1 - coma) * u, fwhm, 1.0)
+    return st / st.sum()
+
+
+def test_windowed_offsets_are_zero_for_a_symmetric_psf_and_those_of_the_centroids_otherwise():
+    # the offset is the windowed centroid of the model's star less its position: 0 (to the
+    # iteration's 1e-3 px) for a symmetric star at any pixel phase; for a star with 8 % coma it is
+    # what windowed_centroids measures on the same star in a frame (the same iteration on a stamp:
+    # to 1e-9 px), towards the core (against the coma), by a few hundredths of a pixel
+    xs, ys = np.array([100.0, 100.3, 100.5, 99.8]), np.array([50.0, 50.6, 50.5, 49.7])
+    sw = 2.5 * FWHM_TO_SIGMA
+    dx, dy = windowed_offsets(coma_stamp, xs, ys, sw)
+    assert np.abs(dx).max() < 1e-3 and np.abs(dy).max() < 1e-3
+
+    def coma(x, y, size):
+        return coma_stamp(x, y, size, coma=0.08)
+
+    dx, dy = windowed_offsets(coma, xs, ys, sw)
+    frame = np.zeros((120, 200))
+    for x, y in zip(xs[:1], ys[:1]):
+        frame[int(y) - 12 : int(y) + 13, int(x) - 12 : int(x) + 13] += coma(x, y, 25)
+    xc, yc = windowed_centroids(frame, xs[:1], ys[:1], sw)
+    assert xc[0] - xs[0] == pytest.approx(dx[0], abs=1e-9) and yc[0] - ys[0] == pytest.approx(dy[0], abs=1e-9)
+    assert np.all((dx < -0.01) & (dx > -0.2)) and np.allclose(dx, dy, atol=2e-3)
+    assert windowed_offsets(coma, np.zeros(0), np.zeros(0), sw)[0].size == 0
 
 
 def test_find_stars_finds_isolated_stars_and_skips_close_pairs_and_masked_ones():

@@ -513,6 +513,8 @@ def prepare_pair(
         saturation_ref=info_ref.saturation,
         fwhm_sci=fwhm_s,
         fwhm_ref=fwhm_r_native,
+        psf_sci=psf_sci.stamp,
+        psf_ref=lambda to_ref, x, y, size: ref_psf_on_sci_grid(psf_ref, to_ref, x, y, size),
     )
     to_ref = ainfo["to_ref"]
     rcx, rcy = to_ref(cx, cy)
