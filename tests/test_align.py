@@ -242,9 +242,11 @@ def test_align_on_the_psf_models_centres_not_on_asymmetric_centroids(rot):
     # difference (here 2.5 px FWHM with 8 % coma towards +x+y against 2.0 px with 3 % towards
     # -x; on the demo's dense field 0.03 and 0.08 px, which left >= 5 sigma dipoles at 59 of its
     # 75 bright stars). Given the PSF models, the stars are moved to the models' centres first.
-    # Measured on a 5 x 5 grid over the frame (both rotations): with them at most 0.0022 px off
-    # the true map; without, 0.15 and 0.09-0.10 px off (median over the grid). Bounds: 0.01 px
-    # with the models (a tenth of what ZOGY's dipoles need), median > 0.05 px without.
+    # Measured on a 5 x 5 grid over the frame (both rotations): with them at most 0.0077 px off
+    # the true map (the models' offsets are taken at whole pixels, rbflow.align.OFFSET_GRID: their
+    # pixel-phase part, largest for such undersampled stars, stays; per star it was 0.0022 px);
+    # without, 0.15 and 0.09-0.10 px off (median over the grid). Bounds: 0.015 px with the
+    # models, median > 0.05 px without.
     from rbflow.difference import ref_psf_on_sci_grid
 
     shape, rng = (256, 256), np.random.default_rng(4)
@@ -270,4 +272,4 @@ def test_align_on_the_psf_models_centres_not_on_asymmetric_centroids(rot):
         assert info["refined"] and info["nstars"] >= 8
         d = np.array(info["to_ref"](gx, gy)) - np.array(true_map(gx, gy))
         err[name] = (np.abs(d).max(), np.abs(np.median(d.reshape(2, -1), axis=1)).max())
-    assert err["models"][0] < 0.01 and err["centroids"][1] > 0.05, err
+    assert err["models"][0] < 0.015 and err["centroids"][1] > 0.05, err
