@@ -240,7 +240,7 @@ def test_align_on_the_psf_models_centres_not_on_asymmetric_centroids(rot):
     # Issue 15: a PSF with coma has its windowed centroid off its light's centroid, by an amount
     # that differs between two frames' PSFs; aligning the centroids misaligns the frames by the
     # difference (here 2.5 px FWHM with 8 % coma towards +x+y against 2.0 px with 3 % towards
-    # -x; on the demo's dense field 0.03 and 0.08 px, which left >= 5 sigma dipoles at 59 of its
+    # -x; on the demo's dense field 0.03 and 0.08 px, which left >= 5 sigma dipoles at 62 of its
     # 75 bright stars). Given the PSF models, the stars are moved to the models' centres first.
     # Measured on a 5 x 5 grid over the frame (both rotations): with them at most 0.0077 px off
     # the true map (the models' offsets are taken at whole pixels, rbflow.align.OFFSET_GRID: their
