@@ -242,11 +242,11 @@ def test_align_on_the_psf_models_centres_not_on_asymmetric_centroids(rot):
     # difference (here 2.5 px FWHM with 8 % coma towards +x+y against 2.0 px with 3 % towards
     # -x; on the demo's dense field 0.03 and 0.08 px, which left >= 5 sigma dipoles at 62 of its
     # 75 bright stars). Given the PSF models, the stars are moved to the models' centres first.
-    # Measured on a 5 x 5 grid over the frame (both rotations): with them at most 0.0077 px off
-    # the true map (the models' offsets are taken at whole pixels, rbflow.align.OFFSET_GRID: their
-    # pixel-phase part, largest for such undersampled stars, stays; per star it was 0.0022 px);
-    # without, 0.15 and 0.09-0.10 px off (median over the grid). Bounds: 0.015 px with the
-    # models, median > 0.05 px without.
+    # Measured on a 5 x 5 grid over the frame: with them at most 0.0028 px (no rotation) and
+    # 0.0074 px (0.5 deg) off the true map (rbflow.align evaluates the offsets on a grid of whole
+    # pixels plus a table of pixel phases at the frame centre: per star 0.0022 px; whole pixels
+    # alone 0.0077); without, 0.15 and 0.09-0.10 px off (median over the grid). Bounds: 0.015 px
+    # with the models, median > 0.05 px without.
     from rbflow.difference import ref_psf_on_sci_grid
 
     shape, rng = (256, 256), np.random.default_rng(4)
