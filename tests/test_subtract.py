@@ -402,12 +402,12 @@ def test_zogys_psf_error_term_keeps_bright_star_rings_out_of_the_candidates(tmp_
     # static sky (no variables, transients, cosmic rays, defects or zoo) without the distortion
     # residual of the astrometry (which the affine alignment leaves as dipoles on purpose), and
     # 250 injected sources of 16-21.5 mag (inject, realization 0, seed 5). The PSF models are
-    # wrong by a few per cent at the bright stars. Measured: psf_error 0 gives 20 candidates
-    # that are not injected sources, 'auto' (PSFERR 0.021 from 78 stars) 11, and finds 236 of the
+    # wrong by a few per cent at the bright stars. Measured: psf_error 0 gives 17 candidates
+    # that are not injected sources, 'auto' (PSFERR 0.020 from 78 stars) 11, and finds 236 of the
     # 237 injected sources that psf_error 0 finds (before the frames were aligned on the PSF
     # models' centres, rbflow.align: 46, 5 with PSFERR 0.039, and 233 of 238). D, VAR and the
     # empty-sky normalisation are the same. Bounds: at least 12 false candidates without the
-    # term, at most 70 % of them with it; at least 95 % of the injected sources kept.
+    # term, at most three quarters of them with it; at least 95 % of the injected sources kept.
     import warnings
 
     import yaml
@@ -464,7 +464,7 @@ def test_zogys_psf_error_term_keeps_bright_star_rings_out_of_the_candidates(tmp_
                 hdus[pe] = {"hdr": h[0].header.copy(), "DIFF": h["DIFF"].data.copy(), "VAR": h["VAR"].data.copy()}
     h0, ha = hdus[0.0], hdus["auto"]
     assert h0["hdr"]["PSFERR"] == 0 and 0.005 < ha["hdr"]["PSFERR"] < 0.2 and ha["hdr"]["NPSFERR"] >= 20
-    assert false[0.0] >= 12 and false["auto"] <= 0.7 * false[0.0], false
+    assert false[0.0] >= 12 and false["auto"] <= 0.75 * false[0.0], false
     assert (found[0.0] & found["auto"]).sum() >= 0.95 * found[0.0].sum(), (found[0.0].sum(), found["auto"].sum())
     for plane in ("DIFF", "VAR"):
         np.testing.assert_array_equal(h0[plane], ha[plane])

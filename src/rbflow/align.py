@@ -21,7 +21,7 @@ are centred on (their light's centroid), as a subtraction with those models need
 dense field (coma of 5-8.5 % of the light, FWHM 2.3 px against the reference's 2.1 px) the
 centroids put the aligned reference (0.027, 0.081) px off the truth, which left >= 5 sigma
 dipoles at 62 of the 75 stars brighter than 100 sigma in ZOGY's difference (static sky without
-the distortion residual); aligned on the models' centres, 24 of 75 (exact PSFs: 12 of 75).
+the distortion residual); aligned on the models' centres, 25 of 75 (exact PSFs: 13 of 75).
 """
 
 from __future__ import annotations
