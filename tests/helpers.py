@@ -102,12 +102,15 @@ class CountedPSF(GaussPSF):
         self.grid = (side, side)
 
 
-def tan_wcs(shape, shift=(0.0, 0.0)) -> WCS:
+def tan_wcs(shape, shift=(0.0, 0.0), rotation=0.0) -> WCS:
+    """A 1"/px TAN WCS centred on the frame, its reference pixel moved by ``shift`` px, its axes
+    turned by ``rotation`` degrees."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [150.0, 2.0]
     w.wcs.crpix = [shape[1] / 2 + 1 + shift[0], shape[0] / 2 + 1 + shift[1]]
-    w.wcs.cd = np.array([[-1.0, 0.0], [0.0, 1.0]]) / 3600
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    w.wcs.cd = np.array([[-1.0, 0.0], [0.0, 1.0]]) @ np.array([[c, -s], [s, c]]) / 3600
     return w
 
 
@@ -133,20 +136,21 @@ def make_pair(
     fwhm_ref=3.0,
     slope=0.0,
     wcs_error=(0.0, 0.0),
+    rotation=0.0,
     transients=None,
     ref_only=None,
 ):
     """Science/reference pair of the same star field with known PSFs, fluxes and noise.
 
-    The reference is offset by (0.37, -0.21) px (so it must be resampled) and its header WCS is
-    further wrong by ``wcs_error`` px. ``transients`` (x, y, flux) are added to the science only,
+    The reference is offset by (0.37, -0.21) px and turned by ``rotation`` degrees (so it must be
+    resampled), and its header WCS is further wrong by ``wcs_error`` px. ``transients`` (x, y, flux) are added to the science only,
     ``ref_only`` (x, y, flux in science units) to the reference only. Sky 300/500 e-... ADU,
     gain 2 e-/ADU, read noise 5 e-.
     """
     rng = np.random.default_rng(seed)
     wsci = tan_wcs(shape)
-    wref_true = tan_wcs(shape, (0.37, -0.21))
-    wref = tan_wcs(shape, (0.37 + wcs_error[0], -0.21 + wcs_error[1]))
+    wref_true = tan_wcs(shape, (0.37, -0.21), rotation)
+    wref = tan_wcs(shape, (0.37 + wcs_error[0], -0.21 + wcs_error[1]), rotation)
     xs, ys = rng.uniform(-10, shape[1] + 10, nstars), rng.uniform(-10, shape[0] + 10, nstars)
     fl = 300.0 * (2e5 / 300.0) ** (rng.uniform(0, 1, nstars) ** 2.5)
     psf_s = GaussPSF(fwhm_sci, slope=slope, x0=shape[1] / 2)
