@@ -377,6 +377,30 @@ def test_demo_sky_residual_below_3_percent_of_peak_at_centre_and_corners(demo_sk
         assert model.fwhm(x, y) == pytest.approx(demo_true_fwhm(cond, x, y), rel=0.03), (x, y)
 
 
+def test_a_star_that_loses_every_pixel_to_clipping_does_not_poison_the_model(_demo_telescope):
+    # A dense 512^2 demo frame (seed 6) has a PSF star whose every pixel is clipped: its flux
+    # refit was 0 / 0 and the NaN reached every node, so building the model raised (in its FWHM).
+    import copy
+
+    from rbflow.frames import frame_info
+    from rbflow.sky import simulate_frame
+
+    tel = copy.deepcopy(_demo_telescope)
+    tel["sky"].update(
+        size=[512, 512],
+        stars=1000,
+        star_mags=[14.0, 19.0],
+        cosmic_rays=0,
+        hot_pixels=0,
+        bad_columns=0,
+        satellite_rate=0,
+    )
+    hdu, _ = simulate_frame(tel, "fld00_r_ref", seed=6)
+    info = frame_info(hdu.header, tel)
+    model = build_psf(Image(hdu.data, hdu.header, None), info, tel["psf"], pixel_scale=1.0, name="seed6")
+    assert np.isfinite(model.cube).all() and np.all((model.cell_fwhm > 1.5) & (model.cell_fwhm < 3.5))
+
+
 def demo_true_fwhm(cond, x, y, sub=8):
     """FWHM of the demo's true pixel-integrated PSF at (x, y), measured as PSFModel.fwhm measures it.
 

@@ -876,7 +876,10 @@ def _solve_epsf(
         design = design_at(stars)
         model = (design @ sol).reshape(len(stars), -1)
         ws = use / (sky_var + np.maximum(flux[:, None] * model, 0) / gain)
-        flux = np.maximum((ws * model * d).sum(1) / (ws * model * model).sum(1), 1e-12)
+        # a star whose every pixel was clipped (rejected below, or already) keeps its flux: 0 / 0
+        # would put NaN into the next solve's weights and every node (a dense 512^2 demo frame)
+        den = (ws * model * model).sum(1)
+        flux = np.where(den > 0, np.maximum((ws * model * d).sum(1) / np.where(den > 0, den, 1.0), 1e-12), flux)
         source = np.maximum(flux[:, None] * model, 0)
         # Pixels are clipped from scratch (the previous model was worse), so the residuals are
         # weighed without the previous clipping: weighed with it, a clipped pixel (weight 0) came
