@@ -528,3 +528,31 @@ def file_quality(path: Path | str) -> dict:
             h["SCI"].data.astype(float),
             h[0].header["FWHMSCI"],
         )
+
+
+def static_demo_frames(root: Path, frames: tuple[str, ...], *, psf: bool = True, **sky_settings) -> dict:
+    """The demo telescope on its static sky (no variables, transients, cosmic rays, bad pixels,
+    satellites or bogus zoo: every residual at a star is the subtraction's), ``sky_settings``
+    on top; ``frames`` written to ``root`` with the demo seed, with their PSF models unless
+    ``psf`` is false. Returns the telescope."""
+    import warnings
+
+    import yaml
+
+    from rbflow import sky
+    from rbflow.config import load_telescope
+    from rbflow.psf import run_psf
+
+    raw = yaml.safe_load((REPO / "config/telescopes/demo.yaml").read_text())
+    del raw["sky"]["artefacts"]  # the schema's default: off
+    raw["sky"].update(variables=0, transients=0, cosmic_rays=0, hot_pixels=0, bad_columns=0, satellite_rate=0.0)
+    raw["sky"].update(sky_settings)
+    (root / "demo.yaml").write_text(yaml.safe_dump(raw))
+    tel = load_telescope(root / "demo.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the PSF stage warns about borrowing cells, as it should
+        for frame in frames:
+            sky.write_frame(tel, frame, root / f"{frame}.fits", root / f"{frame}.ecsv", seed=20261124)  # config.yaml's
+            if psf:
+                run_psf(root / f"{frame}.fits", root / f"{frame}.psf.fits", root / f"{frame}.psf.png", tel)
+    return tel

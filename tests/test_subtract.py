@@ -13,7 +13,7 @@ from astropy.wcs import WCS
 from helpers import PAIR_CFG as CFG
 from helpers import PAIR_DET as DET
 from helpers import PAIR_INFO as INFO
-from helpers import RATIO, CountedPSF, GaussPSF, make_pair, render, subtract_pair
+from helpers import RATIO, CountedPSF, GaussPSF, make_pair, render, static_demo_frames, subtract_pair
 from scipy import ndimage
 
 from rbflow import subtract as sub
@@ -370,34 +370,6 @@ def test_auto_needing_missing_sfft_is_a_config_error_naming_both_fixes(monkeypat
         subtract_pair(few, {**CFG, "method": "auto"})
 
 
-def _static_demo_frames(root, frames, **sky_settings) -> dict:
-    """The demo telescope on its static sky (no variables, transients, cosmic rays, bad pixels,
-    satellites or bogus zoo: every residual at a star is the subtraction's), ``sky_settings``
-    on top; ``frames`` written to ``root`` with the demo seed, with their PSF models. Returns the
-    telescope."""
-    import warnings
-
-    import yaml
-    from helpers import REPO
-
-    from rbflow import sky
-    from rbflow.config import load_telescope
-    from rbflow.psf import run_psf
-
-    raw = yaml.safe_load((REPO / "config/telescopes/demo.yaml").read_text())
-    del raw["sky"]["artefacts"]  # the schema's default: off
-    raw["sky"].update(variables=0, transients=0, cosmic_rays=0, hot_pixels=0, bad_columns=0, satellite_rate=0.0)
-    raw["sky"].update(sky_settings)
-    (root / "demo.yaml").write_text(yaml.safe_dump(raw))
-    tel = load_telescope(root / "demo.yaml")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the PSF stage warns about borrowing cells, as it should
-        for frame in frames:
-            sky.write_frame(tel, frame, root / f"{frame}.fits", root / f"{frame}.ecsv", seed=20261124)  # config.yaml's
-            run_psf(root / f"{frame}.fits", root / f"{frame}.psf.fits", root / f"{frame}.psf.png", tel)
-    return tel
-
-
 @pytest.mark.parametrize(
     ("seeing", "bound"),
     [
@@ -418,7 +390,7 @@ def test_zogy_with_the_psf_models_on_the_demos_dense_field(tmp_path, seeing, bou
     # averaged over the phases of its footprint: 1.041 at the default tile of 256 px.
     from helpers import file_quality
 
-    tel = _static_demo_frames(tmp_path, ("fld01_g_ref", "fld01_g_e2"), distortion_residual=0.0, **seeing)
+    tel = static_demo_frames(tmp_path, ("fld01_g_ref", "fld01_g_e2"), distortion_residual=0.0, **seeing)
     frames = [tmp_path / f"fld01_g_{k}{ext}" for ext in (".fits", ".psf.fits") for k in ("e2", "ref")]
     out = tmp_path / "zogy.fits"
     sub.run_subtract(*frames[:2], *frames[2:], out, {**tel, "subtract": {**tel["subtract"], "method": "zogy"}})
@@ -431,17 +403,20 @@ def test_the_demos_sparse_field_shows_zogys_rings_and_auto_takes_sfft(tmp_path):
     # Issue 15: the demo's own sky must show what real few-star frames do. Its sparse field fld03
     # (sky.field_star_density: a tenth of the stars) on its static sky (no variables, transients,
     # cosmic rays or bogus zoo: every residual at a bright star is the subtraction's), the demo
-    # seed, the reference and the first epoch. Measured: own PSF stars per cell, medians 3 and 8;
-    # zogy leaves a >= 5 sigma residual at 12 of the 12 stars > 100 sigma (noise ratio 1.02, 22/37
-    # +-5 sigma blobs), sfft, which auto takes (subtract.auto_star_count: own), at 2 (1.0005, 14/7).
-    # (Before the PSF stage centred its ePSFs on their light, with the demo's PSF then, a Moffat
-    # without coma: zogy 12/12 at noise ratio 1.46, sfft 2/12.) Bounds: half the bright stars and
-    # twice the blobs for zogy, a quarter of the bright stars for auto.
+    # seed, the reference and the first epoch. Measured: own PSF stars per cell, medians 3 and 3,
+    # the epoch's outer cells on the frame-wide ePSF; zogy leaves a >= 5 sigma residual at 8 of
+    # the 8 stars > 100 sigma (noise ratio 1.03, 27/44 +-5 sigma blobs), sfft, which auto takes,
+    # at 1 (0.999, 9/3). (Before the PSF stars were held to the stellar locus, galaxies were 46 of
+    # the reference's 70 and 13 of the epoch's 27: medians 3 and 8, zogy 12/12, sfft 2/12, the
+    # stars > 100 sigma counted in a 1 FWHM aperture of the galaxy-widened model. Before the PSF
+    # stage centred its ePSFs on their light, with the demo's PSF then, a Moffat without coma:
+    # zogy 12/12 at noise ratio 1.46, sfft 2/12.) Bounds: half the bright stars and twice the
+    # blobs for zogy, a quarter of the bright stars for auto.
     from astropy.io import fits
     from helpers import file_quality
 
     pytest.importorskip("sfft", reason="the sfft method needs the optional dependency rbflow[sfft]")
-    tel = _static_demo_frames(tmp_path, ("fld03_g_ref", "fld03_g_e1"))
+    tel = static_demo_frames(tmp_path, ("fld03_g_ref", "fld03_g_e1"))
     quality, headers = {}, {}
     for method in ("zogy", "auto"):
         out = tmp_path / f"{method}.fits"
@@ -450,7 +425,7 @@ def test_the_demos_sparse_field_shows_zogys_rings_and_auto_takes_sfft(tmp_path):
         sub.run_subtract(*frames[:2], *frames[2:], out, cfg, threads=2)
         quality[method], headers[method] = file_quality(out), fits.getheader(out)
     assert headers["auto"]["METHOD"] == "sfft"
-    assert headers["auto"]["METHAUTO"] == "sfft: PSF stars per cell sci 3, ref 8 < 8"
+    assert headers["auto"]["METHAUTO"] == "sfft: PSF stars per cell sci 3, ref 3; PSF fallback frame"
     bright = quality["zogy"]["bright_n"]
     assert bright >= 8 and quality["auto"]["bright_n"] == bright
     blobs = {m: quality[m]["blobs_pos"] + quality[m]["blobs_neg"] for m in ("zogy", "auto")}

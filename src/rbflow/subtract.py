@@ -856,7 +856,9 @@ def subtract_images(
         difference = _method(name)
     pp = prepare_pair(sci, ref, psf_sci, psf_ref, info_sci, info_ref, cfg, threads=threads)
     diff = difference(pp, psf_sci, psf_ref, cfg, threads=threads)
-    diff.cards.insert(1, ("METHAUTO", f"{name}: {why}" if why else "set by subtract.method", "why METHOD ran"))
+    reason = f"{name}: {why}" if why else "set by subtract.method"
+    # the comment only where it fits the 80-character card (a longer one is truncated, with a warning)
+    diff.cards.insert(1, ("METHAUTO", reason, "why METHOD ran" if len(reason) <= 51 else ""))
     return _assemble(sci, pp, diff, threads=threads)
 
 
