@@ -338,22 +338,20 @@ def test_run_psf_writes_model_and_png(tmp_path, demo_telescope):
     assert model.fwhm(128, 128) == pytest.approx(true_epsf_fwhm(128, 128, (256, 256)), rel=0.03)
 
 
-@pytest.fixture(scope="module")
-def demo_sky(_demo_telescope):
-    """PSF model of a small demo-sky reference frame and the frame's true conditions.
+def dense_demo_frame(demo_tel: dict, seed: int) -> tuple[Image, FrameInfo, dict]:
+    """A 512^2 demo-sky reference frame made denser in bright stars, its facts and its telescope.
 
-    The demo PSF is an elliptical Moffat core (beta 2.5) with coma, whose FWHM,
-    ellipticity and coma change across the frame (config/telescopes/demo.yaml). The star field is
-    made denser in bright stars (1000 stars of 14-19 mag per 1024^2) so that a 512^2 frame holds
-    the ~100 PSF stars of a full demo frame.
+    The demo PSF is an elliptical Moffat core (beta 2.5) with coma, whose FWHM, ellipticity and
+    coma change across the frame (config/telescopes/demo.yaml). The star field is made denser in
+    bright stars (1000 stars of 14-19 mag per 1024^2) so that a 512^2 frame holds the ~100 PSF
+    stars of a full demo frame; no cosmic rays, hot pixels, bad columns or satellites.
     """
     import copy
 
     from rbflow.frames import frame_info
-    from rbflow.sky import frame_conditions
-    from rbflow.sky import simulate_frame as simulate_demo_frame
+    from rbflow.sky import simulate_frame
 
-    tel = copy.deepcopy(_demo_telescope)
+    tel = copy.deepcopy(demo_tel)
     tel["sky"].update(
         size=[512, 512],
         stars=1000,
@@ -363,14 +361,17 @@ def demo_sky(_demo_telescope):
         bad_columns=0,
         satellite_rate=0,
     )
-    hdu, _ = simulate_demo_frame(tel, "fld00_r_ref", seed=1)
-    model = build_psf(
-        Image(hdu.data, hdu.header, None),
-        frame_info(hdu.header, tel),
-        tel["psf"],
-        pixel_scale=tel["pixel_scale"],
-        name="demo",
-    )
+    hdu, _ = simulate_frame(tel, "fld00_r_ref", seed=seed)
+    return Image(hdu.data, hdu.header, None), frame_info(hdu.header, tel), tel
+
+
+@pytest.fixture(scope="module")
+def demo_sky(_demo_telescope):
+    """PSF model of :func:`dense_demo_frame` (seed 1) and the frame's true conditions."""
+    from rbflow.sky import frame_conditions
+
+    image, info, tel = dense_demo_frame(_demo_telescope, 1)
+    model = build_psf(image, info, tel["psf"], pixel_scale=tel["pixel_scale"], name="demo")
     return model, frame_conditions(tel, "fld00_r_ref", seed=1)
 
 
@@ -423,25 +424,8 @@ def test_galaxies_that_outnumber_the_stars_stay_out_of_the_psf(tmp_path, caplog)
 def test_a_star_that_loses_every_pixel_to_clipping_does_not_poison_the_model(_demo_telescope):
     # A dense 512^2 demo frame (seed 6) had a PSF star whose every pixel was clipped: its flux
     # refit was 0 / 0 and the NaN reached every node, so building the model raised in its FWHM.
-    import copy
-
-    from rbflow.frames import frame_info
-    from rbflow.sky import simulate_frame
-
-    tel = copy.deepcopy(_demo_telescope)
-    tel["sky"].update(
-        size=[512, 512],
-        stars=1000,
-        star_mags=[14.0, 19.0],
-        cosmic_rays=0,
-        hot_pixels=0,
-        bad_columns=0,
-        satellite_rate=0,
-    )
-    hdu, _ = simulate_frame(tel, "fld00_r_ref", seed=6)
-    model = build_psf(
-        Image(hdu.data, hdu.header, None), frame_info(hdu.header, tel), tel["psf"], pixel_scale=1.0, name="d"
-    )
+    image, info, tel = dense_demo_frame(_demo_telescope, 6)
+    model = build_psf(image, info, tel["psf"], pixel_scale=1.0, name="seed6")
     assert np.isfinite(model.cube).all() and np.all((model.cell_fwhm > 1.5) & (model.cell_fwhm < 3.5))
 
 
