@@ -856,9 +856,7 @@ def subtract_images(
         difference = _method(name)
     pp = prepare_pair(sci, ref, psf_sci, psf_ref, info_sci, info_ref, cfg, threads=threads)
     diff = difference(pp, psf_sci, psf_ref, cfg, threads=threads)
-    reason = f"{name}: {why}" if why else "set by subtract.method"
-    # the comment only where it fits the 80-character card (a longer one is truncated, with a warning)
-    diff.cards.insert(1, ("METHAUTO", reason, "why METHOD ran" if len(reason) <= 51 else ""))
+    diff.cards.insert(1, ("METHAUTO", f"{name}: {why}" if why else "set by subtract.method", "why METHOD ran"))
     return _assemble(sci, pp, diff, threads=threads)
 
 
@@ -943,6 +941,10 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -
         if isinstance(value, float) and not math.isfinite(value):
             value = -1.0
             comment = "undefined (no star)"
+        # a comment goes only where it fits the 80-character card (the value field is padded to
+        # column 30); astropy would truncate it with a warning (a 58-character METHAUTO reason)
+        if max(len(fits.Card(key, value).image.rstrip()), 30) + 3 + len(comment) > 80:
+            comment = ""
         h[key] = (value, comment)
 
     sci_hdr = sci.header.copy()
