@@ -23,7 +23,7 @@ Method
    test). On the demo's sparse field (a tenth of the stars) 46 of the reference's 70 candidates
    were galaxies, which the solve's own test below (each star against a model they dominate)
    did not catch: the model's peak was half the truth's, 14-42 % of the peak off; 1.7-2.8 %
-   without them. On the dense fields it drops 1-5 of 80-120 (blends of two stars, galaxies),
+   without them. On dense 512^2 demo frames it drops 1-5 of 80-110 (blends of two stars, galaxies),
    and the models stay as close to the truth as before (largest error of 5 positions on 8
    dense 512^2 frames: 2.4-4.4 % either way).
 3. The *effective PSF* (ePSF, Anderson & King 2000) is the pixel-integrated PSF sampled on a
