@@ -3,6 +3,8 @@
 For each image size, on the same pair and in one process, prints the wall time of:
 
 * rbflow ZOGY (``subtract.method: zogy``): alignment alone, subtraction with and without it;
+  and without its kernels fitted on the stars (``subtract.fit_kernel`` off: the PSF models
+  alone, which are exact here);
 * rbflow sfft (``subtract.method: sfft``, alignment included);
 * sfft's ``Customized_Packet`` called directly (numpy backend, 2 threads, whole frame; not above
   ``--sfft-direct-max`` px, as it needs ~5 GB per 1024² of frame);
@@ -327,6 +329,25 @@ def main(
             tz - ta,
             tz - ta,
             own_candidates(res["rbflow zogy"][0], psf_s, tr),
+        )
+        hm, tm = [], []
+        for sci, ref in pairs:
+            t0 = time.perf_counter()
+            hm.append(
+                subtract_images(sci, ref, psf_s, psf_r, INFO, INFO, {**zcfg, "fit_kernel": False}, threads=THREADS)
+            )
+            tm.append(time.perf_counter() - t0)
+        describe(
+            "rbflow zogy, models only",
+            hm[0]["DIFF"].data,
+            hm[1]["DIFF"].data,
+            free,
+            star,
+            tr,
+            valid,
+            min(tm) - ta,
+            tz - ta,
+            own_candidates(hm[0], psf_s, tr) + f"; kernels fitted in {h1[0].header['KERNFIT']} tiles with them",
         )
         if n > sfft_method_max:
             print(f"  {'rbflow sfft':<28s} skipped above {sfft_method_max} px (see --help)")

@@ -79,7 +79,9 @@ class Difference:
 
     ``sc_divisor``, when given, divides the score map after its empty-sky normalisation: a term
     of the score's error that the empty sky does not show (ZOGY's PSF-model error, which faint
-    stars there would otherwise pull into the normalisation)."""
+    stars there would otherwise pull into the normalisation). ``flux_ratio``, when given, is the
+    flux ratio F_r/F_n the method measured and used, with its error and number of stars, in
+    place of the pair's (ZOGY's fitted kernels)."""
 
     D: np.ndarray
     V: np.ndarray
@@ -88,6 +90,7 @@ class Difference:
     centres: list[tuple[int, int]]
     cards: list[tuple[str, Any, str]]
     sc_divisor: np.ndarray | None = None
+    flux_ratio: tuple[float, float, int] | None = None
 
 
 #: A subtraction method: ``(pair, psf_sci, psf_ref, cfg, *, threads) -> Difference``.

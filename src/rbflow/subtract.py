@@ -4,7 +4,10 @@
 masks invalid pixels, subtracts the backgrounds (:func:`rbflow.background.background`) and fits
 the flux ratio on matched stars. The default subtraction follows Zackay, Ofek & Gal-Yam (2016,
 ApJ 830, 27; "ZOGY"), run on overlapping tiles, each with the PSFs of its centre, blended with
-linear-interpolation weights, so that a spatially varying PSF is followed. The tiles run on
+linear-interpolation weights, so that a spatially varying PSF is followed; the broader of each
+tile's two PSFs is the sharper one convolved with a matching kernel fitted on the tile's stars
+(:mod:`rbflow.matching`), so that where the models are off by a per cent, or the resampled
+reference's undersampled stars are not its PSF shifted, D follows the stars. The tiles run on
 ``threads`` threads, in single precision with real FFTs; each tile's kernels are transformed
 once (:func:`zogy_kernels`) and applied to the four images of the tile (science, reference and
 their variance maps) in one batched transform (:func:`zogy_apply`). The ``sfft`` method
@@ -26,7 +29,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from rbflow.difference import Difference, Method, PreparedPair, PSFLike, astrome
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
+from rbflow.matching import STAMP_FWHM, KernelFit, fit_kernel, kernel_half_size, match_stars
 from rbflow.psf import PSFModel
 from rbflow.quality import bright_stars, robust_std
 from rbflow.stars import grow_mask
@@ -73,6 +77,14 @@ _KERNEL_GRID = 4
 #: axis of a ZOGY tile's footprint at which the phase is taken (:func:`_tile_psfs`).
 _TILE_PHASE_BINS = 4
 _TILE_PHASE_POINTS = 16
+#: Fewest stars on which a ZOGY tile's PSF-matching kernel is fitted (``subtract.fit_kernel``).
+_KERNEL_MIN_STARS = 8
+#: Relative error within which the fitted kernels' flux ratio is taken for the pair's.
+_KERNEL_RATIO_PRECISION = 0.01
+#: Relative error of a tile's kernel sum, fitted free, and relative difference from the pair's
+#: flux ratio (and 3 sigma), beyond which the tile keeps the models (the demo's flat-field
+#: residual moves the tiles' sums by 1-2 %).
+_KERNEL_RATIO_TOLERANCE = 0.03
 
 
 def _fast_len(n: int) -> int:
@@ -452,6 +464,108 @@ def _tile_psfs(
     return pn, pr / pr.sum()
 
 
+@dataclass
+class _TileKernels:
+    """Each ZOGY tile's PSF-matching kernel (:func:`rbflow.matching.fit_kernel`) fitted on its stars.
+
+    The broader image (by the PSF models' FWHMs at the frame centre) is fitted as the sharper one
+    convolved with a kernel that varies linearly across the tile, each star weighed by the tile's
+    blending weight there; the broader image's PSF of the tile becomes the kernel at its centre
+    convolved with the sharper one's (unit sum). The flux ratio F_r/F_n held for every tile's
+    kernel is the one their free sums say (median over the tiles, error 1.4826 MAD over the
+    square root of their number, or the fit's own error for one or two tiles) where that is
+    known to :data:`_KERNEL_RATIO_PRECISION`, else the pair's PSF-fit ratio; a tile whose free
+    sum is not known to :data:`_KERNEL_RATIO_TOLERANCE` or disagrees with that ratio by more than
+    3 sigma and that tolerance (variables among few stars) keeps the models, as does one with
+    fewer than :data:`_KERNEL_MIN_STARS` stars.
+
+    ``fits``: the fit of each tile centre (None: the models); ``ratio``, ``ratio_err``: the flux
+    ratio held and its error; ``from_kernels``: whether the kernels measured it;
+    ``sci_broader``: which image was fitted; ``half``: the kernels' half-size (px);
+    ``n_discordant``: tiles left to the models for their flux ratio.
+    """
+
+    fits: dict[tuple[int, int], KernelFit | None]
+    ratio: float
+    ratio_err: float
+    from_kernels: bool
+    sci_broader: bool
+    half: int
+    n_discordant: int
+
+    @classmethod
+    def of(cls, pp: PreparedPair, tile: int) -> _TileKernels:
+        """Fit the tiles of :func:`_tiles` (``tile`` px apart) of a prepared pair on the
+        reference's stars in science units (:func:`rbflow.matching.match_stars`: a transient is
+        not one)."""
+        broad = max(pp.fwhm_s, pp.fwhm_r)
+        half = kernel_half_size(broad)
+        stars_x, stars_y = match_stars(pp.R / pp.fr, pp.bad, pp.sn, broad)
+        sci_broader = pp.fwhm_s >= pp.fwhm_r
+        if sci_broader:
+            target, source, variance = pp.N, pp.R, pp.var_n + pp.var_r / pp.fr**2
+        else:
+            target, source, variance = pp.R, pp.N, pp.var_r + pp.var_n * pp.fr**2
+        fits: dict[tuple[int, int], KernelFit | None] = {}
+        for y0, y1, ty, wy in _tiles(pp.N.shape[0], tile):
+            for x0, x1, tx, wx in _tiles(pp.N.shape[1], tile):
+                inside = np.flatnonzero((stars_x >= x0) & (stars_x < x1) & (stars_y >= y0) & (stars_y < y1))
+                sx, sy = stars_x[inside], stars_y[inside]
+                weight = np.maximum(wx[sx - x0], 0.0) * np.maximum(wy[sy - y0], 0.0)
+                fits[tx, ty] = fit_kernel(
+                    target,
+                    source,
+                    variance,
+                    pp.bad,
+                    sx[weight > 0],
+                    sy[weight > 0],
+                    weight[weight > 0],
+                    half=half,
+                    stamp=int(math.ceil(STAMP_FWHM * broad)),
+                    min_stars=_KERNEL_MIN_STARS,
+                    centre=(tx, ty),
+                    scale=float(max(x1 - x0, y1 - y0)),
+                )
+        # each fitted tile's flux ratio F_r/F_n with its error, from the kernel's free sum
+        free = {}
+        for key, fit in fits.items():
+            if fit is not None:
+                total, err = float(fit.kernel().sum()), fit.sum_error()
+                free[key] = (1.0 / total, err / total**2) if sci_broader else (total, err)
+        ratio, ratio_err, from_kernels = pp.fr, pp.fr_err, False
+        if free:
+            values = np.array([r for r, _ in free.values()])
+            measured = float(np.median(values))
+            if len(values) >= 3:
+                error = 1.4826 * float(np.median(np.abs(values - measured))) / math.sqrt(len(values))
+            else:
+                error = float(np.sqrt(np.mean([e**2 for _, e in free.values()]) / len(values)))
+            if measured > 0 and error <= _KERNEL_RATIO_PRECISION * measured:
+                ratio, ratio_err, from_kernels = measured, error, True
+        tolerance = _KERNEL_RATIO_TOLERANCE * ratio
+        discordant = [
+            key
+            for key, (r, e) in free.items()
+            if e > tolerance or abs(r - ratio) > max(3 * math.hypot(e, ratio_err), tolerance)
+        ]
+        for key in discordant:
+            fits[key] = None
+        return cls(fits, ratio, ratio_err, from_kernels, sci_broader, half, len(discordant))
+
+    def psfs(self, pn: np.ndarray, pr: np.ndarray, tx: int, ty: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The PSFs of the tile centred at (``tx``, ``ty``), the broader one fitted (unit sum),
+        and the stars of the fit (0: none, the models unchanged)."""
+        from scipy import signal
+
+        fit = self.fits[tx, ty]
+        if fit is None:
+            return pn, pr, 0
+        kernel = fit.kernel(1.0 / self.ratio if self.sci_broader else self.ratio)
+        fitted = signal.convolve2d(pr if self.sci_broader else pn, kernel, mode="same")
+        fitted /= fitted.sum()
+        return (fitted, pr, fit.n_stars) if self.sci_broader else (pn, fitted, fit.n_stars)
+
+
 def _tile_zogy(
     planes: list[np.ndarray],
     pn: np.ndarray,
@@ -490,20 +604,26 @@ def _zogy_tiled(
     margin: int,
     threads: int,
     envelope: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
+    kernels: _TileKernels | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]], list[int]]:
     """ZOGY on overlapping tiles (PSFs of each tile's centre) blended with interpolation weights.
 
-    Tiles run on ``threads`` threads. Returns D, var_D, S_corr, the static term Q of the
-    PSF-model error (zeros without ``envelope``; see :func:`zogy_apply`), the P_D of every tile
-    and the tile centres.
+    Tiles run on ``threads`` threads. With ``kernels``, each tile's broader PSF is the one its
+    stars fit (:class:`_TileKernels`). Returns D, var_D, S_corr, the static term Q of the
+    PSF-model error (zeros without ``envelope``; see :func:`zogy_apply`), the P_D of every tile,
+    the tile centres and the stars each tile's kernel was fitted on (0: the models).
     """
     ny, nx = N.shape
     pads = ((margin, margin), (margin, margin))
     planes = [np.pad(a, pads, mode="reflect") for a in (N, R, var_n, var_r)]
-    jobs, places = [], []
+    jobs, places, fitted = [], [], []
     for y0, y1, ty, wy in _tiles(ny, tile):
         for x0, x1, tx, wx in _tiles(nx, tile):
             pn, pr = _tile_psfs(psf_sci, psf_ref, to_ref, (x0, x1, tx, wx), (y0, y1, ty, wy), size)
+            n_fit = 0
+            if kernels is not None:
+                pn, pr, n_fit = kernels.psfs(pn, pr, tx, ty)
+            fitted.append(n_fit)
             win = (slice(y0, y1 + 2 * margin), slice(x0, x1 + 2 * margin))
             core = (slice(margin, margin + y1 - y0), slice(margin, margin + x1 - x0))
             jobs.append((planes, pn, pr, win, core, sn, sr, fr, dx, dy, envelope))
@@ -521,7 +641,7 @@ def _zogy_tiled(
             if envelope:
                 Q[out] += w * res["Q"]
             psfd.append(pd)
-    return D, V, SC, Q, psfd, [c for *_, c in places]
+    return D, V, SC, Q, psfd, [c for *_, c in places], fitted
 
 
 def prepare_pair(
@@ -630,7 +750,19 @@ def _zogy_difference(
     psf_error = cfg.get("psf_error", 0.0)
     # the PSF-model error term's envelope: a box of half-width one FWHM (the rings' reach)
     envelope = 2 * int(math.ceil(max(pp.fwhm_s, pp.fwhm_r))) + 1 if psf_error != 0 else 0
-    D, V, SC, Q, psfd, centres = _zogy_tiled(
+    kernels = _TileKernels.of(pp, tile) if cfg.get("fit_kernel", True) else None
+    flux_ratio = None
+    if kernels is not None and kernels.from_kernels:
+        log.info(
+            "zogy: flux ratio F_r/F_n %.4f +- %.4f from the fitted kernels (%.4f from PSF fits)",
+            kernels.ratio,
+            kernels.ratio_err,
+            pp.fr,
+        )
+        n_stars = sum(f.n_stars for f in kernels.fits.values() if f is not None)
+        flux_ratio = (kernels.ratio, kernels.ratio_err, n_stars)
+        pp = replace(pp, fr=kernels.ratio, fr_err=kernels.ratio_err, n_flux=n_stars)
+    D, V, SC, Q, psfd, centres, fitted = _zogy_tiled(
         pp.N,
         pp.R,
         pp.var_n,
@@ -648,7 +780,19 @@ def _zogy_difference(
         margin=margin,
         threads=threads,
         envelope=envelope,
+        kernels=kernels,
     )
+    n_fit = sum(n > 0 for n in fitted)
+    if kernels is not None:
+        log.info(
+            "zogy: PSF-matching kernel (half-size %d px) fitted in %d of %d tiles on %s stars (%d left to the "
+            "models for their flux ratio)",
+            kernels.half,
+            n_fit,
+            len(fitted),
+            "-".join(str(f(n for n in fitted if n)) for f in (min, max)) if n_fit else "no",
+            kernels.n_discordant,
+        )
     eps, n_eps = _psf_error(pp, SC, Q) if psf_error == "auto" else (float(psf_error), 0)
     divisor = None
     if eps > 0:
@@ -659,10 +803,13 @@ def _zogy_difference(
         ("PSFERR", eps, "PSF-model error in SCORR (subtract.psf_error)"),
         ("NPSFERR", n_eps, "stars PSFERR was measured on (0: set)"),
         ("NTILES", len(centres), "ZOGY tiles, each with its own PSFs"),
+        ("KERNFIT", n_fit, "tiles whose broader PSF was fitted (fit_kernel)"),
+        ("KERNHALF", kernels.half if kernels is not None else 0, "[pix] half-size of the fitted kernels"),
+        ("KERNSTAR", int(np.median([n for n in fitted if n])) if n_fit else 0, "median stars of a tile's kernel fit"),
         ("TILE", tile, "[pix] tile spacing (subtract.tile)"),
         ("OVERLAP", margin, "[pix] tile margin used"),
     ]
-    return Difference(D, V, SC, psfd, centres, cards, sc_divisor=divisor)
+    return Difference(D, V, SC, psfd, centres, cards, sc_divisor=divisor, flux_ratio=flux_ratio)
 
 
 def _psf_error(pp: PreparedPair, SC: np.ndarray, Q: np.ndarray) -> tuple[float, int]:
@@ -819,8 +966,10 @@ def subtract_images(
         per pair from the PSF models, see :func:`auto_method`, with ``auto_min_stars``); ``tile`` (px): spacing
         of the ZOGY tile centres where the PSFs are evaluated, each tile's ZOGY result reaching the
         neighbouring centres and blended with linear-interpolation weights; ``overlap`` (px):
-        extra margin of each ZOGY tile (at least the PSF stamp size is used); ``refine_astrometry``;
-        ``sfft`` (the sfft parameters, see :func:`rbflow.sfft_method.sfft_difference`).
+        extra margin of each ZOGY tile (at least the PSF stamp size is used); ``fit_kernel``
+        (default True): each ZOGY tile's broader PSF fitted on its stars (:mod:`rbflow.matching`);
+        ``refine_astrometry``; ``sfft`` (the sfft parameters, see
+        :func:`rbflow.sfft_method.sfft_difference`).
     threads : int, optional
         Threads of the backgrounds, the ZOGY tiles, the FFTs and sfft (the rule's ``threads``);
         the result does not depend on it.
@@ -856,6 +1005,9 @@ def subtract_images(
         difference = _method(name)
     pp = prepare_pair(sci, ref, psf_sci, psf_ref, info_sci, info_ref, cfg, threads=threads)
     diff = difference(pp, psf_sci, psf_ref, cfg, threads=threads)
+    if diff.flux_ratio is not None:
+        fr, fr_err, n_flux = diff.flux_ratio
+        pp = replace(pp, fr=fr, fr_err=fr_err, n_flux=n_flux)
     diff.cards.insert(1, ("METHAUTO", f"{name}: {why}" if why else "set by subtract.method", "why METHOD ran"))
     return _assemble(sci, pp, diff, threads=threads)
 
@@ -914,6 +1066,7 @@ def _assemble(sci: Image, pp: PreparedPair, diff: Difference, *, threads: int) -
         ("FLXRATIO", pp.fr, "F_r/F_n reference/science flux ratio"),
         ("FLXRERR", pp.fr_err, "error of FLXRATIO"),
         ("NFLXSTAR", pp.n_flux, "stars used for FLXRATIO"),
+        ("FLXRFROM", "PSF fits" if diff.flux_ratio is None else "kernel sums", "how FLXRATIO was measured"),
         ("SIGMAN", pp.sn, "[adu] background noise of SCI"),
         ("SIGMAR", pp.sr, "[adu] bkg noise of aligned REF, unscaled"),
         ("GAINN", pp.gain_n, "[e-/adu] science gain"),
