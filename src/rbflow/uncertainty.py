@@ -86,11 +86,11 @@ never reads the training datacube. A reference written before the score moved to
 (every block's features) is restricted to the first block's columns when read (its leave-one-out
 distances recomputed: 0.3 CPU-s for 4000 stamps). The starter model's reference was cut down so and
 calibrated on its validation frames, regenerated from its recorded config and seed: against them
-the ZTF packets score AUROC 0.69 (0.81 against its training stamps' own distances), and as a set
-z 1.5, since its frames are each another randomised camera (its validation frames' means spread by
-0.13 beyond sampling noise; the demo's by 0.05). Measured on the starter retrained at commit
-e47068c (PSF stars held to the stellar locus; it transfers to the packets at AUROC 0.974); that of
-2fd7d87 gave 0.71, 0.81, z 1.5 and 0.14, that of 852e08f gave 0.70, 0.80, z 1.5 and 0.13, that of 3e167ef (its sky has coma and halos) gave 0.70, 0.81, z 1.8 and 0.11, that of
+the ZTF packets score AUROC 0.70 (0.81 against its training stamps' own distances), and as a set
+z 1.7, since its frames are each another randomised camera (its validation frames' means spread by
+0.11 beyond sampling noise; the demo's by 0.05). Measured on the starter retrained at commit
+f8330b1 (ZOGY's tiles fit their broader PSF on their stars; it transfers to the packets at AUROC
+0.984); that of e47068c gave 0.69, 0.81, z 1.5 and 0.13, that of 2fd7d87 gave 0.71, 0.81, z 1.5 and 0.14, that of 852e08f gave 0.70, 0.80, z 1.5 and 0.13, that of 3e167ef (its sky has coma and halos) gave 0.70, 0.81, z 1.8 and 0.11, that of
 898df2f before it 0.68, 0.79, z 1.7 and 0.10, that of 5cd8b53 0.73, 0.87, z 1.8 and 0.125, and
 the one before that 0.75, z 2.0 and 0.12.
 """
