@@ -5,7 +5,7 @@ import pytest
 from helpers import GaussPSF, render
 from scipy import signal
 
-from rbflow.matching import fit_kernel, kernel_half_size, match_stars
+from rbflow.matching import fit_kernel, kernel_half_size, match_stars, star_products
 
 RATIO = 0.5  # target / source flux ratio
 NOISE = 5.0  # background noise of both images (ADU)
@@ -44,7 +44,8 @@ def _pair(*, brighter: int | None = None, seed: int = 3):
 def _fit(target, source, var, *, bad=None, min_stars=8):
     bad = np.zeros(target.shape, bool) if bad is None else bad
     xs, ys = match_stars(source * RATIO, bad, NOISE, 2.6)
-    return fit_kernel(target, source, var, bad, xs, ys, np.ones(len(xs)), half=4, stamp=6, min_stars=min_stars)
+    stars = star_products(target, source, var, bad, xs, ys, half=4, stamp=6)
+    return fit_kernel(stars, np.arange(len(stars.xs)), np.ones(len(stars.xs)), min_stars=min_stars)
 
 
 def _psf_error(fitted, kernel, psf) -> float:
@@ -116,21 +117,10 @@ def test_a_kernel_that_changes_across_the_stars_is_fitted_as_it_is_at_the_centre
     source = source + rng.normal(0.0, np.sqrt(var_s))
     bad = np.zeros(shape, bool)
     sx, sy = match_stars(source * RATIO, bad, NOISE, 2.6)
+    stars = star_products(target, source, var_t + RATIO**2 * var_s, bad, sx, sy, half=4, stamp=6)
+    everyone = np.arange(len(stars.xs))
     errors = []
     for centre in (None, (128.0, 128.0)):
-        fit = fit_kernel(
-            target,
-            source,
-            var_t + RATIO**2 * var_s,
-            bad,
-            sx,
-            sy,
-            np.ones(len(sx)),
-            half=4,
-            stamp=6,
-            min_stars=8,
-            centre=centre,
-            scale=256.0,
-        )
+        fit = fit_kernel(stars, everyone, np.ones(len(everyone)), min_stars=8, centre=centre, scale=256.0)
         errors.append(_psf_error(fit.kernel(RATIO), _gaussian_kernel(1.0, 0.8), psf.stamp(0, 0, 25)))
     assert errors[1] < 0.025 < 0.05 < errors[0]

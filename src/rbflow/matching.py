@@ -11,7 +11,8 @@ residual dipoles stay, as a survey's differences keep them). Its sum is the flux
 show, or one held fixed (a photometric scale constant over the frame). Convolving the sharper
 image's PSF with it gives the broader image's PSF as the data see it, in place of its model.
 
-:func:`match_stars` picks the stars, :func:`fit_kernel` sets up the fit on those of a region and
+:func:`match_stars` picks the stars, :func:`star_products` computes each one's share of the
+least squares once, :func:`fit_kernel` sets up the fit on those of a region and
 :meth:`KernelFit.kernel` solves it.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KernelFit", "match_stars", "fit_kernel", "kernel_half_size"]
+__all__ = ["KernelFit", "StarProducts", "match_stars", "star_products", "fit_kernel", "kernel_half_size"]
 
 #: Peak S/N (of the image smoothed by a Gaussian of the FWHM, in units of the per-pixel noise
 #: over the FWHM) of the stars a kernel is fitted on.
@@ -106,22 +107,37 @@ def match_stars(image: np.ndarray, bad: np.ndarray, noise: float, fwhm: float) -
     return xs[order], ys[order]
 
 
-def fit_kernel(
+@dataclass
+class StarProducts:
+    """Each usable star's weighted least-squares products for :func:`fit_kernel`, computed once
+    per image pair (:func:`star_products`): the stars' integer positions ``xs``, ``ys``; ``gram``
+    (n, m, m) and ``projected`` (n, m), the products of the design [source shifted by each of the
+    kernel's offsets, 1] with itself and with the target over the star's stamp, each pixel weighed
+    by the inverse variance (m = (2 half + 1)² + 1); ``energy`` (n,) the target's weighted sum of
+    squares; ``half`` and ``pixels`` (per stamp)."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    gram: np.ndarray
+    projected: np.ndarray
+    energy: np.ndarray
+    half: int
+    pixels: int
+
+
+def star_products(
     target: np.ndarray,
     source: np.ndarray,
     variance: np.ndarray,
     bad: np.ndarray,
     xs: np.ndarray,
     ys: np.ndarray,
-    weights: np.ndarray,
     *,
     half: int,
     stamp: int,
-    min_stars: int,
-    centre: tuple[float, float] | None = None,
-    scale: float = 1.0,
-) -> KernelFit | None:
-    """Set up the fit of ``target ≈ kernel ⊛ source + c`` on stamps around the stars at (``xs``, ``ys``).
+) -> StarProducts:
+    """The products of :class:`StarProducts` for the stars at (``xs``, ``ys``) where ``target ≈
+    kernel ⊛ source + c`` is to be fitted.
 
     Parameters
     ----------
@@ -130,18 +146,74 @@ def fit_kernel(
     variance : numpy.ndarray
         Variance of ``target - kernel ⊛ source`` per pixel (ADU², target units).
     bad : numpy.ndarray
-        Invalid pixels; a star with one within its stamp widened by the kernel is not used.
+        Invalid pixels; a star with one within its stamp widened by the kernel is left out, as is
+        one whose stamp so widened leaves the frame.
     xs, ys : numpy.ndarray
         Integer pixel positions of the stars.
-    weights : numpy.ndarray
-        Each star's weight (> 0) in the fit, on top of its pixels' variance (e.g. the blending
-        weight of a ZOGY tile at the star).
     half : int
         Half-size of the kernel (px): (2 half + 1)² delta functions.
     stamp : int
         Half-size of a star's stamp (px).
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    ny, nx = target.shape
+    reach = half + stamp
+    side = 2 * stamp + 1
+    m = (2 * half + 1) ** 2 + 1
+    keep, gram, projected, energy = [], [], [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if x < reach or y < reach or x + reach >= nx or y + reach >= ny:
+            continue
+        win = (slice(y - reach, y + reach + 1), slice(x - reach, x + reach + 1))
+        if bad[win].any():
+            continue
+        core = (slice(y - stamp, y + stamp + 1), slice(x - stamp, x + stamp + 1))
+        w = 1.0 / np.sqrt(np.maximum(variance[core], np.finfo(np.float32).tiny)).ravel()
+        # column (v, u): the source shifted by (v - half, u - half) under the stamp; last, 1
+        design = np.empty((side * side, m))
+        design[:, :-1] = sliding_window_view(source[win], (side, side)).reshape(-1, side * side).T
+        design[:, -1] = 1.0
+        design *= w[:, None]
+        b = target[core].ravel() * w
+        keep.append(i)
+        gram.append(design.T @ design)
+        projected.append(design.T @ b)
+        energy.append(b @ b)
+    keep_ = np.asarray(keep, int)
+    return StarProducts(
+        np.asarray(xs)[keep_],
+        np.asarray(ys)[keep_],
+        np.asarray(gram).reshape(-1, m, m),
+        np.asarray(projected).reshape(-1, m),
+        np.asarray(energy, float),
+        half,
+        side * side,
+    )
+
+
+def fit_kernel(
+    products: StarProducts,
+    index: np.ndarray,
+    weights: np.ndarray,
+    *,
+    min_stars: int,
+    centre: tuple[float, float] | None = None,
+    scale: float = 1.0,
+) -> KernelFit | None:
+    """Set up the fit of ``target ≈ kernel ⊛ source + c`` on the stars ``index`` of ``products``.
+
+    Parameters
+    ----------
+    products : StarProducts
+        The stars' products (:func:`star_products`).
+    index : numpy.ndarray
+        Which of them to fit on.
+    weights : numpy.ndarray
+        Each of those stars' weight (> 0) in the fit, on top of its pixels' variance (e.g. the
+        blending weight of a ZOGY tile at the star).
     min_stars : int
-        Fewest usable stars; fewer, or fewer stamp pixels than 10 per unknown, returns None.
+        Fewest stars; fewer, or fewer stamp pixels than 10 per unknown, returns None.
     centre : tuple of float, optional
         With it, the kernel varies linearly across the stars: ``K + (x - cx) / scale Kx +
         (y - cy) / scale Ky``, the gradients of half-size ``max(1, half // 2)`` with sum and first
@@ -153,72 +225,76 @@ def fit_kernel(
     Returns
     -------
     KernelFit or None
-        The system (with a constant background) on the usable stars but those whose mean chi²
-        per pixel, with the kernel's sum free, exceeds :data:`CLIP` times the median.
+        The system (with a constant background) on the stars but those whose mean chi² per
+        pixel, with the kernel's sum free, exceeds :data:`CLIP` times the median.
     """
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    ny, nx = target.shape
-    reach = half + stamp
-    side = 2 * stamp + 1
+    half = products.half
+    n_par = (2 * half + 1) ** 2
     grad = max(1, half // 2)
     # the gradient terms use the central (2 grad + 1)² of the kernel's delta functions
-    inner = np.zeros((2 * half + 1, 2 * half + 1), bool)
-    inner[half - grad : half + grad + 1, half - grad : half + grad + 1] = True
-    normal, projected, energy, kept = [], [], [], []
-    for x, y, weight in zip(xs, ys, weights):
-        if x < reach or y < reach or x + reach >= nx or y + reach >= ny:
-            continue
-        win = (slice(y - reach, y + reach + 1), slice(x - reach, x + reach + 1))
-        if bad[win].any():
-            continue
-        core = (slice(y - stamp, y + stamp + 1), slice(x - stamp, x + stamp + 1))
-        w = np.sqrt(weight / np.maximum(variance[core], np.finfo(np.float32).tiny)).ravel()
-        # column (v, u): the source shifted by (v - half, u - half) under the stamp
-        shifted = sliding_window_view(source[win], (side, side)).reshape(-1, side * side).T
-        terms = [shifted]
-        if centre is not None:
-            terms += [shifted[:, inner.ravel()] * ((c - c0) / scale) for c, c0 in ((x, centre[0]), (y, centre[1]))]
-        a = np.column_stack([*terms, np.ones(side * side)]) * w[:, None]
-        b = target[core].ravel() * w
-        normal.append(a.T @ a)
-        projected.append(a.T @ b)
-        energy.append(b @ b)
-        kept.append(weight)
+    inner_mask = np.zeros((2 * half + 1, 2 * half + 1), bool)
+    inner_mask[half - grad : half + grad + 1, half - grad : half + grad + 1] = True
+    inner = np.flatnonzero(inner_mask.ravel())
     blocks = [half] + ([grad, grad] if centre is not None else [])
     n_all = sum((2 * h + 1) ** 2 for h in blocks) + 1
-    if len(normal) < min_stars or len(normal) * side * side < 10 * n_all:
+    index = np.asarray(index, int)
+    if len(index) < min_stars or len(index) * products.pixels < 10 * n_all:
         return None
+    # each star's design is its base design [S, 1] mapped onto all the coefficients: the parts
+    # [S, gx S_inner, gy S_inner, 1], each the base columns `parts[a]` times the star's factor
+    # `factors[kind[a]]` (1, gx or gy)
+    parts = [np.arange(n_par)] + ([inner, inner] if centre is not None else []) + [np.array([n_par])]
+    kind = [0, 1, 2, 0] if centre is not None else [0, 0]
+    factors = np.ones((3, len(index)))
+    if centre is not None:
+        factors[1] = (products.xs[index] - centre[0]) / scale
+        factors[2] = (products.ys[index] - centre[1]) / scale
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    omega = np.asarray(weights, float)
+    gram, projected = products.gram[index], products.projected[index]
+
+    def normal_equations(use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The normal matrix and projected data of the stars ``use``."""
+        w, f = omega[use], factors[:, use]
+        keys = [(i, j) for i in sorted(set(kind)) for j in sorted(set(kind)) if i <= j]
+        weighted = np.stack([w * f[i] * f[j] for i, j in keys]) @ gram[use].reshape(len(w), -1)
+        sums = dict(zip(keys, weighted.reshape(len(keys), *gram.shape[1:])))
+        normal = np.empty((n_all, n_all))
+        rhs = np.empty(n_all)
+        for a, pa in enumerate(parts):
+            rhs[offsets[a] : offsets[a + 1]] = (w * f[kind[a]]) @ projected[use][:, pa]
+            for b, pb in enumerate(parts):
+                block = sums[min(kind[a], kind[b]), max(kind[a], kind[b])][np.ix_(pa, pb)]
+                normal[offsets[a] : offsets[a + 1], offsets[b] : offsets[b + 1]] = block
+        return normal, rhs
+
     # constraints on the correlation coefficients (the kernel is them flipped): each block's first
     # moments (0), the gradients' sums (0), and last the kernel's sum
     rows = []
     start = 0
     for i, h in enumerate(blocks):
-        offsets = np.arange(-h, h + 1, dtype=float)
+        offs = np.arange(-h, h + 1, dtype=float)
         block = slice(start, start + (2 * h + 1) ** 2)
-        for values in (np.tile(offsets, 2 * h + 1), np.repeat(offsets, 2 * h + 1)) + ((1.0,) if i else ()):
+        for values in (np.tile(offs, 2 * h + 1), np.repeat(offs, 2 * h + 1)) + ((1.0,) if i else ()):
             rows.append(np.zeros(n_all))
             rows[-1][block] = values
         start = block.stop
     rows.append(np.zeros(n_all))
-    rows[-1][: (2 * half + 1) ** 2] = 1.0
-    normal_, projected_, scale_ = np.array(normal), np.array(projected), np.array(kept) * side * side
+    rows[-1][:n_par] = 1.0
     constraints = np.array(rows)
-    use = np.ones(len(normal), bool)
+    use = np.ones(len(index), bool)
+    normal, rhs = normal_equations(use)
     for _ in range(_CLIP_ITERATIONS):
-        coef = KernelFit(half, normal_[use].sum(0), projected_[use].sum(0), constraints, 0, 0, 1.0).coefficients()
-        # each star's chi² from its normal equations, per pixel, without its blending weight
-        chi2 = (np.array(energy) - 2 * projected_ @ coef + np.einsum("i,sij,j->s", coef, normal_, coef)) / scale_
+        coef = KernelFit(half, normal, rhs, constraints, 0, 0, 1.0).coefficients()
+        # each star's base coefficients u = E coef, and its chi² per pixel (without its weight)
+        u = np.zeros((len(index), n_par + 1))
+        for a, pa in enumerate(parts):
+            u[:, pa] += factors[kind[a], :, None] * coef[offsets[a] : offsets[a + 1]][None, :]
+        chi2 = products.energy[index] - 2 * np.einsum("sj,sj->s", u, projected) + np.einsum("si,sij,sj->s", u, gram, u)
+        chi2 /= products.pixels
         clipped = chi2 <= CLIP * np.median(chi2[use])
         if np.array_equal(clipped, use):
             break
         use = clipped
-    return KernelFit(
-        half,
-        normal_[use].sum(0),
-        projected_[use].sum(0),
-        constraints,
-        int(use.sum()),
-        int((~use).sum()),
-        float(np.median(chi2[use])),
-    )
+        normal, rhs = normal_equations(use)
+    return KernelFit(half, normal, rhs, constraints, int(use.sum()), int((~use).sum()), float(np.median(chi2[use])))
