@@ -330,13 +330,7 @@ def main(
             tz - ta,
             own_candidates(res["rbflow zogy"][0], psf_s, tr),
         )
-        hm, tm = [], []
-        for sci, ref in pairs:
-            t0 = time.perf_counter()
-            hm.append(
-                subtract_images(sci, ref, psf_s, psf_r, INFO, INFO, {**zcfg, "fit_kernel": False}, threads=THREADS)
-            )
-            tm.append(time.perf_counter() - t0)
+        hm, tm = timed_subtractions(pairs, psf_s, psf_r, {**zcfg, "fit_kernel": False})
         describe(
             "rbflow zogy, models only",
             hm[0]["DIFF"].data,
@@ -345,18 +339,14 @@ def main(
             star,
             tr,
             valid,
-            min(tm) - ta,
+            tm - ta,
             tz - ta,
             own_candidates(hm[0], psf_s, tr) + f"; kernels fitted in {h1[0].header['KERNFIT']} tiles with them",
         )
         if n > sfft_method_max:
             print(f"  {'rbflow sfft':<28s} skipped above {sfft_method_max} px (see --help)")
         elif have_sfft:
-            hs, ts = [], []
-            for sci, ref in pairs:
-                t0 = time.perf_counter()
-                hs.append(subtract_images(sci, ref, psf_s, psf_r, INFO, INFO, scfg, threads=THREADS))
-                ts.append(time.perf_counter() - t0)
+            hs, ts = timed_subtractions(pairs, psf_s, psf_r, scfg)
             describe(
                 "rbflow sfft (with alignment)",
                 hs[0]["DIFF"].data,
@@ -365,7 +355,7 @@ def main(
                 star,
                 tr,
                 valid,
-                min(ts),
+                ts,
                 tz - ta,
                 own_candidates(hs[0], psf_s, tr) + f"; {hs[0][0].header['NTILES']} tiles",
             )
@@ -386,6 +376,17 @@ def main(
                 ds.append(run(pp))
                 tp.append(time.perf_counter() - t0)
             describe(name, ds[0], ds[1], free, star, tr, valid, min(tp), tz - ta)
+
+
+def timed_subtractions(pairs, psf_s, psf_r, cfg: dict[str, Any]) -> tuple[list, float]:
+    """``subtract_images`` (alignment included) of each (science, reference) pair with ``cfg``:
+    the outputs and the shortest wall time."""
+    hdus, times = [], []
+    for sci, ref in pairs:
+        t0 = time.perf_counter()
+        hdus.append(subtract_images(sci, ref, psf_s, psf_r, INFO, INFO, cfg, threads=THREADS))
+        times.append(time.perf_counter() - t0)
+    return hdus, min(times)
 
 
 def own_candidates(h, psf_s, tr) -> str:
