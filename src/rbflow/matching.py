@@ -37,38 +37,52 @@ CLIP = 4.0
 _CLIP_ITERATIONS = 4
 
 
+def _kkt(normal: np.ndarray, constraints: np.ndarray) -> np.ndarray:
+    """The matrix of the least squares of ``normal`` under the linear equality ``constraints``
+    (rows), with their Lagrange multipliers."""
+    k = len(constraints)
+    return np.block([[normal, constraints.T], [constraints, np.zeros((k, k))]])
+
+
+def _solve(normal: np.ndarray, projected: np.ndarray, constraints: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The least-squares coefficients of ``normal``, ``projected`` with ``constraints`` @ c = ``values``."""
+    return np.linalg.solve(_kkt(normal, constraints), np.concatenate([projected, values]))[: len(projected)]
+
+
 @dataclass
 class KernelFit:
-    """The weighted least-squares system of a kernel fit (:func:`fit_kernel`) on its ``n_stars``
-    stars (``n_clipped`` left out): normal matrix, projected data and the linear constraints
-    (first moments 0, the gradients' sums 0) on the coefficients, the kernel's sum last; ``chi2``
-    the median reduced chi² of the stars."""
+    """The weighted least-squares system of a kernel fit (:func:`fit_kernel`) on the stars
+    ``stars`` (indices into its :class:`StarProducts`; ``n_clipped`` left out): normal matrix,
+    projected data and the linear constraints (first moments 0, the gradients' sums 0) on the
+    coefficients, the kernel's sum last; ``chi2`` the median reduced chi² of the stars."""
 
     half: int
     normal: np.ndarray
     projected: np.ndarray
     constraints: np.ndarray
-    n_stars: int
+    stars: np.ndarray
     n_clipped: int
     chi2: float
+
+    @property
+    def n_stars(self) -> int:
+        """How many stars the kernel is fitted on."""
+        return len(self.stars)
 
     def coefficients(self, total: float | None = None) -> np.ndarray:
         """All fitted coefficients (kernel, gradients, background), the kernel's sum ``total``
         (None: as the stars say)."""
-        c = self.constraints if total is not None else self.constraints[:-1]
-        values = np.zeros(len(c))
-        if total is not None:
-            values[-1] = total
-        kkt = np.block([[self.normal, c.T], [c, np.zeros((len(c), len(c)))]])
-        return np.linalg.solve(kkt, np.concatenate([self.projected, values]))[: len(self.projected)]
+        if total is None:
+            return _solve(self.normal, self.projected, self.constraints[:-1], np.zeros(len(self.constraints) - 1))
+        values = np.zeros(len(self.constraints))
+        values[-1] = total
+        return _solve(self.normal, self.projected, self.constraints, values)
 
     def sum_error(self) -> float:
         """Standard error of the kernel's sum fitted free (the flux ratio the stars say): from
         the constrained covariance, scaled by the stars' reduced chi² where it exceeds 1."""
-        c = self.constraints[:-1]
-        kkt = np.block([[self.normal, c.T], [c, np.zeros((len(c), len(c)))]])
         n = len(self.projected)
-        cov = np.linalg.inv(kkt)[:n, :n]
+        cov = np.linalg.inv(_kkt(self.normal, self.constraints[:-1]))[:n, :n]
         total = self.constraints[-1]
         return float(math.sqrt(max(total @ cov @ total, 0.0) * max(self.chi2, 1.0)))
 
@@ -285,7 +299,7 @@ def fit_kernel(
     use = np.ones(len(index), bool)
     normal, rhs = normal_equations(use)
     for _ in range(_CLIP_ITERATIONS):
-        coef = KernelFit(half, normal, rhs, constraints, 0, 0, 1.0).coefficients()
+        coef = _solve(normal, rhs, constraints[:-1], np.zeros(len(constraints) - 1))
         # each star's base coefficients u = E coef, and its chi² per pixel (without its weight)
         u = np.zeros((len(index), n_par + 1))
         for a, pa in enumerate(parts):
@@ -298,4 +312,4 @@ def fit_kernel(
             break
         use = clipped
         normal, rhs = normal_equations(use)
-    return KernelFit(half, normal, rhs, constraints, int(use.sum()), int((~use).sum()), float(np.median(chi2[use])))
+    return KernelFit(half, normal, rhs, constraints, index[use], int((~use).sum()), float(np.median(chi2[use])))
