@@ -5,7 +5,7 @@ import pytest
 from helpers import GaussPSF, render
 from scipy import signal
 
-from rbflow.matching import fit_kernel, kernel_half_size, match_stars, star_products
+from rbflow.matching import fit_kernel, kernel_half_size, kernel_stars, star_products
 
 RATIO = 0.5  # target / source flux ratio
 NOISE = 5.0  # background noise of both images (ADU)
@@ -43,7 +43,7 @@ def _pair(*, brighter: int | None = None, seed: int = 3):
 
 def _fit(target, source, var, *, bad=None, min_stars=8):
     bad = np.zeros(target.shape, bool) if bad is None else bad
-    xs, ys = match_stars(source * RATIO, bad, NOISE, 2.6)
+    xs, ys = kernel_stars(source * RATIO, bad, NOISE, 2.6)
     stars = star_products(target, source, var, bad, xs, ys, half=4, stamp=6)
     return fit_kernel(stars, np.arange(len(stars.xs)), np.ones(len(stars.xs)), min_stars=min_stars)
 
@@ -86,7 +86,7 @@ def test_too_few_clean_stars_fit_no_kernel():
     assert _fit(target, source, var, min_stars=40) is None
     # a masked pixel near every star but the faintest few leaves too few to fit on
     bad = np.zeros(target.shape, bool)
-    xs, ys = match_stars(source * RATIO, bad, NOISE, 2.6)
+    xs, ys = kernel_stars(source * RATIO, bad, NOISE, 2.6)
     bad[ys[:-5], xs[:-5]] = True
     assert _fit(target, source, var, bad=bad) is None
 
@@ -116,7 +116,7 @@ def test_a_kernel_that_changes_across_the_stars_is_fitted_as_it_is_at_the_centre
     target = target + rng.normal(0.0, np.sqrt(var_t))
     source = source + rng.normal(0.0, np.sqrt(var_s))
     bad = np.zeros(shape, bool)
-    sx, sy = match_stars(source * RATIO, bad, NOISE, 2.6)
+    sx, sy = kernel_stars(source * RATIO, bad, NOISE, 2.6)
     stars = star_products(target, source, var_t + RATIO**2 * var_s, bad, sx, sy, half=4, stamp=6)
     everyone = np.arange(len(stars.xs))
     errors = []

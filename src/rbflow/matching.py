@@ -11,7 +11,7 @@ residual dipoles stay, as a survey's differences keep them). Its sum is the flux
 show, or one held fixed (a photometric scale constant over the frame). Convolving the sharper
 image's PSF with it gives the broader image's PSF as the data see it, in place of its model.
 
-:func:`match_stars` picks the stars, :func:`star_products` computes each one's share of the
+:func:`kernel_stars` picks the stars, :func:`star_products` computes each one's share of the
 least squares once, :func:`fit_kernel` sets up the fit on those of a region and
 :meth:`KernelFit.kernel` solves it.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KernelFit", "StarProducts", "match_stars", "star_products", "fit_kernel", "kernel_half_size"]
+__all__ = ["KernelFit", "StarProducts", "kernel_stars", "star_products", "fit_kernel", "kernel_half_size"]
 
 #: Peak S/N (of the image smoothed by a Gaussian of the FWHM, in units of the per-pixel noise
 #: over the FWHM) of the stars a kernel is fitted on.
@@ -104,7 +104,7 @@ def kernel_half_size(fwhm: float) -> int:
     return int(min(5, max(3, math.ceil(2.0 * fwhm))))
 
 
-def match_stars(image: np.ndarray, bad: np.ndarray, noise: float, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+def kernel_stars(image: np.ndarray, bad: np.ndarray, noise: float, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     """Peaks of ``image`` (background-subtracted, ``bad`` pixels ignored) to fit a kernel on.
 
     A peak is a pixel of the image smoothed by a Gaussian of ``fwhm`` (px) that is the largest

@@ -42,7 +42,7 @@ from rbflow.difference import Difference, Method, PreparedPair, PSFLike, astrome
 from rbflow.errors import ConfigError, InputError
 from rbflow.frames import FrameInfo, frame_hdu, frame_info
 from rbflow.io import Image, read_image, write_fits
-from rbflow.matching import STAMP_FWHM, KernelFit, fit_kernel, kernel_half_size, match_stars, star_products
+from rbflow.matching import STAMP_FWHM, KernelFit, fit_kernel, kernel_half_size, kernel_stars, star_products
 from rbflow.psf import PSFModel
 from rbflow.quality import bright_stars, robust_std
 from rbflow.stars import grow_mask
@@ -498,7 +498,7 @@ class _TileKernels:
     @classmethod
     def of(cls, pp: PreparedPair, tile: int) -> _TileKernels:
         """Fit the tiles of :func:`_tiles` (``tile`` px apart) of a prepared pair on the
-        reference's stars in science units (:func:`rbflow.matching.match_stars`: a transient is
+        reference's stars in science units (:func:`rbflow.matching.kernel_stars`: a transient is
         not one)."""
         broad = max(pp.fwhm_s, pp.fwhm_r)
         half = kernel_half_size(broad)
@@ -512,7 +512,7 @@ class _TileKernels:
             source,
             variance,
             pp.bad,
-            *match_stars(pp.R / pp.fr, pp.bad, pp.sn, broad),
+            *kernel_stars(pp.R / pp.fr, pp.bad, pp.sn, broad),
             half=half,
             stamp=int(math.ceil(STAMP_FWHM * broad)),
         )
