@@ -418,6 +418,8 @@ def test_zogy_with_fitted_kernels_on_the_demos_dense_field(tmp_path, seeing):
     sub.run_subtract(*frames[:2], *frames[2:], out, {**tel, "subtract": {**tel["subtract"], "method": "zogy"}})
     quality, header = file_quality(out), fits.getheader(out)
     assert header["KERNFIT"] >= 0.75 * header["NTILES"] and header["KERNSTAR"] >= 10
+    # the kernels' flux ratio, its stars counted once though the tiles overlap
+    assert header["FLXRFROM"] == "kernel sums" and header["NFLXSTAR"] < header["KERNFIT"] * header["KERNSTAR"]
     assert quality["bright_n"] >= 40 and quality["bright_hit"] <= quality["bright_n"] / 4
     assert quality["noise"] <= 1.03, quality
 

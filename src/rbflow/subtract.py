@@ -762,7 +762,8 @@ def _zogy_difference(
             kernels.ratio_err,
             pp.fr,
         )
-        n_stars = sum(f.n_stars for f in kernels.fits.values() if f is not None)
+        # each star once, though the tiles' windows overlap
+        n_stars = len(np.unique(np.concatenate([f.stars for f in kernels.fits.values() if f is not None])))
         flux_ratio = (kernels.ratio, kernels.ratio_err, n_stars)
         pp = replace(pp, fr=kernels.ratio, fr_err=kernels.ratio_err, n_flux=n_stars)
     D, V, SC, Q, psfd, centres, fitted = _zogy_tiled(
